@@ -1,0 +1,211 @@
+// CPU kernels of fastlora::lora_linear_fwd / lora_linear_bwd.
+//
+// The GEMMs go to ATen's BLAS (MKL/oneDNN); what this file adds is the fusion around them:
+//  * dropout is applied on the fly, one block of rows at a time, from the counter-based hash
+//    (dropout_hash.h): no M x K mask or dropped copy of x is ever materialised or stored;
+//  * the LoRA expand and the bias are written into the output first and the base GEMM then
+//    accumulates on top of them (beta = 1), so the LoRA branch costs no extra pass over the
+//    M x N output;
+//  * backward walks the rows in blocks and computes g = s * dY @ B once per block, reusing it
+//    for d lora_A and for the LoRA term of dX, which is again written first and then
+//    accumulated into by the dY @ W GEMM while the block is still in cache.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../dropout_hash.h"
+
+namespace fastlora {
+namespace {
+
+using at::Tensor;
+
+// Per-column multipliers (scale if kept, 0 if dropped) of one row. Kept in its own function
+// with target clones so the uint32 hash loop is vectorised with AVX2/AVX-512 where the
+// machine has them, while the binary still runs on any x86-64.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FASTLORA_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FASTLORA_VECTOR_CLONES
+#endif
+
+FASTLORA_VECTOR_CLONES
+void row_multipliers_f32(float* __restrict out, int64_t cols, uint32_t row_h, uint32_t seed_hi,
+                         uint32_t threshold, float scale) {
+  for (int64_t j = 0; j < cols; ++j) {
+    uint32_t u = fmix32((row_h + static_cast<uint32_t>(j) * kGolden32) ^ seed_hi);
+    out[j] = (u >> 8) >= threshold ? scale : 0.0f;
+  }
+}
+
+FASTLORA_VECTOR_CLONES
+void row_multipliers_f64(double* __restrict out, int64_t cols, uint32_t row_h, uint32_t seed_hi,
+                         uint32_t threshold, double scale) {
+  for (int64_t j = 0; j < cols; ++j) {
+    uint32_t u = fmix32((row_h + static_cast<uint32_t>(j) * kGolden32) ^ seed_hi);
+    out[j] = (u >> 8) >= threshold ? scale : 0.0;
+  }
+}
+
+// dst[i, :] = src[i, :] * mask(row0 + i, :) * scale for the rows of a block (src may alias dst).
+// Math in float32 (float64 for double), rounded once to scalar_t, as in the reference.
+template <typename scalar_t>
+void dropout_rows(const Tensor& src, Tensor& dst, int64_t row0, const DropoutParams& d) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const int64_t rows = src.size(0), cols = src.size(1);
+  const int64_t lds = src.stride(0), ldd = dst.stride(0);
+  const scalar_t* s = src.const_data_ptr<scalar_t>();
+  scalar_t* o = dst.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> mult(cols);
+    for (int64_t i = begin; i < end; ++i) {
+      const uint32_t h = d.row_hash(row0 + i);
+      if constexpr (std::is_same_v<acc_t, double>) {
+        row_multipliers_f64(mult.data(), cols, h, d.seed_hi, d.threshold, d.scale);
+      } else {
+        row_multipliers_f32(mult.data(), cols, h, d.seed_hi, d.threshold, static_cast<float>(d.scale));
+      }
+      const scalar_t* si = s + i * lds;
+      scalar_t* oi = o + i * ldd;
+      for (int64_t j = 0; j < cols; ++j) {
+        oi[j] = static_cast<scalar_t>(static_cast<acc_t>(si[j]) * mult[j]);
+      }
+    }
+  });
+}
+
+void dropout_rows_(const Tensor& src, Tensor& dst, int64_t row0, const DropoutParams& d) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "fastlora_dropout_rows",
+                                  [&] { dropout_rows<scalar_t>(src, dst, row0, d); });
+}
+
+// Rows per block: the block of x (or dX) should stay in L2 while the GEMMs on it run, yet be
+// tall enough for BLAS to run near full speed. The block size depends only on the shape, so
+// results do not depend on the thread count.
+int64_t block_rows(int64_t cols, int64_t elem_size) {
+  int64_t rows = (int64_t{1} << 20) / std::max<int64_t>(1, cols * elem_size);
+  rows = std::max<int64_t>(128, rows / 16 * 16);
+  return rows;
+}
+
+Tensor row_major(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+int64_t seed_value(const Tensor& seed) { return seed.item<int64_t>(); }
+
+// acc += alpha * a @ b, where acc may be float32 while a, b are half precision: then the
+// block product is rounded once to the input dtype and summed in float32.
+void accumulate_mm(Tensor& acc, const Tensor& a, const Tensor& b, double alpha) {
+  if (acc.scalar_type() == a.scalar_type()) {
+    acc.addmm_(a, b, 1.0, alpha);
+  } else {
+    acc.add_(at::mm(a, b), alpha);
+  }
+}
+
+std::tuple<Tensor, Tensor> lora_linear_fwd_cpu(const Tensor& x_in, const Tensor& weight,
+                                               const std::optional<Tensor>& bias, const Tensor& lora_A,
+                                               const Tensor& lora_B, double scaling, double dropout_p,
+                                               const Tensor& seed, const std::optional<Tensor>& lora_B_bias) {
+  TORCH_CHECK(x_in.dim() == 2, "fastlora::lora_linear_fwd expects a 2-D x");
+  const Tensor x = row_major(x_in);
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
+  const DropoutParams d = DropoutParams::make(dropout_p, seed_value(seed));
+
+  Tensor xa;
+  if (!d.active || M == 0) {
+    xa = at::mm(x, lora_A.t());
+  } else {
+    xa = at::empty({M, r}, x.options());
+    const int64_t bm = std::min(M, block_rows(K, x.element_size()));
+    Tensor xdrop = at::empty({bm, K}, x.options());
+    for (int64_t r0 = 0; r0 < M; r0 += bm) {
+      const int64_t n = std::min(bm, M - r0);
+      Tensor xd = xdrop.narrow(0, 0, n);
+      dropout_rows_(x.narrow(0, r0, n), xd, r0, d);
+      Tensor xa_blk = xa.narrow(0, r0, n);
+      at::mm_out(xa_blk, xd, lora_A.t());
+    }
+  }
+
+  // y = bias + s * lora_B_bias + s * xa @ B^T, then y += x @ W^T inside the base GEMM.
+  Tensor bias_eff;
+  if (bias && lora_B_bias) {
+    bias_eff = bias->add(*lora_B_bias, scaling);
+  } else if (bias) {
+    bias_eff = *bias;
+  } else if (lora_B_bias) {
+    bias_eff = lora_B_bias->mul(scaling);
+  }
+  Tensor y;
+  if (bias_eff.defined()) {
+    y = at::addmm(bias_eff, xa, lora_B.t(), 1.0, scaling);
+  } else {
+    y = at::mm(xa.mul(scaling), lora_B.t());
+  }
+  y.addmm_(x, weight.t());
+  return {y, xa};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_cpu(
+    const Tensor& grad_y_in, const Tensor& x_in, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
+    const Tensor& xa, double scaling, double dropout_p, const Tensor& seed, std::array<bool, 3> output_mask) {
+  TORCH_CHECK(x_in.dim() == 2 && grad_y_in.dim() == 2, "fastlora::lora_linear_bwd expects 2-D x and grad_y");
+  const Tensor x = row_major(x_in);
+  const Tensor dy = row_major(grad_y_in);
+  const int64_t M = x.size(0), K = x.size(1);
+  const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2];
+  const DropoutParams d = DropoutParams::make(dropout_p, seed_value(seed));
+  // Outputs not requested are distinct empty tensors (outputs must never alias).
+  auto empty = [&] { return at::empty({0}, dy.options()); };
+
+  Tensor grad_x = empty(), grad_A, grad_B;
+  if (!d.active || M == 0) {
+    Tensor g = at::mm(dy, lora_B).mul_(scaling);
+    grad_A = at::mm(g.t(), x);
+    grad_B = at::mm(dy.t(), xa).mul_(scaling);
+    if (need_x) {
+      grad_x = at::mm(g, lora_A);
+      grad_x.addmm_(dy, weight);
+    }
+  } else {
+    const bool half = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+    const auto acc_opts = half ? x.options().dtype(at::kFloat) : x.options();
+    Tensor acc_A = at::zeros(lora_A.sizes(), acc_opts);
+    Tensor acc_B = at::zeros(lora_B.sizes(), acc_opts);
+    if (need_x) grad_x = at::empty({M, K}, x.options());
+    const int64_t bm = std::min(M, block_rows(K, x.element_size()));
+    Tensor xdrop = at::empty({bm, K}, x.options());
+    for (int64_t r0 = 0; r0 < M; r0 += bm) {
+      const int64_t n = std::min(bm, M - r0);
+      const Tensor dy_blk = dy.narrow(0, r0, n);
+      const Tensor g = at::mm(dy_blk, lora_B).mul_(scaling);  // reused for grad_A and grad_x
+      accumulate_mm(acc_B, dy_blk.t(), xa.narrow(0, r0, n), scaling);
+      Tensor xd = xdrop.narrow(0, 0, n);
+      dropout_rows_(x.narrow(0, r0, n), xd, r0, d);
+      accumulate_mm(acc_A, g.t(), xd, 1.0);
+      if (need_x) {
+        Tensor gx = grad_x.narrow(0, r0, n);
+        at::mm_out(gx, g, lora_A);
+        dropout_rows_(gx, gx, r0, d);
+        gx.addmm_(dy_blk, weight);  // base term accumulated onto the LoRA term, block hot in cache
+      }
+    }
+    grad_A = half ? acc_A.to(x.scalar_type()) : acc_A;
+    grad_B = half ? acc_B.to(x.scalar_type()) : acc_B;
+  }
+  Tensor grad_w = need_w ? at::mm(dy.t(), x) : empty();
+  Tensor grad_b = need_b ? dy.sum(0) : empty();
+  return {grad_x, grad_w, grad_b, grad_A, grad_B};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastlora, CPU, m) {
+  m.impl("lora_linear_fwd", &lora_linear_fwd_cpu);
+  m.impl("lora_linear_bwd", &lora_linear_bwd_cpu);
+}
+
+}  // namespace fastlora

@@ -1,0 +1,111 @@
+// fastlora::lora_linear family: schemas, argument validation and the public composite op.
+//
+//   lora_linear      public entry (CompositeImplicitAutograd): validates, flattens leading
+//                    dims, draws the dropout seed, calls lora_linear_fwd.
+//   lora_linear_fwd  2-D kernel op returning (y, xa); xa = dropout(x) @ lora_A^T is the only
+//                    activation saved for backward besides x. Autograd: fastlora/ops/lora.py.
+//   lora_linear_bwd  2-D kernel op computing all gradients in one pass.
+// Per-device kernels: csrc/cpu/lora_linear_cpu.cpp (CPU), kernels/lora_linear.py (CUDA,
+// registered from Python), fastlora/reference.py (any other device).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+namespace fastlora {
+
+using at::Tensor;
+
+namespace {
+
+void check_lora_linear_args(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                            const Tensor& lora_A, const Tensor& lora_B, double scaling,
+                            double dropout_p, const std::optional<Tensor>& lora_B_bias,
+                            const std::optional<Tensor>& seed) {
+  constexpr const char* fn = "fastlora.lora_linear";
+  TORCH_CHECK_VALUE(x.dim() >= 1, fn, ": x must have at least 1 dim (..., in_features), got a 0-dim tensor");
+  TORCH_CHECK_VALUE(weight.dim() == 2, fn, ": weight must be 2-D (out_features, in_features), got shape ", weight.sizes());
+  const int64_t in = weight.size(1), out = weight.size(0);
+  TORCH_CHECK_VALUE(x.size(-1) == in, fn, ": x has ", x.size(-1), " features in its last dim but weight expects in_features=", in);
+  TORCH_CHECK_VALUE(lora_A.dim() == 2 && lora_A.size(1) == in, fn,
+                    ": lora_A must have shape (r, in_features=", in, "), got ", lora_A.sizes());
+  const int64_t r = lora_A.size(0);
+  TORCH_CHECK_VALUE(lora_B.dim() == 2 && lora_B.size(0) == out && lora_B.size(1) == r, fn,
+                    ": lora_B must have shape (out_features=", out, ", r=", r, "), got ", lora_B.sizes());
+  if (bias) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out, fn, ": bias must have shape (", out, ",), got ", bias->sizes());
+  }
+  if (lora_B_bias) {
+    TORCH_CHECK_VALUE(lora_B_bias->dim() == 1 && lora_B_bias->size(0) == out, fn,
+                      ": lora_B_bias must have shape (", out, ",), got ", lora_B_bias->sizes());
+  }
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p <= 1.0, fn, ": dropout_p must be in [0, 1], got ", dropout_p);
+  TORCH_CHECK_VALUE(std::isfinite(scaling), fn, ": scaling must be finite, got ", scaling);
+
+  const auto dt = x.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, fn,
+                   ": x must be float32, float64, float16 or bfloat16, got ", dt);
+  auto same = [&](const Tensor& t, const char* name) {
+    TORCH_CHECK_TYPE(t.scalar_type() == dt, fn, ": ", name, " has dtype ", t.scalar_type(), " but x has ", dt,
+                     " (cast the LoRA weights or the input first)");
+    TORCH_CHECK_VALUE(t.device() == x.device(), fn, ": ", name, " is on ", t.device(), " but x is on ", x.device());
+  };
+  same(weight, "weight");
+  same(lora_A, "lora_A");
+  same(lora_B, "lora_B");
+  if (bias) same(*bias, "bias");
+  if (lora_B_bias) same(*lora_B_bias, "lora_B_bias");
+  if (seed) {
+    TORCH_CHECK_VALUE(seed->numel() == 1 && seed->scalar_type() == at::kLong && seed->device().is_cpu(), fn,
+                      ": seed must be a one-element int64 CPU tensor, got ", seed->scalar_type(), " ", seed->sizes(),
+                      " on ", seed->device());
+  }
+}
+
+Tensor lora_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                   const Tensor& lora_A, const Tensor& lora_B, double scaling, double dropout_p,
+                   bool training, const std::optional<Tensor>& lora_B_bias,
+                   const std::optional<Tensor>& seed) {
+  check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, lora_B_bias, seed);
+  const double p = training ? dropout_p : 0.0;
+  Tensor seed_t;
+  if (seed) {
+    seed_t = seed->reshape({});
+  } else if (p > 0.0) {
+    // Drawn from torch's default generator, so torch.manual_seed makes runs reproducible.
+    seed_t = at::randint(std::numeric_limits<int64_t>::max(), {}, at::TensorOptions().dtype(at::kLong));
+  } else {
+    seed_t = at::zeros({}, at::TensorOptions().dtype(at::kLong));
+  }
+  const Tensor x2d = x.reshape({-1, x.size(-1)});
+  static auto fwd = c10::Dispatcher::singleton()
+                        .findSchemaOrThrow("fastlora::lora_linear_fwd", "")
+                        .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                                                          const Tensor&, const Tensor&, double, double, const Tensor&,
+                                                          const std::optional<Tensor>&)>();
+  auto y = std::get<0>(fwd.call(x2d, weight, bias, lora_A, lora_B, scaling, p, seed_t, lora_B_bias));
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = weight.size(0);
+  return y.view(out_shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastlora, m) {
+  m.def(
+      "lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
+      "float dropout_p=0., bool training=True, Tensor? lora_B_bias=None, Tensor? seed=None) -> Tensor");
+  m.def(
+      "lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
+      "float dropout_p, Tensor seed, Tensor? lora_B_bias) -> (Tensor, Tensor)");
+  m.def(
+      "lora_linear_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor xa, "
+      "float scaling, float dropout_p, Tensor seed, bool[3] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastlora, CompositeImplicitAutograd, m) {
+  m.impl("lora_linear", &lora_linear);
+}
+
+}  // namespace fastlora

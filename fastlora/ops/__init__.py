@@ -1,0 +1,6 @@
+"""fastlora's torch ops, one module per op family. Each module holds the op's Python wrapper,
+its fake (meta) implementation, its autograd formula and its per-device dispatch (C++ on CPU,
+Triton/CUDA on GPU, the pure-PyTorch reference anywhere else)."""
+from fastlora.ops.lora import lora_linear
+
+__all__ = ["lora_linear"]

@@ -1,0 +1,121 @@
+"""Pure-PyTorch references for every fastlora op.
+
+These functions define the semantics. Tests compare every kernel (C++ CPU, Triton, CUDA)
+against them, and they are the fallback kernel on devices that have no dedicated one.
+They favour clarity over speed and may allocate freely.
+
+Dropout mask (shared bit-for-bit by the reference, the C++ kernel and the Triton kernel, so
+that a mask can be regenerated in backward instead of stored):
+
+    seed (int64) -> seed_lo = seed & 0xFFFFFFFF, seed_hi = (seed >> 32) & 0xFFFFFFFF
+    for row i, column j of the 2-D (M, K) input (uint32 arithmetic, wrapping):
+        h = fmix32(i ^ seed_lo)
+        u = fmix32((h + j * 0x9E3779B9) ^ seed_hi)
+        keep(i, j) = (u >> 8) >= threshold,  threshold = floor(p * 2**24 + 0.5)
+    kept values are multiplied by 1 / (1 - p) (computed in float64, applied in float32, or
+    float64 for float64 inputs).
+
+fmix32 is MurmurHash3's 32-bit finaliser. A counter-based hash (rather than a stateful
+generator) lets every backend produce the same mask in any order, tile or thread split.
+"""
+from __future__ import annotations
+
+import torch
+
+_M32 = 0xFFFFFFFF
+GOLDEN32 = 0x9E3779B9
+FMIX_C1 = 0x85EBCA6B
+FMIX_C2 = 0xC2B2AE35
+
+
+def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
+    # (h * c) mod 2**32 on int64 tensors without signed overflow: split c into 16-bit halves
+    # so that every intermediate product stays below 2**49.
+    lo, hi = c & 0xFFFF, c >> 16
+    return (h * lo + (((h * hi) & 0xFFFF) << 16)) & _M32
+
+
+def fmix32(h: torch.Tensor) -> torch.Tensor:
+    h = h ^ (h >> 16)
+    h = _mul32(h, FMIX_C1)
+    h = h ^ (h >> 13)
+    h = _mul32(h, FMIX_C2)
+    return h ^ (h >> 16)
+
+
+def dropout_threshold(p: float) -> int:
+    """Integer keep-threshold on the top 24 bits of the hash (see module docstring)."""
+    return min(int(p * 16777216.0 + 0.5), 1 << 24)
+
+
+def dropout_scale(p: float) -> float:
+    return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
+
+
+def dropout_keep_mask(rows: int, cols: int, p: float, seed: int, device=None) -> torch.Tensor:
+    """Boolean (rows, cols) keep-mask of fastlora's counter-based dropout."""
+    seed = int(seed)
+    seed_lo, seed_hi = seed & _M32, (seed >> 32) & _M32
+    i = torch.arange(rows, dtype=torch.int64, device=device).unsqueeze(1)
+    j = torch.arange(cols, dtype=torch.int64, device=device).unsqueeze(0)
+    h = fmix32(i ^ seed_lo)
+    u = fmix32(((h + _mul32(j, GOLDEN32)) & _M32) ^ seed_hi)
+    return (u >> 8) >= dropout_threshold(p)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dropout(x2d: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """fastlora's dropout of a 2-D tensor: x * keep / (1 - p), rounded once to x's dtype."""
+    if p <= 0.0:
+        return x2d
+    keep = dropout_keep_mask(x2d.shape[0], x2d.shape[1], p, seed, device=x2d.device)
+    cdt = _compute_dtype(x2d.dtype)
+    scale = torch.tensor(dropout_scale(p), dtype=torch.float64).to(cdt).item()
+    return (x2d.to(cdt) * keep.to(cdt) * scale).to(x2d.dtype)
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0,
+                lora_B_bias=None):
+    """PEFT's LoRA Linear: base(x) + scaling * lora_B(lora_A(dropout(x))).
+
+    ``x`` may have any leading dims. ``seed`` is the dropout seed (ignored when dropout_p=0).
+    Intermediate roundings follow PEFT: base output, LoRA branch and scaled LoRA branch are
+    each rounded to the working dtype before the final add.
+    """
+    x2d = x.reshape(-1, x.shape[-1])
+    base = torch.nn.functional.linear(x2d, weight, bias)
+    xa = torch.nn.functional.linear(dropout(x2d, dropout_p, seed), lora_A)
+    lora = torch.nn.functional.linear(xa, lora_B, lora_B_bias) * scaling
+    return (base + lora).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def lora_linear_with_shrink(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
+                            lora_B_bias=None):
+    """Reference of the op ``fastlora::lora_linear_fwd``: returns (y, xa) for 2-D x, where
+    xa = dropout(x) @ lora_A.T is the M x r activation saved for backward."""
+    xa = torch.nn.functional.linear(dropout(x2d, dropout_p, seed), lora_A)
+    y = lora_linear(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_B_bias)
+    return y, xa
+
+
+def lora_linear_backward(grad_y, x2d, weight, lora_A, lora_B, xa, scaling, dropout_p, seed,
+                         need_x=True, need_weight=False, need_bias=False):
+    """Reference of ``fastlora::lora_linear_bwd``: (grad_x, grad_weight, grad_bias,
+    grad_lora_A, grad_lora_B); entries not requested are empty tensors. The gradient of
+    lora_B_bias is ``scaling * grad_bias``."""
+    g = (grad_y @ lora_B) * scaling  # (M, r), shared by grad_A and grad_x
+    x_drop = dropout(x2d, dropout_p, seed)
+    grad_A = g.t() @ x_drop
+    grad_B = (grad_y.t() @ xa) * scaling
+    grad_x = grad_y.new_empty(0)
+    if need_x:
+        lora_in = g @ lora_A
+        if dropout_p > 0.0:
+            lora_in = dropout(lora_in, dropout_p, seed)
+        grad_x = grad_y @ weight + lora_in
+    grad_w = grad_y.t() @ x2d if need_weight else grad_y.new_empty(0)
+    grad_b = grad_y.sum(0) if need_bias else grad_y.new_empty(0)
+    return grad_x, grad_w, grad_b, grad_A, grad_B

@@ -1,0 +1,1 @@
+"""Triton kernels; leaves that import nothing from fastlora."""

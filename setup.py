@@ -1,0 +1,54 @@
+"""Build of fastlora's C++ op library (fastlora._C).
+
+torch extensions are tied to the exact torch they are compiled against, so fastlora builds
+against the torch that is already installed: install torch first, then
+``pip install --no-build-isolation .`` (see README). The top-level ``kernels/`` folder (Triton
+kernels) is installed as the subpackage ``fastlora.kernels``.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+except ImportError as e:  # pragma: no cover - only hit on a misconfigured install
+    raise SystemExit(
+        "fastlora compiles against your installed PyTorch, and none was found.\n"
+        "Install torch first (CPU build: pip install torch==2.13.0), then build fastlora with\n"
+        "  pip install --no-build-isolation .\n"
+        f"(import error: {e})"
+    )
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def cpp_sources():
+    # Every op's schema/composite file in csrc/, the CPU kernels in csrc/cpu/, and the stub
+    # Python module; CUDA .cu files are compiled separately (see README, "Build").
+    srcs = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    return srcs
+
+
+debug = os.environ.get("FASTLORA_DEBUG", "0") == "1"
+# -fopenmp in both compile and link flags: without it at::parallel_for runs on one thread.
+compile_args = ["-O0", "-g"] if debug else ["-O3"]
+compile_args += ["-fopenmp", "-DPy_LIMITED_API=0x03090000"]
+
+setup(
+    name="fastlora",
+    packages=find_packages(include=["fastlora", "fastlora.*"]) + ["fastlora.kernels"],
+    package_dir={"fastlora.kernels": "kernels"},
+    ext_modules=[
+        CppExtension(
+            "fastlora._C",
+            cpp_sources(),
+            extra_compile_args=compile_args,
+            extra_link_args=["-fopenmp"],
+            py_limited_api=True,
+        )
+    ],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)

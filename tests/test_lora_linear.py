@@ -1,0 +1,302 @@
+"""fastlora.lora_linear (CPU C++ kernel) against fastlora.reference."""
+import pytest
+import torch
+
+import fastlora
+from fastlora import reference as ref
+from tolerance import assert_close_to_truth
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (leading dims, in, out, r): 1 row, odd sizes, leading batch dims, r in {1, 8, 64}.
+SHAPES = [((1,), 6, 42, 1), ((42,), 123, 431, 8), ((2, 3), 42, 6, 8), ((431,), 64, 123, 64),
+          ((300,), 123, 42, 8)]
+
+
+def make_inputs(lead, k, n, r, dtype, bias=True, lora_B_bias=False, train_weight=False,
+                noncontig=False):
+    g = torch.Generator().manual_seed(1)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale)
+
+    if noncontig:  # every other column of a wider tensor
+        x = rnd(*lead, 2 * k)[..., ::2]
+    else:
+        x = rnd(*lead, k)
+    t = dict(x=x, weight=rnd(n, k, scale=k ** -0.5), bias=rnd(n) if bias else None,
+             lora_A=rnd(r, k, scale=k ** -0.5), lora_B=rnd(n, r, scale=r ** -0.5),
+             lora_B_bias=rnd(n) if lora_B_bias else None)
+    grads = {"x", "lora_A", "lora_B", "bias", "lora_B_bias"} | ({"weight"} if train_weight else set())
+    return t, grads
+
+
+def cast(t, dtype, grads):
+    out = {}
+    for key, v in t.items():
+        if v is None:
+            out[key] = None
+            continue
+        c = v.detach().to(dtype)
+        if key == "x" and not v.is_contiguous():  # keep the non-contiguous layout in every dtype
+            c = torch.empty(*v.shape[:-1], 2 * v.shape[-1], dtype=dtype)[..., ::2].copy_(c)
+        out[key] = c.requires_grad_(key in grads)
+    return out
+
+
+def run(fn, t, grad_out, scaling, p, seed):
+    y = fn(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], scaling, p,
+           seed=seed, lora_B_bias=t["lora_B_bias"])
+    names = [k for k, v in t.items() if v is not None and v.requires_grad]
+    grads = torch.autograd.grad(y, [t[k] for k in names], grad_out.to(y.dtype)) if y.numel() else []
+    return y, dict(zip(names, grads))
+
+
+def fused(x, weight, bias, lora_A, lora_B, scaling, p, seed, lora_B_bias):
+    return fastlora.lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, seed=seed,
+                                lora_B_bias=lora_B_bias)
+
+
+def reference(x, weight, bias, lora_A, lora_B, scaling, p, seed, lora_B_bias):
+    return ref.lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, seed, lora_B_bias)
+
+
+def check_against_reference(dtype, lead, k, n, r, p, **kw):
+    t64, grads = make_inputs(lead, k, n, r, torch.float64, **kw)
+    grad_out = torch.randn(*lead, n, dtype=torch.float64)
+    scaling, seed = 2.0, 987654321
+    truth_y, truth_g = run(reference, cast(t64, torch.float64, grads), grad_out, scaling, p, seed)
+    ref_y, ref_g = run(reference, cast(t64, dtype, grads), grad_out, scaling, p, seed)
+    out_y, out_g = run(fused, cast(t64, dtype, grads), grad_out, scaling, p, seed)
+    assert_close_to_truth(out_y, ref_y, truth_y, "y")
+    assert out_g.keys() == truth_g.keys()
+    for name in truth_g:
+        assert_close_to_truth(out_g[name], ref_g[name], truth_g[name], f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_matches_reference(dtype, shape, p):
+    check_against_reference(dtype, *shape, p)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_noncontiguous_x_trainable_weight_lora_bias(dtype):
+    check_against_reference(dtype, (5, 7), 42, 123, 8, 0.1, noncontig=True, train_weight=True,
+                            lora_B_bias=True)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5])
+def test_no_bias(p):
+    check_against_reference(torch.float32, (33,), 42, 17, 4, p, bias=False, lora_B_bias=True)
+
+
+def test_large_rows_span_several_blocks():
+    # More rows than one CPU row block, so block boundaries and the mask's row offsets matter.
+    check_against_reference(torch.float32, (1100,), 300, 40, 8, 0.3)
+
+
+def test_empty_input():
+    t, _ = make_inputs((0,), 16, 8, 4, torch.float32)
+    x = t["x"].float().requires_grad_()
+    A = t["lora_A"].float().requires_grad_()
+    y = fastlora.lora_linear(x, t["weight"].float(), None, A, t["lora_B"].float(), 1.0, 0.1)
+    assert y.shape == (0, 8)
+    y.sum().backward()
+    assert x.grad.shape == (0, 16) and torch.equal(A.grad, torch.zeros_like(A))
+
+
+def test_dropout_mask_is_the_reference_mask_bit_for_bit():
+    # With A = B = I and W = 0, the op returns dropout(x) exactly.
+    m, k = 700, 37
+    x = torch.randn(m, k)
+    eye = torch.eye(k)
+    for p, seed in [(0.1, 1), (0.5, 2 ** 40 + 3), (0.9, 123)]:
+        y = fastlora.lora_linear(x, torch.zeros(k, k), None, eye, eye, 1.0, p, seed=seed)
+        assert torch.equal(y, ref.dropout(x, p, seed))
+
+
+def test_dropout_mask_statistics():
+    m, k, p = 512, 1024, 0.3
+    keep = ref.dropout_keep_mask(m, k, p, seed=42)
+    n = keep.numel()
+    frac = keep.double().mean().item()
+    assert abs(frac - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5
+    # Rows and columns are independent: neighbouring entries are uncorrelated.
+    kf = keep.double() - keep.double().mean()
+    for a, b in [(kf[:, 1:], kf[:, :-1]), (kf[1:], kf[:-1])]:
+        corr = (a * b).mean() / kf.var()
+        assert abs(corr.item()) < 5 / n ** 0.5
+    # Different seeds give different masks, and dropout preserves the mean.
+    assert (keep != ref.dropout_keep_mask(m, k, p, seed=43)).double().mean() > 0.3
+    x = torch.ones(m, k)
+    y = fastlora.lora_linear(x, torch.zeros(k, k), None, torch.eye(k), torch.eye(k), 1.0, p, seed=5)
+    assert abs(y.mean().item() - 1.0) < 0.01
+
+
+def test_seed_reproducibility_and_modes():
+    t, _ = make_inputs((64,), 32, 16, 4, torch.float32)
+    args = [t[k].float() for k in ("x", "weight", "bias", "lora_A", "lora_B")]
+    torch.manual_seed(3)
+    a = fastlora.lora_linear(*args, 1.0, 0.5)
+    torch.manual_seed(3)
+    b = fastlora.lora_linear(*args, 1.0, 0.5)
+    c = fastlora.lora_linear(*args, 1.0, 0.5)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    no_drop = fastlora.lora_linear(*args, 1.0, 0.0)
+    assert torch.equal(fastlora.lora_linear(*args, 1.0, 0.5, training=False), no_drop)
+    base = torch.nn.functional.linear(args[0], args[1], args[2])
+    assert torch.allclose(fastlora.lora_linear(*args, 1.0, 1.0), base)
+
+
+def test_same_mask_in_forward_and_backward():
+    # grad of lora_A is g^T @ dropout(x): compare with the reference using the same seed.
+    t, grads = make_inputs((50,), 20, 10, 3, torch.float64)
+    out, g = run(fused, cast(t, torch.float64, grads), torch.ones(50, 10, dtype=torch.float64), 1.0, 0.5, 77)
+    ref_out, rg = run(reference, cast(t, torch.float64, grads), torch.ones(50, 10, dtype=torch.float64), 1.0, 0.5, 77)
+    torch.testing.assert_close(g["lora_A"], rg["lora_A"])
+    torch.testing.assert_close(g["x"], rg["x"])
+
+
+def saved_activation_bytes(fn):
+    """Bytes of tensors autograd saves for backward, excluding leaves (parameters, inputs)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return saved
+
+
+def test_saves_only_x_and_shrink():
+    m, k, n, r = 256, 128, 96, 8
+    x = torch.randn(m, k, requires_grad=True)
+    w, A, B = torch.randn(n, k), torch.randn(r, k, requires_grad=True), torch.randn(n, r, requires_grad=True)
+    saved = saved_activation_bytes(lambda: fastlora.lora_linear(x, w, None, A, B, 1.0, 0.1))
+    params = {id(w), id(A), id(B)}
+    acts = [t for t in saved if id(t) not in params and t.numel() > 1]
+    assert sorted(tuple(t.shape) for t in acts) == sorted([(m, k), (m, r)])
+    assert any(t.data_ptr() == x.data_ptr() for t in acts)  # x itself, not a copy
+
+
+def test_frozen_weight_skips_dW_gemm():
+    m, k, n, r = 64, 48, 40, 4
+    x = torch.randn(m, k, requires_grad=True)
+    w = torch.randn(n, k)
+    A, B = torch.randn(r, k, requires_grad=True), torch.randn(n, r, requires_grad=True)
+    for trainable in (False, True):
+        w.requires_grad_(trainable)
+        y = fastlora.lora_linear(x, w, None, A, B, 1.0, 0.0)
+        with torch.profiler.profile(record_shapes=True) as prof:
+            y.sum().backward()
+        dW_gemms = [e for e in prof.events() if e.name == "aten::mm" and e.input_shapes == [[n, m], [m, k]]]
+        assert bool(dW_gemms) == trainable
+        if trainable:
+            assert w.grad.shape == (n, k)
+        else:
+            assert w.grad is None
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_gradcheck_fp64(p):
+    t, grads = make_inputs((3, 2), 7, 5, 3, torch.float64, lora_B_bias=True, train_weight=True)
+    t = cast(t, torch.float64, grads)
+    seed = torch.tensor(11)
+
+    def f(x, weight, bias, lora_A, lora_B, lora_B_bias):
+        return fastlora.lora_linear(x, weight, bias, lora_A, lora_B, 0.7, p, seed=seed,
+                                    lora_B_bias=lora_B_bias)
+
+    assert torch.autograd.gradcheck(f, tuple(t[k] for k in ("x", "weight", "bias", "lora_A", "lora_B", "lora_B_bias")))
+
+
+def op_samples():
+    for p in (0.0, 0.2):
+        for dtype in (torch.float32, torch.float64):
+            t, grads = make_inputs((9,), 12, 10, 4, dtype, lora_B_bias=True)
+            t = cast(t, dtype, grads)
+            yield t, p
+
+
+def test_opcheck_all_ops():
+    for t, p in op_samples():
+        seed = torch.tensor(5)
+        args = (t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], 1.5, p, True, t["lora_B_bias"], seed)
+        torch.library.opcheck(torch.ops.fastlora.lora_linear.default, args)
+        fwd_args = (t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], 1.5, p, seed, t["lora_B_bias"])
+        torch.library.opcheck(torch.ops.fastlora.lora_linear_fwd.default, fwd_args)
+        detached = {k: (v.detach() if v is not None else None) for k, v in t.items()}
+        _, xa = torch.ops.fastlora.lora_linear_fwd(*[detached[k] if isinstance(k, str) else k for k in
+                                                     ("x", "weight", "bias", "lora_A", "lora_B")], 1.5, p, seed,
+                                                   detached["lora_B_bias"])
+        gy = torch.randn(9, 10, dtype=t["x"].dtype)
+        for mask in ([True, False, False], [True, True, True], [False, False, False]):
+            torch.library.opcheck(torch.ops.fastlora.lora_linear_bwd.default,
+                                  (gy, detached["x"], detached["weight"], detached["lora_A"], detached["lora_B"],
+                                   xa, 1.5, p, seed, mask))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend):
+    t, grads = make_inputs((4, 5), 24, 16, 4, torch.float32)
+    t = cast(t, torch.float32, grads)
+    seed = torch.tensor(3)
+
+    def layer(x, weight, bias, lora_A, lora_B):
+        return torch.relu(fastlora.lora_linear(x, weight, bias, lora_A, lora_B, 2.0, 0.1, seed=seed)) * 3
+
+    compiled = torch.compile(layer, fullgraph=True, backend=backend)
+    args = [t[k] for k in ("x", "weight", "bias", "lora_A", "lora_B")]
+    y_c = compiled(*args)
+    y_e = layer(*args)
+    torch.testing.assert_close(y_c, y_e)
+    g_c = torch.autograd.grad(y_c.sum(), [t["x"], t["lora_A"]])
+    g_e = torch.autograd.grad(y_e.sum(), [t["x"], t["lora_A"]])
+    for a, b in zip(g_c, g_e):
+        torch.testing.assert_close(a, b)
+
+
+def test_torch_compile_draws_seed_from_generator():
+    t, grads = make_inputs((32,), 24, 16, 4, torch.float32)
+    t = cast(t, torch.float32, grads)
+    f = torch.compile(lambda *a: fastlora.lora_linear(*a, 1.0, 0.5), fullgraph=True, backend="aot_eager")
+    args = [t[k] for k in ("x", "weight", "bias", "lora_A", "lora_B")]
+    a, b = f(*args), f(*args)
+    assert not torch.equal(a, b)  # a fresh mask per call, not a seed baked into the graph
+
+
+class TestErrors:
+    def args(self, **over):
+        k, n, r = 8, 6, 2
+        a = dict(x=torch.randn(3, k), weight=torch.randn(n, k), bias=torch.randn(n),
+                 lora_A=torch.randn(r, k), lora_B=torch.randn(n, r), scaling=1.0)
+        a.update(over)
+        return a
+
+    @pytest.mark.parametrize("over, exc, match", [
+        (dict(x=torch.randn(3, 9)), ValueError, "in_features=8"),
+        (dict(weight=torch.randn(6)), ValueError, "weight must be 2-D"),
+        (dict(lora_A=torch.randn(2, 7)), ValueError, "lora_A must have shape"),
+        (dict(lora_B=torch.randn(6, 3)), ValueError, "lora_B must have shape"),
+        (dict(bias=torch.randn(5)), ValueError, "bias must have shape"),
+        (dict(lora_A=torch.randn(2, 8, dtype=torch.float64)), TypeError, "lora_A has dtype"),
+        (dict(x=torch.randn(3, 8).half()), TypeError, "weight has dtype"),
+        (dict(x=torch.randint(0, 3, (3, 8))), TypeError, "x must be float"),
+        (dict(scaling=float("nan")), ValueError, "scaling must be finite"),
+        (dict(x=torch.tensor(1.0)), ValueError, "at least 1 dim"),
+    ])
+    def test_bad_arguments(self, over, exc, match):
+        with pytest.raises(exc, match=match):
+            fastlora.lora_linear(**self.args(**over))
+
+    @pytest.mark.parametrize("p", [-0.1, 1.5])
+    def test_bad_dropout(self, p):
+        with pytest.raises(ValueError, match="dropout_p"):
+            fastlora.lora_linear(**self.args(), dropout_p=p)
+
+    def test_bad_seed(self):
+        with pytest.raises(ValueError, match="seed"):
+            fastlora.lora_linear(**self.args(), dropout_p=0.1, seed=torch.tensor([1.0, 2.0]))
