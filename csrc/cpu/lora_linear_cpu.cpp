@@ -161,40 +161,38 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_cpu(
   // Outputs not requested are distinct empty tensors (outputs must never alias).
   auto empty = [&] { return at::empty({0}, dy.options()); };
 
-  Tensor grad_x = empty(), grad_A, grad_B;
+  // g = s * dY @ B, computed once and shared by grad_A and grad_x.
+  const Tensor g = at::mm(dy, lora_B).mul_(scaling);
+  // grad_B = s * dY^T @ xa, computed as (xa^T @ dY)^T: MKL is about 2x faster on this
+  // orientation of the skinny product, and the r x N transpose copy is negligible.
+  Tensor grad_B = at::mm(xa.t(), dy).t().contiguous().mul_(scaling);
+
+  Tensor grad_A;
   if (!d.active || M == 0) {
-    Tensor g = at::mm(dy, lora_B).mul_(scaling);
     grad_A = at::mm(g.t(), x);
-    grad_B = at::mm(dy.t(), xa).mul_(scaling);
-    if (need_x) {
-      grad_x = at::mm(g, lora_A);
-      grad_x.addmm_(dy, weight);
-    }
   } else {
+    // grad_A = g^T @ dropout(x), one block of rows at a time so the dropped x never exists
+    // in full; block partials are summed in a fixed order (float32 for half types).
     const bool half = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
-    const auto acc_opts = half ? x.options().dtype(at::kFloat) : x.options();
-    Tensor acc_A = at::zeros(lora_A.sizes(), acc_opts);
-    Tensor acc_B = at::zeros(lora_B.sizes(), acc_opts);
-    if (need_x) grad_x = at::empty({M, K}, x.options());
+    Tensor acc_A = at::zeros(lora_A.sizes(), half ? x.options().dtype(at::kFloat) : x.options());
     const int64_t bm = std::min(M, block_rows(K, x.element_size()));
     Tensor xdrop = at::empty({bm, K}, x.options());
     for (int64_t r0 = 0; r0 < M; r0 += bm) {
       const int64_t n = std::min(bm, M - r0);
-      const Tensor dy_blk = dy.narrow(0, r0, n);
-      const Tensor g = at::mm(dy_blk, lora_B).mul_(scaling);  // reused for grad_A and grad_x
-      accumulate_mm(acc_B, dy_blk.t(), xa.narrow(0, r0, n), scaling);
       Tensor xd = xdrop.narrow(0, 0, n);
       dropout_rows_(x.narrow(0, r0, n), xd, r0, d);
-      accumulate_mm(acc_A, g.t(), xd, 1.0);
-      if (need_x) {
-        Tensor gx = grad_x.narrow(0, r0, n);
-        at::mm_out(gx, g, lora_A);
-        dropout_rows_(gx, gx, r0, d);
-        gx.addmm_(dy_blk, weight);  // base term accumulated onto the LoRA term, block hot in cache
-      }
+      accumulate_mm(acc_A, g.narrow(0, r0, n).t(), xd, 1.0);
     }
     grad_A = half ? acc_A.to(x.scalar_type()) : acc_A;
-    grad_B = half ? acc_B.to(x.scalar_type()) : acc_B;
+  }
+
+  Tensor grad_x = empty();
+  if (need_x) {
+    // LoRA term first (masked in place), then the base GEMM accumulates onto it (beta = 1)
+    // at full size: blocking the big GEMM by rows costs MKL more than the extra pass saves.
+    grad_x = at::mm(g, lora_A);
+    if (d.active && M > 0) dropout_rows_(grad_x, grad_x, 0, d);
+    grad_x.addmm_(dy, weight);
   }
   Tensor grad_w = need_w ? at::mm(dy.t(), x) : empty();
   Tensor grad_b = need_b ? dy.sum(0) : empty();

@@ -106,7 +106,6 @@ def _use_triton(x):
     return x.dtype != torch.float64
 
 
-@torch.library.register_kernel(_FWD, "cuda")
 def _fwd_cuda(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_B_bias):
     if not _use_triton(x):
         return _fwd_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_B_bias)
@@ -117,7 +116,6 @@ def _fwd_cuda(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_B_
     return y, xa
 
 
-@torch.library.register_kernel(_BWD, "cuda")
 def _bwd_cuda(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, output_mask):
     if not _use_triton(x):
         return _bwd_reference(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, output_mask)
@@ -128,13 +126,19 @@ def _bwd_cuda(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, o
 
 # --- any other device: the pure-PyTorch reference -------------------------------------------
 
-@torch.library.impl(_FWD, "default")
 def _fwd_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_B_bias):
     return reference.lora_linear_with_shrink(x, weight, bias, lora_A, lora_B, scaling, dropout_p,
                                              int(seed.item()), lora_B_bias)
 
 
-@torch.library.impl(_BWD, "default")
 def _bwd_reference(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, output_mask):
     return reference.lora_linear_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling,
                                           dropout_p, int(seed.item()), *output_mask)
+
+
+# Registered here rather than with decorators so the functions stay importable (the tests run
+# the CUDA dispatch path on CPU tensors under the Triton interpreter).
+torch.library.register_kernel(_FWD, "cuda", _fwd_cuda)
+torch.library.register_kernel(_BWD, "cuda", _bwd_cuda)
+torch.library.impl(_FWD, "default", _fwd_reference)
+torch.library.impl(_BWD, "default", _bwd_reference)

@@ -1,0 +1,415 @@
+"""Triton kernels of fastlora's LoRA Linear (forward and backward).
+
+A leaf module: it imports only torch, triton and math, never fastlora, so that it can be
+loaded (and tested under ``TRITON_INTERPRET=1``) on its own. Semantics are those of
+``fastlora.reference``; in particular the dropout keep-mask is fastlora's counter-based hash
+(MurmurHash3 fmix32 of the (row, column) index and the seed), regenerated inside every kernel
+that needs it, so the dropped input is never materialised and forward and backward agree bit
+for bit with the reference and with the C++ kernels.
+
+Every GEMM here is one generic kernel, ``_lora_gemm_kernel``:
+
+    C[m, n] = alpha * sum_k A'[m, k] * B'[k, n]
+              (+ bias[n])
+              (+ dropE(lora_scale * sum_j E[m, j] * F[j, n]))
+
+where A' (B') is A (B) passed through fastlora's dropout when DROP_A (DROP_B) is set, using
+the operand's own (row, column) index for the mask, and dropE applies the mask at the output
+index (m, n). Operands are strided 2-D views, so transposes (``weight.t()``) cost nothing.
+The launchers map the LoRA ops onto it:
+
+    lora_shrink    xa     = dropA(x) @ lora_A.T
+    lora_forward   y      = x @ weight.T + bias + scaling * (xa @ lora_B.T)
+    lora_backward  g      = scaling * grad_y @ lora_B                 (M, r), once, reused
+                   grad_A = g.T @ dropB(x)                            (mask regenerated)
+                   grad_B = scaling * grad_y.T @ xa
+                   grad_x = grad_y @ weight + dropE(g @ lora_A)        (LoRA in the epilogue)
+
+grad_weight (grad_y.T @ x) and grad_bias (grad_y.sum(0)) are plain cuBLAS / ATen work.
+
+Numerics: operands are fed to tl.dot in their own dtype (fp16/bf16 tensor cores; fp32 uses
+IEEE fp32 unless torch allows TF32 for matmuls), accumulation is always fp32 and each output is
+rounded once. Dropped operands are rounded to the input dtype before the dot exactly as the
+reference's ``dropout`` rounds them. float64 is not supported (use the reference path).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# The Triton CPU interpreter (tests) has gaps that the kernels work around when INTERPRET is
+# set; on a GPU the branches compile away:
+#   * bf16 arithmetic and bf16 tl.dot are wrong (bf16 is stored as raw uint16 there), so every
+#     tile is upcast to fp32 right after its load and dots run on fp32 tiles;
+#   * fp32 -> bf16 conversion truncates instead of rounding to nearest even, so bf16 rounding
+#     is done by hand on the fp32 bit pattern (see _round_to).
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+_M32 = 0xFFFFFFFF
+
+
+# ----------------------------------------------------------------------------------------------
+# device helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _fmix32(h):
+    # MurmurHash3's 32-bit finaliser on uint32 tensors: >> is a logical shift and * wraps mod
+    # 2**32 because h is unsigned (the constants are > 2**31 so they are typed uint32 too).
+    h ^= h >> 16
+    h *= 0x85EBCA6B
+    h ^= h >> 13
+    h *= 0xC2B2AE35
+    h ^= h >> 16
+    return h
+
+
+@triton.jit
+def _keep_mask(rows, cols, seed_lo, seed_hi, threshold):
+    """fastlora's keep-mask for the tile rows x cols (1-D global int32 indices)."""
+    # The row hash depends on the row only: one fmix32 per row, one per element.
+    h = _fmix32(rows.to(tl.uint32) ^ seed_lo.to(tl.uint32))
+    u = _fmix32((h[:, None] + cols.to(tl.uint32)[None, :] * 0x9E3779B9) ^ seed_hi.to(tl.uint32))
+    return (u >> 8) >= threshold.to(tl.uint32)
+
+
+@triton.jit
+def _round_to(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """Round an fp32 tile to ``dtype`` to nearest even (what torch's .to(dtype) does)."""
+    if INTERPRET and dtype == tl.bfloat16:
+        # The interpreter truncates fp32 -> bf16; round the bit pattern to nearest even on the
+        # top 16 bits by hand (the truncating cast is then exact). NaNs are kept as they are.
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    return x.to(dtype)
+
+
+@triton.jit
+def _dropout_tile(t, rows, cols, drop_scale, seed_lo, seed_hi, threshold, INTERPRET: tl.constexpr):
+    """fastlora dropout of a loaded tile: float32(t) * keep * scale, rounded once to t's dtype
+    (x * 0 rather than a select, so that a dropped inf/nan gives nan like the reference)."""
+    keep = _keep_mask(rows, cols, seed_lo, seed_hi, threshold)
+    t32 = t.to(tl.float32) * keep.to(tl.float32) * drop_scale
+    return _round_to(t32, t.dtype, INTERPRET)
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    if INTERPRET:
+        # The interpreter's dot is numpy matmul on the raw storage: bf16 would be multiplied as
+        # uint16, so feed it exact fp32 upcasts (same products, fp32 accumulation).
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        # Native dtype on the tensor cores, fp32 accumulator.
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+# ----------------------------------------------------------------------------------------------
+# the kernel
+# ----------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold"])
+def _lora_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, bias_ptr, e_ptr, f_ptr,
+    M, N, K, R, k_per_split,
+    stride_am, stride_ak, stride_bk, stride_bn,
+    stride_cs, stride_cm, stride_cn,
+    stride_em, stride_er, stride_fr, stride_fn,
+    alpha, lora_scale, drop_scale, seed_lo, seed_hi, threshold,
+    DROP_A: tl.constexpr, DROP_B: tl.constexpr, DROP_LORA: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    # Program -> (pid_m, pid_n) in GROUP_M-tall column bands so that consecutive programs
+    # reuse the same B tiles from L2 (standard grouped ordering).
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    # Split-K: program_id(1) owns reduction range [k_lo, k_lo + k_per_split) (a multiple of
+    # BLOCK_K, so splits never overlap) and writes its own fp32 partial plane of C.
+    pid_s = tl.program_id(1)
+    k_lo = pid_s * k_per_split
+    k_hi = min(k_lo + k_per_split, K)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    # int64 address arithmetic: row * stride can exceed 2**31 elements on large tensors.
+    a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
+    b_cols = b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_hi
+        a = tl.load(a_rows + offs_k.to(tl.int64)[None, :] * stride_ak,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_cols + offs_k.to(tl.int64)[:, None] * stride_bk,
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        # Dropout is applied to the loaded tile (masked-out padding is 0 and stays 0).
+        if DROP_A:
+            a = _dropout_tile(a, offs_m, offs_k, drop_scale, seed_lo, seed_hi, threshold, INTERPRET)
+        if DROP_B:
+            b = _dropout_tile(b, offs_k, offs_n, drop_scale, seed_lo, seed_hi, threshold, INTERPRET)
+        acc = _mma(a, b, acc, DOT_PRECISION, INTERPRET)
+    acc = acc * alpha
+
+    # Epilogue: the rank-r LoRA expand (E @ F, r <= 256 so a short loop of BLOCK_R chunks),
+    # its optional dropout at the output index, then the bias; all in fp32 before one rounding.
+    if HAS_LORA:
+        e_rows = e_ptr + offs_m.to(tl.int64)[:, None] * stride_em
+        f_cols = f_ptr + offs_n.to(tl.int64)[None, :] * stride_fn
+        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < R
+            e = tl.load(e_rows + offs_r.to(tl.int64)[None, :] * stride_er,
+                        mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            f = tl.load(f_cols + offs_r.to(tl.int64)[:, None] * stride_fr,
+                        mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+            lora = _mma(e, f, lora, DOT_PRECISION, INTERPRET)
+        lora = lora * lora_scale
+        if DROP_LORA:
+            keep = _keep_mask(offs_m, offs_n, seed_lo, seed_hi, threshold)
+            lora = lora * keep.to(tl.float32) * drop_scale
+        acc += lora
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc += bias[None, :]
+
+    c_ptrs = (c_ptr + pid_s.to(tl.int64) * stride_cs + offs_m.to(tl.int64)[:, None] * stride_cm
+              + offs_n.to(tl.int64)[None, :] * stride_cn)
+    tl.store(c_ptrs, _round_to(acc, c_ptr.dtype.element_ty, INTERPRET),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# host side
+# ----------------------------------------------------------------------------------------------
+def _check_dtype(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t is not None and t.dtype not in _SUPPORTED:
+            raise TypeError(
+                f"fastlora Triton kernels support float32, float16 and bfloat16 only, got "
+                f"{t.dtype}; use the reference (or C++) path for this dtype")
+
+
+def _dropout_args(p: float, seed: int):
+    """(seed_lo, seed_hi, threshold, scale) as kernel arguments, or None when p <= 0.
+
+    The seed halves are passed as *signed* int32 bit patterns so that the kernel argument is
+    always i32 (Triton types a Python int >= 2**31 as u32/i64); the kernel reinterprets them
+    as uint32, which is a no-op on the bits."""
+    if p <= 0.0:
+        return None
+    seed = int(seed)
+    lo, hi = seed & _M32, (seed >> 32) & _M32
+    to_i32 = lambda v: v - (1 << 32) if v >= (1 << 31) else v
+    threshold = min(int(p * 16777216.0 + 0.5), 1 << 24)
+    # 1 / (1 - p) computed in float64 and rounded once to float32 (as the reference does);
+    # a Python float kernel argument is passed as fp32, which is then exact.
+    scale = 0.0 if p >= 1.0 else float(torch.tensor(1.0 / (1.0 - p), dtype=torch.float64)
+                                           .to(torch.float32).item())
+    return to_i32(lo), to_i32(hi), threshold, scale
+
+
+_SM_COUNT: dict = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _pow2(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+def _blocks(M: int, N: int, K: int, R: int, dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, num_warps, num_stages).
+
+    GPU (H100): 128x128x64 tiles for fp16/bf16 (the usual tensor-core sweet spot: 32 KiB of
+    operands per pipeline stage, 3 stages, 8 warps); fp32 runs as IEEE FMA or TF32 with half
+    the tile edges so registers and shared memory stay bounded. Dims smaller than a tile
+    (r-sized outputs, tiny M at decode time) shrink to the next power of two, never below 16
+    (tl.dot's minimum on the tensor cores); ragged edges are handled by masks.
+    Interpreter: one large tile per program so that the small test shapes run in one program
+    and one loop trip (the interpreter costs milliseconds per program per loop iteration)."""
+    if _INTERPRET:
+        return _pow2(M, 16, 128), _pow2(N, 16, 128), _pow2(K, 16, 128), _pow2(R, 16, 256), 4, 1
+    if dtype == torch.float32:
+        cap_mn, cap_k = 64, 32
+    else:
+        cap_mn, cap_k = 128, 64
+    bm, bn, bk = _pow2(M, 16, cap_mn), _pow2(N, 16, cap_mn), _pow2(K, 16, cap_k)
+    br = _pow2(R, 16, 64)  # epilogue chunk of the rank (r <= 256 -> at most 4 trips)
+    num_warps = 8 if bm * bn >= 128 * 128 else 4
+    return bm, bn, bk, br, num_warps, 3
+
+
+def _choose_split(tiles: int, K: int, block_k: int, device: torch.device) -> int:
+    """Split-K factor for epilogue-free GEMMs with few output tiles and a long reduction
+    (grad_A: r x K output reduced over all M tokens; grad_B: N x r; g: M x r over N).
+    Aim for ~2 waves of programs on the GPU, keep >= 4 K-blocks per split. 1 under the
+    interpreter (tests force other values by monkeypatching this function)."""
+    if _INTERPRET or device.type != "cuda":
+        return 1
+    target = 2 * _num_sms(device)
+    if tiles >= target:
+        return 1
+    return max(1, min(triton.cdiv(target, tiles), triton.cdiv(K, 4 * block_k)))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 follows torch's own switch so that results match torch.mm on the same machine.
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+class _on_device:
+    """Launch on the tensors' GPU even if it is not the current one (no-op on CPU)."""
+
+    def __init__(self, device: torch.device):
+        self.ctx = torch.cuda.device(device) if device.type == "cuda" else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+def _gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, alpha: float = 1.0,
+          drop_a=None, drop_b=None, bias=None, lora=None) -> torch.Tensor:
+    """out (M, N) = alpha * dropA(a) (M, K) @ dropB(b) (K, N) [+ bias] [+ LoRA epilogue].
+
+    drop_a / drop_b: (p, seed) or None. lora: (e (M, R), f (R, N), lora_scale, drop) with drop
+    (p, seed) or None. All operands are strided 2-D views; out is written in place."""
+    M, K = a.shape
+    N = b.shape[1]
+    if out.numel() == 0:
+        return out
+    drop_a = _dropout_args(*drop_a) if drop_a is not None else None
+    drop_b = _dropout_args(*drop_b) if drop_b is not None else None
+    e = f = None
+    lora_scale, drop_e, R = 1.0, None, 1
+    if lora is not None:
+        e, f, lora_scale, drop_e = lora
+        drop_e = _dropout_args(*drop_e) if drop_e is not None else None
+        R = e.shape[1]
+    dargs = [d for d in (drop_a, drop_b, drop_e) if d is not None]
+    assert len(dargs) <= 1, "one dropout mask per launch"
+    seed_lo, seed_hi, threshold, drop_scale = dargs[0] if dargs else (0, 0, 0, 1.0)
+
+    bm, bn, bk, br, num_warps, num_stages = _blocks(M, N, K, R, a.dtype)
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    split = 1
+    if bias is None and lora is None:  # the epilogue must run once per output element
+        split = _choose_split(tiles, K, bk, a.device)
+    k_per_split = triton.cdiv(triton.cdiv(max(K, 1), split), bk) * bk
+    split = max(1, triton.cdiv(K, k_per_split))
+    if split > 1:
+        # Deterministic split-K: each split writes an fp32 partial plane, summed afterwards.
+        c = torch.empty((split, M, N), dtype=torch.float32, device=out.device)
+        stride_cs, stride_cm, stride_cn = c.stride()
+    else:
+        c = out
+        stride_cs, (stride_cm, stride_cn) = 0, out.stride()
+    e_t = e if e is not None else a  # dummies: never dereferenced when the flag is off
+    f_t = f if f is not None else a
+    bias_t = bias if bias is not None else a
+
+    with _on_device(a.device):
+        _lora_gemm_kernel[(tiles, split)](
+            a, b, c, bias_t, e_t, f_t,
+            M, N, K, R, k_per_split,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            stride_cs, stride_cm, stride_cn,
+            e_t.stride(0), e_t.stride(1), f_t.stride(0), f_t.stride(1),
+            float(alpha), float(lora_scale), float(drop_scale), seed_lo, seed_hi, threshold,
+            DROP_A=drop_a is not None, DROP_B=drop_b is not None, DROP_LORA=drop_e is not None,
+            HAS_BIAS=bias is not None, HAS_LORA=lora is not None,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, GROUP_M=8,
+            DOT_PRECISION=_dot_precision(a.dtype), INTERPRET=_INTERPRET,
+            num_warps=num_warps, num_stages=num_stages,
+        )
+    if split > 1:
+        out.copy_(c.sum(0))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# public launchers (2-D tensors; shapes, devices and dtype equality validated by the caller)
+# ----------------------------------------------------------------------------------------------
+def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+    """xa (M, r) = dropout(x) @ lora_A.T, the dropout mask generated in-kernel.
+
+    x (M, K), lora_A (r, K); output in x.dtype, fp32 accumulation."""
+    _check_dtype(x, lora_A)
+    out = torch.empty((x.shape[0], lora_A.shape[0]), dtype=x.dtype, device=x.device)
+    drop = (float(dropout_p), int(seed)) if dropout_p > 0.0 else None
+    return _gemm(x, lora_A.t(), out, drop_a=drop)
+
+
+def lora_forward(x: torch.Tensor, weight: torch.Tensor, bias, xa: torch.Tensor,
+                 lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """y (M, N) = x @ weight.T + bias + scaling * (xa @ lora_B.T) in one kernel.
+
+    x (M, K), weight (N, K), bias (N,) or None, xa (M, r), lora_B (N, r). The LoRA expand
+    and the bias run in the GEMM's epilogue on the fp32 accumulator (one rounding)."""
+    _check_dtype(x, weight, bias, xa, lora_B)
+    out = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+    return _gemm(x, weight.t(), out, bias=bias, lora=(xa, lora_B.t(), float(scaling), None))
+
+
+def lora_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                  lora_A: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor,
+                  scaling: float, dropout_p: float, seed: int,
+                  need_grad_x: bool, need_grad_weight: bool, need_grad_bias: bool):
+    """(grad_x, grad_weight, grad_bias, grad_A, grad_B) of lora_forward with the dropout of
+    lora_shrink; entries not requested are ``grad_y.new_empty(0)`` (grad_A and grad_B are
+    always computed). Semantics of ``fastlora.reference.lora_linear_backward``."""
+    _check_dtype(grad_y, x, weight, lora_A, lora_B, xa)
+    M, N = grad_y.shape
+    K = x.shape[1]
+    r = lora_A.shape[0]
+    dev, dt = grad_y.device, grad_y.dtype
+    drop = (float(dropout_p), int(seed)) if dropout_p > 0.0 else None
+
+    # g = scaling * grad_y @ lora_B (M, r): computed once, rounded to the input dtype (as the
+    # reference does; it is a tensor-core operand of the two kernels below).
+    g = _gemm(grad_y, lora_B, torch.empty((M, r), dtype=dt, device=dev), alpha=scaling)
+    # grad_A (r, K) = g.T @ dropout(x): the mask is regenerated on the x tiles.
+    grad_A = _gemm(g.t(), x, torch.empty((r, K), dtype=dt, device=dev), drop_b=drop)
+    # grad_B (N, r) = scaling * grad_y.T @ xa.
+    grad_B = _gemm(grad_y.t(), xa, torch.empty((N, r), dtype=dt, device=dev), alpha=scaling)
+
+    empty = grad_y.new_empty(0)
+    grad_x = empty
+    if need_grad_x:
+        # grad_x (M, K) = grad_y @ weight + dropout(g @ lora_A): LoRA term in the epilogue,
+        # masked at the output index (m, k), which is x's index, with the same 1/(1-p) scale.
+        grad_x = _gemm(grad_y, weight, torch.empty((M, K), dtype=dt, device=dev),
+                       lora=(g, lora_A, 1.0, drop))
+    grad_w = torch.mm(grad_y.t(), x) if need_grad_weight else empty
+    grad_b = grad_y.sum(0) if need_grad_bias else empty
+    return grad_x, grad_w, grad_b, grad_A, grad_B

@@ -1,0 +1,63 @@
+// C++-level tests of fastlora::lora_linear through the dispatcher (no Python involved).
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/Exception.h>
+
+#include <cstdio>
+#include <optional>
+#include <string>
+
+namespace {
+
+int failures = 0;
+
+void expect(bool cond, const std::string& what) {
+  std::printf("%s: %s\n", cond ? "ok  " : "FAIL", what.c_str());
+  if (!cond) ++failures;
+}
+
+using at::Tensor;
+using LoraLinearFn = Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&, const Tensor&,
+                            double, double, bool, const std::optional<Tensor>&, const std::optional<Tensor>&);
+
+}  // namespace
+
+int main() {
+  auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastlora::lora_linear", "").typed<LoraLinearFn>();
+  at::manual_seed(0);
+  const int64_t M = 37, K = 29, N = 23, r = 5;
+  auto opts = at::TensorOptions().dtype(at::kDouble);
+  Tensor x = at::randn({2, M, K}, opts), w = at::randn({N, K}, opts), b = at::randn({N}, opts);
+  Tensor A = at::randn({r, K}, opts), B = at::randn({N, r}, opts);
+
+  Tensor y = op.call(x, w, b, A, B, 0.5, 0.0, true, std::nullopt, std::nullopt);
+  Tensor expected = at::linear(x, w, b) + 0.5 * at::linear(at::linear(x, A), B);
+  expect(y.sizes() == expected.sizes(), "output keeps leading dims");
+  expect(at::allclose(y, expected, 1e-10, 1e-10), "no-dropout output equals x W^T + b + s B A x");
+
+  Tensor seed = at::full({}, 1234, at::TensorOptions().dtype(at::kLong));
+  Tensor y1 = op.call(x, w, b, A, B, 0.5, 0.3, true, std::nullopt, seed);
+  Tensor y2 = op.call(x, w, b, A, B, 0.5, 0.3, true, std::nullopt, seed);
+  expect(at::equal(y1, y2), "same seed gives the same dropout mask");
+  expect(!at::allclose(y1, y), "dropout changes the LoRA branch");
+  Tensor y_eval = op.call(x, w, b, A, B, 0.5, 0.3, false, std::nullopt, std::nullopt);
+  expect(at::allclose(y_eval, expected, 1e-10, 1e-10), "training=false disables dropout");
+
+  // Dropout alone (A = B = I, W = 0): kept fraction close to 1 - p, kept values scaled.
+  Tensor ones = at::ones({400, 64}, opts), eye = at::eye(64, opts);
+  Tensor d = op.call(ones, at::zeros({64, 64}, opts), std::nullopt, eye, eye, 1.0, 0.25, true, std::nullopt, seed);
+  double kept = d.ne(0).to(at::kDouble).mean().item<double>();
+  expect(kept > 0.74 && kept < 0.76, "kept fraction ~ 0.75 (got " + std::to_string(kept) + ")");
+  expect(at::allclose(d.masked_select(d.ne(0)), at::full({}, 1.0 / 0.75, opts)), "kept values scaled by 1/(1-p)");
+
+  bool threw = false;
+  try {
+    op.call(x, w, b, at::randn({r, K + 1}, opts), B, 0.5, 0.0, true, std::nullopt, std::nullopt);
+  } catch (const c10::ValueError& e) {
+    threw = std::string(e.what()).find("lora_A must have shape") != std::string::npos;
+  }
+  expect(threw, "bad lora_A shape raises ValueError naming lora_A");
+
+  std::printf("%d failed\n", failures);
+  return failures == 0 ? 0 : 1;
+}
