@@ -15,7 +15,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py $(CSRC)
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip "setuptools>=64" wheel
+	$(PY) -m pip install -q --upgrade pip "setuptools>=77" wheel
 	# torch first: anything installed after it must not pull another (multi-GB CUDA) torch.
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
@@ -55,7 +55,12 @@ check-wheel: $(STAMP)
 	python3 -m venv build/wheel-venv
 	build/wheel-venv/bin/pip install -q "$(TORCH_SPEC)"
 	build/wheel-venv/bin/pip install -q build/wheel/fastlora-*.whl
-	cd /tmp && $(CURDIR)/build/wheel-venv/bin/python -c "import fastlora, fastlora.kernels.lora_linear, torch; x = torch.randn(4, 8); print('wheel ok:', fastlora.lora_linear(x, torch.randn(3, 8), None, torch.randn(2, 8), torch.randn(3, 2), 1.0).shape)"
+	# fastlora must import and run without triton (CPU-only install); the Triton kernels must
+	# still be in the wheel.
+	cd /tmp && $(CURDIR)/build/wheel-venv/bin/python -c "import importlib.util, torch, fastlora; \
+	assert importlib.util.find_spec('fastlora.kernels.lora_linear'), 'Triton kernels missing from the wheel'; \
+	x = torch.randn(4, 8, requires_grad=True); y = fastlora.lora_linear(x, torch.randn(3, 8), None, torch.randn(2, 8), torch.randn(3, 2), 1.0, 0.1); \
+	y.sum().backward(); print('wheel ok:', tuple(y.shape), tuple(x.grad.shape))"
 
 clean:
 	rm -rf build dist *.egg-info fastlora/_C*.so
