@@ -119,3 +119,31 @@ def lora_linear_backward(grad_y, x2d, weight, lora_A, lora_B, xa, scaling, dropo
     grad_w = grad_y.t() @ x2d if need_weight else grad_y.new_empty(0)
     grad_b = grad_y.sum(0) if need_bias else grad_y.new_empty(0)
     return grad_x, grad_w, grad_b, grad_A, grad_B
+
+
+# --- top-k sparsification with error feedback --------------------------------------------
+
+def topk_sparsify(deltas, residuals, k, approx=False, value_dtype=torch.float32):
+    """Reference of ``fastlora::topk_sparsify`` over tensors laid end to end (flat order).
+
+    v = delta (as float32) + residual (float32, or 0 without residuals); keeps the k entries
+    of largest |v|, ties broken by the lowest flat index (exactly k; ``approx`` selects the
+    same set here: any approximate kernel must stay within +-5% of k). Returns (indices
+    int64 sorted ascending, values rounded to value_dtype, new residuals as a list of float32
+    tensors) where residual_new = v - float32(value) at kept entries and v elsewhere.
+    """
+    flat = [d.detach().reshape(-1).float() for d in deltas]
+    if residuals:
+        flat = [f + r.detach().reshape(-1) for f, r in zip(flat, residuals)]
+    v = torch.cat(flat) if flat else torch.zeros(0)
+    n = v.numel()
+    k = max(0, min(int(k), n))
+    # Stable descending sort: among equal |v| the lower index comes first.
+    order = torch.sort(v.abs(), descending=True, stable=True).indices
+    idx = torch.sort(order[:k]).values
+    values = v[idx].to(value_dtype)
+    res = v.clone()
+    res[idx] = v[idx] - values.float()
+    sizes = [d.numel() for d in deltas]
+    new_res = [part.view(d.shape) for part, d in zip(res.split(sizes), deltas)]
+    return idx, values, new_res

@@ -1,0 +1,410 @@
+// CPU kernel of fastlora::topk_sparsify (exact and approximate top-k with error feedback).
+//
+// Keys: for finite float32 v, the bit pattern of |v| read as uint32 orders like |v| (this
+// includes denormals, and -0 == +0), so selection works on integers.
+//
+// Common path, two passes over the data:
+//  1. read-only pass: v = delta + residual, finiteness check, and collection of the candidates
+//     (flat index, v) whose key is >= a low bound `lo` estimated from a deterministic sample
+//     of the keys (a few sigma below the k-th largest, so that the candidates contain the
+//     top-k with overwhelming probability and are only slightly more than k). Work items are
+//     fixed-size chunks of one tensor, processed in parallel, concatenated in order, so the
+//     candidates come out sorted by flat index whatever the thread count.
+//  2. exact threshold among the candidates (nth_element), the tie quota taken in index order,
+//     then the residual update pass (residual += delta, kept entries fixed up while their
+//     chunk is in cache). Nothing is written before pass 1 has checked every value.
+// Fallback when the sample misled us (too few candidates, or a chunk overflowing with ties):
+// an exact radix select on the key bits (11 + 12 + 8 bit histograms), then a counting and a
+// compaction pass. Approximate mode keeps everything above the sampled threshold when that
+// count is within +-5% of k (one pass, no selection), and otherwise falls back to exact.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace fastlora {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kChunk = 1 << 15;             // elements per work item
+constexpr uint32_t kNonFiniteKey = 0x7F800000u;  // keys >= this are inf or nan
+constexpr int64_t kSampleSize = 1 << 16;
+
+inline uint32_t key_of(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return bits & 0x7FFFFFFFu;
+}
+
+struct Source {
+  const void* delta;
+  at::ScalarType dtype;
+  float* residual;  // nullptr without error feedback
+  int64_t numel;
+  int64_t offset;   // flat index of the first element
+};
+
+struct WorkItem {
+  int src;
+  int64_t begin, end;  // local range within the source
+};
+
+template <typename F>
+void with_delta(const Source& s, F&& f) {
+  switch (s.dtype) {
+    case at::kFloat: f(static_cast<const float*>(s.delta)); break;
+    case at::kDouble: f(static_cast<const double*>(s.delta)); break;
+    case at::kHalf: f(static_cast<const c10::Half*>(s.delta)); break;
+    case at::kBFloat16: f(static_cast<const c10::BFloat16*>(s.delta)); break;
+    default: TORCH_CHECK(false, "topk_sparsify: unsupported delta dtype ", s.dtype);
+  }
+}
+
+// v = float32(delta) + residual, the same float32 addition as the reference.
+template <typename T>
+inline float value_at(const T* d, const float* r, int64_t i) {
+  float v = static_cast<float>(d[i]);
+  return r ? v + r[i] : v;
+}
+
+struct Candidates {
+  std::vector<int64_t> index;
+  std::vector<float> value;
+  int64_t nonfinite = -1;  // first local index of a non-finite value in this item
+  int64_t above_t = 0;     // count of keys >= t (approximate mode's sampled threshold)
+  bool overflow = false;
+};
+
+class Sparsifier {
+ public:
+  explicit Sparsifier(const std::vector<Source>& sources) : src_(sources) {
+    n_ = 0;
+    for (const auto& s : src_) n_ += s.numel;
+    for (int i = 0; i < static_cast<int>(src_.size()); ++i) {
+      for (int64_t b = 0; b < src_[i].numel; b += kChunk) {
+        items_.push_back({i, b, std::min(src_[i].numel, b + kChunk)});
+      }
+    }
+  }
+
+  int64_t numel() const { return n_; }
+
+  // Deterministic strided sample of keys, sorted descending.
+  std::vector<uint32_t> sample_keys() const {
+    const int64_t S = std::min(n_, kSampleSize);
+    std::vector<uint32_t> keys(S);
+    int si = 0;
+    for (int64_t j = 0; j < S; ++j) {
+      const int64_t g = static_cast<int64_t>((static_cast<double>(j) + 0.5) * n_ / S);
+      while (g >= src_[si].offset + src_[si].numel) ++si;
+      const Source& s = src_[si];
+      with_delta(s, [&](auto* d) { keys[j] = key_of(value_at(d, s.residual, g - s.offset)); });
+    }
+    std::sort(keys.begin(), keys.end(), std::greater<uint32_t>());
+    return keys;
+  }
+
+  // Pass 1: read-only; candidates with key >= lo, count >= t, first non-finite per item.
+  std::vector<Candidates> collect(uint32_t lo, uint32_t t) const {
+    std::vector<Candidates> out(items_.size());
+    at::parallel_for(0, static_cast<int64_t>(items_.size()), 1, [&](int64_t b, int64_t e) {
+      for (int64_t it = b; it < e; ++it) {
+        const WorkItem& w = items_[it];
+        const Source& s = src_[w.src];
+        Candidates& c = out[it];
+        const int64_t cap = (w.end - w.begin) / 4 + 64;  // beyond this the sample misled us
+        with_delta(s, [&](auto* d) {
+          int64_t above_t = 0;
+          for (int64_t i = w.begin; i < w.end; ++i) {
+            const float v = value_at(d, s.residual, i);
+            const uint32_t key = key_of(v);
+            if (key >= lo) {
+              if (key >= kNonFiniteKey) {
+                if (c.nonfinite < 0) c.nonfinite = i;
+                continue;
+              }
+              above_t += key >= t;
+              if (static_cast<int64_t>(c.index.size()) < cap) {
+                c.index.push_back(s.offset + i);
+                c.value.push_back(v);
+              } else {
+                c.overflow = true;
+              }
+            }
+          }
+          c.above_t = above_t;
+        });
+      }
+    });
+    return out;
+  }
+
+  // Raises (naming the source) if any item saw a non-finite value; called before any write.
+  void check_finite(const std::vector<Candidates>& cands) const {
+    for (size_t it = 0; it < cands.size(); ++it) {
+      if (cands[it].nonfinite >= 0) raise_nonfinite(items_[it].src, cands[it].nonfinite);
+    }
+  }
+
+  void raise_nonfinite(int si, int64_t local) const {
+    const Source& s = src_[si];
+    bool delta_bad = false;
+    with_delta(s, [&](auto* d) { delta_bad = !std::isfinite(static_cast<float>(d[local])); });
+    // The message format "<delta|residual>[i]" is rewritten to the tensor's name in Python.
+    TORCH_CHECK_VALUE(false, "topk_sparsify: non-finite value in ", delta_bad ? "delta" : "residual", "[", si,
+                      "] at flat position ", local);
+  }
+
+  // Exact radix select over all keys (fallback); returns (threshold key, count of keys above it).
+  std::pair<uint32_t, int64_t> radix_threshold(int64_t k) const {
+    uint32_t prefix = 0;
+    int64_t above = 0;  // keys strictly greater than the current prefix range
+    const int shifts[3] = {20, 8, 0};
+    const int widths[3] = {11, 12, 8};
+    uint32_t prefix_mask = 0;
+    for (int level = 0; level < 3; ++level) {
+      const int shift = shifts[level];
+      const int64_t bins = int64_t{1} << widths[level];
+      const uint32_t bin_mask = static_cast<uint32_t>(bins - 1);
+      const int nthreads = at::get_num_threads();
+      std::vector<std::vector<int64_t>> hist(nthreads, std::vector<int64_t>(bins, 0));
+      at::parallel_for(0, static_cast<int64_t>(items_.size()), 1, [&](int64_t b, int64_t e) {
+        auto& h = hist[at::get_thread_num()];
+        for (int64_t it = b; it < e; ++it) {
+          const WorkItem& w = items_[it];
+          const Source& s = src_[w.src];
+          with_delta(s, [&](auto* d) {
+            for (int64_t i = w.begin; i < w.end; ++i) {
+              const uint32_t key = key_of(value_at(d, s.residual, i));
+              if ((key & prefix_mask) == prefix) ++h[(key >> shift) & bin_mask];
+            }
+          });
+        }
+      });
+      std::vector<int64_t> total(bins, 0);
+      for (const auto& h : hist)
+        for (int64_t i = 0; i < bins; ++i) total[i] += h[i];
+      int64_t bin = bins - 1;
+      for (; bin > 0; --bin) {
+        if (above + total[bin] >= k) break;
+        above += total[bin];
+      }
+      prefix |= static_cast<uint32_t>(bin) << shift;
+      prefix_mask |= bin_mask << shift;
+    }
+    return {prefix, above};
+  }
+
+  // Fallback compaction: keys > T and the first `quota` keys == T in flat order.
+  void compact(uint32_t T, int64_t quota, std::vector<int64_t>& idx, std::vector<float>& val) const {
+    const int64_t ni = static_cast<int64_t>(items_.size());
+    std::vector<int64_t> gt(ni, 0), eq(ni, 0);
+    at::parallel_for(0, ni, 1, [&](int64_t b, int64_t e) {
+      for (int64_t it = b; it < e; ++it) {
+        const WorkItem& w = items_[it];
+        const Source& s = src_[w.src];
+        with_delta(s, [&](auto* d) {
+          for (int64_t i = w.begin; i < w.end; ++i) {
+            const uint32_t key = key_of(value_at(d, s.residual, i));
+            gt[it] += key > T;
+            eq[it] += key == T;
+          }
+        });
+      }
+    });
+    std::vector<int64_t> pos(ni + 1, 0), take_eq(ni, 0);
+    for (int64_t it = 0; it < ni; ++it) {
+      take_eq[it] = std::min(eq[it], quota);
+      quota -= take_eq[it];
+      pos[it + 1] = pos[it] + gt[it] + take_eq[it];
+    }
+    idx.resize(pos[ni]);
+    val.resize(pos[ni]);
+    at::parallel_for(0, ni, 1, [&](int64_t b, int64_t e) {
+      for (int64_t it = b; it < e; ++it) {
+        const WorkItem& w = items_[it];
+        const Source& s = src_[w.src];
+        int64_t p = pos[it], left = take_eq[it];
+        with_delta(s, [&](auto* d) {
+          for (int64_t i = w.begin; i < w.end; ++i) {
+            const float v = value_at(d, s.residual, i);
+            const uint32_t key = key_of(v);
+            if (key > T || (key == T && left > 0)) {
+              left -= key == T;
+              idx[p] = s.offset + i;
+              val[p] = v;
+              ++p;
+            }
+          }
+        });
+      }
+    });
+  }
+
+  // Final pass: residual = v everywhere, then residual = v - sent at kept entries.
+  void update_residuals(const std::vector<int64_t>& idx, const std::vector<float>& sent_f32) const {
+    if (src_.empty() || src_[0].residual == nullptr) return;
+    at::parallel_for(0, static_cast<int64_t>(items_.size()), 1, [&](int64_t b, int64_t e) {
+      for (int64_t it = b; it < e; ++it) {
+        const WorkItem& w = items_[it];
+        const Source& s = src_[w.src];
+        float* r = s.residual;
+        with_delta(s, [&](auto* d) {
+          for (int64_t i = w.begin; i < w.end; ++i) r[i] = static_cast<float>(d[i]) + r[i];
+        });
+        const int64_t g0 = s.offset + w.begin, g1 = s.offset + w.end;
+        auto lo = std::lower_bound(idx.begin(), idx.end(), g0);
+        auto hi = std::lower_bound(lo, idx.end(), g1);
+        for (auto p = lo; p != hi; ++p) {
+          const int64_t j = p - idx.begin();
+          r[*p - s.offset] -= sent_f32[j];
+        }
+      }
+    });
+  }
+
+  const std::vector<WorkItem>& items() const { return items_; }
+
+ private:
+  std::vector<Source> src_;
+  std::vector<WorkItem> items_;
+  int64_t n_ = 0;
+};
+
+// Selects among ordered candidates: keys > T, then ties up to the quota, in flat order.
+void select_from_candidates(const std::vector<Candidates>& cands, int64_t k, bool keep_all_ties, uint32_t T,
+                            std::vector<int64_t>& idx, std::vector<float>& val) {
+  int64_t gt = 0;
+  for (const auto& c : cands)
+    for (float v : c.value) gt += key_of(v) > T;
+  int64_t quota = keep_all_ties ? std::numeric_limits<int64_t>::max() : k - gt;
+  idx.clear();
+  val.clear();
+  idx.reserve(k);
+  val.reserve(k);
+  for (const auto& c : cands) {
+    for (size_t j = 0; j < c.value.size(); ++j) {
+      const uint32_t key = key_of(c.value[j]);
+      if (key > T || (key == T && quota > 0)) {
+        quota -= key == T;
+        idx.push_back(c.index[j]);
+        val.push_back(c.value[j]);
+      }
+    }
+  }
+}
+
+std::tuple<Tensor, Tensor> topk_sparsify_cpu(at::TensorList deltas, at::TensorList residuals, int64_t k,
+                                             bool approx, at::ScalarType value_dtype) {
+  TORCH_CHECK_VALUE(residuals.empty() || residuals.size() == deltas.size(),
+                    "topk_sparsify: residuals must be empty or match deltas one to one");
+  TORCH_CHECK_VALUE(k >= 0, "topk_sparsify: k must be >= 0, got ", k);
+  TORCH_CHECK_TYPE(value_dtype == at::kFloat || value_dtype == at::kHalf || value_dtype == at::kBFloat16,
+                   "topk_sparsify: value_dtype must be float32, float16 or bfloat16, got ", value_dtype);
+  std::vector<Tensor> keep_alive;
+  std::vector<Source> sources;
+  int64_t offset = 0;
+  for (size_t i = 0; i < deltas.size(); ++i) {
+    Tensor d = deltas[i].contiguous();
+    keep_alive.push_back(d);
+    float* r = nullptr;
+    if (!residuals.empty()) {
+      const Tensor& res = residuals[i];
+      TORCH_CHECK_TYPE(res.scalar_type() == at::kFloat, "topk_sparsify: residual[", i, "] must be float32, got ",
+                       res.scalar_type());
+      TORCH_CHECK_VALUE(res.numel() == d.numel(), "topk_sparsify: residual[", i, "] has ", res.numel(),
+                        " elements but delta[", i, "] has ", d.numel());
+      TORCH_CHECK_VALUE(res.is_contiguous(), "topk_sparsify: residual[", i, "] must be contiguous (updated in place)");
+      r = res.data_ptr<float>();
+    }
+    sources.push_back({d.const_data_ptr(), d.scalar_type(), r, d.numel(), offset});
+    offset += d.numel();
+  }
+  Sparsifier sp(sources);
+  const int64_t n = sp.numel();
+  k = std::min(k, n);
+
+  std::vector<int64_t> idx;
+  std::vector<float> val;
+  if (k == 0 || k == n) {
+    // Nothing to select; every value is still checked before anything is written.
+    sp.check_finite(sp.collect(kNonFiniteKey, kNonFiniteKey));
+    if (k == n) sp.compact(0, n, idx, val);
+  } else {
+    const std::vector<uint32_t> sample = sp.sample_keys();
+    const double S = static_cast<double>(sample.size());
+    const double q = static_cast<double>(k) / n;
+    const double mean = q * S;
+    const double rank_lo = mean + 6.0 * std::sqrt(mean * (1.0 - q)) + 16.0;
+    const int64_t rank_t = std::min<int64_t>(static_cast<int64_t>(mean), sample.size() - 1);
+    bool done = false;
+    // Candidates are worth it only while they stay a small fraction of the data.
+    if (rank_lo < S * 0.2) {
+      // Clamped so that non-finite keys are always collected (and reported).
+      const uint32_t lo = std::min(sample[static_cast<int64_t>(rank_lo)], kNonFiniteKey);
+      const uint32_t t = std::min(sample[rank_t], kNonFiniteKey);
+      auto cands = sp.collect(lo, t);
+      sp.check_finite(cands);
+      int64_t total = 0, above_t = 0;
+      bool overflow = false;
+      for (const auto& c : cands) {
+        total += c.value.size();
+        above_t += c.above_t;
+        overflow |= c.overflow;
+      }
+      if (!overflow && total >= k) {
+        if (approx && above_t >= static_cast<int64_t>(0.95 * k) && above_t <= static_cast<int64_t>(1.05 * k) + 1) {
+          // Keep every key >= t (written as key > t - 1 with all ties kept).
+          select_from_candidates(cands, k, /*keep_all_ties=*/true, t == 0 ? 0 : t - 1, idx, val);
+        } else {
+          std::vector<uint32_t> keys;
+          keys.reserve(total);
+          for (const auto& c : cands)
+            for (float v : c.value) keys.push_back(key_of(v));
+          std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end(), std::greater<uint32_t>());
+          select_from_candidates(cands, k, false, keys[k - 1], idx, val);
+        }
+        done = true;
+      }
+    } else {
+      auto cands = sp.collect(kNonFiniteKey, kNonFiniteKey);  // finiteness check only
+      sp.check_finite(cands);
+    }
+    if (!done) {
+      auto [T, above] = sp.radix_threshold(k);
+      sp.compact(T, k - above, idx, val);
+    }
+  }
+
+  // Round the kept values to the travel dtype first, so the rounding error stays in the residual.
+  const int64_t nnz = static_cast<int64_t>(idx.size());
+  Tensor indices = at::empty({nnz}, at::TensorOptions().dtype(at::kLong));
+  Tensor values = at::empty({nnz}, at::TensorOptions().dtype(value_dtype));
+  std::memcpy(indices.data_ptr<int64_t>(), idx.data(), nnz * sizeof(int64_t));
+  std::vector<float> sent(nnz);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value_dtype, "topk_sparsify_values", [&] {
+    scalar_t* out = values.data_ptr<scalar_t>();
+    for (int64_t j = 0; j < nnz; ++j) {
+      out[j] = static_cast<scalar_t>(val[j]);
+      sent[j] = static_cast<float>(out[j]);
+    }
+  });
+  sp.update_residuals(idx, sent);
+  return {indices, values};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastlora, CPU, m) {
+  m.impl("topk_sparsify", &topk_sparsify_cpu);
+}
+
+}  // namespace fastlora

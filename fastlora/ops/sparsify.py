@@ -1,0 +1,164 @@
+"""Top-k delta sparsification with error feedback.
+
+Op (schema in csrc/sparsify.cpp): ``fastlora::topk_sparsify(Tensor[] deltas, Tensor(a!)[]
+residuals, int k, bool approx, ScalarType value_dtype) -> (indices, values)``.
+Dispatch: CPU -> C++ (csrc/cpu/sparsify_cpu.cpp); CUDA -> Triton (kernels/sparsify.py);
+anything else -> fastlora.reference.topk_sparsify. No autograd: updates are data, not
+activations (inputs may be Parameters; the result never carries history).
+"""
+from __future__ import annotations
+
+import re
+from typing import Dict, Mapping, Optional, Union
+
+import torch
+
+from fastlora import _library  # noqa: F401  (registers the C++ schemas and CPU kernels)
+from fastlora import reference
+from fastlora.sparse_delta import Layout, SparseDelta
+
+_OP = "fastlora::topk_sparsify"
+VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DELTA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+Delta = Union[torch.Tensor, Mapping[str, torch.Tensor]]
+
+
+def k_from_density(density: float, numel: int) -> int:
+    """k = floor(density * numel + 0.5): the documented rounding of a density to a count."""
+    if isinstance(density, bool) or not isinstance(density, (int, float)):
+        raise TypeError(f"density must be a number, got {type(density).__name__}")
+    if not (0.0 <= float(density) <= 1.0):
+        raise ValueError(f"density must be in [0, 1], got {density}")
+    return int(float(density) * numel + 0.5)
+
+
+def new_residual(delta: Delta) -> Delta:
+    """Zero float32 error-feedback state shaped like ``delta`` (a tensor or a dict)."""
+    if isinstance(delta, torch.Tensor):
+        return torch.zeros(delta.shape, dtype=torch.float32, device=delta.device)
+    return {name: torch.zeros(t.shape, dtype=torch.float32, device=t.device) for name, t in delta.items()}
+
+
+def topk_sparsify(delta: Delta, *, k: Optional[int] = None, density: Optional[float] = None,
+                  residual: Optional[Delta] = None, approx: bool = False,
+                  value_dtype: torch.dtype = torch.float32) -> SparseDelta:
+    """Keep the k largest-magnitude entries of ``delta + residual``; the rest goes into the
+    residual (error feedback), which is updated in place.
+
+    Args:
+        delta: a tensor, or a dict name -> tensor (e.g. a LoRA state dict). For a dict the
+            top-k is global over all entries (one budget for the whole adapter); the flat
+            order is the dict's insertion order, each tensor row-major.
+        k / density: exactly one. ``k = floor(density * numel + 0.5)``. ``k = 0`` keeps
+            nothing, ``k >= numel`` keeps everything.
+        residual: float32 error-feedback state with the same keys and shapes (see
+            ``new_residual``), updated in place so that, bitwise in float32,
+            ``result.to_dense(torch.float32) + residual_new == delta + residual_old``.
+        approx: DGC-style sampled threshold: one pass and no selection when the sampled
+            threshold keeps within +-5% of k entries (``result.nnz`` reports the count);
+            otherwise it falls back to the exact selection.
+        value_dtype: dtype the values travel in (float32, float16, bfloat16). Kept values are
+            rounded to it *before* the residual is updated, so the rounding error stays in
+            the residual and the encoder can send them exactly.
+
+    Exact mode: exactly min(k, numel) entries, every kept |v| >= every dropped |v|, ties to the
+    lowest flat index, identical whatever the thread count. NaN/Inf in delta or residual raise
+    ValueError naming the tensor, before anything is modified.
+    """
+    layout = Layout.of(delta)
+    names = layout.names
+    tensors = [delta] if isinstance(delta, torch.Tensor) else [delta[n] for n in names]
+    for name, t in zip(names, tensors):
+        if t.dtype not in _DELTA_DTYPES:
+            raise TypeError(f"topk_sparsify: {_label('delta', name, layout)} has dtype {t.dtype}; "
+                            "expected a floating-point tensor")
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"topk_sparsify: all delta tensors must be on one device, got {sorted(map(str, devices))}")
+
+    if (k is None) == (density is None):
+        raise ValueError("topk_sparsify: give exactly one of k or density")
+    if density is not None:
+        k = k_from_density(density, layout.numel)
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"topk_sparsify: k must be an int, got {type(k).__name__}")
+    if k < 0:
+        raise ValueError(f"topk_sparsify: k must be >= 0, got {k}")
+    if value_dtype not in VALUE_DTYPES:
+        raise TypeError(f"topk_sparsify: value_dtype must be one of {VALUE_DTYPES}, got {value_dtype}")
+
+    residuals = _check_residual(residual, layout, tensors)
+    with torch.no_grad():
+        deltas = [t.detach() for t in tensors]
+        try:
+            indices, values = torch.ops.fastlora.topk_sparsify(deltas, residuals, min(k, layout.numel),
+                                                               bool(approx), value_dtype)
+        except ValueError as e:
+            raise ValueError(_rename(str(e), names, layout)) from None
+    return SparseDelta(indices, values, layout, validate=False)
+
+
+def _label(kind: str, name: str, layout: Layout) -> str:
+    return kind if not layout.is_dict else f"{kind}[{name!r}]"
+
+
+def _rename(msg: str, names, layout: Layout) -> str:
+    # The kernels name tensors by position ("delta[3]"); users know them by key.
+    m = re.search(r"(delta|residual)\[(\d+)\]", msg)
+    if m and int(m.group(2)) < len(names):
+        msg = msg.replace(m.group(0), _label(m.group(1), names[int(m.group(2))], layout))
+    return msg.split("\n")[0]
+
+
+def _check_residual(residual, layout: Layout, tensors):
+    if residual is None:
+        return []
+    if isinstance(residual, torch.Tensor) != (not layout.is_dict):
+        raise TypeError("topk_sparsify: residual must be of the same kind as delta (tensor or dict)")
+    if layout.is_dict:
+        if list(residual.keys()) != list(layout.names):
+            if set(residual.keys()) != set(layout.names):
+                missing = set(layout.names) - set(residual.keys())
+                extra = set(residual.keys()) - set(layout.names)
+                raise ValueError(f"topk_sparsify: residual keys differ from delta's "
+                                 f"(missing {sorted(missing)}, extra {sorted(extra)})")
+        res = [residual[n] for n in layout.names]
+    else:
+        res = [residual]
+    for name, r, d in zip(layout.names, res, tensors):
+        label = _label("residual", name, layout)
+        if not isinstance(r, torch.Tensor):
+            raise TypeError(f"topk_sparsify: {label} is not a tensor")
+        if r.dtype != torch.float32:
+            raise TypeError(f"topk_sparsify: {label} must be float32, got {r.dtype}")
+        if r.shape != d.shape:
+            raise ValueError(f"topk_sparsify: {label} has shape {tuple(r.shape)}, delta has {tuple(d.shape)}")
+        if r.device != d.device:
+            raise ValueError(f"topk_sparsify: {label} is on {r.device}, delta on {d.device}")
+        if not r.is_contiguous():
+            raise ValueError(f"topk_sparsify: {label} must be contiguous (it is updated in place)")
+        if r.requires_grad:
+            raise ValueError(f"topk_sparsify: {label} must not require grad (it is state, updated in place)")
+    return res
+
+
+# --- fake: exact mode has k outputs; approximate mode a data-dependent count -----------------
+
+@torch.library.register_fake(_OP)
+def _fake(deltas, residuals, k, approx, value_dtype):
+    n = sum(d.numel() for d in deltas)
+    size = torch.library.get_ctx().new_dynamic_size() if approx else min(k, n)
+    device = deltas[0].device if deltas else torch.device("cpu")
+    return (torch.empty(size, dtype=torch.int64, device=device),
+            torch.empty(size, dtype=value_dtype, device=device))
+
+
+def _reference_kernel(deltas, residuals, k, approx, value_dtype):
+    idx, values, new_res = reference.topk_sparsify(deltas, residuals, k, approx, value_dtype)
+    for r, nr in zip(residuals, new_res):
+        r.copy_(nr)
+    return idx.to(deltas[0].device if deltas else "cpu"), values
+
+
+torch.library.impl(_OP, "default", _reference_kernel)
