@@ -34,7 +34,9 @@ def cpp_sources():
 debug = os.environ.get("FASTLORA_DEBUG", "0") == "1"
 # -fopenmp in both compile and link flags: without it at::parallel_for runs on one thread.
 compile_args = ["-O0", "-g"] if debug else ["-O3"]
-compile_args += ["-fopenmp", "-DPy_LIMITED_API=0x03090000"]
+# -ffp-contract=off: no silent FMA contraction, so the kernels round exactly like the
+# reference (bitwise-reproducible sums in aggregation, mass conservation in sparsify).
+compile_args += ["-fopenmp", "-ffp-contract=off", "-DPy_LIMITED_API=0x03090000"]
 
 setup(
     name="fastlora",

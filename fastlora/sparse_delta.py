@@ -159,15 +159,25 @@ class SparseDelta:
     length; their dtype is the travel dtype, e.g. float32 or float16) and the ``layout`` that
     ``to_dense`` rebuilds. Tensors live on one device (the CPU after decoding)."""
 
-    __slots__ = ("indices", "values", "layout")
+    __slots__ = ("indices", "values", "layout", "validated")
 
     def __init__(self, indices: torch.Tensor, values: torch.Tensor, layout: Layout, *,
                  validate: bool = True):
         self.indices = indices
         self.values = values
         self.layout = layout
+        # True once the invariants are known to hold (checked here, or produced by a fastlora
+        # kernel that guarantees them); consumers may then skip re-checking.
+        self.validated = False
         if validate:
             self.validate()
+
+    @classmethod
+    def _trusted(cls, indices: torch.Tensor, values: torch.Tensor, layout: Layout) -> "SparseDelta":
+        """For fastlora's own producers, whose outputs satisfy the invariants by construction."""
+        sd = cls(indices, values, layout, validate=False)
+        sd.validated = True
+        return sd
 
     @property
     def numel(self) -> int:
@@ -205,6 +215,7 @@ class SparseDelta:
                 pos = int((~torch.isfinite(val)).nonzero()[0])
                 name = self.layout.tensor_of(int(idx[pos]))
                 raise ValueError(f"SparseDelta has a non-finite value in {self.layout.describe(name)}")
+        self.validated = check_values
         return self
 
     def to_dense(self, dtype: Optional[torch.dtype] = None, device=None):

@@ -2,6 +2,7 @@
 its fake (meta) implementation, its autograd formula and its per-device dispatch (C++ on CPU,
 Triton/CUDA on GPU, the pure-PyTorch reference anywhere else)."""
 from fastlora.ops.lora import lora_linear
+from fastlora.ops.aggregate import sparse_aggregate
 from fastlora.ops.sparsify import new_residual, topk_sparsify
 
-__all__ = ["lora_linear", "new_residual", "topk_sparsify"]
+__all__ = ["lora_linear", "new_residual", "sparse_aggregate", "topk_sparsify"]

@@ -1,0 +1,185 @@
+"""Sparse aggregation of many clients' sparse updates (the server's hot loop).
+
+Op (schema in csrc/aggregate.cpp): ``fastlora::sparse_aggregate_(Tensor(a!)[] out, Tensor[]
+indices, Tensor[] values, Tensor weights) -> ()``. Dispatch: CPU -> C++
+(csrc/cpu/aggregate_cpu.cpp); CUDA -> Triton (kernels/aggregate.py); anything else ->
+fastlora.reference.sparse_aggregate_.
+
+Summation order (documented, bitwise reproducible): every output element starts from ``out``
+(or zero) and receives ``float32(weight_i) * float32(value_i)`` from each client i in list
+order, each product and each sum rounded in float32. Folding clients one call at a time into
+a float32 ``out`` therefore gives the same bits as one call over all of them.
+"""
+from __future__ import annotations
+
+from typing import List, Mapping, Optional, Sequence, Union
+
+import torch
+
+from fastlora import _library  # noqa: F401  (registers the C++ schemas and CPU kernels)
+from fastlora import reference
+from fastlora.sparse_delta import Layout, SparseDelta
+
+_OP = "fastlora::sparse_aggregate_"
+# Payloads are decoded this many at a time: bounds memory to a group of decoded updates while
+# the kernel still sees many clients per pass over the output (cache-friendly).
+DECODE_GROUP = 16
+
+Dense = Union[torch.Tensor, Mapping[str, torch.Tensor]]
+
+
+def sparse_aggregate(deltas: Sequence[Union[SparseDelta, bytes, bytearray, memoryview]],
+                     weights=None, *, out: Optional[Dense] = None, layout: Optional[Layout] = None,
+                     sparse: Optional[str] = None, k: Optional[int] = None,
+                     density: Optional[float] = None, value_dtype: torch.dtype = torch.float32,
+                     max_numel: Optional[int] = None):
+    """Weighted sum of clients' sparse updates: ``sum_i weights[i] * dense(deltas[i])``.
+
+    Args:
+        deltas: SparseDelta objects or encoded payloads (``fastlora.codec``), all of one
+            layout. Payloads are decoded on the fly, a group at a time, never all at once.
+        weights: one per client, used as given (NOT normalised: for FedAvg pass
+            ``n_i / sum(n)``); a list or a tensor. Default: ``1 / N`` each.
+        out: optional tensor / dict in the layout's shapes to **add** into in place (e.g. the
+            global adapter). With a float32 ``out`` a server can fold clients in one by one
+            as payloads arrive and get the bits of one call over all of them (same order).
+            A non-float32 ``out`` is accumulated in float32 and rounded once per call.
+        layout: the expected layout; required to decode fingerprint-only payloads, otherwise
+            taken from the first delta. Every delta must match it.
+        sparse: None (dense result), ``"topk"`` (the top-k of the aggregate, with ``k`` or
+            ``density``) or ``"union"`` (the aggregate on the union of the clients' supports),
+            returned as a SparseDelta with values in ``value_dtype`` (FLASC's sparse download).
+        max_numel: passed to ``fastlora.codec.decode`` for payloads.
+
+    Returns ``out`` (updated), or a new dense tensor / dict in the layout's dtypes, or a
+    SparseDelta in sparse mode. Bad input (different layouts, unsorted or out-of-range
+    indices, NaN/Inf values, wrong number of weights) raises ValueError naming the client
+    index, before ``out`` is modified.
+    """
+    deltas = list(deltas)
+    n = len(deltas)
+    if weights is None:
+        w = torch.full((n,), 1.0 / n if n else 0.0, dtype=torch.float32)
+    else:
+        w = torch.as_tensor(weights, dtype=torch.float32).detach().cpu().reshape(-1)
+        if w.numel() != n:
+            raise ValueError(f"sparse_aggregate: {w.numel()} weights for {n} clients")
+        bad = (~torch.isfinite(w)).nonzero()
+        if bad.numel():
+            raise ValueError(f"sparse_aggregate: client {int(bad[0])}: weight is not finite")
+    if sparse not in (None, "topk", "union"):
+        raise ValueError(f"sparse_aggregate: sparse must be None, 'topk' or 'union', got {sparse!r}")
+    if sparse != "topk" and (k is not None or density is not None):
+        raise ValueError("sparse_aggregate: k / density only apply with sparse='topk'")
+
+    if layout is None:
+        layout = _first_layout(deltas, max_numel)
+    if layout is None:
+        raise ValueError("sparse_aggregate: no deltas and no layout given")
+
+    if out is not None:
+        target = _as_list(out, layout, "out")
+    else:
+        target = None
+    device = target[0].device if target else _device_of(deltas)
+    acc = [t if t.dtype == torch.float32 and t.is_contiguous() else t.detach().to(torch.float32).contiguous()
+           for t in target] if target else [torch.zeros(s.shape, dtype=torch.float32, device=device)
+                                            for s in layout.specs]
+    union: List[torch.Tensor] = []
+    for start in range(0, n, DECODE_GROUP):
+        group = [_materialise(d, layout, start + j, max_numel) for j, d in enumerate(deltas[start:start + DECODE_GROUP])]
+        with torch.no_grad():
+            # Updates already validated (decoded, sparsified, or checked at construction) skip
+            # the kernel's validation pass, a full extra read of every client's entries.
+            checked = all(g.validated for g in group)
+            torch.ops.fastlora.sparse_aggregate_(acc, [g.indices.to(device) for g in group],
+                                                 [g.values.to(device) for g in group], w[start:start + len(group)],
+                                                 not checked)
+        if sparse == "union":
+            union.extend(g.indices for g in group)
+
+    if target is not None:
+        with torch.no_grad():
+            for t, a in zip(target, acc):
+                if t is not a:
+                    t.copy_(a)
+        result_dense = out
+    else:
+        pieces = {s.name: a.to(s.dtype) if s.dtype != torch.float32 else a for s, a in zip(layout.specs, acc)}
+        result_dense = pieces if layout.is_dict else pieces[""]
+
+    if sparse is None:
+        return result_dense
+    flat = torch.cat([a.reshape(-1) for a in acc]) if acc else torch.zeros(0)
+    if sparse == "union":
+        idx = torch.unique(torch.cat(union).to(flat.device)) if union else torch.zeros(0, dtype=torch.int64)
+        return SparseDelta(idx, flat[idx].to(value_dtype), layout)
+    from fastlora.ops.sparsify import topk_sparsify
+
+    sd = topk_sparsify(flat, k=k, density=density, value_dtype=value_dtype)
+    return SparseDelta._trusted(sd.indices, sd.values, layout)
+
+
+def _first_layout(deltas, max_numel):
+    for d in deltas:
+        if isinstance(d, SparseDelta):
+            return d.layout
+        from fastlora import codec
+
+        try:
+            return codec.decode(d, **_max(max_numel)).layout
+        except codec.DecodeError:
+            return None  # fingerprint-only payload: the caller must pass layout
+    return None
+
+
+def _max(max_numel):
+    return {} if max_numel is None else {"max_numel": max_numel}
+
+
+def _materialise(d, layout: Layout, client: int, max_numel) -> SparseDelta:
+    if isinstance(d, SparseDelta):
+        if d.layout != layout:
+            raise ValueError(f"sparse_aggregate: client {client}: layout {d.layout!r} differs from {layout!r}")
+        return d
+    if isinstance(d, (bytes, bytearray, memoryview)):
+        from fastlora import codec
+
+        try:
+            return codec.decode(d, layout=layout, **_max(max_numel))
+        except codec.DecodeError as e:
+            raise ValueError(f"sparse_aggregate: client {client}: cannot decode payload: {e}") from None
+    raise TypeError(f"sparse_aggregate: client {client}: expected a SparseDelta or bytes, got {type(d).__name__}")
+
+
+def _device_of(deltas):
+    for d in deltas:
+        if isinstance(d, SparseDelta):
+            return d.values.device
+    return torch.device("cpu")
+
+
+def _as_list(out, layout: Layout, what: str) -> List[torch.Tensor]:
+    if layout.is_dict:
+        if not isinstance(out, Mapping) or list(out.keys()) != list(layout.names):
+            raise ValueError(f"sparse_aggregate: {what} must be a dict with the layout's keys in order {list(layout.names)}")
+        ts = [out[n] for n in layout.names]
+    else:
+        if not isinstance(out, torch.Tensor):
+            raise ValueError(f"sparse_aggregate: {what} must be a tensor for a single-tensor layout")
+        ts = [out]
+    for s, t in zip(layout.specs, ts):
+        if tuple(t.shape) != s.shape:
+            raise ValueError(f"sparse_aggregate: {what} {layout.describe(s.name)} has shape {tuple(t.shape)}, "
+                             f"layout says {s.shape}")
+        if not t.is_floating_point():
+            raise TypeError(f"sparse_aggregate: {what} {layout.describe(s.name)} must be floating point")
+    return ts
+
+
+@torch.library.register_fake(_OP)
+def _fake(out, indices, values, weights, validate=True):
+    return None
+
+
+torch.library.impl(_OP, "default", reference.sparse_aggregate_)

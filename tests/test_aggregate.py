@@ -1,0 +1,209 @@
+"""fastlora.sparse_aggregate (C++ CPU kernel) against densify-and-sum in float64 and against
+fastlora.reference.sparse_aggregate_ (bitwise)."""
+import pytest
+import torch
+
+import fastlora
+from fastlora import reference as ref
+from fastlora.sparse_delta import Layout, SparseDelta
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def random_delta(layout, nnz, dtype=torch.float32, gen=None, support=None):
+    n = layout.numel
+    idx = support if support is not None else torch.randperm(n, generator=gen)[:nnz]
+    idx = torch.sort(idx).values
+    return SparseDelta(idx, torch.randn(idx.numel(), generator=gen).to(dtype), layout)
+
+
+def dense64(sd):
+    out = torch.zeros(sd.numel, dtype=torch.float64)
+    out[sd.indices] = sd.values.double()
+    return out
+
+
+def flat(x):
+    if isinstance(x, dict):
+        return torch.cat([v.reshape(-1) for v in x.values()])
+    return x.reshape(-1)
+
+
+@pytest.mark.parametrize("n_clients", [1, 2, 7, 64, 256])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_densify_and_sum(n_clients, dtype):
+    g = torch.Generator().manual_seed(n_clients)
+    layout = Layout.of({"a": torch.zeros(300, 7), "b": torch.zeros(1000), "c": torch.zeros(0), "d": torch.zeros(5)})
+    deltas = []
+    for i in range(n_clients):
+        kind = i % 4
+        if kind == 0:
+            deltas.append(random_delta(layout, 0, dtype, g))                      # empty client
+        elif kind == 1:
+            deltas.append(random_delta(layout, layout.numel, dtype, g))           # full density
+        else:
+            deltas.append(random_delta(layout, 50 + 17 * i, dtype, g))            # overlapping supports
+    w = torch.rand(n_clients, generator=g)
+    out = fastlora.sparse_aggregate(deltas, w)
+    assert list(out) == ["a", "b", "c", "d"] and out["a"].shape == (300, 7)
+    truth = sum(w[i].double() * dense64(d) for i, d in enumerate(deltas))
+    # bitwise equal to the reference's documented float32 order
+    acc = [torch.zeros(s.shape) for s in layout.specs]
+    ref.sparse_aggregate_(acc, [d.indices for d in deltas], [d.values for d in deltas], w)
+    assert torch.equal(flat(out), torch.cat([a.reshape(-1) for a in acc]))
+    # and close to the float64 truth: float32 accumulation error bound n * eps * sum |terms|
+    bound = n_clients * torch.finfo(torch.float32).eps * sum(w[i].double() * dense64(d).abs() for i, d in enumerate(deltas))
+    assert bool(((flat(out).double() - truth).abs() <= bound + 1e-30).all())
+
+
+def test_disjoint_supports_are_exact():
+    layout = Layout.of(torch.zeros(10_000))
+    perm = torch.randperm(10_000)
+    deltas = [SparseDelta(torch.sort(perm[i * 1000:(i + 1) * 1000]).values, torch.randn(1000), layout) for i in range(10)]
+    out = fastlora.sparse_aggregate(deltas, [1.0] * 10)
+    assert torch.equal(out, sum(d.to_dense() for d in deltas))
+
+
+def test_default_weights_are_mean():
+    layout = Layout.of(torch.zeros(100))
+    deltas = [SparseDelta(torch.arange(100), torch.full((100,), float(i)), layout) for i in range(4)]
+    assert torch.allclose(fastlora.sparse_aggregate(deltas), torch.full((100,), 1.5))
+
+
+def test_streaming_into_fp32_out_is_bitwise_one_call():
+    layout = Layout.of({"x": torch.zeros(5000), "y": torch.zeros(30, 30)})
+    deltas = [random_delta(layout, 700) for _ in range(20)]
+    w = torch.rand(20)
+    base = {"x": torch.randn(5000), "y": torch.randn(30, 30)}
+    one = {k: v.clone() for k, v in base.items()}
+    fastlora.sparse_aggregate(deltas, w, out=one)
+    streamed = {k: v.clone() for k, v in base.items()}
+    for d, wi in zip(deltas, w):
+        fastlora.sparse_aggregate([d], [wi], out=streamed)
+    chunks = {k: v.clone() for k, v in base.items()}
+    for s in range(0, 20, 6):
+        fastlora.sparse_aggregate(deltas[s:s + 6], w[s:s + 6], out=chunks)
+    for k in base:
+        assert torch.equal(one[k], streamed[k]) and torch.equal(one[k], chunks[k])
+
+
+def test_payloads_decoded_on_the_fly():
+    codec = pytest.importorskip("fastlora.codec")
+    layout = Layout.of({"A": torch.zeros(16, 64), "B": torch.zeros(64, 16)})
+    deltas = [random_delta(layout, 100) for _ in range(40)]  # more than one decode group
+    payloads = [codec.encode(d, values="fp32", layout="fingerprint") for d in deltas]
+    w = torch.rand(40)
+    from_bytes = fastlora.sparse_aggregate(payloads, w, layout=layout)
+    direct = fastlora.sparse_aggregate(deltas, w)
+    for k in direct:
+        assert torch.equal(from_bytes[k], direct[k])
+    with pytest.raises(ValueError, match="client 3: cannot decode"):
+        fastlora.sparse_aggregate(payloads[:3] + [payloads[3][:-5]], layout=layout)
+
+
+def test_out_in_other_dtype_rounds_once():
+    layout = Layout.of(torch.zeros(1000, dtype=torch.bfloat16))
+    deltas = [random_delta(layout, 300, torch.bfloat16) for _ in range(8)]
+    out = torch.randn(1000).bfloat16()
+    expected = out.float().clone()
+    ref.sparse_aggregate_([expected], [d.indices for d in deltas], [d.values for d in deltas], torch.full((8,), 0.125))
+    fastlora.sparse_aggregate(deltas, out=out)
+    assert torch.equal(out, expected.bfloat16())
+    assert fastlora.sparse_aggregate(deltas).dtype == torch.bfloat16  # layout's dtype
+
+
+def test_thread_count_independent():
+    layout = Layout.of(torch.zeros(1 << 20))
+    deltas = [random_delta(layout, 20_000) for _ in range(16)]
+    w = torch.rand(16)
+    prev = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            outs.append(fastlora.sparse_aggregate(deltas, w))
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_sparse_download_modes():
+    layout = Layout.of({"a": torch.zeros(2000), "b": torch.zeros(40, 50)})
+    deltas = [random_delta(layout, 200) for _ in range(5)]
+    w = torch.rand(5)
+    dense = fastlora.sparse_aggregate(deltas, w)
+    union = fastlora.sparse_aggregate(deltas, w, sparse="union")
+    expected_support = torch.unique(torch.cat([d.indices for d in deltas]))
+    assert torch.equal(union.indices, expected_support)
+    for k in dense:
+        assert torch.equal(union.to_dense()[k], dense[k])
+    top = fastlora.sparse_aggregate(deltas, w, sparse="topk", k=100, value_dtype=torch.float16)
+    assert top.nnz == 100 and top.values.dtype == torch.float16 and top.layout == layout
+    flat_dense = flat(dense)
+    assert torch.equal(top.indices, fastlora.topk_sparsify(flat_dense, k=100).indices)
+
+
+class TestErrors:
+    def setup_method(self):
+        self.layout = Layout.of(torch.zeros(100))
+        self.good = SparseDelta(torch.tensor([1, 5, 9]), torch.tensor([1.0, 2.0, 3.0]), self.layout)
+
+    def bad(self, idx, val):
+        return SparseDelta(torch.tensor(idx), torch.tensor(val), self.layout, validate=False)
+
+    @pytest.mark.parametrize("idx, val, match", [
+        ([1, 200], [1.0, 2.0], "client 1: index 200 at position 1 is out of range"),
+        ([5, 3], [1.0, 2.0], "client 1: indices must be sorted"),
+        ([3, 3], [1.0, 2.0], "client 1: indices must be sorted ascending and unique"),
+        ([-1, 3], [1.0, 2.0], "client 1: index -1"),
+        ([1, 3], [1.0, float("nan")], "client 1: non-finite value"),
+        ([1, 3], [float("inf"), 1.0], "client 1: non-finite value"),
+    ])
+    def test_bad_client_names_index_and_leaves_out_untouched(self, idx, val, match):
+        out = torch.randn(100)
+        before = out.clone()
+        with pytest.raises(ValueError, match=match):
+            fastlora.sparse_aggregate([self.good, self.bad(idx, val)], out=out)
+        assert torch.equal(out, before)
+
+    def test_layout_mismatch(self):
+        other = SparseDelta(torch.tensor([1]), torch.tensor([1.0]), Layout.of(torch.zeros(101)))
+        with pytest.raises(ValueError, match="client 1: layout"):
+            fastlora.sparse_aggregate([self.good, other])
+
+    def test_weights(self):
+        with pytest.raises(ValueError, match="3 weights for 2 clients"):
+            fastlora.sparse_aggregate([self.good, self.good], [1, 2, 3])
+        with pytest.raises(ValueError, match="client 0: weight is not finite"):
+            fastlora.sparse_aggregate([self.good], [float("nan")])
+
+    def test_out_shape(self):
+        with pytest.raises(ValueError, match="has shape"):
+            fastlora.sparse_aggregate([self.good], out=torch.zeros(99))
+
+    def test_sparse_mode_args(self):
+        with pytest.raises(ValueError, match="sparse must be"):
+            fastlora.sparse_aggregate([self.good], sparse="dense")
+        with pytest.raises(ValueError, match="only apply"):
+            fastlora.sparse_aggregate([self.good], k=3)
+
+
+def test_opcheck():
+    out = [torch.randn(40), torch.randn(3, 4)]
+    idx = [torch.tensor([0, 5, 41, 51]), torch.tensor([], dtype=torch.int64), torch.arange(52)]
+    val = [torch.randn(4), torch.randn(0), torch.randn(52).half()]
+    torch.library.opcheck(torch.ops.fastlora.sparse_aggregate_.default, (out, idx, val, torch.rand(3), True))
+    torch.library.opcheck(torch.ops.fastlora.sparse_aggregate_.default, (out, idx, val, torch.rand(3), False))
+
+
+def test_torch_compile_fullgraph():
+    def server_step(acc, i0, v0, i1, v1, w):
+        torch.ops.fastlora.sparse_aggregate_([acc], [i0, i1], [v0, v1], w)
+        return acc * 0.5
+
+    acc1, acc2 = torch.randn(1000), None
+    acc2 = acc1.clone()
+    args = (torch.tensor([3, 10, 999]), torch.randn(3), torch.arange(0, 1000, 7), torch.randn(143), torch.rand(2))
+    r1 = torch.compile(server_step, fullgraph=True, backend="aot_eager")(acc1, *args)
+    r2 = server_step(acc2, *args)
+    assert torch.equal(r1, r2) and torch.equal(acc1, acc2)
