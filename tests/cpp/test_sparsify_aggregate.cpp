@@ -1,0 +1,65 @@
+// C++-level tests of fastlora::topk_sparsify and fastlora::sparse_aggregate_ through the
+// dispatcher (no Python involved).
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/Exception.h>
+
+#include <cstdio>
+#include <string>
+#include <vector>
+
+namespace {
+
+int failures = 0;
+
+void expect(bool cond, const std::string& what) {
+  std::printf("%s: %s\n", cond ? "ok  " : "FAIL", what.c_str());
+  if (!cond) ++failures;
+}
+
+using at::Tensor;
+
+}  // namespace
+
+int main() {
+  auto sparsify = c10::Dispatcher::singleton()
+                      .findSchemaOrThrow("fastlora::topk_sparsify", "")
+                      .typed<std::tuple<Tensor, Tensor>(at::TensorList, at::TensorList, int64_t, bool, at::ScalarType)>();
+  auto aggregate = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastlora::sparse_aggregate_", "")
+                       .typed<void(at::TensorList, at::TensorList, at::TensorList, const Tensor&, bool)>();
+  at::manual_seed(0);
+
+  // Two tensors laid end to end; global top-k with error feedback conserves mass exactly.
+  std::vector<Tensor> deltas = {at::randn({300, 7}), at::randn({1000})};
+  std::vector<Tensor> residuals = {at::randn({300, 7}) * 0.1, at::randn({1000}) * 0.1};
+  std::vector<Tensor> before = {residuals[0].clone(), residuals[1].clone()};
+  auto [idx, val] = sparsify.call(deltas, residuals, 123, false, at::kHalf);
+  expect(idx.numel() == 123 && val.scalar_type() == at::kHalf, "exactly k values in the travel dtype");
+  Tensor v = at::cat({(deltas[0] + before[0]).reshape(-1), (deltas[1] + before[1]).reshape(-1)});
+  Tensor dense = at::zeros({v.numel()});
+  dense.index_put_({idx}, val.to(at::kFloat));
+  Tensor res = at::cat({residuals[0].reshape(-1), residuals[1].reshape(-1)});
+  expect(at::equal(dense + res, v), "mass conservation: sent + residual_new == delta + residual_old (bitwise)");
+  Tensor kept = at::zeros({v.numel()}, at::kBool).index_fill_(0, idx, true);
+  expect(v.abs().masked_select(kept).min().item<float>() >= v.abs().masked_select(kept.logical_not()).max().item<float>(),
+         "every kept |v| >= every dropped |v|");
+  expect(at::equal(std::get<0>(idx.sort()), idx), "indices sorted ascending");
+
+  // Aggregation: two clients into a float32 output, then the error path leaves it untouched.
+  Tensor out = at::zeros({v.numel()});
+  Tensor w = at::tensor({0.25f, 0.75f});
+  aggregate.call({out}, {idx, idx}, {val, val}, w, true);
+  expect(at::allclose(out, dense), "0.25 x + 0.75 x == x");
+  Tensor snapshot = out.clone();
+  bool threw = false;
+  try {
+    aggregate.call({out}, {idx, at::tensor({5, 3}, at::kLong)}, {val, at::ones({2})}, w, true);
+  } catch (const c10::ValueError& e) {
+    threw = std::string(e.what()).find("client 1") != std::string::npos;
+  }
+  expect(threw && at::equal(out, snapshot), "unsorted client raises ValueError naming client 1, out untouched");
+
+  std::printf("%d failed\n", failures);
+  return failures == 0 ? 0 : 1;
+}
