@@ -108,19 +108,39 @@ void sparse_aggregate_cpu(at::TensorList out, at::TensorList indices, at::Tensor
         const int64_t j1 = std::lower_bound(idx + j0, idx + nnz, hi) - idx;
         if (j0 == j1) continue;
         const float wi = wp[i];
+        bool bad = false;
         with_values(val_c[i], [&](auto* v) {
-          auto piece = first;
-          for (int64_t j = j0; j < j1; ++j) {
-            const int64_t g = idx[j];
-            // Memory safety even for unvalidated input: binary search on unsorted indices
-            // can hand us an index outside this chunk.
-            TORCH_CHECK_VALUE(g >= lo && g < hi, "sparse_aggregate: client ", i, ": indices are unsorted or out of range");
-            while (g >= piece->offset + piece->numel) ++piece;
-            const float prod = wi * static_cast<float>(v[j]);
-            float& o = piece->data[g - piece->offset];
-            o = o + prod;
+          if (first->offset <= lo && hi <= first->offset + first->numel) {
+            // Common case: the chunk lies inside one output tensor.
+            float* o = first->data - first->offset + lo;  // o[g - lo] is element g
+            const uint64_t span = static_cast<uint64_t>(hi - lo);
+            for (int64_t j = j0; j < j1; ++j) {
+              // Memory safety even for unvalidated input: binary search on unsorted
+              // indices can hand us an index outside this chunk.
+              const uint64_t off = static_cast<uint64_t>(idx[j] - lo);
+              if (off >= span) {
+                bad = true;
+                break;
+              }
+              const float prod = wi * static_cast<float>(v[j]);
+              o[off] = o[off] + prod;
+            }
+          } else {
+            auto piece = first;
+            for (int64_t j = j0; j < j1; ++j) {
+              const int64_t g = idx[j];
+              if (g < lo || g >= hi) {
+                bad = true;
+                break;
+              }
+              while (g >= piece->offset + piece->numel) ++piece;
+              const float prod = wi * static_cast<float>(v[j]);
+              float& o = piece->data[g - piece->offset];
+              o = o + prod;
+            }
           }
         });
+        TORCH_CHECK_VALUE(!bad, "sparse_aggregate: client ", i, ": indices are unsorted or out of range");
       }
     }
   });

@@ -162,3 +162,12 @@ def _reference_kernel(deltas, residuals, k, approx, value_dtype):
 
 
 torch.library.impl(_OP, "default", _reference_kernel)
+
+
+def _cuda_kernel(deltas, residuals, k, approx, value_dtype):
+    from fastlora.kernels import sparsify as tks
+
+    return tks.topk_sparsify(deltas, residuals, k, approx, value_dtype)
+
+
+torch.library.register_kernel(_OP, "cuda", _cuda_kernel)
