@@ -3,8 +3,9 @@
 //
 // The flat output is cut into fixed chunks; each thread owns whole chunks and, for every
 // client in order, binary-searches that client's sorted indices for the chunk's range and
-// adds its entries. A chunk (256 KiB of float32) stays in L2 while all clients' entries for it
-// land, so the random scatter of N x nnz adds costs about one streaming pass over the output.
+// adds its entries. A chunk (512 KiB of float32, measured best among 64 KiB..1 MiB) stays in
+// L2 while all clients' entries for it land, so the random scatter of N x nnz adds costs
+// about one streaming pass over the output.
 // Each output element receives its clients' contributions in client order whatever the
 // thread count: results are bitwise identical across runs and thread counts.
 #include <ATen/ATen.h>
@@ -22,7 +23,7 @@ namespace {
 
 using at::Tensor;
 
-constexpr int64_t kOutChunk = 1 << 16;
+constexpr int64_t kOutChunk = 1 << 17;
 
 struct OutPiece {
   float* data;
@@ -91,6 +92,16 @@ void sparse_aggregate_cpu(at::TensorList out, at::TensorList indices, at::Tensor
         });
       }
     });
+  }
+  if (!validate) {
+    // O(1) per client: unvalidated (trusted) input must not have entries that no chunk's
+    // window would ever see; the windows themselves catch unsorted entries.
+    for (int64_t i = 0; i < n_clients; ++i) {
+      const int64_t nnz = idx_c[i].numel();
+      const int64_t* idx = idx_c[i].const_data_ptr<int64_t>();
+      TORCH_CHECK_VALUE(nnz == 0 || (idx[0] >= 0 && idx[nnz - 1] < numel), "sparse_aggregate: client ", i,
+                        ": indices are unsorted or out of range");
+    }
   }
   if (numel == 0 || n_clients == 0) return;
 

@@ -183,3 +183,12 @@ def _fake(out, indices, values, weights, validate=True):
 
 
 torch.library.impl(_OP, "default", reference.sparse_aggregate_)
+
+
+def _cuda_kernel(out, indices, values, weights, validate=True):
+    from fastlora.kernels import aggregate as tka
+
+    return tka.sparse_aggregate_(out, indices, values, weights, validate)
+
+
+torch.library.register_kernel(_OP, "cuda", _cuda_kernel)
