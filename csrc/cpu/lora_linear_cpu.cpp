@@ -11,6 +11,7 @@
 //    accumulated into by the dY @ W GEMM while the block is still in cache.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -82,13 +83,11 @@ void dropout_rows_(const Tensor& src, Tensor& dst, int64_t row0, const DropoutPa
                                   [&] { dropout_rows<scalar_t>(src, dst, row0, d); });
 }
 
-// Rows per block: the block of x (or dX) should stay in L2 while the GEMMs on it run, yet be
-// tall enough for BLAS to run near full speed. The block size depends only on the shape, so
-// results do not depend on the thread count.
+// Rows per block in the blocked loops: a block of each M x K / M x N operand (~256 KiB) should
+// stay in L2 while the few small GEMMs on it run, one thread per block.
 int64_t block_rows(int64_t cols, int64_t elem_size) {
-  int64_t rows = (int64_t{1} << 20) / std::max<int64_t>(1, cols * elem_size);
-  rows = std::max<int64_t>(128, rows / 16 * 16);
-  return rows;
+  int64_t rows = (int64_t{1} << 18) / std::max<int64_t>(1, cols * elem_size);
+  return std::max<int64_t>(16, rows / 16 * 16);
 }
 
 Tensor row_major(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
@@ -118,16 +117,22 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_cpu(const Tensor& x_in, const Tensor&
   if (!d.active || M == 0) {
     xa = at::mm(x, lora_A.t());
   } else {
+    // One thread per block of rows: dropout into an L2-resident buffer, then the shrink GEMM
+    // on it (single-threaded inside the parallel region), so x is read once.
     xa = at::empty({M, r}, x.options());
     const int64_t bm = std::min(M, block_rows(K, x.element_size()));
-    Tensor xdrop = at::empty({bm, K}, x.options());
-    for (int64_t r0 = 0; r0 < M; r0 += bm) {
-      const int64_t n = std::min(bm, M - r0);
-      Tensor xd = xdrop.narrow(0, 0, n);
-      dropout_rows_(x.narrow(0, r0, n), xd, r0, d);
-      Tensor xa_blk = xa.narrow(0, r0, n);
-      at::mm_out(xa_blk, xd, lora_A.t());
-    }
+    at::parallel_for(0, (M + bm - 1) / bm, 1, [&](int64_t b0, int64_t b1) {
+      // Worker threads do not inherit the caller's dispatch state: we are below autograd.
+      at::AutoDispatchBelowAutograd below_autograd;
+      Tensor xdrop = at::empty({bm, K}, x.options());
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t r0 = blk * bm, n = std::min(bm, M - r0);
+        Tensor xd = xdrop.narrow(0, 0, n);
+        dropout_rows_(x.narrow(0, r0, n), xd, r0, d);
+        Tensor xa_blk = xa.narrow(0, r0, n);
+        at::mm_out(xa_blk, xd, lora_A.t());
+      }
+    });
   }
 
   // y = bias + s * lora_B_bias + s * xa @ B^T, then y += x @ W^T inside the base GEMM.
@@ -161,39 +166,67 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_cpu(
   // Outputs not requested are distinct empty tensors (outputs must never alias).
   auto empty = [&] { return at::empty({0}, dy.options()); };
 
-  // g = s * dY @ B, computed once and shared by grad_A and grad_x.
-  const Tensor g = at::mm(dy, lora_B).mul_(scaling);
-  // grad_B = s * dY^T @ xa, computed as (xa^T @ dY)^T: MKL is about 2x faster on this
-  // orientation of the skinny product, and the r x N transpose copy is negligible.
-  Tensor grad_B = at::mm(xa.t(), dy).t().contiguous().mul_(scaling);
-
-  Tensor grad_A;
-  if (!d.active || M == 0) {
-    grad_A = at::mm(g.t(), x);
-  } else {
-    // grad_A = g^T @ dropout(x), one block of rows at a time so the dropped x never exists
-    // in full; block partials are summed in a fixed order (float32 for half types).
-    const bool half = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
-    Tensor acc_A = at::zeros(lora_A.sizes(), half ? x.options().dtype(at::kFloat) : x.options());
-    const int64_t bm = std::min(M, block_rows(K, x.element_size()));
-    Tensor xdrop = at::empty({bm, K}, x.options());
-    for (int64_t r0 = 0; r0 < M; r0 += bm) {
-      const int64_t n = std::min(bm, M - r0);
-      Tensor xd = xdrop.narrow(0, 0, n);
-      dropout_rows_(x.narrow(0, r0, n), xd, r0, d);
-      accumulate_mm(acc_A, g.narrow(0, r0, n).t(), xd, 1.0);
+  // One pass over the rows in blocks, one thread per block, every block's operands hot in L2:
+  //   g    = s * dY_b @ B                 (shared by grad_A and grad_x)
+  //   B^T += s * xa_b^T @ dY_b             (per-thread partial)
+  //   A   += g^T @ dropout(x_b)            (per-thread partial; mask regenerated)
+  //   dX_b = dropout_mask(g @ A)           (LoRA term of grad_x, masked as it is written)
+  // then the base GEMM accumulates dY @ W onto dX at full size (beta = 1). The small GEMMs run
+  // single-threaded inside the parallel region, so the whole pass costs one fork/join.
+  const int64_t r = lora_A.size(0), N = dy.size(1);
+  const bool half = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+  const auto acc_opts = half ? x.options().dtype(at::kFloat) : x.options();
+  const int64_t bm = std::max<int64_t>(1, std::min(M, block_rows(std::max(K, N), x.element_size())));
+  const int64_t nblocks = (M + bm - 1) / bm;
+  const int nthreads = std::max(1, at::get_num_threads());  // thread ids are < this
+  std::vector<Tensor> part_A(nthreads), part_Bt(nthreads);
+  Tensor grad_x = need_x ? at::empty({M, K}, x.options()) : empty();
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    at::AutoDispatchBelowAutograd below_autograd;  // worker threads: see the forward
+    const int tid = at::get_thread_num();
+    Tensor& pa = part_A[tid];
+    Tensor& pb = part_Bt[tid];
+    if (!pa.defined()) {
+      pa = at::zeros({r, K}, acc_opts);
+      pb = at::zeros({r, N}, acc_opts);
     }
-    grad_A = half ? acc_A.to(x.scalar_type()) : acc_A;
+    Tensor xdrop = d.active ? at::empty({bm, K}, x.options()) : Tensor();
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * bm, n = std::min(bm, M - r0);
+      const Tensor dy_b = dy.narrow(0, r0, n), x_b = x.narrow(0, r0, n);
+      const Tensor g = at::mm(dy_b, lora_B).mul_(scaling);
+      accumulate_mm(pb, xa.narrow(0, r0, n).t(), dy_b, scaling);
+      Tensor xd = x_b;
+      if (d.active) {
+        xd = xdrop.narrow(0, 0, n);
+        dropout_rows_(x_b, xd, r0, d);
+      }
+      accumulate_mm(pa, g.t(), xd, 1.0);
+      if (need_x) {
+        Tensor gx = grad_x.narrow(0, r0, n);
+        at::mm_out(gx, g, lora_A);
+        if (d.active) dropout_rows_(gx, gx, r0, d);
+      }
+    }
+  });
+  Tensor acc_A, acc_Bt;
+  for (int t = 0; t < nthreads; ++t) {  // fixed order
+    if (!part_A[t].defined()) continue;
+    if (!acc_A.defined()) {
+      acc_A = part_A[t];
+      acc_Bt = part_Bt[t];
+    } else {
+      acc_A.add_(part_A[t]);
+      acc_Bt.add_(part_Bt[t]);
+    }
   }
-
-  Tensor grad_x = empty();
-  if (need_x) {
-    // LoRA term first (masked in place), then the base GEMM accumulates onto it (beta = 1)
-    // at full size: blocking the big GEMM by rows costs MKL more than the extra pass saves.
-    grad_x = at::mm(g, lora_A);
-    if (d.active && M > 0) dropout_rows_(grad_x, grad_x, 0, d);
-    grad_x.addmm_(dy, weight);
+  if (!acc_A.defined()) {  // M == 0
+    acc_A = at::zeros({r, K}, acc_opts);
+    acc_Bt = at::zeros({r, N}, acc_opts);
   }
+  Tensor grad_A = acc_A.to(x.scalar_type());
+  Tensor grad_B = acc_Bt.t().contiguous().to(x.scalar_type());
+  if (need_x && M > 0) grad_x.addmm_(dy, weight);
   Tensor grad_w = need_w ? at::mm(dy.t(), x) : empty();
   Tensor grad_b = need_b ? dy.sum(0) : empty();
   return {grad_x, grad_w, grad_b, grad_A, grad_B};
