@@ -65,6 +65,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import on_device as _on_device
+
 # The Triton CPU interpreter (tests) has gaps: bf16 -> fp32 conversion flushes denormals and
 # bf16 arithmetic is wrong there, so bf16 values are loaded as raw uint16 and widened by hand
 # ((bits << 16) read as float32 is exactly float32(bf16), also on a GPU). Under the interpreter
@@ -266,21 +268,6 @@ def _aggregate_kernel(ctab_ptr, w_ptr, bnd_ptr, caddr_ptr, bounds_ptr, err_ptr,
 # ----------------------------------------------------------------------------------------------
 # host side
 # ----------------------------------------------------------------------------------------------
-class _on_device:
-    """Launch on the tensors' GPU even if it is not the current one (no-op on CPU)."""
-
-    def __init__(self, device: torch.device):
-        self.ctx = torch.cuda.device(device) if device.type == "cuda" else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
-
-
 class _Chunks:
     """Chunk table of an ``out`` list: bnd (int64, C + 1: flat start of every chunk, then the
     total numel) and caddr (int64, C: address of the chunk's first float32), on the device.

@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import fmix32 as _fmix32, on_device as _on_device
+
 # The Triton CPU interpreter (tests) has gaps that the kernels work around when INTERPRET is
 # set; on a GPU the branches compile away:
 #   * bf16 arithmetic and bf16 tl.dot are wrong (bf16 is stored as raw uint16 there), so every
@@ -55,18 +57,6 @@ _M32 = 0xFFFFFFFF
 # ----------------------------------------------------------------------------------------------
 # device helpers
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _fmix32(h):
-    # MurmurHash3's 32-bit finaliser on uint32 tensors: >> is a logical shift and * wraps mod
-    # 2**32 because h is unsigned (the constants are > 2**31 so they are typed uint32 too).
-    h ^= h >> 16
-    h *= 0x85EBCA6B
-    h ^= h >> 13
-    h *= 0xC2B2AE35
-    h ^= h >> 16
-    return h
-
-
 @triton.jit
 def _keep_mask(rows, cols, seed_lo, seed_hi, threshold):
     """fastlora's keep-mask for the tile rows x cols (1-D global int32 indices)."""
@@ -281,21 +271,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
-
-
-class _on_device:
-    """Launch on the tensors' GPU even if it is not the current one (no-op on CPU)."""
-
-    def __init__(self, device: torch.device):
-        self.ctx = torch.cuda.device(device) if device.type == "cuda" else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
 
 
 def _gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, alpha: float = 1.0,

@@ -63,6 +63,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import fmix32 as _fmix32, on_device as _on_device
+
 # The Triton CPU interpreter (tests) converts bf16 -> fp32 with denormals flushed to zero (and
 # bf16 arithmetic is wrong there), so bf16 deltas are loaded as raw uint16 and widened by hand
 # (bits << 16 is exactly float32(bf16), also on a GPU). Under the interpreter each program
@@ -90,17 +92,6 @@ def _block_size() -> int:
 # ----------------------------------------------------------------------------------------------
 # device helpers
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _fmix32(h):
-    # MurmurHash3's 32-bit finaliser on uint32 tensors (wrapping arithmetic).
-    h ^= h >> 16
-    h *= 0x85EBCA6B
-    h ^= h >> 13
-    h *= 0xC2B2AE35
-    h ^= h >> 16
-    return h
-
-
 @triton.jit
 def _load_v(d_addr, r_addr, offs, mask, DTYPE: tl.constexpr, HAS_RES: tl.constexpr):
     """v = float32(delta[offs]) (+ residual[offs]) for a block whose delta starts at address
@@ -237,21 +228,6 @@ def _scatter_kernel(addr_ptr, src_ptr, n, BLOCK: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 # host side
 # ----------------------------------------------------------------------------------------------
-class _on_device:
-    """Launch on the tensors' GPU even if it is not the current one (no-op on CPU)."""
-
-    def __init__(self, device: torch.device):
-        self.ctx = torch.cuda.device(device) if device.type == "cuda" else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
-
-
 class _Plan:
     """Block table of a list of tensors (the same for every call on the same tensors).
 

@@ -9,7 +9,7 @@ activations (inputs may be Parameters; the result never carries history).
 from __future__ import annotations
 
 import re
-from typing import Dict, Mapping, Optional, Union
+from typing import Mapping, Optional, Union
 
 import torch
 

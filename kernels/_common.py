@@ -1,0 +1,24 @@
+"""Pieces shared by the Triton kernel modules (still leaves: torch and triton only)."""
+import contextlib
+
+import torch
+import triton
+import triton.language as tl  # noqa: F401  (Triton requires tl in scope of a jit function)
+
+
+@triton.jit
+def fmix32(h):
+    # MurmurHash3's 32-bit finaliser on uint32 tensors: >> is a logical shift and * wraps mod
+    # 2**32 because h is unsigned (the constants are > 2**31 so they are typed uint32 too).
+    h ^= h >> 16
+    h *= 0x85EBCA6B
+    h ^= h >> 13
+    h *= 0xC2B2AE35
+    h ^= h >> 16
+    return h
+
+
+def on_device(device: torch.device):
+    """Context to launch on the tensors' GPU even if it is not the current one (no-op on CPU,
+    where the interpreter runs)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
