@@ -25,9 +25,11 @@ $(STAMP): pyproject.toml setup.py $(CSRC)
 demo: $(STAMP)
 	$(VENV)/bin/fastlora bench
 
-# Full pytest-benchmark suites (slow; see README "Benchmarks").
+# Full pytest-benchmark suites (slow; see README "Benchmarks"), then the README's tables.
 bench: $(STAMP)
-	$(PY) -m pytest benchmarks -q --benchmark-columns=median,iqr,rounds
+	mkdir -p build
+	$(PY) -m pytest benchmarks -q --benchmark-columns=median,iqr,rounds --benchmark-json=build/bench.json
+	$(PY) benchmarks/make_tables.py build/bench.json
 
 test: test-python test-cpp check-cuda
 
