@@ -6,10 +6,16 @@ Ops live under ``torch.ops.fastlora`` and are wrapped here with docstrings:
     fastlora.topk_sparsify   top-k sparsification with error feedback -> SparseDelta
     fastlora.codec           wire format for SparseDelta (encode / decode)
     fastlora.sparse_aggregate  weighted sum of many clients' sparse updates
+    fastlora.rsvd            randomized SVD (dense, batched, or an implicit FactoredSum)
+    fastlora.svd_factored    exact SVD of (sums of) factored products B @ A
+    fastlora.squeeze         LoRA-Squeeze: re-factorise a LoRA pair at a new rank
+    fastlora.aggregate_lora  exact aggregation of clients' LoRA pairs, cut to a rank
 """
-from fastlora.ops import lora_linear, new_residual, sparse_aggregate, topk_sparsify
+from fastlora.ops import (FactoredSum, aggregate_lora, lora_linear, new_residual, rsvd, sparse_aggregate, squeeze,
+                          svd_factored, topk_sparsify)
 from fastlora import codec
 from fastlora.sparse_delta import Layout, SparseDelta
 
 __version__ = "0.1.0"
-__all__ = ["codec", "lora_linear", "topk_sparsify", "sparse_aggregate", "new_residual", "SparseDelta", "Layout", "__version__"]
+__all__ = ["codec", "lora_linear", "topk_sparsify", "sparse_aggregate", "new_residual", "SparseDelta", "Layout",
+           "rsvd", "svd_factored", "squeeze", "aggregate_lora", "FactoredSum", "__version__"]

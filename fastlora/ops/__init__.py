@@ -4,5 +4,7 @@ Triton/CUDA on GPU, the pure-PyTorch reference anywhere else)."""
 from fastlora.ops.lora import lora_linear
 from fastlora.ops.aggregate import sparse_aggregate
 from fastlora.ops.sparsify import new_residual, topk_sparsify
+from fastlora.ops.lowrank import FactoredSum, aggregate_lora, rsvd, squeeze, svd_factored
 
-__all__ = ["lora_linear", "new_residual", "sparse_aggregate", "topk_sparsify"]
+__all__ = ["FactoredSum", "aggregate_lora", "lora_linear", "new_residual", "rsvd", "sparse_aggregate", "squeeze",
+           "svd_factored", "topk_sparsify"]

@@ -1,0 +1,127 @@
+"""Low-rank family: fastlora.rsvd vs torch.svd_lowrank, fastlora.svd_factored vs a full SVD of
+the materialised product, and a 64-client factored sum implicit vs materialised.
+
+    .venv/bin/python -m pytest benchmarks/test_bench_lowrank.py -s --benchmark-columns=median,rounds
+
+CPU, 2 threads (benchmarks/conftest.py). Timings of the compared implementations are taken
+interleaved in the same run (fastlora.bench.interleaved_medians); the ratios and errors are
+recorded in ``extra_info``. Errors are relative Frobenius errors divided by the optimal
+rank-k error (known analytically from the constructed spectrum), so 1.0 is optimal.
+
+"Equal work" for rsvd vs torch.svd_lowrank: the same number of passes over A (n_iter=2) and
+the same sample width (svd_lowrank's q = rank + oversample); svd_lowrank(q=rank) is the
+issue's reference point (it has no oversampling parameter). sklearn is not a dependency.
+The issue's targets (>= 2x faster than svd_lowrank at equal or lower error; svd_factored
+>= 50x faster than the full SVD at <= 1e-5 relative error) are asserted only where measured
+to hold (svd_factored); rsvd's ratio is recorded, not asserted.
+"""
+import time
+
+import pytest
+import torch
+
+import fastlora
+from fastlora.bench import interleaved_medians
+
+N = 4096
+
+
+@pytest.fixture(scope="module")
+def slow_decay():
+    """A = U diag(1/(i+1)) V^T, 4096 x 4096 fp32, U and V random orthogonal."""
+    g = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(N, N, generator=g)).Q
+    V = torch.linalg.qr(torch.randn(N, N, generator=g)).Q
+    s = 1.0 / torch.arange(1, N + 1, dtype=torch.float64)
+    A = ((U * s.float()) @ V.T).contiguous()
+    return A, s
+
+
+def _err_ratio(A, s, U, S, Vh):
+    k = S.shape[-1]
+    return ((A - (U * S) @ Vh).double().norm() / s[k:].norm()).item()
+
+
+@pytest.mark.parametrize("rank", [32, 64])
+def test_rsvd_vs_svd_lowrank(benchmark, slow_decay, rank):
+    A, s = slow_decay
+    q = rank + 10
+    fns = {
+        "fastlora.rsvd": lambda: fastlora.rsvd(A, rank, oversample=10, n_iter=2, generator=torch.Generator().manual_seed(1)),
+        "svd_lowrank_equal_work": lambda: torch.svd_lowrank(A, q=q, niter=2),
+        "svd_lowrank_q=rank": lambda: torch.svd_lowrank(A, q=rank, niter=2),
+    }
+    t = interleaved_medians(fns, min_rounds=5, budget_s=8)
+    torch.manual_seed(1)
+    errs = {"fastlora.rsvd": _err_ratio(A, s, *fns["fastlora.rsvd"]())}
+    for name in ("svd_lowrank_equal_work", "svd_lowrank_q=rank"):
+        U, S, V = fns[name]()
+        errs[name] = _err_ratio(A, s, U[:, :rank], S[:rank], V[:, :rank].T)
+    benchmark.group = f"rsvd 4096^2 rank={rank}"
+    benchmark.extra_info.update({f"{k}_ms": round(v * 1e3, 2) for k, v in t.items()})
+    benchmark.extra_info.update({f"{k}_err_over_optimal": round(v, 5) for k, v in errs.items()})
+    benchmark.extra_info["speedup_vs_equal_work"] = round(t["svd_lowrank_equal_work"] / t["fastlora.rsvd"], 3)
+    benchmark.extra_info["speedup_vs_q=rank"] = round(t["svd_lowrank_q=rank"] / t["fastlora.rsvd"], 3)
+    print(benchmark.extra_info)
+    benchmark.pedantic(fns["fastlora.rsvd"], rounds=3, warmup_rounds=0, iterations=1)
+    assert errs["fastlora.rsvd"] <= 1.05
+
+
+def test_svd_factored_vs_full_svd(benchmark):
+    g = torch.Generator().manual_seed(2)
+    r = 64
+    B, A = torch.randn(N, r, generator=g), torch.randn(r, N, generator=g) / N ** 0.5
+    fast = lambda: fastlora.svd_factored(B, A)  # noqa: E731
+    t_fast = interleaved_medians({"svd_factored": fast}, min_rounds=5, budget_s=3)["svd_factored"]
+    # The full SVD of the 4096^2 product is timed once (about 20 s on 2 threads).
+    M = B @ A
+    t0 = time.perf_counter()
+    Uf, Sf, Vhf = torch.linalg.svd(M, full_matrices=False)
+    t_full = time.perf_counter() - t0
+    U, S, Vh = fast()
+    Md = B.double() @ A.double()
+    rel = (((U * S) @ Vh).double() - Md).norm().item() / Md.norm().item()
+    rel_full = (((Uf[:, :r] * Sf[:r]) @ Vhf[:r]).double() - Md).norm().item() / Md.norm().item()
+    benchmark.group = "svd_factored 4096^2 r=64"
+    benchmark.extra_info.update({"svd_factored_ms": round(t_fast * 1e3, 2), "full_svd_ms": round(t_full * 1e3, 1),
+                                 "speedup": round(t_full / t_fast, 1), "rel_error": rel, "full_svd_rel_error": rel_full})
+    print(benchmark.extra_info)
+    benchmark.pedantic(fast, rounds=3, warmup_rounds=0, iterations=1)
+    assert rel <= 1e-5
+    assert t_full / t_fast >= 50
+
+
+def test_factored_sum_64_clients(benchmark):
+    g = torch.Generator().manual_seed(3)
+    n_clients, r, rank = 64, 16, 64
+    facs = [(torch.randn(r, N, generator=g) / N ** 0.5, torch.randn(N, r, generator=g)) for _ in range(n_clients)]
+    w = torch.full((n_clients,), 1.0 / n_clients)
+    op = fastlora.FactoredSum(facs, w)
+
+    def materialised():
+        M = torch.zeros(N, N)
+        for wi, (a, b) in zip(w.tolist(), facs):
+            M.addmm_(b, a, alpha=wi)
+        return fastlora.rsvd(M, rank, generator=torch.Generator().manual_seed(0))
+
+    fns = {
+        "implicit_rsvd": lambda: fastlora.rsvd(op, rank, generator=torch.Generator().manual_seed(0)),
+        "materialised_rsvd": materialised,
+        "svd_factored_exact": lambda: fastlora.svd_factored([b for _, b in facs], [a for a, _ in facs], w),
+    }
+    t = interleaved_medians(fns, min_rounds=3, budget_s=10)
+    U, S, Vh = fastlora.svd_factored([b for _, b in facs], [a for a, _ in facs], w)
+    opt = S[rank:].double().norm().item()
+    errs = {}
+    for name in ("implicit_rsvd", "materialised_rsvd"):
+        u, s_, vh = fns[name]()
+        # ||M - u s vh||_F without forming M: M = U S Vh exactly (R = 1024 terms).
+        ex = torch.cat([U * S, -(u * s_)], 1)
+        ey = torch.cat([Vh, vh], 0)
+        errs[name] = (torch.linalg.qr(ex).R @ torch.linalg.qr(ey.T).R.T).double().norm().item() / opt
+    benchmark.group = "64 clients x rank 16, 4096^2, rank 64"
+    benchmark.extra_info.update({f"{k}_ms": round(v * 1e3, 1) for k, v in t.items()})
+    benchmark.extra_info.update({f"{k}_err_over_optimal": round(v, 5) for k, v in errs.items()})
+    benchmark.extra_info["implicit_speedup"] = round(t["materialised_rsvd"] / t["implicit_rsvd"], 3)
+    print(benchmark.extra_info)
+    benchmark.pedantic(fns["implicit_rsvd"], rounds=3, warmup_rounds=0, iterations=1)

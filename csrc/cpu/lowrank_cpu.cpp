@@ -1,0 +1,221 @@
+// Kernels of the fastlora low-rank family (schema and semantics: csrc/lowrank.cpp).
+//
+// These kernels only call ATen ops (matmul, linalg_qr, linalg_svd, index_add), so they are
+// registered as CompositeExplicitAutograd: the same code serves every device (on CUDA the
+// ATen calls dispatch to cuBLAS / cuSOLVER). There is no autograd formula: these ops
+// re-factorise updates (data), and the Python wrappers call them without recording history.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace fastlora {
+namespace {
+
+using at::Tensor;
+using Triple = std::tuple<Tensor, Tensor, Tensor>;
+
+bool is_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+bool all_finite(const Tensor& t) { return t.numel() == 0 || at::isfinite(t).all().item<bool>(); }
+
+// The factored sum  sum_i w_i B_i A_i  as the stacked factors Bw = [w_1 B_1, ...] (m x R) and
+// Ac = [A_1; A_2; ...] (R x n), in the compute dtype, after validating every input.
+struct Factored {
+  Tensor Bw, Ac;
+  int64_t m = 0, n = 0, R = 0;
+};
+
+Factored stack_factors(const char* op, at::TensorList Bs, at::TensorList As, const Tensor& weights) {
+  const int64_t count = static_cast<int64_t>(Bs.size());
+  TORCH_CHECK_VALUE(count >= 1, op, ": factors must not be empty");
+  TORCH_CHECK_VALUE(As.size() == Bs.size(), op, ": ", Bs.size(), " B factors but ", As.size(), " A factors");
+  TORCH_CHECK_VALUE(weights.dim() == 1 && weights.size(0) == count, op, ": weights must have one entry per product (",
+                    count, "), got shape ", weights.sizes());
+  bool dbl = false;
+  for (int64_t i = 0; i < count; ++i) {
+    TORCH_CHECK_TYPE(is_float_dtype(Bs[i].scalar_type()) && is_float_dtype(As[i].scalar_type()), op, ": factor ", i,
+                     " must be floating point, got ", Bs[i].scalar_type(), " and ", As[i].scalar_type());
+    TORCH_CHECK_VALUE(Bs[i].dim() == 2 && As[i].dim() == 2, op, ": factor ", i, ": B and A must be 2-D, got shapes ",
+                      Bs[i].sizes(), " and ", As[i].sizes());
+    TORCH_CHECK_VALUE(Bs[i].size(1) == As[i].size(0), op, ": factor ", i, ": B is ", Bs[i].sizes(), " and A is ",
+                      As[i].sizes(), " (B's columns must equal A's rows, the rank)");
+    TORCH_CHECK_VALUE(Bs[i].size(0) == Bs[0].size(0) && As[i].size(1) == As[0].size(1), op, ": factor ", i,
+                      ": product is ", Bs[i].size(0), " x ", As[i].size(1), ", factor 0's is ", Bs[0].size(0), " x ",
+                      As[0].size(1));
+    TORCH_CHECK_VALUE(Bs[i].device() == Bs[0].device() && As[i].device() == Bs[0].device(), op, ": factor ", i,
+                      " is on another device than factor 0");
+    dbl = dbl || Bs[i].scalar_type() == at::kDouble || As[i].scalar_type() == at::kDouble;
+  }
+  Factored f;
+  f.m = Bs[0].size(0);
+  f.n = As[0].size(1);
+  TORCH_CHECK_VALUE(f.m >= 1 && f.n >= 1, op, ": the product is empty (", f.m, " x ", f.n, ")");
+  const auto dt = dbl ? at::kDouble : at::kFloat;
+  const Tensor w = weights.to(Bs[0].device(), dt);
+  TORCH_CHECK_VALUE(all_finite(w), op, ": weights contain non-finite values (NaN/Inf)");
+  std::vector<Tensor> bw, ac;
+  for (int64_t i = 0; i < count; ++i) {
+    if (Bs[i].size(1) == 0) continue;
+    const Tensor b = Bs[i].to(dt), a = As[i].to(dt);
+    TORCH_CHECK_VALUE(all_finite(b), op, ": factor ", i, ": B contains non-finite values (NaN/Inf)");
+    TORCH_CHECK_VALUE(all_finite(a), op, ": factor ", i, ": A contains non-finite values (NaN/Inf)");
+    bw.push_back(b * w[i]);
+    ac.push_back(a);
+    f.R += a.size(0);
+  }
+  TORCH_CHECK_VALUE(f.R >= 1, op, ": every factor has rank 0");
+  f.Bw = at::cat(bw, 1);
+  f.Ac = at::cat(ac, 0);
+  return f;
+}
+
+// Exact thin SVD of Bw @ Ac: QR of both factors, SVD of the small core Rb Ra^T.
+Triple svd_of_factored(const Factored& f) {
+  auto [Qb, Rb] = at::linalg_qr(f.Bw, "reduced");          // m x kb, kb x R
+  auto [Qa, Ra] = at::linalg_qr(f.Ac.mT(), "reduced");     // n x ka, ka x R
+  auto [Uc, S, Vhc] = at::linalg_svd(at::matmul(Rb, Ra.mT()), /*full_matrices=*/false);
+  return {at::matmul(Qb, Uc), S, at::matmul(Vhc, Qa.mT())};
+}
+
+Triple svd_factored(at::TensorList Bs, at::TensorList As, const Tensor& weights) {
+  return svd_of_factored(stack_factors("svd_factored", Bs, As, weights));
+}
+
+std::tuple<Tensor, Tensor, Tensor> lowrank_truncate(at::TensorList Bs, at::TensorList As, const Tensor& weights,
+                                                    int64_t rank) {
+  const Factored f = stack_factors("lowrank_truncate", Bs, As, weights);
+  TORCH_CHECK_VALUE(rank >= 1 && rank <= std::min(f.m, f.n), "lowrank_truncate: rank must be in [1, min(m, n)] = [1, ",
+                    std::min(f.m, f.n), "], got ", rank);
+  auto [U, S, Vh] = svd_of_factored(f);
+  const int64_t k = S.size(0), kk = std::min(rank, k);
+  const Tensor sq = S.narrow(0, 0, kk).sqrt();
+  Tensor B = U.narrow(1, 0, kk) * sq;                     // m x kk
+  Tensor A = Vh.narrow(0, 0, kk) * sq.unsqueeze(1);        // kk x n
+  if (kk < rank) {  // fewer nonzero directions than asked: pad with zero rows / columns
+    B = at::cat({B, at::zeros({f.m, rank - kk}, B.options())}, 1);
+    A = at::cat({A, at::zeros({rank - kk, f.n}, A.options())}, 0);
+  }
+  // Tail energy summed directly (no cancellation in total - head).
+  const Tensor s2 = S * S;
+  const Tensor total = s2.sum();
+  const Tensor tail = s2.narrow(0, kk, k - kk).sum();
+  const Tensor rel = at::where(total > 0, (tail / at::where(total > 0, total, at::ones_like(total))).sqrt(),
+                               at::zeros_like(total));
+  return {A, B, rel};
+}
+
+// Halko-Martinsson-Tropp range finder + SVD of the projection, for any operator given by its
+// products apply(X) = Op X (X: ..., n x l) and apply_t(Y) = Op^T Y (Y: ..., m x l).
+template <typename Apply, typename ApplyT>
+Triple hmt(const char* op, const Tensor& omega, int64_t rank, int64_t n_iter, Apply apply, ApplyT apply_t) {
+  TORCH_CHECK_VALUE(n_iter >= 0, op, ": n_iter must be >= 0, got ", n_iter);
+  TORCH_CHECK_VALUE(all_finite(omega), op, ": omega contains non-finite values");
+  Tensor Y = apply(omega);
+  // omega is finite and (almost surely) has no zero entry, so any NaN/Inf in the operator
+  // reaches Y: this checks the input without an extra pass over it.
+  TORCH_CHECK_VALUE(all_finite(Y), op, ": the input contains non-finite values (NaN/Inf), or its product with the "
+                    "test matrix overflows");
+  Tensor Q = std::get<0>(at::linalg_qr(Y, "reduced"));
+  for (int64_t it = 0; it < n_iter; ++it) {
+    // Re-orthonormalise after every product (the stable normaliser): without it the columns
+    // of (A A^T)^q A omega collapse onto the top singular vector in floating point.
+    const Tensor Qt = std::get<0>(at::linalg_qr(apply_t(Q), "reduced"));
+    Q = std::get<0>(at::linalg_qr(apply(Qt), "reduced"));
+  }
+  const Tensor Bt = apply_t(Q);                                  // ..., n x l  (= (Q^T Op)^T)
+  auto [Ub, S, Vh] = at::linalg_svd(Bt.mT(), /*full_matrices=*/false);
+  const Tensor U = at::matmul(Q, Ub.narrow(-1, 0, rank));
+  return {U, S.narrow(-1, 0, rank).contiguous(), Vh.narrow(-2, 0, rank).contiguous()};
+}
+
+void check_omega(const char* op, const Tensor& omega, int64_t n, int64_t rank, int64_t kmax) {
+  TORCH_CHECK_VALUE(rank >= 1 && rank <= kmax, op, ": rank must be in [1, min(m, n)] = [1, ", kmax, "], got ", rank);
+  TORCH_CHECK_VALUE(omega.dim() >= 2 && omega.size(-2) == n, op, ": omega must be (..., n = ", n, ", l), got ",
+                    omega.sizes());
+  TORCH_CHECK_VALUE(omega.size(-1) >= rank && omega.size(-1) <= kmax, op, ": omega has ", omega.size(-1),
+                    " columns; need rank (", rank, ") <= l <= min(m, n) (", kmax, ")");
+}
+
+Triple rsvd(const Tensor& A, const Tensor& omega, int64_t rank, int64_t n_iter) {
+  TORCH_CHECK_TYPE(is_float_dtype(A.scalar_type()), "rsvd: A must be floating point, got ", A.scalar_type());
+  TORCH_CHECK_VALUE(A.dim() >= 2, "rsvd: A must have at least 2 dimensions (..., m, n), got shape ", A.sizes());
+  const int64_t m = A.size(-2), n = A.size(-1);
+  TORCH_CHECK_VALUE(A.numel() > 0, "rsvd: A is empty (shape ", A.sizes(), ")");
+  check_omega("rsvd", omega, n, rank, std::min(m, n));
+  TORCH_CHECK_VALUE(omega.sizes().slice(0, omega.dim() - 2) == A.sizes().slice(0, A.dim() - 2),
+                    "rsvd: omega's batch dims ", omega.sizes(), " differ from A's ", A.sizes());
+  const auto dt = A.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const Tensor a = A.to(dt);
+  const Tensor at_ = a.mT();
+  return hmt("rsvd", omega.to(dt), rank, n_iter, [&](const Tensor& X) { return at::matmul(a, X); },
+             [&](const Tensor& Y) { return at::matmul(at_, Y); });
+}
+
+Triple rsvd_implicit(at::TensorList Bs, at::TensorList As, const Tensor& weights, const Tensor& sparse_indices,
+                     const Tensor& sparse_values, const Tensor& omega, int64_t m, int64_t rank, int64_t n_iter) {
+  const char* op = "rsvd_implicit";
+  TORCH_CHECK_VALUE(omega.dim() == 2, op, ": omega must be 2-D (n x l), got ", omega.sizes());
+  const int64_t n = omega.size(0);
+  TORCH_CHECK_VALUE(m >= 1 && n >= 1, op, ": the operator is empty (", m, " x ", n, ")");
+  const bool has_factors = !Bs.empty() || !As.empty();
+  Factored f;
+  if (has_factors) {
+    f = stack_factors(op, Bs, As, weights);
+    TORCH_CHECK_VALUE(f.m == m && f.n == n, op, ": the factors' product is ", f.m, " x ", f.n, ", the operator is ",
+                      m, " x ", n);
+  }
+  const bool has_sparse = sparse_indices.numel() > 0;
+  TORCH_CHECK_VALUE(has_factors || has_sparse, op, ": the operator is empty (no factors and no sparse entries)");
+  TORCH_CHECK_VALUE(sparse_indices.dim() == 1 && sparse_indices.scalar_type() == at::kLong, op,
+                    ": sparse_indices must be a 1-D int64 tensor");
+  TORCH_CHECK_VALUE(sparse_values.dim() == 1 && sparse_values.numel() == sparse_indices.numel(), op,
+                    ": sparse_values must be 1-D with as many entries as sparse_indices");
+  // Same rule as the fake: float64 if any input is float64 (an empty sparse term included).
+  bool dbl = omega.scalar_type() == at::kDouble || (has_factors && f.Bw.scalar_type() == at::kDouble) ||
+             sparse_values.scalar_type() == at::kDouble;
+  const auto dt = dbl ? at::kDouble : at::kFloat;
+  Tensor rows, cols, vals;
+  if (has_sparse) {
+    TORCH_CHECK_TYPE(is_float_dtype(sparse_values.scalar_type()), op, ": sparse values must be floating point");
+    const int64_t lo = sparse_indices.min().item<int64_t>(), hi = sparse_indices.max().item<int64_t>();
+    TORCH_CHECK_VALUE(lo >= 0 && hi < m * n, op, ": sparse index out of range [0, ", m * n, ")");
+    vals = sparse_values.to(dt).unsqueeze(1);
+    TORCH_CHECK_VALUE(all_finite(vals), op, ": sparse values contain non-finite values (NaN/Inf)");
+    rows = at::div(sparse_indices, n, "floor");
+    cols = sparse_indices - rows * n;
+  }
+  if (has_factors && dbl) {
+    f.Bw = f.Bw.to(dt);
+    f.Ac = f.Ac.to(dt);
+  }
+  check_omega(op, omega, n, rank, std::min(m, n));
+  auto apply = [&](const Tensor& X) {  // (sum_i w_i B_i A_i + S) X, as Bw (Ac X) + S X
+    Tensor out = has_factors ? at::matmul(f.Bw, at::matmul(f.Ac, X)) : at::zeros({m, X.size(1)}, X.options());
+    if (has_sparse) out.index_add_(0, rows, X.index_select(0, cols) * vals);
+    return out;
+  };
+  auto apply_t = [&](const Tensor& Y) {  // (...)^T Y = Ac^T (Bw^T Y) + S^T Y
+    Tensor out = has_factors ? at::matmul(f.Ac.mT(), at::matmul(f.Bw.mT(), Y)) : at::zeros({n, Y.size(1)}, Y.options());
+    if (has_sparse) out.index_add_(0, cols, Y.index_select(0, rows) * vals);
+    return out;
+  };
+  return hmt(op, omega.to(dt), rank, n_iter, apply, apply_t);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastlora, CompositeExplicitAutograd, m) {
+  m.impl("svd_factored", &svd_factored);
+  m.impl("lowrank_truncate", &lowrank_truncate);
+  m.impl("rsvd", &rsvd);
+  m.impl("rsvd_implicit", &rsvd_implicit);
+}
+
+}  // namespace fastlora

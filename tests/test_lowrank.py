@@ -1,0 +1,369 @@
+"""fastlora low-rank family (rsvd, svd_factored, squeeze, aggregate_lora) against
+torch.linalg.svd and fastlora.reference, in the style of PyTorch's test_svd_lowrank: matrices
+with known spectra, reconstruction error against the optimal rank-k error."""
+import pytest
+import torch
+
+import fastlora
+from fastlora import reference as ref
+from fastlora.sparse_delta import Layout, SparseDelta
+
+# rsvd's documented accuracy at the defaults (oversample=10, n_iter=2): Frobenius error within
+# (1 + RSVD_EPS) of the optimal rank-k error, plus rounding (ATOL_ULPS ulps of ||A||_F).
+RSVD_EPS = 0.05
+ATOL_ULPS = 50
+
+SPECTRA = {
+    "fast": lambda i: 0.5 ** i,
+    "slow": lambda i: 1.0 / (i + 1),
+    "flat": lambda i: (i + 1) ** -0.25,
+    "rank8": lambda i: 1.0 / (i + 1) if i < 8 else 0.0,       # exactly low rank
+    "rank3": lambda i: 3.0 - i if i < 3 else 0.0,             # rank-deficient for k > 3
+}
+SHAPES = {"square": (120, 120), "tall": (300, 60), "wide": (50, 200), "row": (1, 77), "col": (40, 1)}
+
+
+def known(m, n, spectrum, g, dtype=torch.float64, batch=()):
+    """A (..., m, n) = U diag(s) V^T with random orthonormal U, V and s_i = spectrum(i)."""
+    k = min(m, n)
+    U = torch.linalg.qr(torch.randn(*batch, m, k, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(*batch, n, k, generator=g, dtype=torch.float64)).Q
+    s = torch.tensor([spectrum(i) for i in range(k)], dtype=torch.float64)
+    return ((U * s) @ V.mT).to(dtype)
+
+
+def optimal_error(A, k):
+    s = torch.linalg.svdvals(A.double())
+    return s[..., k:].norm(dim=-1)
+
+
+def check_svd(U, S, Vh, m, n, k, dtype, tol):
+    assert U.shape[-2:] == (m, k) and S.shape[-1] == k and Vh.shape[-2:] == (k, n)
+    assert U.dtype == S.dtype == Vh.dtype == dtype
+    assert (S >= 0).all() and (S[..., :-1] >= S[..., 1:]).all(), S
+    eye = torch.eye(k, dtype=dtype)
+    assert (U.mT @ U - eye).abs().max() < tol, "U not orthonormal"
+    assert (Vh @ Vh.mT - eye).abs().max() < tol, "V not orthonormal"
+
+
+def rel_tol(dtype):
+    return 1e-4 if dtype == torch.float32 else 1e-10
+
+
+# --- rsvd --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("spectrum", list(SPECTRA))
+def test_rsvd_known_spectra(spectrum, shape, dtype):
+    m, n = SHAPES[shape]
+    g = torch.Generator().manual_seed(0)
+    A = known(m, n, SPECTRA[spectrum], g, dtype)
+    for k in sorted({1, min(5, m, n), min(12, m, n)}):
+        U, S, Vh = fastlora.rsvd(A, k, generator=torch.Generator().manual_seed(k))
+        check_svd(U, S, Vh, m, n, k, dtype, rel_tol(dtype))
+        err = (A.double() - (U * S).double() @ Vh.double()).norm()
+        atol = ATOL_ULPS * torch.finfo(dtype).eps * A.double().norm()
+        assert err <= (1 + RSVD_EPS) * optimal_error(A, k) + atol, (k, err, optimal_error(A, k))
+        # The singular values themselves: at least as close as the reconstruction allows.
+        s_true = torch.linalg.svdvals(A.double())[:k]
+        assert (S.double() - s_true).abs().max() <= RSVD_EPS * s_true[0] + atol
+
+
+def test_rsvd_matches_reference_and_batches():
+    g = torch.Generator().manual_seed(1)
+    A = known(40, 30, SPECTRA["slow"], g, torch.float32, batch=(2, 3))
+    omega = torch.randn(2, 3, 30, 15, generator=g)
+    out = torch.ops.fastlora.rsvd(A, omega, 5, 2)
+    exp = ref.rsvd(A, omega, 5, 2)
+    torch.testing.assert_close(out[1], exp[1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close((out[0] * out[1].unsqueeze(-2)) @ out[2], (exp[0] * exp[1].unsqueeze(-2)) @ exp[2],
+                               rtol=1e-4, atol=1e-5)
+    # Batched == one by one with the same test matrix slices.
+    for i in range(2):
+        for j in range(3):
+            one = torch.ops.fastlora.rsvd(A[i, j], omega[i, j], 5, 2)
+            torch.testing.assert_close(out[1][i, j], one[1], rtol=1e-5, atol=1e-6)
+    U, S, Vh = fastlora.rsvd(A, 5)
+    check_svd(U, S, Vh, 40, 30, 5, torch.float32, 1e-4)
+    err = (A - (U * S.unsqueeze(-2)) @ Vh).norm(dim=(-2, -1))
+    assert (err <= (1 + RSVD_EPS) * optimal_error(A, 5) + 1e-5).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rsvd_half_precision_computed_in_fp32(dtype):
+    g = torch.Generator().manual_seed(2)
+    A = known(64, 48, SPECTRA["slow"], g, dtype)
+    U, S, Vh = fastlora.rsvd(A, 6, generator=torch.Generator().manual_seed(0))
+    assert U.dtype == S.dtype == Vh.dtype == torch.float32
+    U2, S2, Vh2 = fastlora.rsvd(A.float(), 6, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(S, S2) and torch.equal(U, U2) and torch.equal(Vh, Vh2)
+
+
+def test_rsvd_generator_reproducible():
+    A = known(80, 60, SPECTRA["flat"], torch.Generator().manual_seed(3), torch.float32)
+    r1 = fastlora.rsvd(A, 4, generator=torch.Generator().manual_seed(7))
+    r2 = fastlora.rsvd(A, 4, generator=torch.Generator().manual_seed(7))
+    r3 = fastlora.rsvd(A, 4, generator=torch.Generator().manual_seed(8))
+    assert all(torch.equal(a, b) for a, b in zip(r1, r2))
+    assert not torch.equal(r1[0], r3[0])
+    torch.manual_seed(5)
+    r4 = fastlora.rsvd(A, 4)
+    torch.manual_seed(5)
+    r5 = fastlora.rsvd(A, 4)
+    assert all(torch.equal(a, b) for a, b in zip(r4, r5))
+
+
+def test_rsvd_more_iterations_do_not_hurt():
+    A = known(150, 100, SPECTRA["flat"], torch.Generator().manual_seed(4), torch.float64)
+    errs = []
+    for it in (0, 2, 6):
+        U, S, Vh = fastlora.rsvd(A, 10, n_iter=it, oversample=5, generator=torch.Generator().manual_seed(0))
+        errs.append(((A - (U * S) @ Vh).norm() / optimal_error(A, 10)).item())
+    assert errs[0] >= errs[1] >= errs[2] - 1e-9 and errs[2] < 1.01, errs
+
+
+# --- implicit operator -------------------------------------------------------------------------
+
+def clients(m, n, ranks, g, dtype=torch.float32):
+    return [(torch.randn(r, n, generator=g, dtype=dtype) / n ** 0.5, torch.randn(m, r, generator=g, dtype=dtype))
+            for r in ranks]
+
+
+@pytest.mark.parametrize("with_sparse", [False, True])
+def test_rsvd_implicit_matches_materialised(with_sparse):
+    g = torch.Generator().manual_seed(5)
+    m, n = 70, 50
+    facs = clients(m, n, [2, 8, 4, 16], g)
+    weights = [0.1, 0.4, 0.2, 0.3]
+    sparse = None
+    if with_sparse:
+        idx = torch.randperm(m * n, generator=g)[:200].sort().values
+        sparse = SparseDelta(idx, torch.randn(200, generator=g), Layout([("", (m, n), torch.float32)], False))
+    op = fastlora.FactoredSum(facs, weights, sparse=sparse)
+    dense = op.to_dense()
+    for k in (1, 6, 30):
+        imp = fastlora.rsvd(op, k, generator=torch.Generator().manual_seed(0))
+        mat = fastlora.rsvd(dense, k, generator=torch.Generator().manual_seed(0))
+        check_svd(*imp, m, n, k, torch.float32, 1e-4)
+        torch.testing.assert_close(imp[1], mat[1], rtol=1e-4, atol=1e-5 * mat[1][0].item())
+        err = (dense - (imp[0] * imp[1]) @ imp[2]).norm()
+        assert err <= (1 + RSVD_EPS) * optimal_error(dense, k) + 1e-5 * dense.norm()
+    # The raw op against its reference (same test matrix).
+    Bs, As = [b for _, b in facs], [a for a, _ in facs]
+    idx = sparse.indices if sparse else torch.zeros(0, dtype=torch.int64)
+    val = sparse.values if sparse else torch.zeros(0)
+    omega = torch.randn(n, 12, generator=g)
+    out = torch.ops.fastlora.rsvd_implicit(Bs, As, torch.tensor(weights), idx, val, omega, m, 6, 2)
+    exp = ref.rsvd_implicit(Bs, As, torch.tensor(weights), idx, val, omega, m, 6, 2)
+    torch.testing.assert_close(out[1], exp[1], rtol=1e-4, atol=1e-5)
+
+
+def test_rsvd_sparse_only_operator():
+    m, n = 30, 20
+    idx = torch.tensor([0, 21, 45, 599])
+    sd = SparseDelta(idx, torch.tensor([3.0, -2.0, 1.0, 0.5]), Layout([("", (m, n), torch.float32)], False))
+    U, S, Vh = fastlora.rsvd(fastlora.FactoredSum([], sparse=sd), 4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(S, torch.linalg.svdvals(sd.to_dense())[:4], rtol=1e-5, atol=1e-6)
+
+
+# --- svd_factored ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("m,n,r", [(200, 150, 8), (40, 300, 16), (6, 90, 8), (1, 50, 3), (64, 64, 64)])
+def test_svd_factored_exact(m, n, r, dtype):
+    g = torch.Generator().manual_seed(6)
+    B = torch.randn(m, r, generator=g, dtype=torch.float64)
+    A = known(r, n, SPECTRA["fast"], g)  # a product with a wide dynamic range of singular values
+    U, S, Vh = fastlora.svd_factored(B.to(dtype), A.to(dtype))
+    k = min(r, m, n)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    check_svd(U, S, Vh, m, n, k, dtype, 10 * tol)
+    M = B @ A
+    assert ((U.double() * S.double()) @ Vh.double() - M).norm() <= tol * M.norm()
+    s_true = torch.linalg.svdvals(M)[:k]
+    assert (S.double() - s_true).abs().max() <= tol * s_true[0]
+
+
+def test_svd_factored_weighted_sum_matches_reference():
+    g = torch.Generator().manual_seed(7)
+    facs = clients(90, 60, [3, 16, 5], g, torch.float64)
+    Bs, As, w = [b for _, b in facs], [a for a, _ in facs], [0.5, -1.5, 2.0]
+    U, S, Vh = fastlora.svd_factored(Bs, As, w)
+    assert S.shape == (24,)
+    M = sum(wi * b @ a for wi, b, a in zip(w, Bs, As))
+    torch.testing.assert_close((U * S) @ Vh, M, rtol=1e-10, atol=1e-10 * M.norm().item())
+    eU, eS, eVh = ref.svd_factored(Bs, As, torch.tensor(w))
+    torch.testing.assert_close(S, eS, rtol=1e-10, atol=1e-12)
+    # Mixed dtypes: computed in float64 if any factor is float64, half precision upcast.
+    U, S, Vh = fastlora.svd_factored([Bs[0].half(), Bs[1]], [As[0].bfloat16(), As[1].float()])
+    assert S.dtype == torch.float64
+    U, S, Vh = fastlora.svd_factored(Bs[0].bfloat16(), As[0].half())
+    assert S.dtype == torch.float32
+
+
+# --- squeeze -----------------------------------------------------------------------------------
+
+def test_squeeze_properties():
+    g = torch.Generator().manual_seed(8)
+    lora_A, lora_B = torch.randn(32, 100, generator=g), torch.randn(80, 32, generator=g)
+    BA = (lora_B @ lora_A).double()
+    s = torch.linalg.svdvals(BA)
+    for rank in (1, 8, 31):
+        A2, B2, rel = fastlora.squeeze(lora_A, lora_B, rank)
+        assert A2.shape == (rank, 100) and B2.shape == (80, rank) and rel.shape == ()
+        actual = (BA - (B2 @ A2).double()).norm() / BA.norm()
+        torch.testing.assert_close(rel.double(), actual, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(rel.double(), s[rank:].norm() / s.norm(), rtol=1e-4, atol=1e-6)
+        # Balanced: B'^T B' = A' A'^T = diag(S).
+        torch.testing.assert_close(B2.T @ B2, A2 @ A2.T, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(torch.diag(B2.T @ B2).double(), s[:rank], rtol=1e-4, atol=1e-3)
+    # Full rank (and beyond: zero padding) reproduces the product.
+    for rank in (32, 40):
+        A2, B2, rel = fastlora.squeeze(lora_A, lora_B, rank)
+        assert rel.item() < 1e-3 and A2.shape[0] == rank
+        torch.testing.assert_close(B2 @ A2, lora_B @ lora_A, rtol=1e-4, atol=1e-3)
+    # scaling is folded into the factors; rel_error does not depend on it.
+    A2, B2, rel = fastlora.squeeze(lora_A, lora_B, 8, scaling=0.25)
+    A3, B3, rel3 = fastlora.squeeze(lora_A, lora_B, 8)
+    torch.testing.assert_close(B2 @ A2, 0.25 * (B3 @ A3), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(rel, rel3)
+    # Dtypes of the adapter are kept; a zero product has zero error.
+    A2, B2, rel = fastlora.squeeze(lora_A.bfloat16(), lora_B.bfloat16(), 4)
+    assert A2.dtype == B2.dtype == torch.bfloat16 and rel.dtype == torch.float32
+    A2, B2, rel = fastlora.squeeze(lora_A, torch.zeros(80, 32), 4)
+    assert rel.item() == 0 and not A2.any() and not B2.any()
+
+
+# --- aggregate_lora ----------------------------------------------------------------------------
+
+def test_aggregate_lora_best_rank_r_with_different_client_ranks():
+    g = torch.Generator().manual_seed(9)
+    facs = clients(64, 96, [4, 8, 16, 2], g, torch.float64)
+    w = [0.1, 0.2, 0.3, 0.4]
+    M = sum(wi * b @ a for wi, (a, b) in zip(w, facs))
+    U, S, Vh = torch.linalg.svd(M)
+    for rank in (1, 8, 30):
+        A, B = fastlora.aggregate_lora(facs, w, rank)
+        assert A.shape == (rank, 96) and B.shape == (64, rank) and A.dtype == torch.float64
+        best = (U[:, :rank] * S[:rank]) @ Vh[:rank]
+        torch.testing.assert_close(B @ A, best, rtol=1e-9, atol=1e-10 * M.norm().item())
+    eA, eB, _ = ref.lowrank_truncate([b for _, b in facs], [a for a, _ in facs], torch.tensor(w, dtype=torch.float64), 8)
+    A, B = fastlora.aggregate_lora(facs, w, 8)
+    torch.testing.assert_close(B @ A, eB @ eA, rtol=1e-9, atol=1e-10)
+    # Exact aggregation differs from averaging A and B separately (cross terms).
+    same_rank = clients(64, 96, [8, 8], g, torch.float64)
+    A, B = fastlora.aggregate_lora(same_rank, None, 16)   # default weights 1/N
+    naive = (0.5 * (same_rank[0][1] + same_rank[1][1])) @ (0.5 * (same_rank[0][0] + same_rank[1][0]))
+    exact = 0.5 * sum(b @ a for a, b in same_rank)
+    torch.testing.assert_close(B @ A, exact, rtol=1e-9, atol=1e-10)
+    assert (naive - exact).norm() > 0.1 * exact.norm()
+
+
+def test_aggregate_lora_one_client_full_rank_reproduces_it():
+    g = torch.Generator().manual_seed(10)
+    a, b = torch.randn(16, 128, generator=g), torch.randn(256, 16, generator=g)
+    A, B = fastlora.aggregate_lora([(a, b)], [1.0], 16)
+    torch.testing.assert_close(B @ A, b @ a, rtol=1e-5, atol=1e-5 * (b @ a).abs().max().item())
+    A, B = fastlora.aggregate_lora([(a.half(), b.half())], [1.0], 16)
+    assert A.dtype == B.dtype == torch.float16
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+def test_errors():
+    A = torch.randn(10, 6)
+    with pytest.raises(ValueError, match=r"rsvd: rank must be in \[1, min\(m, n\)\] = \[1, 6\], got 7"):
+        fastlora.rsvd(A, 7)
+    with pytest.raises(ValueError, match="rank must be in"):
+        fastlora.rsvd(A, 0)
+    with pytest.raises(ValueError, match="oversample"):
+        fastlora.rsvd(A, 2, oversample=-1)
+    with pytest.raises(ValueError, match="n_iter"):
+        fastlora.rsvd(A, 2, n_iter=-1)
+    with pytest.raises(ValueError, match="empty"):
+        fastlora.rsvd(torch.zeros(0, 5), 1)
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        fastlora.rsvd(torch.zeros(5), 1)
+    with pytest.raises(TypeError, match="floating point"):
+        fastlora.rsvd(torch.ones(4, 4, dtype=torch.int64), 1)
+    for bad in (float("nan"), float("inf")):
+        B = A.clone()
+        B[3, 2] = bad
+        with pytest.raises(ValueError, match="rsvd: the input contains non-finite"):
+            fastlora.rsvd(B, 2)
+    b, a = torch.randn(10, 4), torch.randn(4, 6)
+    with pytest.raises(ValueError, match="columns must equal"):
+        fastlora.svd_factored(b, torch.randn(3, 6))
+    with pytest.raises(ValueError, match="must be 2-D"):
+        fastlora.svd_factored(b, torch.randn(4))
+    with pytest.raises(ValueError, match="empty"):
+        fastlora.svd_factored([], [])
+    with pytest.raises(ValueError, match="empty"):
+        fastlora.svd_factored(torch.randn(0, 4), a)
+    with pytest.raises(ValueError, match=r"2 weights for 1 products"):
+        fastlora.svd_factored(b, a, [1.0, 2.0])
+    with pytest.raises(ValueError, match="weights"):
+        fastlora.svd_factored(b, a, [float("nan")])
+    a_bad = a.clone()
+    a_bad[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="svd_factored: factor 0: A contains non-finite"):
+        fastlora.svd_factored(b, a_bad)
+    with pytest.raises(ValueError, match=r"squeeze: rank must be in \[1, min\(out, in\)\] = \[1, 6\], got 7"):
+        fastlora.squeeze(a, b, 7)
+    with pytest.raises(ValueError, match="squeeze: rank must be"):
+        fastlora.squeeze(a, b, 0)
+    with pytest.raises(ValueError, match="lora_B's columns must equal lora_A's rows"):
+        fastlora.squeeze(torch.randn(3, 6), b, 2)
+    with pytest.raises(ValueError, match="scaling"):
+        fastlora.squeeze(a, b, 2, scaling=float("inf"))
+    with pytest.raises(ValueError, match="aggregate_lora: client 1: product is 10 x 7"):
+        fastlora.aggregate_lora([(a, b), (torch.randn(4, 7), b)], None, 2)
+    with pytest.raises(ValueError, match="aggregate_lora: client 1: B contains non-finite"):
+        fastlora.aggregate_lora([(a, b), (a, torch.full((10, 4), float("nan")))], None, 2)
+    with pytest.raises(ValueError, match="aggregate_lora: factors must not be empty"):
+        fastlora.aggregate_lora([], None, 2)
+    with pytest.raises(ValueError, match="aggregate_lora: rank must be"):
+        fastlora.aggregate_lora([(a, b)], None, 11)
+    with pytest.raises(ValueError, match="sparse has shape"):
+        fastlora.FactoredSum([(a, b)], sparse=SparseDelta(torch.tensor([0]), torch.ones(1),
+                                                          Layout([("", (5, 5), torch.float32)], False)))
+
+
+# --- op plumbing -------------------------------------------------------------------------------
+
+def test_opcheck():
+    g = torch.Generator().manual_seed(11)
+    Bs = [torch.randn(12, 3, generator=g), torch.randn(12, 5, generator=g, dtype=torch.float64)]
+    As = [torch.randn(3, 9, generator=g), torch.randn(5, 9, generator=g)]
+    w = torch.tensor([0.5, 2.0])
+    torch.library.opcheck(torch.ops.fastlora.svd_factored.default, (Bs, As, w))
+    torch.library.opcheck(torch.ops.fastlora.svd_factored.default, ([Bs[0]], [As[0]], w[:1]))
+    torch.library.opcheck(torch.ops.fastlora.lowrank_truncate.default, (Bs, As, w, 4))
+    torch.library.opcheck(torch.ops.fastlora.lowrank_truncate.default, ([Bs[0]], [As[0]], w[:1], 5))
+    A = torch.randn(2, 12, 9, generator=g)
+    torch.library.opcheck(torch.ops.fastlora.rsvd.default, (A, torch.randn(2, 9, 6, generator=g), 4, 2))
+    torch.library.opcheck(torch.ops.fastlora.rsvd.default, (A[0].half(), torch.randn(9, 6, generator=g), 4, 1))
+    idx, val = torch.tensor([1, 50, 107]), torch.randn(3, generator=g)
+    torch.library.opcheck(torch.ops.fastlora.rsvd_implicit.default,
+                          (Bs, As, w, idx, val, torch.randn(9, 6, generator=g), 12, 4, 2))
+    torch.library.opcheck(torch.ops.fastlora.rsvd_implicit.default,
+                          ([], [], torch.zeros(0), idx, val, torch.randn(9, 6, generator=g), 12, 4, 1))
+
+
+def test_torch_compile_fullgraph():
+    g = torch.Generator().manual_seed(12)
+    a1, b1 = torch.randn(4, 30, generator=g), torch.randn(20, 4, generator=g)
+    a2, b2 = torch.randn(8, 30, generator=g), torch.randn(20, 8, generator=g)
+    M, omega = torch.randn(20, 30, generator=g), torch.randn(30, 9, generator=g)
+
+    def server(a1, b1, a2, b2, M, omega):
+        A, B = fastlora.aggregate_lora([(a1, b1), (a2, b2)], [0.5, 0.5], 6)
+        A2, B2, rel = fastlora.squeeze(A, B, 3)
+        U, S, Vh = fastlora.svd_factored([b1, b2], [a1, a2])
+        u, s, vh = torch.ops.fastlora.rsvd(M, omega, 5, 2)
+        return B2 @ A2, rel, S, s
+
+    compiled = torch.compile(server, fullgraph=True, backend="aot_eager")
+    for x, y in zip(compiled(a1, b1, a2, b2, M, omega), server(a1, b1, a2, b2, M, omega)):
+        torch.testing.assert_close(x, y)
