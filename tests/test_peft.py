@@ -1,0 +1,438 @@
+"""fastlora.peft: PEFT's LoRA Linear running fastlora.lora_linear, on a tiny Llama (no download).
+
+Numerics (fp32) are compared against a float64 PEFT run with tolerances derived from PEFT's own
+fp32 error (tests/tolerance.py); API behaviour (merge, adapters, save/load, ...) is compared
+in float64, where both implementations agree to ~1e-15.
+"""
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft.tuners.lora.layer import Linear as PeftLinear  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import fastlora.peft as fp  # noqa: E402
+from fastlora.peft import LoraLinear  # noqa: E402
+from tolerance import assert_close_to_truth  # noqa: E402
+
+N_LAYERS = 14  # 2 decoder layers x (q, k, v, o, gate, up, down)
+VOCAB = 128
+
+
+def base_model(dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, vocab_size=VOCAB)
+    return LlamaForCausalLM(cfg).to(dtype)
+
+
+def lora_config(**kw):
+    kw = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear", **kw}
+    return LoraConfig(**kw)
+
+
+def randomize_lora_B(model, seed=1, std=0.1):
+    """PEFT initialises lora_B (and its bias) to zero; make every adapter's branch non-trivial."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * std)
+
+
+def peft_model(dtype=torch.float64, adapters=(), seed=0, **kw):
+    """A PEFT model with adapter "default" (and `adapters`: [(name, config kwargs)])."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # lora_bias on bias-free layers, transformers deprecations
+        model = get_peft_model(base_model(dtype, seed), lora_config(**kw))
+        for name, akw in adapters:
+            model.add_adapter(name, lora_config(**akw))
+    randomize_lora_B(model)
+    return model
+
+
+def patched_copy(model):
+    fast = copy.deepcopy(model)
+    assert fp.patch(fast) == N_LAYERS
+    return fast
+
+
+def inputs(batch=2, seq=16, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (batch, seq), generator=g)
+
+
+def lora_params(model):
+    return {n: p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad}
+
+
+def fwd_bwd(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad.detach().clone() for n, p in lora_params(model).items()}
+
+
+def logits(model, ids, **kw):
+    with torch.no_grad():
+        return model(ids, **kw).logits
+
+
+# --- numerics: forward logits and every LoRA gradient -------------------------------------------
+
+FEATURES = {
+    "plain": dict(kw={}),
+    "rslora": dict(kw={"use_rslora": True, "r": 16, "lora_alpha": 8}),
+    "lora_bias": dict(kw={"lora_bias": True}),
+    "two_adapters": dict(kw={"lora_bias": True},
+                         adapters=[("other", {"r": 4, "lora_alpha": 4, "use_rslora": True, "lora_bias": True})]),
+}
+
+
+@pytest.mark.parametrize("feature", FEATURES)
+def test_forward_and_gradients_match_peft(feature):
+    spec = FEATURES[feature]
+    truth_model = peft_model(torch.float64, spec.get("adapters", ()), **spec["kw"])
+    if spec.get("adapters"):
+        names = ["default"] + [n for n, _ in spec["adapters"]]
+        truth_model.base_model.set_adapter(names)
+    ref_model = copy.deepcopy(truth_model).float()
+    fast_model = patched_copy(ref_model)
+    ids = inputs()
+    truth_y, truth_g = fwd_bwd(truth_model, ids)
+    ref_y, ref_g = fwd_bwd(ref_model, ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fast path must not fall back
+        out_y, out_g = fwd_bwd(fast_model, ids)
+    assert fp.fast_path_calls(fast_model) == N_LAYERS
+    assert_close_to_truth(out_y, ref_y, truth_y, "logits")
+    n_adapters = 1 + len(spec.get("adapters", ()))
+    n_lora_bias = n_adapters if spec["kw"].get("lora_bias") else 0
+    assert len(truth_g) == N_LAYERS * (2 * n_adapters + n_lora_bias)
+    assert out_g.keys() == truth_g.keys()
+    assert_grads_close_to_truth(out_g, ref_g, truth_g)
+
+
+def assert_grads_close_to_truth(out_g, ref_g, truth_g, per_tensor_factor=4):
+    """tolerance.py's rule, in L2, for gradients of a whole network.
+
+    Through a network, the gradient error of a layer is dominated by rounding differences
+    of the layers above, amplified (e.g. by the softmax backward of attention) -- fastlora and
+    PEFT sum in different but equally accurate orders, so per tensor the ratio of their errors
+    is a ratio of two random quantities with a heavy tail. So: over all LoRA gradients
+    together, fastlora's error <= 2 x PEFT's + floor; per tensor, <= 4 x PEFT's + floor."""
+    def l2(d, name=None):
+        keys = [name] if name else list(truth_g)
+        return torch.cat([d[k].double().flatten() for k in keys])
+
+    for name in [None, *truth_g]:
+        truth = l2(truth_g, name)
+        err = (l2(out_g, name) - truth).norm().item()
+        ref_err = (l2(ref_g, name) - truth).norm().item()
+        floor = 4 * torch.finfo(torch.float32).eps * truth.norm().item()
+        factor = 2 if name is None else per_tensor_factor
+        assert err <= factor * ref_err + floor, (
+            f"{name or 'all LoRA grads'}: L2 error {err:.3g} vs float64 truth exceeds {factor} x "
+            f"PEFT's {ref_err:.3g} + floor {floor:.3g}")
+
+
+def adamw_losses(model, steps=4, seed=0):
+    torch.manual_seed(seed)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for i in range(steps):
+        ids = inputs(seed=100 + i)
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_adamw_steps_match_peft_without_dropout():
+    ref = peft_model(torch.float32, lora_bias=True)
+    fast = patched_copy(ref)
+    ref_losses, fast_losses = adamw_losses(ref), adamw_losses(fast)
+    assert fp.fast_path_calls(fast) == 4 * N_LAYERS
+    torch.testing.assert_close(torch.tensor(fast_losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
+    assert fast_losses[-1] < fast_losses[0]
+    # (Parameters are not compared: Adam normalises gradients, so parameters whose true
+    # gradient is zero -- e.g. k_proj's lora_B bias, invisible to softmax -- move by +-lr on
+    # rounding noise in either implementation.)
+
+
+def test_dropout_statistics_match_peft():
+    """Different random streams: compare the distribution of the training loss over seeds."""
+    ref = peft_model(torch.float32, lora_dropout=0.3)
+    for name, p in lora_params(ref).items():  # a large LoRA branch, so dropout matters
+        if "lora_B" in name:
+            p.data.mul_(10)
+    fast = patched_copy(ref)
+    ids = inputs(batch=4, seq=32)
+
+    def losses(model):
+        model.train()
+        out = []
+        with torch.no_grad():
+            for seed in range(12):
+                torch.manual_seed(seed)
+                out.append(model(ids, labels=ids).loss.item())
+        return torch.tensor(out, dtype=torch.float64)
+
+    ref_l, fast_l = losses(ref), losses(fast)
+    ref.eval()
+    fast.eval()
+    eval_ref = logits(ref, ids)
+    assert_eval = logits(fast, ids)
+    torch.testing.assert_close(assert_eval, eval_ref, rtol=1e-4, atol=1e-4)  # eval: dropout off
+    assert fp.fast_path_calls(fast) == 13 * N_LAYERS
+    # Dropout is really applied (losses vary with the seed) and with the same spread ...
+    assert fast_l.std() > 0 and 0.5 < fast_l.std() / ref_l.std() < 2
+    # ... and the same mean, within 4 standard errors of the difference (fixed seeds: deterministic).
+    se = (ref_l.var() / len(ref_l) + fast_l.var() / len(fast_l)).sqrt()
+    assert (fast_l.mean() - ref_l.mean()).abs() < 4 * se
+    # Training with dropout: both decrease the loss similarly.
+    ref_tr, fast_tr = adamw_losses(ref, steps=6), adamw_losses(fast, steps=6)
+    assert fast_tr[-1] < fast_tr[0] and ref_tr[-1] < ref_tr[0]
+    assert abs(fast_tr[-1] - ref_tr[-1]) < 0.25 * (ref_tr[0] - ref_tr[-1]) + 4 * se
+
+
+# --- patch / unpatch / register ----------------------------------------------------------------
+
+def test_patch_unpatch_keep_parameter_objects():
+    model = peft_model()
+    params = list(model.named_parameters())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert fp.patch(model) == N_LAYERS
+    assert fp.patch(model) == 0  # already patched
+    layers = [m for m in model.modules() if isinstance(m, PeftLinear)]
+    assert len(layers) == N_LAYERS and all(type(m) is LoraLinear for m in layers)
+    assert all(a is b and na == nb for (na, a), (nb, b) in zip(params, model.named_parameters()))
+    assert model.state_dict().keys() == state.keys()
+    model(inputs())
+    assert fp.fast_path_calls(model) == N_LAYERS
+    assert fp.unpatch(model) == N_LAYERS
+    assert fp.unpatch(model) == 0
+    assert all(type(m) is PeftLinear for m in layers)
+    assert not any(hasattr(m, "fastlora_calls") for m in layers)
+    assert all(a is b for (_, a), (_, b) in zip(params, model.named_parameters()))
+    assert fp.fast_path_calls(model) == 0
+
+
+def test_register_builds_lora_linear_layers():
+    base = base_model()
+    config = fp.register(lora_config())
+    model = get_peft_model(base, config)
+    layers = [m for m in model.modules() if isinstance(m, PeftLinear)]
+    assert len(layers) == N_LAYERS and all(type(m) is LoraLinear for m in layers)
+    randomize_lora_B(model)
+    stock = peft_model()
+    torch.testing.assert_close(logits(model, inputs()), logits(stock, inputs()))
+    assert fp.fast_path_calls(model) == N_LAYERS
+    assert fp.unpatch(model) == N_LAYERS
+
+
+# --- save / load ----------------------------------------------------------------------------------
+
+def saved(path):
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    config = json.loads((path / "adapter_config.json").read_text())
+    # PEFT expands "all-linear" through a set: the list order follows string hashing, even
+    # between two stock PEFT models in one process.
+    config["target_modules"] = sorted(config["target_modules"])
+    return tensors, config
+
+
+def test_save_pretrained_same_files_both_ways(tmp_path):
+    stock = peft_model(lora_bias=True)
+    fast = patched_copy(stock)
+    registered = get_peft_model(base_model(), fp.register(lora_config(lora_bias=True)))
+    registered.load_state_dict(stock.state_dict())
+    stock.save_pretrained(tmp_path / "stock")
+    fast.save_pretrained(tmp_path / "fast")
+    registered.save_pretrained(tmp_path / "registered")
+    st_t, st_c = saved(tmp_path / "stock")
+    for name in ("fast", "registered"):
+        t, c = saved(tmp_path / name)
+        assert c == st_c
+        assert t.keys() == st_t.keys() and all(torch.equal(t[k], st_t[k]) for k in t)
+    assert all(".lora_A.weight" in k or ".lora_B." in k for k in st_t) and len(st_t) == 3 * N_LAYERS
+
+    ids = inputs()
+    # fastlora-saved -> stock PEFT (no patching): identical weights, identical outputs.
+    loaded = PeftModel.from_pretrained(base_model(), tmp_path / "fast")
+    assert not any(type(m) is LoraLinear for m in loaded.modules())
+    assert torch.equal(logits(loaded, ids), logits(stock, ids))
+    # PEFT-saved -> fastlora.
+    fast_loaded = fp.from_pretrained(base_model(), tmp_path / "stock")
+    assert sum(type(m) is LoraLinear for m in fast_loaded.modules()) == N_LAYERS
+    torch.testing.assert_close(logits(fast_loaded, ids), logits(stock, ids))
+    assert fp.fast_path_calls(fast_loaded) == N_LAYERS
+
+
+# --- PEFT API on patched models (float64) ------------------------------------------------------
+
+def two_adapter_pair():
+    # No lora_bias here: PEFT cannot merge it into Llama's bias-free linear layers.
+    stock = peft_model(adapters=[("other", {"r": 4, "lora_alpha": 8, "use_rslora": True})])
+    stock.eval()  # PEFT refuses adapter_names in training mode
+    return stock, patched_copy(stock)
+
+
+def assert_same(stock, fast, ids=None, **kw):
+    ids = inputs() if ids is None else ids
+    torch.testing.assert_close(logits(fast, ids, **kw), logits(stock, ids, **kw))
+
+
+def test_merge_unmerge_and_merge_and_unload():
+    stock, fast = two_adapter_pair()
+    stock_base = base_model()
+    assert_same(stock, fast)
+    with pytest.warns(UserWarning, match="merged"):
+        for m in (stock, fast):
+            m.merge_adapter()
+        calls = fp.fast_path_calls(fast)
+        assert_same(stock, fast)
+    assert fp.fast_path_calls(fast) == calls  # merged: fallback, not counted
+    for m in (stock, fast):
+        m.unmerge_adapter()
+    assert_same(stock, fast)
+    assert fp.fast_path_calls(fast) == calls + N_LAYERS
+    unloaded = {}
+    for name, m in (("stock", stock), ("fast", fast)):
+        unloaded[name] = copy.deepcopy(m).merge_and_unload(safe_merge=True)
+    assert not any(isinstance(m, PeftLinear) for m in unloaded["fast"].modules())
+    torch.testing.assert_close(logits(unloaded["fast"], inputs()), logits(stock, inputs()))
+    torch.testing.assert_close(logits(unloaded["fast"], inputs()), logits(unloaded["stock"], inputs()))
+    assert not torch.allclose(logits(stock_base, inputs()), logits(stock, inputs()))
+
+
+def test_disable_adapter_set_adapter_delete_and_weighted():
+    stock, fast = two_adapter_pair()
+    base = base_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # disabled adapters: silent (nothing to fuse)
+        with fast.disable_adapter():
+            calls = fp.fast_path_calls(fast)
+            torch.testing.assert_close(logits(fast, inputs()), logits(base, inputs()))
+            assert fp.fast_path_calls(fast) == calls
+    for name in ("other", "default"):
+        for m in (stock, fast):
+            m.set_adapter(name)
+        assert_same(stock, fast)
+    for m in (stock, fast):
+        m.add_weighted_adapter(["default", "other"], [0.7, 0.4], "combo", combination_type="cat")
+        m.set_adapter("combo")
+    assert sum(type(m) is LoraLinear and "combo" in m.lora_A for m in fast.modules()) == N_LAYERS
+    before = fp.fast_path_calls(fast)
+    assert_same(stock, fast)
+    assert fp.fast_path_calls(fast) == before + N_LAYERS
+    for m in (stock, fast):
+        m.delete_adapter("other")
+    assert not any("other" in m.lora_A for m in fast.modules() if isinstance(m, PeftLinear))
+    assert_same(stock, fast)
+
+
+# --- fallbacks -----------------------------------------------------------------------------------
+
+def test_dora_falls_back_with_one_warning_and_same_result():
+    stock = peft_model(use_dora=True)
+    fast = patched_copy(stock)
+    with pytest.warns(UserWarning, match=r"DoRA \(use_dora=True\)") as record:
+        assert_same(stock, fast)
+    n = len([w for w in record if "fastlora" in str(w.message)])
+    assert n >= 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per layer and reason
+        assert_same(stock, fast)
+    assert fp.fast_path_calls(fast) == 0
+
+
+def test_mixed_batch_adapter_names_falls_back():
+    stock, fast = two_adapter_pair()
+    ids = inputs(batch=3)
+    names = ["default", "other", "__base__"]
+    with pytest.warns(UserWarning, match="adapter_names"):
+        assert_same(stock, fast, ids, adapter_names=names)
+    assert fp.fast_path_calls(fast) == 0
+    assert_same(stock, fast, ids)  # the fast path is still used afterwards
+    assert fp.fast_path_calls(fast) == N_LAYERS
+
+
+def test_several_adapters_with_dropout_fall_back_single_adapter_does_not():
+    stock = peft_model(torch.float32, adapters=[("other", {"lora_dropout": 0.1})], lora_dropout=0.1)
+    fast = patched_copy(stock)
+    stock.base_model.set_adapter(["default", "other"])
+    fast.base_model.set_adapter(["default", "other"])
+    fast.train()
+    with pytest.warns(UserWarning, match="dropout in training mode"):
+        fast(inputs())
+    assert fp.fast_path_calls(fast) == 0
+    stock.eval()
+    fast.eval()  # dropout modules in eval mode: concatenated fast path
+    torch.testing.assert_close(logits(fast, inputs()), logits(stock, inputs()), rtol=1e-4, atol=1e-5)
+    assert fp.fast_path_calls(fast) == N_LAYERS
+
+
+def test_mixed_dtype_and_non_linear_base_fall_back():
+    layer = PeftLinear(torch.nn.Linear(16, 8), "default", config=lora_config(r=2), r=2, lora_alpha=4)
+    torch.nn.init.normal_(layer.lora_B["default"].weight)
+    fp.patch(layer)
+    x = torch.randn(3, 16)
+    layer.lora_A["default"].double()
+    layer.lora_B["default"].double()
+    ref = PeftLinear.forward(layer, x)
+    with pytest.warns(UserWarning, match="mixed dtypes"):
+        out = layer(x)
+    assert out.dtype == torch.float32 and torch.equal(out, ref)
+    assert layer.fastlora_calls == 0
+
+    class MyLinear(torch.nn.Linear):  # stands in for bitsandbytes Linear4bit (an nn.Linear subclass)
+        pass
+
+    sub = PeftLinear(MyLinear(16, 8), "default", config=lora_config(r=2), r=2, lora_alpha=4)
+    fp.patch(sub)
+    with pytest.warns(UserWarning, match="not torch.nn.Linear"):
+        torch.testing.assert_close(sub(x), PeftLinear.forward(sub, x))
+
+
+# --- torch.compile ----------------------------------------------------------------------------------
+
+def test_torch_compile_single_layer_fullgraph():
+    torch._dynamo.reset()
+    layer = PeftLinear(torch.nn.Linear(32, 48), "default", config=lora_config(r=4, lora_bias=True),
+                       r=4, lora_alpha=8, lora_bias=True)
+    torch.nn.init.normal_(layer.lora_B["default"].weight)
+    fp.patch(layer)
+    layer.eval()
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    eager = layer(x)
+    gx_eager = torch.autograd.grad(eager.sum(), x)[0]
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    gx = torch.autograd.grad(out.sum(), x)[0]
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(gx, gx_eager)
+    assert layer.fastlora_calls == 2
+
+
+def test_torch_compile_whole_model():
+    torch._dynamo.reset()
+    stock = peft_model(torch.float32, lora_bias=True)
+    fast = patched_copy(stock)
+    ids = inputs()
+    eager = logits(fast, ids)
+    compiled = torch.compile(fast, backend="aot_eager")
+    torch.testing.assert_close(logits(compiled, ids), eager)
+    torch.testing.assert_close(eager, logits(stock, ids), rtol=1e-4, atol=1e-5)
+    assert fp.fast_path_calls(fast) == 2 * N_LAYERS
