@@ -17,7 +17,7 @@ def load(path):
         data = json.load(f)
     groups = OrderedDict()
     for b in data["benchmarks"]:
-        groups.setdefault(b["group"], []).append(b)
+        groups.setdefault(b["group"] or b["name"], []).append(b)
     return data.get("machine_info", {}), groups
 
 

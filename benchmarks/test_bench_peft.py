@@ -25,6 +25,7 @@ import fastlora.peft as fp  # noqa: E402
 HIDDEN, INTERMEDIATE, LAYERS, HEADS, SEQ, BATCH, VOCAB = 512, 1376, 4, 8, 256, 4, 1000
 R, ALPHA, DROPOUT = 16, 32, 0.05
 # Asserted: measured to hold with margin on 2 CPU threads (see the module docstring).
+MIN_SPEEDUP = 1.15
 MIN_MEMORY_SAVING = 0.15
 
 
@@ -136,6 +137,9 @@ def test_targets(setup, record_property, benchmark):
     for k, v in info.items():
         record_property(k, v)
     benchmark.extra_info.update(info)
+    benchmark.group = "peft targets"
     benchmark.pedantic(lambda: None, rounds=1)  # carries extra_info into the benchmark report
     print(info)
     assert info["lora_saved_reduction"] >= MIN_MEMORY_SAVING, info
+    # Measured 1.27x on the 2-core CPU machine (README); the target is 1.15x.
+    assert info["speedup"] >= MIN_SPEEDUP, info

@@ -90,6 +90,18 @@ int64_t block_rows(int64_t cols, int64_t elem_size) {
   return std::max<int64_t>(16, rows / 16 * 16);
 }
 
+// Runs body over the row blocks: one thread per block when there are enough blocks to keep
+// every thread busy, otherwise sequentially so that each small GEMM gets all threads (a
+// decode-sized batch is one block: single-threaded blocks would leave cores idle).
+template <typename F>
+void run_blocks(int64_t nblocks, const F& body) {
+  if (nblocks >= 2 * at::get_num_threads()) {
+    at::parallel_for(0, nblocks, 1, body);
+  } else if (nblocks > 0) {
+    body(0, nblocks);
+  }
+}
+
 Tensor row_major(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 int64_t seed_value(const Tensor& seed) { return seed.item<int64_t>(); }
@@ -121,7 +133,8 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_cpu(const Tensor& x_in, const Tensor&
     // on it (single-threaded inside the parallel region), so x is read once.
     xa = at::empty({M, r}, x.options());
     const int64_t bm = std::min(M, block_rows(K, x.element_size()));
-    at::parallel_for(0, (M + bm - 1) / bm, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t nblocks = (M + bm - 1) / bm;
+    auto body = [&](int64_t b0, int64_t b1) {
       // Worker threads do not inherit the caller's dispatch state: we are below autograd.
       at::AutoDispatchBelowAutograd below_autograd;
       Tensor xdrop = at::empty({bm, K}, x.options());
@@ -132,7 +145,8 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_cpu(const Tensor& x_in, const Tensor&
         Tensor xa_blk = xa.narrow(0, r0, n);
         at::mm_out(xa_blk, xd, lora_A.t());
       }
-    });
+    };
+    run_blocks(nblocks, body);
   }
 
   // y = bias + s * lora_B_bias + s * xa @ B^T, then y += x @ W^T inside the base GEMM.
@@ -181,7 +195,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_cpu(
   const int nthreads = std::max(1, at::get_num_threads());  // thread ids are < this
   std::vector<Tensor> part_A(nthreads), part_Bt(nthreads);
   Tensor grad_x = need_x ? at::empty({M, K}, x.options()) : empty();
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+  auto body = [&](int64_t b0, int64_t b1) {
     at::AutoDispatchBelowAutograd below_autograd;  // worker threads: see the forward
     const int tid = at::get_thread_num();
     Tensor& pa = part_A[tid];
@@ -208,7 +222,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_cpu(
         if (d.active) dropout_rows_(gx, gx, r0, d);
       }
     }
-  });
+  };
+  run_blocks(nblocks, body);
   Tensor acc_A, acc_Bt;
   for (int t = 0; t < nthreads; ++t) {  // fixed order
     if (!part_A[t].defined()) continue;
