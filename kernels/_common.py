@@ -22,3 +22,16 @@ def on_device(device: torch.device):
     """Context to launch on the tensors' GPU even if it is not the current one (no-op on CPU,
     where the interpreter runs)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+_SM_COUNT: dict = {}
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached); 1 elsewhere (the interpreter)."""
+    if device.type != "cuda":
+        return 1
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]

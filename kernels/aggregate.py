@@ -65,7 +65,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import on_device as _on_device
+from ._common import on_device as _on_device, num_sms as _num_sms
 
 # The Triton CPU interpreter (tests) has gaps: bf16 -> fp32 conversion flushes denormals and
 # bf16 arithmetic is wrong there, so bf16 values are loaded as raw uint16 and widened by hand
@@ -83,16 +83,6 @@ _MAX_GRID_Y = 65535     # CUDA's limit on grid dimension 1
 # ----------------------------------------------------------------------------------------------
 # sizes (tests monkeypatch these; the result never depends on them)
 # ----------------------------------------------------------------------------------------------
-_SM_COUNT: dict = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
 
 
 def _chunk_size(numel: int, device: torch.device) -> int:

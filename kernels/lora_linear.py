@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import fmix32 as _fmix32, on_device as _on_device
+from ._common import fmix32 as _fmix32, on_device as _on_device, num_sms as _num_sms
 
 # The Triton CPU interpreter (tests) has gaps that the kernels work around when INTERPRET is
 # set; on a GPU the branches compile away:
@@ -215,16 +215,6 @@ def _dropout_args(p: float, seed: int):
     return to_i32(lo), to_i32(hi), threshold, scale
 
 
-_SM_COUNT: dict = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:

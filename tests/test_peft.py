@@ -17,21 +17,12 @@ pytest.importorskip("transformers")
 
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.tuners.lora.layer import Linear as PeftLinear  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import fastlora.peft as fp  # noqa: E402
+from tiny_llama import N_LAYERS, VOCAB, base_model  # noqa: E402
 from fastlora.peft import LoraLinear  # noqa: E402
 from tolerance import assert_close_to_truth  # noqa: E402
 
-N_LAYERS = 14  # 2 decoder layers x (q, k, v, o, gate, up, down)
-VOCAB = 128
-
-
-def base_model(dtype=torch.float64, seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=4, vocab_size=VOCAB)
-    return LlamaForCausalLM(cfg).to(dtype)
 
 
 def lora_config(**kw):
