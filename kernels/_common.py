@@ -1,5 +1,6 @@
 """Pieces shared by the Triton kernel modules (still leaves: torch and triton only)."""
 import contextlib
+from collections import OrderedDict
 
 import torch
 import triton
@@ -35,3 +36,17 @@ def num_sms(device: torch.device) -> int:
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _SM_COUNT[idx]
+
+
+def lru_get(cache: OrderedDict, key, make, size: int):
+    """cache[key], built by make() on a miss; keeps the `size` most recently used entries.
+    Used for the per-tensor-list tables the launchers build (block / chunk tables)."""
+    value = cache.get(key)
+    if value is None:
+        value = make()
+        cache[key] = value
+        if len(cache) > size:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    return value

@@ -65,7 +65,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import on_device as _on_device, num_sms as _num_sms
+from ._common import on_device as _on_device, num_sms as _num_sms, lru_get as _lru_get
 
 # The Triton CPU interpreter (tests) has gaps: bf16 -> fp32 conversion flushes denormals and
 # bf16 arithmetic is wrong there, so bf16 values are loaded as raw uint16 and widened by hand
@@ -288,15 +288,7 @@ _CHUNK_CACHE_SIZE = 16
 
 def _chunks(out, ch: int, device: torch.device) -> _Chunks:
     key = (ch, str(device), tuple((o.data_ptr(), o.numel()) for o in out))
-    t = _CHUNKS.get(key)
-    if t is None:
-        t = _Chunks(out, ch, device)
-        _CHUNKS[key] = t
-        if len(_CHUNKS) > _CHUNK_CACHE_SIZE:
-            _CHUNKS.popitem(last=False)
-    else:
-        _CHUNKS.move_to_end(key)
-    return t
+    return _lru_get(_CHUNKS, key, lambda: _Chunks(out, ch, device), _CHUNK_CACHE_SIZE)
 
 
 def _check_args(out, indices, values, weights):

@@ -63,7 +63,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import fmix32 as _fmix32, on_device as _on_device
+from ._common import fmix32 as _fmix32, on_device as _on_device, lru_get as _lru_get
 
 # The Triton CPU interpreter (tests) converts bf16 -> fp32 with denormals flushed to zero (and
 # bf16 arithmetic is wrong there), so bf16 deltas are loaded as raw uint16 and widened by hand
@@ -290,15 +290,7 @@ def _plan(deltas, residuals, block, device) -> _Plan:
     key = (block, str(device),
            tuple((d.data_ptr(), d.numel(), _DTYPE_CODE[d.dtype]) for d in deltas),
            tuple(r.data_ptr() for r in residuals))
-    plan = _PLANS.get(key)
-    if plan is None:
-        plan = _Plan(deltas, residuals, block, device)
-        _PLANS[key] = plan
-        if len(_PLANS) > _PLAN_CACHE_SIZE:
-            _PLANS.popitem(last=False)
-    else:
-        _PLANS.move_to_end(key)
-    return plan
+    return _lru_get(_PLANS, key, lambda: _Plan(deltas, residuals, block, device), _PLAN_CACHE_SIZE)
 
 
 def _sample_stride(n: int, nb: int, block: int) -> int:

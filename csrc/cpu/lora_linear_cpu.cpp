@@ -6,9 +6,10 @@
 //  * the LoRA expand and the bias are written into the output first and the base GEMM then
 //    accumulates on top of them (beta = 1), so the LoRA branch costs no extra pass over the
 //    M x N output;
-//  * backward walks the rows in blocks and computes g = s * dY @ B once per block, reusing it
-//    for d lora_A and for the LoRA term of dX, which is again written first and then
-//    accumulated into by the dY @ W GEMM while the block is still in cache.
+//  * backward is one pass over L2-sized blocks of rows (one thread per block when there are
+//    enough blocks): g = s * dY @ B once per block, reused for d lora_A and for the LoRA term
+//    of dX (masked as it is written); d lora_A / d lora_B are per-thread partials summed in a
+//    fixed order; the dY @ W GEMM then accumulates onto dX at full size (beta = 1).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>

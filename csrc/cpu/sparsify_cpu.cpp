@@ -111,37 +111,49 @@ class Sparsifier {
     return keys;
   }
 
+  // Runs f(item index, item) over the work items in parallel.
+  template <typename F>
+  void parallel_items(const F& f) const {
+    at::parallel_for(0, static_cast<int64_t>(items_.size()), 1, [&](int64_t b, int64_t e) {
+      for (int64_t it = b; it < e; ++it) f(it, items_[it]);
+    });
+  }
+
+  // Calls g(local index, v, key) for every element of a work item, in flat order.
+  template <typename G>
+  void for_each_value(const WorkItem& w, const G& g) const {
+    const Source& s = src_[w.src];
+    with_delta(s, [&](auto* d) {
+      for (int64_t i = w.begin; i < w.end; ++i) {
+        const float v = value_at(d, s.residual, i);
+        g(i, v, key_of(v));
+      }
+    });
+  }
+
   // Pass 1: read-only; candidates with key >= lo, count >= t, first non-finite per item.
   std::vector<Candidates> collect(uint32_t lo, uint32_t t) const {
     std::vector<Candidates> out(items_.size());
-    at::parallel_for(0, static_cast<int64_t>(items_.size()), 1, [&](int64_t b, int64_t e) {
-      for (int64_t it = b; it < e; ++it) {
-        const WorkItem& w = items_[it];
-        const Source& s = src_[w.src];
-        Candidates& c = out[it];
-        const int64_t cap = (w.end - w.begin) / 4 + 64;  // beyond this the sample misled us
-        with_delta(s, [&](auto* d) {
-          int64_t above_t = 0;
-          for (int64_t i = w.begin; i < w.end; ++i) {
-            const float v = value_at(d, s.residual, i);
-            const uint32_t key = key_of(v);
-            if (key >= lo) {
-              if (key >= kNonFiniteKey) {
-                if (c.nonfinite < 0) c.nonfinite = i;
-                continue;
-              }
-              above_t += key >= t;
-              if (static_cast<int64_t>(c.index.size()) < cap) {
-                c.index.push_back(s.offset + i);
-                c.value.push_back(v);
-              } else {
-                c.overflow = true;
-              }
-            }
-          }
-          c.above_t = above_t;
-        });
-      }
+    parallel_items([&](int64_t it, const WorkItem& w) {
+      Candidates& c = out[it];
+      const int64_t offset = src_[w.src].offset;
+      const int64_t cap = (w.end - w.begin) / 4 + 64;  // beyond this the sample misled us
+      int64_t above_t = 0;
+      for_each_value(w, [&](int64_t i, float v, uint32_t key) {
+        if (key < lo) return;
+        if (key >= kNonFiniteKey) {
+          if (c.nonfinite < 0) c.nonfinite = i;
+          return;
+        }
+        above_t += key >= t;
+        if (static_cast<int64_t>(c.index.size()) < cap) {
+          c.index.push_back(offset + i);
+          c.value.push_back(v);
+        } else {
+          c.overflow = true;
+        }
+      });
+      c.above_t = above_t;
     });
     return out;
   }
@@ -175,18 +187,11 @@ class Sparsifier {
       const uint32_t bin_mask = static_cast<uint32_t>(bins - 1);
       const int nthreads = at::get_num_threads();
       std::vector<std::vector<int64_t>> hist(nthreads, std::vector<int64_t>(bins, 0));
-      at::parallel_for(0, static_cast<int64_t>(items_.size()), 1, [&](int64_t b, int64_t e) {
+      parallel_items([&](int64_t, const WorkItem& w) {
         auto& h = hist[at::get_thread_num()];
-        for (int64_t it = b; it < e; ++it) {
-          const WorkItem& w = items_[it];
-          const Source& s = src_[w.src];
-          with_delta(s, [&](auto* d) {
-            for (int64_t i = w.begin; i < w.end; ++i) {
-              const uint32_t key = key_of(value_at(d, s.residual, i));
-              if ((key & prefix_mask) == prefix) ++h[(key >> shift) & bin_mask];
-            }
-          });
-        }
+        for_each_value(w, [&](int64_t, float, uint32_t key) {
+          if ((key & prefix_mask) == prefix) ++h[(key >> shift) & bin_mask];
+        });
       });
       std::vector<int64_t> total(bins, 0);
       for (const auto& h : hist)
@@ -206,18 +211,11 @@ class Sparsifier {
   void compact(uint32_t T, int64_t quota, std::vector<int64_t>& idx, std::vector<float>& val) const {
     const int64_t ni = static_cast<int64_t>(items_.size());
     std::vector<int64_t> gt(ni, 0), eq(ni, 0);
-    at::parallel_for(0, ni, 1, [&](int64_t b, int64_t e) {
-      for (int64_t it = b; it < e; ++it) {
-        const WorkItem& w = items_[it];
-        const Source& s = src_[w.src];
-        with_delta(s, [&](auto* d) {
-          for (int64_t i = w.begin; i < w.end; ++i) {
-            const uint32_t key = key_of(value_at(d, s.residual, i));
-            gt[it] += key > T;
-            eq[it] += key == T;
-          }
-        });
-      }
+    parallel_items([&](int64_t it, const WorkItem& w) {
+      for_each_value(w, [&](int64_t, float, uint32_t key) {
+        gt[it] += key > T;
+        eq[it] += key == T;
+      });
     });
     std::vector<int64_t> pos(ni + 1, 0), take_eq(ni, 0);
     for (int64_t it = 0; it < ni; ++it) {
@@ -227,50 +225,35 @@ class Sparsifier {
     }
     idx.resize(pos[ni]);
     val.resize(pos[ni]);
-    at::parallel_for(0, ni, 1, [&](int64_t b, int64_t e) {
-      for (int64_t it = b; it < e; ++it) {
-        const WorkItem& w = items_[it];
-        const Source& s = src_[w.src];
-        int64_t p = pos[it], left = take_eq[it];
-        with_delta(s, [&](auto* d) {
-          for (int64_t i = w.begin; i < w.end; ++i) {
-            const float v = value_at(d, s.residual, i);
-            const uint32_t key = key_of(v);
-            if (key > T || (key == T && left > 0)) {
-              left -= key == T;
-              idx[p] = s.offset + i;
-              val[p] = v;
-              ++p;
-            }
-          }
-        });
-      }
+    parallel_items([&](int64_t it, const WorkItem& w) {
+      const int64_t offset = src_[w.src].offset;
+      int64_t p = pos[it], left = take_eq[it];
+      for_each_value(w, [&](int64_t i, float v, uint32_t key) {
+        if (key > T || (key == T && left > 0)) {
+          left -= key == T;
+          idx[p] = offset + i;
+          val[p] = v;
+          ++p;
+        }
+      });
     });
   }
 
   // Final pass: residual = v everywhere, then residual = v - sent at kept entries.
   void update_residuals(const std::vector<int64_t>& idx, const std::vector<float>& sent_f32) const {
     if (src_.empty() || src_[0].residual == nullptr) return;
-    at::parallel_for(0, static_cast<int64_t>(items_.size()), 1, [&](int64_t b, int64_t e) {
-      for (int64_t it = b; it < e; ++it) {
-        const WorkItem& w = items_[it];
-        const Source& s = src_[w.src];
-        float* r = s.residual;
-        with_delta(s, [&](auto* d) {
-          for (int64_t i = w.begin; i < w.end; ++i) r[i] = static_cast<float>(d[i]) + r[i];
-        });
-        const int64_t g0 = s.offset + w.begin, g1 = s.offset + w.end;
-        auto lo = std::lower_bound(idx.begin(), idx.end(), g0);
-        auto hi = std::lower_bound(lo, idx.end(), g1);
-        for (auto p = lo; p != hi; ++p) {
-          const int64_t j = p - idx.begin();
-          r[*p - s.offset] -= sent_f32[j];
-        }
-      }
+    parallel_items([&](int64_t, const WorkItem& w) {
+      const Source& s = src_[w.src];
+      float* r = s.residual;
+      with_delta(s, [&](auto* d) {
+        for (int64_t i = w.begin; i < w.end; ++i) r[i] = static_cast<float>(d[i]) + r[i];
+      });
+      const int64_t g0 = s.offset + w.begin, g1 = s.offset + w.end;
+      auto lo = std::lower_bound(idx.begin(), idx.end(), g0);
+      auto hi = std::lower_bound(lo, idx.end(), g1);
+      for (auto p = lo; p != hi; ++p) r[*p - s.offset] -= sent_f32[p - idx.begin()];
     });
   }
-
-  const std::vector<WorkItem>& items() const { return items_; }
 
  private:
   std::vector<Source> src_;

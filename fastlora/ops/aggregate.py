@@ -73,9 +73,12 @@ def sparse_aggregate(deltas: Sequence[Union[SparseDelta, bytes, bytearray, memor
         raise ValueError("sparse_aggregate: k / density only apply with sparse='topk'")
 
     if layout is None:
-        layout = _first_layout(deltas, max_numel)
-    if layout is None:
-        raise ValueError("sparse_aggregate: no deltas and no layout given")
+        if not deltas:
+            raise ValueError("sparse_aggregate: no deltas and no layout given")
+        # The first delta defines the layout; a decoded payload replaces its bytes so that it
+        # is not decoded a second time below.
+        deltas[0] = _materialise(deltas[0], None, 0, max_numel)
+        layout = deltas[0].layout
 
     if out is not None:
         target = _as_list(out, layout, "out")
@@ -120,26 +123,14 @@ def sparse_aggregate(deltas: Sequence[Union[SparseDelta, bytes, bytearray, memor
     return SparseDelta._trusted(sd.indices, sd.values, layout)
 
 
-def _first_layout(deltas, max_numel):
-    for d in deltas:
-        if isinstance(d, SparseDelta):
-            return d.layout
-        from fastlora import codec
-
-        try:
-            return codec.decode(d, **_max(max_numel)).layout
-        except codec.DecodeError:
-            return None  # fingerprint-only payload: the caller must pass layout
-    return None
-
-
 def _max(max_numel):
     return {} if max_numel is None else {"max_numel": max_numel}
 
 
-def _materialise(d, layout: Layout, client: int, max_numel) -> SparseDelta:
+def _materialise(d, layout: Optional[Layout], client: int, max_numel) -> SparseDelta:
+    """A SparseDelta of the given layout (None: any) from a SparseDelta or a payload."""
     if isinstance(d, SparseDelta):
-        if d.layout != layout:
+        if layout is not None and d.layout != layout:
             raise ValueError(f"sparse_aggregate: client {client}: layout {d.layout!r} differs from {layout!r}")
         return d
     if isinstance(d, (bytes, bytearray, memoryview)):

@@ -4,17 +4,15 @@
 #include <c10/util/Exception.h>
 
 #include <cstdio>
+
+#include "expect.h"
 #include <optional>
 #include <string>
 
+using fastlora_test::expect;
+using fastlora_test::finish;
+
 namespace {
-
-int failures = 0;
-
-void expect(bool cond, const std::string& what) {
-  std::printf("%s: %s\n", cond ? "ok  " : "FAIL", what.c_str());
-  if (!cond) ++failures;
-}
 
 using at::Tensor;
 using LoraLinearFn = Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&, const Tensor&,
@@ -58,6 +56,5 @@ int main() {
   }
   expect(threw, "bad lora_A shape raises ValueError naming lora_A");
 
-  std::printf("%d failed\n", failures);
-  return failures == 0 ? 0 : 1;
+  return finish();
 }

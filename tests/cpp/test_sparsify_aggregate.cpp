@@ -5,17 +5,15 @@
 #include <c10/util/Exception.h>
 
 #include <cstdio>
+
+#include "expect.h"
 #include <string>
 #include <vector>
 
+using fastlora_test::expect;
+using fastlora_test::finish;
+
 namespace {
-
-int failures = 0;
-
-void expect(bool cond, const std::string& what) {
-  std::printf("%s: %s\n", cond ? "ok  " : "FAIL", what.c_str());
-  if (!cond) ++failures;
-}
 
 using at::Tensor;
 
@@ -60,6 +58,5 @@ int main() {
   }
   expect(threw && at::equal(out, snapshot), "unsorted client raises ValueError naming client 1, out untouched");
 
-  std::printf("%d failed\n", failures);
-  return failures == 0 ? 0 : 1;
+  return finish();
 }
