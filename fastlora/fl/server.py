@@ -47,6 +47,47 @@ def pad_rank(adapter: Adapter, full: Mapping[str, torch.Tensor], pairs: Mapping[
     return out
 
 
+class ServerOptimizer:
+    """Applies an aggregated update (a pseudo-gradient) to the global adapter in place: ``sgd``
+    (``global += lr * update``; lr 1 is FedAvg) or ``adam`` (FedAdam, Reddi et al. 2021)."""
+
+    def __init__(self, kind: str = "sgd", lr: float = 1.0):
+        if kind not in ("sgd", "adam"):
+            raise ValueError(f"server optimizer must be 'sgd' or 'adam', got {kind!r}")
+        self.kind, self.lr = kind, float(lr)
+        self.step_count = 0
+        self.m: Optional[Adapter] = None
+        self.v: Optional[Adapter] = None
+
+    @torch.no_grad()
+    def apply(self, adapter: Adapter, update: Mapping[str, torch.Tensor]) -> None:
+        if self.kind == "sgd":
+            for n, t in adapter.items():
+                t.add_(update[n], alpha=self.lr)
+            return
+        b1, b2 = ADAM_BETAS
+        if self.m is None:
+            self.m = {n: torch.zeros_like(t) for n, t in adapter.items()}
+            self.v = {n: torch.zeros_like(t) for n, t in adapter.items()}
+        self.step_count += 1
+        for n, t in adapter.items():
+            m, v, u = self.m[n], self.v[n], update[n]
+            m.mul_(b1).add_(u, alpha=1 - b1)
+            v.mul_(b2).addcmul_(u, u, value=1 - b2)
+            t.addcdiv_(m, v.sqrt().add_(ADAM_TAU), value=self.lr)
+
+    def state_tensors(self) -> Dict[str, torch.Tensor]:
+        if self.m is None:
+            return {}
+        return {**{f"opt_m.{n}": t for n, t in self.m.items()}, **{f"opt_v.{n}": t for n, t in self.v.items()}}
+
+    def load_state(self, tensors: Mapping[str, torch.Tensor], names, step_count: int) -> None:
+        self.step_count = int(step_count)
+        if names and f"opt_m.{names[0]}" in tensors:
+            self.m = {n: tensors[f"opt_m.{n}"].clone() for n in names}
+            self.v = {n: tensors[f"opt_v.{n}"].clone() for n in names}
+
+
 class Server:
     """Holds the global adapter and the server-side state of one strategy.
 
@@ -72,10 +113,7 @@ class Server:
             raise ValueError(f"heterogeneous client ranks need the 'exact' strategy (aggregate_lora), "
                              f"not {strategy.name!r}")
         self._layouts: Dict[int, Layout] = {}
-        # server optimizer state
-        self.opt_step = 0
-        self.opt_m: Optional[Adapter] = None
-        self.opt_v: Optional[Adapter] = None
+        self.optimizer = ServerOptimizer(strategy.server_optimizer, strategy.server_lr)
         # diff download: what an up-to-date client holds, and since which round
         self.view: Optional[Adapter] = None
         self.view_version = -1
@@ -161,23 +199,7 @@ class Server:
         self._apply(update)
 
     def _apply(self, update: Adapter) -> None:
-        s = self.strategy
-        g = self.global_adapter
-        with torch.no_grad():
-            if s.server_optimizer == "sgd":
-                for n in self.layout.names:
-                    g[n].add_(update[n], alpha=s.server_lr)
-                return
-            b1, b2 = ADAM_BETAS
-            if self.opt_m is None:
-                self.opt_m = {n: torch.zeros_like(t) for n, t in g.items()}
-                self.opt_v = {n: torch.zeros_like(t) for n, t in g.items()}
-            self.opt_step += 1
-            for n in self.layout.names:
-                m, v, u = self.opt_m[n], self.opt_v[n], update[n]
-                m.mul_(b1).add_(u, alpha=1 - b1)
-                v.mul_(b2).addcmul_(u, u, value=1 - b2)
-                g[n].addcdiv_(m, v.sqrt().add_(ADAM_TAU), value=s.server_lr)
+        self.optimizer.apply(self.global_adapter, update)
 
     def _aggregate_exact(self, ids, uploads, weights) -> None:
         factors = {}
@@ -202,9 +224,7 @@ class Server:
     # -- checkpoint state -------------------------------------------------------------------
     def state_tensors(self) -> Dict[str, torch.Tensor]:
         out = {f"global.{n}": t for n, t in self.global_adapter.items()}
-        if self.opt_m is not None:
-            out.update({f"opt_m.{n}": t for n, t in self.opt_m.items()})
-            out.update({f"opt_v.{n}": t for n, t in self.opt_v.items()})
+        out.update(self.optimizer.state_tensors())
         if self.view is not None:
             out.update({f"view.{n}": t for n, t in self.view.items()})
         if self.stale is not None:
@@ -214,7 +234,7 @@ class Server:
         return out
 
     def state_meta(self) -> dict:
-        return {"opt_step": self.opt_step, "view_version": self.view_version,
+        return {"opt_step": self.optimizer.step_count, "view_version": self.view_version,
                 "stale_clients": sorted(self.stale.memory) if self.stale is not None else []}
 
     def load_state(self, tensors: Mapping[str, torch.Tensor], meta: Mapping) -> None:
@@ -222,12 +242,9 @@ class Server:
 
         names = self.layout.names
         self.global_adapter = {n: tensors[f"global.{n}"].clone() for n in names}
-        if f"opt_m.{names[0]}" in tensors:
-            self.opt_m = {n: tensors[f"opt_m.{n}"].clone() for n in names}
-            self.opt_v = {n: tensors[f"opt_v.{n}"].clone() for n in names}
+        self.optimizer.load_state(tensors, names, meta["opt_step"])
         if f"view.{names[0]}" in tensors:
             self.view = {n: tensors[f"view.{n}"].clone() for n in names}
-        self.opt_step = int(meta["opt_step"])
         self.view_version = int(meta["view_version"])
         if self.stale is not None:
             self.stale.memory = {int(c): SparseDelta(tensors[f"stale.{c}.indices"].clone(),
