@@ -329,3 +329,56 @@ def test_minilm_lora_classifier_trains_on_fastlora_layers():
     assert any(not torch.equal(before[n], after[n]) for n in names if "lora_B" in n)
     assert loss0 > 0
 
+
+
+# --- pieces: client encoding, server optimizer, downloads ------------------------------------------
+
+def test_int8_upload_keeps_quantisation_error_in_the_residual():
+    from fastlora.fl.client import make_residual, sparsify_encode
+    from fastlora.sparse_delta import Layout
+
+    g = torch.Generator().manual_seed(0)
+    delta = {"a": torch.randn(40, 7, generator=g), "b": torch.randn(13, generator=g)}
+    layout = Layout.of(delta)
+    res = make_residual(delta)
+    res["a"] += 0.1
+    before = {n: delta[n] + res[n] for n in delta}
+    payload = sparsify_encode(delta, layout, density=0.25, values="int8", residual=res)
+    sent = codec.decode(payload, layout=layout).to_dense(torch.float32)
+    for n in delta:
+        torch.testing.assert_close(sent[n] + res[n], before[n], rtol=0, atol=1e-6)
+
+
+def test_fedadam_server_optimizer_matches_the_formula():
+    from fastlora.fl.server import ADAM_BETAS, ADAM_TAU, ServerOptimizer
+
+    w = {"x": torch.tensor([1.0, -2.0, 0.5])}
+    opt = ServerOptimizer("adam", lr=0.1)
+    m = torch.zeros(3)
+    v = torch.zeros(3)
+    x = w["x"].clone()
+    for u in (torch.tensor([0.2, -0.1, 0.0]), torch.tensor([0.1, 0.3, -0.4])):
+        opt.apply(w, {"x": u})
+        m = ADAM_BETAS[0] * m + (1 - ADAM_BETAS[0]) * u
+        v = ADAM_BETAS[1] * v + (1 - ADAM_BETAS[1]) * u * u
+        x = x + 0.1 * m / (v.sqrt() + ADAM_TAU)
+    torch.testing.assert_close(w["x"], x)
+    with pytest.raises(ValueError, match="sgd"):
+        ServerOptimizer("rmsprop")
+
+
+def test_diff_download_resyncs_clients_that_missed_a_round(exp):
+    from fastlora.fl.server import Server
+
+    s = parse_strategy("ef-topk:down=1/8")
+    server = Server(s, exp.initial_adapter, exp.client_sizes)
+    d1 = server.downloads(1, [0, 1], {})
+    assert {k for k, _ in d1.values()} == {"resync"}       # nobody holds anything yet
+    with torch.no_grad():
+        for t in server.global_adapter.values():
+            t.add_(0.01)
+    d2 = server.downloads(2, [0, 2], {0: 1, 1: 1, 2: -1, 3: -1})
+    assert d2[0][0] == "diff" and d2[2][0] == "resync"
+    numel = server.layout.numel
+    assert len(d2[0][1]) < numel  # 1/8 of the entries in fp16 + indices, far below dense fp32
+    assert len(d2[2][1]) >= 4 * numel
