@@ -138,9 +138,9 @@ def main(argv=None) -> int:
     f.add_argument("--config", help="TOML file of config keys (top level or under [fl])")
     for flag, dest, help_ in _FL_FLAGS:
         if dest == "strategies":
-            f.add_argument(flag, dest=dest, action="append", help=help_)
+            f.add_argument(flag, dest=dest, action="append", metavar="SPEC", help=help_)
         else:
-            f.add_argument(flag, dest=dest, default=None, help=help_)
+            f.add_argument(flag, dest=dest, default=None, metavar=flag.lstrip("-").upper().replace("-", "_"), help=help_)
     f.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other config key")
     f.add_argument("--out", help="output folder (default: fl_runs/<preset>)")
     f.add_argument("--resume", action="store_true",

@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from fastlora import codec
 from fastlora.fl import checkpoint
 from fastlora.fl.client import ClientState, add_sparse, decode_dense, make_residual, sparsify_encode, upload
 from fastlora.fl.config import FLConfig
@@ -90,10 +91,6 @@ def prepare(config: FLConfig) -> Experiment:
                       client_indices, eval_idx, label_names)
 
 
-def _bytes_fp32(adapter_numel: int) -> int:
-    return 4 * adapter_numel
-
-
 def run_strategy(exp: Experiment, strategy: Strategy, run_dir: Optional[Path] = None, *, resume: bool = False,
                  progress: bool = True, stop_after: Optional[int] = None,
                  on_round: Optional[Callable[[dict], None]] = None) -> dict:
@@ -163,7 +160,7 @@ def run_strategy(exp: Experiment, strategy: Strategy, run_dir: Optional[Path] = 
             t0 = time.perf_counter()
             client_layout = server.layout_for_rank(st.rank) if strategy.exact else layout
             if kind == "diff":
-                add_sparse(st.held, _decode(payload, layout))
+                add_sparse(st.held, codec.decode(payload, layout=layout))
                 start_adapter = {n: t.clone() for n, t in st.held.items()}
             else:
                 start_adapter = decode_dense(payload, client_layout)
@@ -206,7 +203,7 @@ def run_strategy(exp: Experiment, strategy: Strategy, run_dir: Optional[Path] = 
         cum += up_bytes + down_bytes
         rec = {"run": label, "strategy": strategy.name, "round": rnd, "accuracy": accuracy, "loss": loss,
                "up_bytes": up_bytes, "down_bytes": down_bytes, "cum_bytes": cum,
-               "dense_up_bytes": _bytes_fp32(numel) * len(uploads), "dense_down_bytes": _bytes_fp32(numel) * m,
+               "dense_up_bytes": 4 * numel * len(uploads), "dense_down_bytes": 4 * numel * m,  # fp32
                "clients": m, "failed": len(failing),
                "train_loss": sum(train_losses) / len(train_losses) if train_losses else None,
                "train_s": t_train, "comm_s": t_comm, "agg_s": t_agg}
@@ -224,11 +221,6 @@ def run_strategy(exp: Experiment, strategy: Strategy, run_dir: Optional[Path] = 
     if bar is not None:
         bar.close()
     return {"records": records, "adapter": server.global_adapter, "server": server, "clients": clients}
-
-
-def _decode(payload, layout):
-    from fastlora import codec
-    return codec.decode(payload, layout=layout)
 
 
 def _exact_upload(local, rank, server: Server, strategy: Strategy) -> bytes:
