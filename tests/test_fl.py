@@ -382,3 +382,21 @@ def test_diff_download_resyncs_clients_that_missed_a_round(exp):
     numel = server.layout.numel
     assert len(d2[0][1]) < numel  # 1/8 of the entries in fp16 + indices, far below dense fp32
     assert len(d2[2][1]) >= 4 * numel
+
+
+def test_per_tensor_selection_keeps_every_tensors_share():
+    from fastlora.fl.client import sparsify_encode
+    from fastlora.sparse_delta import Layout
+
+    g = torch.Generator().manual_seed(1)
+    adapter = {"lora_A": torch.randn(8, 50, generator=g), "lora_B": 1e-4 * torch.randn(50, 8, generator=g),
+               "head": torch.randn(3, 7, generator=g)}
+    layout = Layout.of(adapter)
+    split = codec.decode(sparsify_encode(adapter, layout, density=0.25, values="fp16", per_tensor=True),
+                         layout=layout).split()
+    assert {n: int(i.numel()) for n, (i, _) in split.items()} == {"lora_A": 100, "lora_B": 100, "head": 5}
+    for n, (i, v) in split.items():   # and within a tensor, the largest entries
+        kept = adapter[n].reshape(-1).abs()
+        assert float(kept[i].min()) >= float(kept.topk(i.numel()).values.min()) - 1e-6
+    glob = codec.decode(sparsify_encode(adapter, layout, density=0.25, values="fp16"), layout=layout).split()
+    assert glob["lora_B"][0].numel() == 0   # what a global top-k does to the small lora_B

@@ -33,13 +33,28 @@ class ClientState:
 
 
 def sparsify_encode(delta: Adapter, layout: Layout, *, density: float, values: str,
-                    residual: Optional[Adapter] = None) -> bytes:
+                    residual: Optional[Adapter] = None, per_tensor: bool = False) -> bytes:
     """Top-``density`` of ``delta`` (+ ``residual``, updated in place), encoded in fingerprint
     mode. Everything the payload does not carry exactly (dropped entries, value rounding,
-    int8 quantisation) stays in the residual when there is one."""
-    k = layout.numel if density >= 1.0 else None
-    sd = topk_sparsify(delta, k=k, density=None if k is not None else density, residual=residual,
-                       value_dtype=VALUE_DTYPES[values])
+    int8 quantisation) stays in the residual when there is one.
+
+    ``per_tensor``: every tensor keeps its own top-``density`` (instead of one global top-k).
+    Needed when the entries of different tensors live on different scales, as in an adapter
+    itself (FLASC's sparse download): a global top-k of a LoRA adapter keeps the random lora_A
+    and the head and drops the small lora_B, so clients would train a model without LoRA."""
+    vdt = VALUE_DTYPES[values]
+    if density >= 1.0:
+        sd = topk_sparsify(delta, k=layout.numel, residual=residual, value_dtype=vdt)
+    elif not per_tensor:
+        sd = topk_sparsify(delta, density=density, residual=residual, value_dtype=vdt)
+    else:
+        idx, val = [], []
+        for spec in layout.specs:
+            part = topk_sparsify(delta[spec.name], density=density, value_dtype=vdt,
+                                 residual=None if residual is None else residual[spec.name])
+            idx.append(part.indices + spec.offset)
+            val.append(part.values)
+        sd = SparseDelta._trusted(torch.cat(idx), torch.cat(val), layout)
     sd = SparseDelta._trusted(sd.indices, sd.values, layout)
     payload = codec.encode(sd, values=values, layout="fingerprint")
     if residual is not None and values == "int8":

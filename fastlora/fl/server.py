@@ -151,7 +151,8 @@ class Server:
             p = self._dense_payload(self.global_adapter, self.layout, s.down_values)
             return {c: ("dense", p) for c in clients}
         if s.down == "sparse":
-            p = sparsify_encode(self.global_adapter, self.layout, density=s.down_density, values=s.down_values)
+            p = sparsify_encode(self.global_adapter, self.layout, density=s.down_density, values=s.down_values,
+                                per_tensor=True)
             return {c: ("sparse", p) for c in clients}
         # diff: bring the view one step closer to the global adapter; up-to-date clients apply
         # the same diff, the others get the whole view.

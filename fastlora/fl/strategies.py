@@ -28,7 +28,9 @@ fedstale   FedStale (Rodio & Neglia, 2024) on top of ef-topk: the server also re
 Download modes:
 
 * ``dense``  — the whole global adapter, every round.
-* ``sparse`` — FLASC: the top-k of the global adapter itself; clients start from it.
+* ``sparse`` — FLASC: the top-k of the global adapter itself, per tensor (every tensor keeps
+  the same fraction: lora_B is orders of magnitude smaller than lora_A early on, and a global
+  top-k would drop it whole); clients start from it.
 * ``diff``   — stateful clients (cross-silo): the server tracks what an up-to-date client holds
   (its *view*) and sends the top-k of ``global - view``; what it does not send stays in that
   gap (the server's error feedback) and goes out in later rounds. A client that missed a

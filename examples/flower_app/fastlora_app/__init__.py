@@ -1,0 +1,1 @@
+"""fastlora on Flower: a tiny federated LoRA app (see ../README.md)."""

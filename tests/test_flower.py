@@ -1,0 +1,604 @@
+"""fastlora.flower: the SparseLoRA strategy, the client helper and the tracker on Flower 1.42,
+run three ways: in-process (InProcessGrid, no Ray), the simulation engine (Ray) and the
+deployment engine (SuperLink + SuperNodes + ``flwr run`` on loopback)."""
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Flower phones home (telemetry, update check) unless told not to; tests stay offline.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+flwr = pytest.importorskip("flwr")
+pytest.importorskip("peft")
+
+from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord,  # noqa: E402
+                      RecordDict)
+from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.serverapp import ServerApp  # noqa: E402
+from flwr.serverapp.strategy import FedAvg  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from fastlora import codec  # noqa: E402
+from fastlora.fl.client import decode_dense, sparsify_encode  # noqa: E402
+from fastlora.fl.model import build_classifier, get_adapter, set_adapter, tiny_encoder  # noqa: E402
+from fastlora.fl.server import ServerOptimizer  # noqa: E402
+from fastlora.flower import (PAYLOAD_KEY, PAYLOAD_STYPE, RESIDUAL_KEY, InProcessGrid,  # noqa: E402
+                             PayloadError, SparseLoRA, as_strategy, client_update, initial_arrays,
+                             pack_payload, run_in_process, unpack_payload)
+from fastlora.ops.aggregate import sparse_aggregate  # noqa: E402
+from fastlora.sparse_delta import Layout  # noqa: E402
+
+APP_DIR = Path(__file__).resolve().parents[1] / "examples" / "flower_app"
+sys.path.insert(0, str(APP_DIR))
+
+from fastlora_app import task  # noqa: E402
+from fastlora_app.client_app import make_client_app  # noqa: E402
+from fastlora_app.server_app import make_server_app  # noqa: E402
+
+
+@pytest.fixture
+def task_identity():
+    """Flower's Message() needs a task identity (set by its engines; here by hand)."""
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def fresh_model(cfg):
+    """A new demo model with the initial adapter (task.get_model is cached and trained)."""
+    return build_classifier(tiny_encoder(seed=cfg["seed"]), cfg["num-classes"], rank=cfg["rank"], seed=cfg["seed"])
+
+
+def round_of(msg):
+    return int(next(iter(msg.content.config_records.values()))["server-round"])
+
+
+# --- the ten-line example (README) -----------------------------------------------------------
+
+def test_ten_line_example_without_flower():
+    # --- README snippet: clients send sparse fp16 bytes, the server aggregates them ---
+    from fastlora.fl.client import make_residual, sparsify_encode
+    from fastlora.ops.aggregate import sparse_aggregate
+    from fastlora.sparse_delta import Layout
+
+    global_adapter = {"lora_A": torch.randn(8, 64), "lora_B": torch.zeros(64, 8)}
+    layout = Layout.of(global_adapter)                     # both sides know it: 16-byte fingerprint
+    sizes, payloads = [120, 80], []
+    for n in sizes:                                        # on each client, after local training:
+        update = {k: 0.01 * torch.randn_like(v) for k, v in global_adapter.items()}
+        residual = make_residual(update)                   # error feedback (keep it across rounds)
+        payloads.append(sparsify_encode(update, layout, density=1 / 16, values="fp16", residual=residual))
+    avg = sparse_aggregate(payloads, [n / sum(sizes) for n in sizes], layout=layout)   # on the server
+    for k in global_adapter:
+        global_adapter[k] += avg[k]
+    # --- end of snippet ---
+    assert all(len(p) < 1024 * 4 * 0.1 for p in payloads)  # < 10% of the fp32 bytes (1024 entries)
+    dec = [decode_dense(p, layout) for p in payloads]
+    for k in avg:
+        ref = (0.6 * dec[0][k] + 0.4 * dec[1][k])
+        torch.testing.assert_close(avg[k], ref, rtol=1e-6, atol=1e-7)
+        assert int((avg[k] != 0).sum()) <= 2 * 64
+
+
+# --- payload record and configuration ----------------------------------------------------------
+
+def test_pack_unpack_payload_is_strict():
+    rec = pack_payload(b"FLxyz")
+    assert list(rec) == [PAYLOAD_KEY] and rec[PAYLOAD_KEY].stype == PAYLOAD_STYPE
+    assert rec.count_bytes() == 5 + len(PAYLOAD_KEY)
+    assert unpack_payload(rec) == b"FLxyz"
+    with pytest.raises(PayloadError, match="ArrayRecord"):
+        unpack_payload(RecordDict())
+    with pytest.raises(PayloadError, match="exactly one Array"):
+        unpack_payload(ArrayRecord({PAYLOAD_KEY: rec[PAYLOAD_KEY], "x": rec[PAYLOAD_KEY]}))
+    with pytest.raises(PayloadError, match="exactly one Array"):
+        unpack_payload(ArrayRecord())
+    with pytest.raises(PayloadError, match="plain FedAvg"):
+        unpack_payload(ArrayRecord({PAYLOAD_KEY: Array(torch.zeros(3).numpy())}))
+    with pytest.raises(PayloadError, match="dtype"):
+        unpack_payload(ArrayRecord({PAYLOAD_KEY: Array("float32", (5,), PAYLOAD_STYPE, b"FLxyz")}))
+    with pytest.raises(PayloadError, match="shape"):
+        unpack_payload(ArrayRecord({PAYLOAD_KEY: Array("uint8", (4,), PAYLOAD_STYPE, b"FLxyz")}))
+    with pytest.raises(TypeError):
+        pack_payload("not bytes")
+
+
+def test_strategy_configuration_errors():
+    assert as_strategy("flasc:up=1/64,down=1/8").up_density == 1 / 64
+    assert as_strategy("ef-topk:mode=sparse").error_feedback
+    with pytest.raises(ValueError, match="'diff' is not supported on Flower.*mode=sparse"):
+        SparseLoRA("ef-topk")
+    with pytest.raises(ValueError, match="exact"):
+        SparseLoRA("exact")
+    with pytest.raises(ValueError, match="FedStale"):
+        SparseLoRA("fedstale:mode=sparse")
+    with pytest.raises(ValueError, match="unknown strategy"):
+        SparseLoRA("fedprox")
+    with pytest.raises(ValueError, match="bad option"):
+        SparseLoRA("flasc:upp=1/4")
+    with pytest.raises(TypeError, match="spec string"):
+        SparseLoRA(0.25)
+
+
+def test_app_config_matches_defaults():
+    import tomllib
+
+    cfg = tomllib.loads((APP_DIR / "pyproject.toml").read_text())
+    assert cfg["tool"]["flwr"]["app"]["config"] == task.DEFAULTS
+    with pytest.raises(ValueError, match="unknown config keys"):
+        task.config({"num-rounds": 3})
+
+
+# --- mode 1: in-process, no Ray ----------------------------------------------------------------
+
+def replay(cfg, grid, optimizer):
+    """The rounds of ``grid`` recomputed with fastlora's own functions: the server's download
+    bytes, then decode + sparse_aggregate + optimizer on the very payloads that arrived."""
+    s = as_strategy(cfg["strategy"])
+    glob = get_adapter(fresh_model(cfg))
+    layout = Layout.of(glob)
+    rounds = sorted({round_of(m) for m in grid.sent})
+    for r in rounds:
+        sent = [m for m in grid.sent if round_of(m) == r]
+        replies = sorted((grid.received[grid.sent.index(m)] for m in sent),   # the server sums in node order
+                         key=lambda rep: rep.metadata.src_node_id)
+        if s.down == "dense":
+            expected_down = sparsify_encode(glob, layout, density=1.0, values=s.down_values)
+        else:
+            expected_down = sparsify_encode(glob, layout, density=s.down_density, values=s.down_values,
+                                            per_tensor=True)
+        for m in sent:
+            assert unpack_payload(m.content["arrays"]) == expected_down
+        payloads = [unpack_payload(rep.content["arrays"]) for rep in replies]
+        counts = [rep.content["metrics"]["num-examples"] for rep in replies]
+        update = sparse_aggregate(payloads, [c / float(sum(counts)) for c in counts], layout=layout)
+        optimizer.apply(glob, update)
+    return glob, layout
+
+
+@pytest.mark.parametrize("spec", ["flasc", "ef-topk:mode=sparse,server_opt=adam,server_lr=0.01"])
+def test_in_process_rounds_match_direct_computation(tmp_path, spec):
+    out = tmp_path / "result.pt"
+    cfg = task.config(overrides={"strategy": spec, "output": str(out)})
+    t0 = time.perf_counter()
+    grid = run_in_process(make_server_app(**cfg), make_client_app(), 2)
+    elapsed = time.perf_counter() - t0
+    res = task.load_output(out)
+    assert len(grid.sent) == 4 and all(not r.has_error() for r in grid.received)
+    s = as_strategy(spec)
+    glob, layout = replay(cfg, grid, ServerOptimizer(s.server_optimizer, s.server_lr))
+    for n in layout.names:       # bitwise: same payloads, same order, same float32 arithmetic
+        assert torch.equal(res["adapter"][n], glob[n]), n
+    assert res["train_metrics"][2]["fastlora-accepted"] == 2 and res["train_metrics"][2]["fastlora-failures"] == 0
+    assert set(res["eval_metrics"]) == {0, 1, 2}
+    # error feedback: the residual lives in each node's context.state, between rounds
+    for ctx in grid.contexts.values():
+        assert (RESIDUAL_KEY in ctx.state) == s.error_feedback
+    print(f"in-process {spec}: {elapsed:.2f} s")
+
+
+def test_error_feedback_residual_persists_across_rounds():
+    """sum of what a client sent + its final residual == sum of its updates (fp32 rounding)."""
+    cfg = task.config(overrides={"strategy": "ef-topk:mode=sparse,up=1/32", "num-server-rounds": 3})
+    trained = {}
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        pid = int(context.node_config["partition-id"])
+        tokens, parts, _ = task.get_data(cfg, 2)
+        rnd = round_of(msg)
+
+        def train_fn(model):
+            out = task.train(model, tokens, parts[pid], cfg, rnd, pid)
+            trained[pid, rnd] = get_adapter(model)
+            return out
+        return client_update(msg, context, task.get_model(cfg), train_fn)
+
+    grid = run_in_process(make_server_app(**cfg), app, 2)
+    layout = Layout.of(get_adapter(fresh_model(cfg)))
+    for node, ctx in grid.contexts.items():
+        pid = int(ctx.node_config["partition-id"])
+        total_update = {n: torch.zeros(s.shape) for n, s in zip(layout.names, layout.specs)}
+        total_sent = {n: torch.zeros(s.shape) for n, s in zip(layout.names, layout.specs)}
+        for m, rep in zip(grid.sent, grid.received):
+            if m.metadata.dst_node_id != node:
+                continue
+            start = decode_dense(unpack_payload(m.content["arrays"]), layout)
+            sent = decode_dense(unpack_payload(rep.content["arrays"]), layout)
+            for n in layout.names:
+                total_update[n] += trained[pid, round_of(m)][n] - start[n]
+                total_sent[n] += sent[n]
+        residual = ctx.state[RESIDUAL_KEY].to_torch_state_dict()
+        for n in layout.names:
+            torch.testing.assert_close(total_sent[n] + residual[n], total_update[n], rtol=0, atol=1e-6)
+        assert sum(float(r.abs().sum()) for r in residual.values()) > 0
+
+
+def dense_fedavg_client_app(cfg):
+    """Flower's plain FedAvg client for the same model: dense fp32 ArrayRecords both ways."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        pid = int(context.node_config["partition-id"])
+        tokens, parts, _ = task.get_data(cfg, 2)
+        model = task.get_model(cfg)
+        set_adapter(model, dict(msg.content["arrays"].to_torch_state_dict()))
+        n, _ = task.train(model, tokens, parts[pid], cfg, round_of(msg), pid)
+        return Message(RecordDict({"arrays": ArrayRecord(get_adapter(model)),
+                                   "metrics": MetricRecord({"num-examples": n})}), reply_to=msg)
+    return app
+
+
+def test_tracker_counts_bytes_and_matches_real_fedavg():
+    cfg = task.config(overrides={"strategy": "flasc"})
+    strategies = {}
+
+    def server(strategy_factory, key):
+        app = ServerApp()
+
+        @app.main()
+        def main(grid, context):
+            strategies[key] = st = strategy_factory()
+            st.start(grid=grid, initial_arrays=initial_arrays(fresh_model(cfg)), num_rounds=2)
+        return app
+
+    ours = run_in_process(server(lambda: SparseLoRA("flasc"), "ours"), make_client_app(**cfg), 2)
+    theirs = run_in_process(server(lambda: FedAvg(fraction_evaluate=0.0), "fedavg"), dense_fedavg_client_app(cfg), 2)
+
+    def measured(grid):
+        down = sum(r.count_bytes() for m in grid.sent for r in m.content.array_records.values())
+        up = sum(r.count_bytes() for m in grid.received for r in m.content.array_records.values())
+        return down, up
+
+    tot = strategies["ours"].tracker.summary()["total"]
+    assert (tot["down_bytes"], tot["up_bytes"]) == measured(ours)
+    # what the tracker says FedAvg would have sent is what Flower's FedAvg did send
+    assert (tot["fedavg_down_bytes"], tot["fedavg_up_bytes"]) == measured(theirs)
+    assert tot["fedavg_down_bytes"] == 4 * ArrayRecord(get_adapter(fresh_model(cfg))).count_bytes()
+    assert tot["ratio"] > 8 and tot["accepted"] == 4 and tot["failures"] == 0
+    line = strategies["ours"].tracker.format()
+    assert "vs FedAvg fp32" in line
+    print(line)
+
+
+# --- malformed replies -------------------------------------------------------------------------
+
+def small_adapter():
+    g = torch.Generator().manual_seed(5)
+    return {"layer.lora_A.weight": torch.randn(4, 16, generator=g),
+            "layer.lora_B.weight": torch.randn(16, 4, generator=g) * 0.1,
+            "head.weight": torch.randn(3, 16, generator=g)}
+
+
+def reply(ins, payload=None, n=10, *, arrays=None, extra=None, metrics=None):
+    content = RecordDict()
+    content["arrays"] = arrays if arrays is not None else pack_payload(payload)
+    content["metrics"] = metrics if metrics is not None else MetricRecord({"num-examples": n})
+    for k, v in (extra or {}).items():
+        content[k] = v
+    return Message(content, reply_to=ins)
+
+
+def test_malformed_replies_are_rejected_and_the_round_continues(task_identity):
+    adapter = small_adapter()
+    layout = Layout.of(adapter)
+    st = SparseLoRA("fedavg:up=1/4,values=fp16")
+    grid = InProcessGrid(None, 2)
+    ins = list(st.configure_train(1, initial_arrays(adapter), ConfigRecord(), grid))
+    assert len(ins) == 2 and st.tracker.rounds[1].messages == 2
+    g = torch.Generator().manual_seed(1)
+    deltas = [{k: 0.01 * torch.randn(v.shape, generator=g) for k, v in adapter.items()} for _ in range(2)]
+    good = [sparsify_encode(d, layout, density=0.25, values="fp16") for d in deltas]
+    other = {**adapter, "head.weight": torch.zeros(4, 16)}
+    wrong_layout = sparsify_encode(other, Layout.of(other), density=0.25, values="fp16")
+    corrupt = bytearray(good[0])
+    corrupt[len(corrupt) // 2] ^= 0x40
+    m0 = ins[0]
+    bad = {
+        "truncated": reply(m0, good[0][:-7]),
+        "corrupted": reply(m0, bytes(corrupt)),
+        "wrong layout": reply(m0, wrong_layout),
+        "full-layout of another": reply(m0, codec.encode(codec.decode(wrong_layout, layout=Layout.of(other)),
+                                                          layout="full")),
+        "garbage": reply(m0, b"\x00" * 40),
+        "dense FedAvg arrays": reply(m0, arrays=ArrayRecord(adapter)),
+        "no metrics": Message(RecordDict({"arrays": pack_payload(good[0])}), reply_to=m0),
+        "extra config": reply(m0, good[0], extra={"c": ConfigRecord({"x": 1})}),
+        "two arrays": reply(m0, good[0], extra={"more": pack_payload(good[1])}),
+        "missing num-examples": reply(m0, good[0], metrics=MetricRecord({"loss": 1.0})),
+        "zero": reply(m0, good[0], 0),
+        "negative": reply(m0, good[0], -3),
+        "nan": reply(m0, good[0], float("nan")),
+        "inf": reply(m0, good[0], float("inf")),
+        "huge": reply(m0, good[0], 1e300),
+        "list": reply(m0, good[0], metrics=MetricRecord({"num-examples": [1, 2]})),
+        "client error": Message(Error(code=2, reason="boom"), reply_to=m0),
+    }
+    replies = [reply(ins[0], good[0], 10), *bad.values(), reply(ins[1], good[1], 30)]
+    before = {k: v.clone() for k, v in st.global_adapter.items()}
+    arrays, metrics = st.aggregate_train(1, replies)
+    assert metrics["fastlora-accepted"] == 2 and metrics["fastlora-failures"] == len(bad)
+    expected = {k: v.clone() for k, v in before.items()}
+    ServerOptimizer().apply(expected, sparse_aggregate(good, [0.25, 0.75], layout=layout))
+    got = arrays.to_torch_state_dict()
+    for k in layout.names:
+        assert torch.equal(got[k], expected[k]) and torch.equal(st.global_adapter[k], expected[k])
+    reasons = st.tracker.rounds[1].reasons
+    assert len(reasons) == len(bad)
+    for why in ("CRC32 mismatch", "layout fingerprint mismatch", "max_numel", "not a fastlora payload",
+                "exactly one Array under key 'fastlora'", "exactly one ArrayRecord and one MetricRecord",
+                "'num-examples' must be a number > 0 (and <= 2**53), got None", "got 0", "got nan",
+                "got [1, 2]", "got 1e+300", "boom"):
+        assert any(why in r for r in reasons), (why, reasons)
+
+    # every reply bad: no update, the global adapter stays as it was
+    arrays, metrics = st.aggregate_train(2, list(bad.values()))
+    assert arrays is None and metrics["fastlora-failures"] == len(bad) and metrics["fastlora-accepted"] == 0
+    for k in layout.names:
+        assert torch.equal(st.global_adapter[k], expected[k])
+    assert st.tracker.summary()["total"]["failures"] == 2 * len(bad)
+
+
+def test_failing_clients_leave_the_global_adapter_unchanged():
+    """End to end: every client raises or sends junk; the server finishes its rounds."""
+    cfg = task.config()
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        if context.node_config["partition-id"] == 0:
+            raise RuntimeError("client crashed")
+        return Message(RecordDict({"arrays": pack_payload(b"junk"), "metrics": MetricRecord({"num-examples": 5})}),
+                       reply_to=msg)
+
+    holder = {}
+    server = ServerApp()
+
+    @server.main()
+    def main(grid, context):
+        holder["st"] = st = SparseLoRA("flasc")
+        holder["result"] = st.start(grid=grid, initial_arrays=initial_arrays(fresh_model(cfg)), num_rounds=2)
+
+    run_in_process(server, app, 2)
+    st = holder["st"]
+    init = get_adapter(fresh_model(cfg))
+    assert all(torch.equal(st.global_adapter[k], init[k]) for k in init)
+    assert st.tracker.summary()["total"]["failures"] == 4
+    assert any("client crashed" in r for r in st.tracker.rounds[1].reasons)
+
+
+def test_layout_mismatch_is_a_clear_error(task_identity):
+    cfg = task.config()
+    # client side: a model with another LoRA rank cannot decode the server's adapter
+    st = SparseLoRA("flasc")
+    grid = InProcessGrid(None, 2)
+    msg = list(st.configure_train(1, initial_arrays(fresh_model(cfg)), ConfigRecord(), grid))[0]
+    other = build_classifier(tiny_encoder(seed=0), cfg["num-classes"], rank=2, seed=0)
+    ctx = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(ValueError, match="cannot decode the server's adapter against this model"):
+        client_update(msg, ctx, other, lambda m: 1)
+    # server side: the global arrays must keep their layout
+    with pytest.raises(ValueError, match="changed layout"):
+        st.configure_train(2, initial_arrays(other), ConfigRecord(), grid)
+    with pytest.raises(ValueError, match="fastlora payload, not the dense adapter"):
+        SparseLoRA("flasc").configure_train(1, pack_payload(b"FL"), ConfigRecord(), grid)
+    # bad num_examples from the user's train function
+    with pytest.raises(ValueError, match="number of training examples"):
+        client_update(msg, ctx, task.get_model(cfg), lambda m: 0)
+
+
+def test_client_update_upload_settings(task_identity):
+    """The client follows the server's ConfigRecord, or an explicit strategy (any download mode)."""
+    cfg = task.config()
+    st = SparseLoRA("flasc:up=1/8")
+    grid = InProcessGrid(None, 2)
+    msg = list(st.configure_train(1, initial_arrays(task.initial_adapter(cfg)), ConfigRecord(), grid))[0]
+    model = task.get_model(cfg)
+    layout = Layout.of(get_adapter(model))
+    tokens, parts, _ = task.get_data(cfg, 2)
+
+    def train_fn(m):
+        return task.train(m, tokens, parts[0], cfg, 1, 0)
+
+    def nnz(rep):
+        return codec.decode(unpack_payload(rep.content["arrays"]), layout=layout).nnz
+
+    ctx = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+    rep = client_update(msg, ctx, model, train_fn)
+    assert nnz(rep) == math.floor(layout.numel / 8 + 0.5) and RESIDUAL_KEY not in ctx.state
+    assert rep.content["metrics"]["num-examples"] == int(parts[0].numel())
+    assert "train-loss" in rep.content["metrics"]
+    rep = client_update(msg, ctx, model, train_fn, strategy="ef-topk:up=1/32")   # diff download: irrelevant here
+    assert nnz(rep) == math.floor(layout.numel / 32 + 0.5) and RESIDUAL_KEY in ctx.state
+    bare = Message(RecordDict({"arrays": msg.content["arrays"]}), dst_node_id=5, message_type="train")
+    with pytest.raises(ValueError, match="lacks .*pass strategy="):
+        client_update(bare, ctx, model, train_fn)
+
+
+# --- mode 2: Flower's simulation engine (Ray) --------------------------------------------------
+
+@pytest.mark.slow
+def test_simulation_engine_matches_in_process(tmp_path, monkeypatch):
+    pytest.importorskip("ray")
+    from flwr.simulation import run_simulation
+
+    spec = "ef-topk:mode=sparse"
+    ref_out, sim_out = tmp_path / "ref.pt", tmp_path / "sim.pt"
+    run_in_process(make_server_app(strategy=spec, output=str(ref_out)), make_client_app(), 2)
+    # Ray's workers import the app's modules: put the app folder on their path
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(APP_DIR), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("RAY_DEDUP_LOGS", "0")
+    monkeypatch.setenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    t0 = time.perf_counter()
+    run_simulation(server_app=make_server_app(strategy=spec, output=str(sim_out)),
+                   client_app=make_client_app(), num_supernodes=2,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                   "init_args": {"num_cpus": 1, "num_gpus": 0, "include_dashboard": False}})
+    elapsed = time.perf_counter() - t0
+    ref, sim = task.load_output(ref_out), task.load_output(sim_out)
+    assert sim["bytes"]["total"]["accepted"] == 4 and sim["bytes"]["total"]["failures"] == 0
+    assert sim["bytes"]["total"]["bytes"] == ref["bytes"]["total"]["bytes"]
+    # Same seeds, same thread count, two clients (fp32 sums of two terms commute): the same bits,
+    # which also shows that each node's error-feedback residual survived between rounds.
+    for k, v in ref["adapter"].items():
+        assert torch.equal(sim["adapter"][k], v), k
+    print(f"simulation engine: {elapsed:.1f} s")
+
+
+# --- mode 3: Flower's deployment engine on loopback --------------------------------------------
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port, proc, log, timeout):
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"port {port} not open after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def descendants(pids):
+    """Every live process below ``pids`` (Flower's SuperExec runs in its own process group)."""
+    parent = {}
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            parent[int(d.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            pass
+    found, todo = set(), list(pids)
+    while todo:
+        p = todo.pop()
+        for child, ppid in parent.items():
+            if ppid == p and child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pid):
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def stop(procs):
+    """SIGTERM the process groups we started (and any descendant that left them), then SIGKILL
+    what is still alive after 10 s."""
+    family = descendants([p.pid for p in procs])
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    for pid in family:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + 10
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait(timeout=5)
+    while time.time() < deadline and any(alive(pid) for pid in family):
+        time.sleep(0.2)
+    for pid in family:
+        if alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return family
+
+
+@pytest.mark.slow
+def test_deployment_engine_on_loopback(tmp_path):
+    bindir = Path(sys.executable).parent
+    for exe in ("flower-superlink", "flower-supernode", "flwr"):
+        if not (bindir / exe).exists() and shutil.which(exe) is None:
+            pytest.skip(f"{exe} not installed")
+    spec = "ef-topk:mode=sparse"
+    home = tmp_path / "flwr_home"
+    home.mkdir()
+    link_port = free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link_port}"\n'
+        'insecure = true\n')
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "PYTHONUNBUFFERED": "1"}
+    env["PATH"] = os.pathsep.join([str(bindir), env.get("PATH", "")])
+    out = tmp_path / "deploy.pt"
+    procs, logs = [], []
+
+    def start(name, args):
+        log = tmp_path / f"{name}.log"
+        logs.append(log)
+        p = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+                             start_new_session=True)
+        procs.append(p)
+        return p, log
+
+    t0 = time.perf_counter()
+    try:
+        link, link_log = start("superlink", [str(bindir / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
+                                             "--port", str(link_port), "--disable-runtime-dependency-installation"])
+        wait_for_port(link_port, link, link_log, 60)
+        for i in range(2):
+            start(f"supernode{i}", [str(bindir / "flower-supernode"), "--insecure", "--superlink",
+                                    f"127.0.0.1:{link_port}", "--host", "127.0.0.1", "--port", str(free_port()),
+                                    "--node-config", f"partition-id={i} num-partitions=2"])
+        try:
+            run = subprocess.run([str(bindir / "flwr"), "run", str(APP_DIR), "loopback", "--run-config",
+                                  f"strategy='{spec}' output='{out}'", "--stream"],
+                                 env=env, cwd=tmp_path, capture_output=True, text=True, timeout=150)
+            said = f"flwr run exit {run.returncode}\n{run.stdout[-4000:]}\n{run.stderr[-2000:]}"
+        except subprocess.TimeoutExpired as e:
+            said = f"flwr run timed out after 150 s\n{(e.stdout or b'')[-4000:]!r}"
+        assert out.exists(), said + "".join(f"\n--- {p.name}\n{p.read_text()[-2500:]}" for p in logs)
+    finally:
+        family = stop(procs)
+    elapsed = time.perf_counter() - t0
+    assert all(p.poll() is not None for p in procs)
+    time.sleep(0.5)
+    assert not [pid for pid in family if alive(pid)], "leftover Flower processes"
+    ref_out = tmp_path / "ref.pt"
+    run_in_process(make_server_app(strategy=spec, output=str(ref_out)), make_client_app(), 2)
+    ref, dep = task.load_output(ref_out), task.load_output(out)
+    assert dep["bytes"]["total"]["accepted"] == 4 and dep["bytes"]["total"]["failures"] == 0
+    # Separate processes, same seeds and thread count: the same bits as in-process (which also
+    # shows that each SuperNode kept its node's error-feedback residual between rounds).
+    for k, v in ref["adapter"].items():
+        assert torch.equal(dep["adapter"][k], v), k
+    assert math.isfinite(dep["eval_metrics"][2]["loss"])
+    print(f"deployment engine: {elapsed:.1f} s")
