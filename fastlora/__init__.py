@@ -3,6 +3,7 @@
 Ops live under ``torch.ops.fastlora`` and are wrapped here with docstrings:
 
     fastlora.lora_linear     fused LoRA linear layer (forward + backward)
+    fastlora.lora_grouped_linear  one LoRA layer call for a batch mixing several adapters
     fastlora.topk_sparsify   top-k sparsification with error feedback -> SparseDelta
     fastlora.codec           wire format for SparseDelta (encode / decode)
     fastlora.sparse_aggregate  weighted sum of many clients' sparse updates
@@ -11,11 +12,11 @@ Ops live under ``torch.ops.fastlora`` and are wrapped here with docstrings:
     fastlora.squeeze         LoRA-Squeeze: re-factorise a LoRA pair at a new rank
     fastlora.aggregate_lora  exact aggregation of clients' LoRA pairs, cut to a rank
 """
-from fastlora.ops import (FactoredSum, aggregate_lora, lora_linear, new_residual, rsvd, sparse_aggregate, squeeze,
-                          svd_factored, topk_sparsify)
+from fastlora.ops import (FactoredSum, aggregate_lora, lora_grouped_linear, lora_linear, new_residual, rsvd,
+                          sparse_aggregate, squeeze, stack_lora_adapters, svd_factored, topk_sparsify)
 from fastlora import codec
 from fastlora.sparse_delta import Layout, SparseDelta
 
 __version__ = "0.1.0"
-__all__ = ["codec", "lora_linear", "topk_sparsify", "sparse_aggregate", "new_residual", "SparseDelta", "Layout",
-           "rsvd", "svd_factored", "squeeze", "aggregate_lora", "FactoredSum", "__version__"]
+__all__ = ["codec", "lora_linear", "lora_grouped_linear", "stack_lora_adapters", "topk_sparsify", "sparse_aggregate",
+           "new_residual", "SparseDelta", "Layout", "rsvd", "svd_factored", "squeeze", "aggregate_lora", "FactoredSum", "__version__"]

@@ -36,12 +36,28 @@ biases summed with their scalings) when none of them applies dropout (dropout p 
 dropout module in eval mode). ``layer.fastlora_calls`` counts fast-path calls;
 ``fast_path_calls(model)`` sums them.
 
+Mixed-adapter batches (``model(x, adapter_names=["a", "b", "__base__", ...])``, PEFT's
+per-sample adapters) run as one ``fastlora.lora_grouped_linear`` call per layer (grouped,
+punica SGMV-style) instead of PEFT's Python loop over adapters with boolean-mask gathers, when
+every adapter used in the batch is plain LoRA (no DoRA / variants, no ``lora_bias``), its
+dropout is inactive (p = 0 or eval mode: PEFT applies dropout in mixed batches too), and the
+base layer / dtype / device / hook / autocast conditions above hold. Names are mapped to ids
+per call (``"__base__"`` and adapters this layer does not hold -> base only, as in PEFT) and
+expanded over the sequence dims. The adapters' weights are stacked once and cached per
+(adapter set, Parameter objects, their ``_version``, scalings), so repeated inference calls do
+not re-stack; any in-place update of a LoRA parameter (optimizer step, ``load_state_dict``,
+``copy_`` under ``no_grad``) bumps its version and invalidates the cache, and so does a new
+storage (``param.data = ...``, ``module.to(...)``). In-place writes through ``param.data``
+bypass version counting: call ``clear_stacked_cache(model)`` after those. Under
+grad mode with parameters requiring grad the stack is rebuilt each call (differentiable).
+
 Fallback to PEFT's own ``forward`` (identical results, a ``UserWarning`` once per layer and
 reason naming the layer's class, adapter and reason):
 
 - LoRA variants: DoRA (``use_dora=True``) and PEFT's other variants (aLoRA, ...);
 - merged adapters (``merge_adapter()``: the base layer alone is the right computation);
-- mixed-adapter batches (``adapter_names=[...]``), and any other extra forward argument;
+- mixed-adapter batches using DoRA / variants, ``lora_bias=True`` or active dropout (see
+  above), and any other extra forward argument;
 - a base layer that is not exactly ``torch.nn.Linear`` (bitsandbytes ``Linear4bit`` /
   ``Linear8bitLt`` and other subclasses), or any module of the layer with hooks;
 - ``fan_in_fan_out=True``;
@@ -56,6 +72,7 @@ i.e. the base layer alone.
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -65,7 +82,7 @@ from peft.tuners.lora.layer import Linear as PeftLinear
 import fastlora
 
 __all__ = ["LoraLinear", "patch", "unpatch", "register", "from_pretrained", "fast_path_calls", "squeeze_model",
-           "RankAnnealing", "replace_parameters"]
+           "RankAnnealing", "replace_parameters", "clear_stacked_cache"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -96,6 +113,8 @@ class LoraLinear(PeftLinear):
     obtained from one with ``fastlora.peft.patch``."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if kwargs.get("adapter_names") is not None:
+            return self._fastlora_mixed_forward(x, args, kwargs)
         plan = self._fastlora_plan(x, args, kwargs)
         if isinstance(plan, str) or plan is None:
             if plan is not None:
@@ -122,6 +141,105 @@ class LoraLinear(PeftLinear):
         return fastlora.lora_linear(x, base.weight, base.bias, lora_A, lora_B, 1.0, 0.0, False,
                                     lora_B_bias=lora_B_bias)
 
+    # -- mixed-adapter batches ---------------------------------------------------------------
+
+    def _fastlora_mixed_forward(self, x, args, kwargs):
+        plan = self._fastlora_mixed_plan(x, args, kwargs)
+        if not isinstance(plan, tuple):
+            if plan is not None:
+                self._fastlora_warn(plan)
+            return super().forward(x, *args, **kwargs)
+        used, names = plan
+        self.fastlora_calls = getattr(self, "fastlora_calls", 0) + 1
+        base = self.base_layer
+        lora_A, lora_B, ranks, scalings = self._fastlora_stacked(used, x.dtype)
+        ids = {name: i for i, name in enumerate(used)}
+        # One id per sample (PEFT indexes the batch dim); the wrapper expands it over the
+        # sequence dims. A CPU tensor: the kernels schedule on the host.
+        row_adapter = torch.tensor([ids.get(n, -1) for n in names], dtype=torch.int64)
+        return fastlora.lora_grouped_linear(x, base.weight, base.bias, lora_A, lora_B, scalings, row_adapter,
+                                            ranks=ranks)
+
+    def _fastlora_mixed_plan(self, x, args, kwargs):
+        """(adapters used, per-sample names) for the grouped fast path, a reason string for a
+        warned fallback, or None for a silent one."""
+        self._check_forward_args(x, *args, **kwargs)  # PEFT's own errors (length, merged, DoRA)
+        if self.disable_adapters:
+            return None
+        extra = sorted(k for k, v in kwargs.items() if k != "adapter_names" and v is not None)
+        if args or extra:
+            return f"extra forward arguments {extra}" if extra else "extra positional forward arguments"
+        base = self.base_layer
+        if type(base) is not nn.Linear:
+            return f"base layer is {type(base).__module__}.{type(base).__qualname__}, not torch.nn.Linear"
+        if self.fan_in_fan_out:
+            return "fan_in_fan_out=True"
+        if x.dim() < 2:
+            return "mixed-adapter batch with a 1-D input"
+        names = list(kwargs["adapter_names"])
+        # As PEFT: "__base__" and adapters this layer does not hold add nothing.
+        used = sorted({n for n in names if n != "__base__" and n in self.lora_A})
+        if not used:
+            return None
+        variants = getattr(self, "lora_variant", {})
+        for name in used:
+            if name in variants:
+                return f"mixed-adapter batch: adapter {name!r} uses LoRA variant {type(variants[name]).__name__}"
+            A, B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+            dropout = _dropout_of(drop)
+            if type(A) is not nn.Linear or type(B) is not nn.Linear or A.bias is not None or dropout is None:
+                return f"adapter {name!r} has non-standard lora_A / lora_B / lora_dropout modules"
+            if B.bias is not None:
+                return f"mixed-adapter batch: adapter {name!r} has lora_bias=True"
+            if any(_has_hooks(m) for m in (A, B, drop)):
+                return f"adapter {name!r} has hooks on its lora_A / lora_B / lora_dropout modules"
+            p, training = dropout
+            if p > 0 and training:
+                return f"mixed-adapter batch: adapter {name!r} applies dropout (training mode)"
+        if _has_hooks(base) or _global_hooks():
+            return "module hooks on the base layer (or global module hooks)"
+        tensors = [x, base.weight, base.bias]
+        for name in used:
+            tensors += [self.lora_A[name].weight, self.lora_B[name].weight]
+        if x.dtype not in _SUPPORTED_DTYPES or any(
+                t is not None and (t.dtype != x.dtype or t.device != x.device) for t in tensors):
+            kinds = sorted({f"{t.dtype}/{t.device}" for t in tensors if t is not None})
+            return f"mixed dtypes/devices between input, base layer and adapters ({', '.join(kinds)})"
+        if torch.is_autocast_enabled(x.device.type):
+            return "autocast is enabled"
+        return used, names
+
+    _FASTLORA_STACK_CACHE = 4  # adapter sets kept per layer
+
+    def _fastlora_stacked(self, used, dtype):
+        """(lora_A (K, r_max, in), lora_B (K, out, r_max), ranks, scalings) of the adapters
+        ``used``, cached while the Parameter objects, their versions and the scalings stay the
+        same. Under grad mode with trainable LoRA weights: rebuilt (differentiable), not cached."""
+        As = [self.lora_A[n].weight for n in used]
+        Bs = [self.lora_B[n].weight for n in used]
+        sdt = torch.float64 if dtype == torch.float64 else torch.float32
+        scal = tuple(float(self.scaling[n]) for n in used)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in As + Bs):
+            return (*fastlora.stack_lora_adapters(As, Bs), torch.tensor(scal, dtype=sdt))
+        cache = self.__dict__.setdefault("_fastlora_stack_cache", OrderedDict())
+        key = (tuple(used), scal, sdt)
+        # data_ptr / dtype / device: `.data = ...` and module.to() keep the Parameter object.
+        versions = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in As + Bs)
+        hit = cache.get(key)
+        # The entry holds the Parameter objects themselves: compared by identity (never a
+        # recycled id or address), then by version.
+        if hit is not None and hit[1] == versions and all(a is b for a, b in zip(hit[0], As + Bs)):
+            cache.move_to_end(key)
+            return hit[2]
+        with torch.no_grad():
+            A, B, ranks = fastlora.stack_lora_adapters(As, Bs)
+        value = (A, B, ranks, torch.tensor(scal, dtype=sdt))
+        cache[key] = (tuple(As + Bs), versions, value)
+        cache.move_to_end(key)
+        while len(cache) > self._FASTLORA_STACK_CACHE:
+            cache.popitem(last=False)
+        return value
+
     # -- decision ---------------------------------------------------------------------------
 
     def _fastlora_plan(self, x, args, kwargs):
@@ -129,9 +247,6 @@ class LoraLinear(PeftLinear):
         warned fallback, or None for a silent one (nothing LoRA to compute)."""
         if self.disable_adapters:
             return None
-        if kwargs.get("adapter_names") is not None:
-            return ("mixed-adapter batch (adapter_names=...) is not fused yet; "
-                    "running PEFT's per-adapter loop")
         if args or any(v is not None for v in kwargs.values()):
             return f"extra forward arguments {sorted(kwargs)}" if kwargs else "extra positional forward arguments"
         if self.merged:
@@ -210,8 +325,18 @@ def unpatch(model: nn.Module) -> int:
             module.__class__ = PeftLinear
             module.__dict__.pop("fastlora_calls", None)
             module.__dict__.pop("_fastlora_warned", None)
+            module.__dict__.pop("_fastlora_stack_cache", None)
             n += 1
     return n
+
+
+def clear_stacked_cache(model: nn.Module) -> None:
+    """Drop the stacked adapter weights that ``LoraLinear`` layers cache for mixed-adapter
+    batches (needed only after writing LoRA weights through ``param.data``, which does not bump
+    the version counter the cache checks)."""
+    for module in model.modules():
+        if isinstance(module, LoraLinear):
+            module.__dict__.pop("_fastlora_stack_cache", None)
 
 
 def register(config):

@@ -349,15 +349,17 @@ def test_dora_falls_back_with_one_warning_and_same_result():
     assert fp.fast_path_calls(fast) == 0
 
 
-def test_mixed_batch_adapter_names_falls_back():
+def test_mixed_batch_adapter_names_runs_grouped_fast_path():
+    # Mixed-adapter batches: one fastlora.lora_grouped_linear per layer (tests/test_peft_mixed.py).
     stock, fast = two_adapter_pair()
     ids = inputs(batch=3)
     names = ["default", "other", "__base__"]
-    with pytest.warns(UserWarning, match="adapter_names"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         assert_same(stock, fast, ids, adapter_names=names)
-    assert fp.fast_path_calls(fast) == 0
-    assert_same(stock, fast, ids)  # the fast path is still used afterwards
     assert fp.fast_path_calls(fast) == N_LAYERS
+    assert_same(stock, fast, ids)  # and the single-adapter fast path afterwards
+    assert fp.fast_path_calls(fast) == 2 * N_LAYERS
 
 
 def test_several_adapters_with_dropout_fall_back_single_adapter_does_not():
