@@ -459,6 +459,37 @@ def test_simulation_engine_matches_in_process(tmp_path, monkeypatch):
     print(f"simulation engine: {elapsed:.1f} s")
 
 
+@pytest.mark.slow
+def test_simulation_engine_demo_model(tmp_path, monkeypatch, capsys):
+    """The fastlora fl demo's model and task (all-MiniLM-L6-v2, stdlib docstrings) on Flower's
+    simulation engine: fastlora's payloads vs what Flower's FedAvg would have sent."""
+    pytest.importorskip("ray")
+    from flwr.simulation import run_simulation
+
+    out = tmp_path / "minilm.safetensors"
+    overrides = dict(model="minilm", strategy="flasc:up=1/16,down=1/4", **{
+        "num-samples": 40, "seq-len": 32, "rank": 8, "local-steps": 2, "batch-size": 8, "eval-samples": 64,
+        "num-server-rounds": 2, "output": str(out)})
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(APP_DIR), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("RAY_DEDUP_LOGS", "0")
+    monkeypatch.setenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    client_overrides = {k: v for k, v in overrides.items() if k != "output"}
+    run_simulation(server_app=make_server_app(**overrides), client_app=make_client_app(**client_overrides),
+                   num_supernodes=2,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                   "init_args": {"num_cpus": 1, "num_gpus": 0, "include_dashboard": False}})
+    res = task.load_output(out)
+    total = res["bytes"]["total"]
+    assert total["accepted"] == 4 and total["failures"] == 0
+    assert res["adapter"]["head.weight"].shape == (8, 384)
+    assert 0.0 <= res["eval_metrics"][2]["accuracy"] <= 1.0
+    # 1/4 fp16 down + 1/16 fp16 up vs dense fp32 both ways: well over 5x fewer bytes
+    assert total["fedavg_bytes"] > 5 * total["bytes"], total
+    with capsys.disabled():
+        print(f"\nMiniLM on Flower, 2 nodes x 2 rounds: fastlora {total['bytes']} B, "
+              f"Flower FedAvg {total['fedavg_bytes']} B ({total['fedavg_bytes'] / total['bytes']:.1f}x)")
+
+
 # --- mode 3: Flower's deployment engine on loopback --------------------------------------------
 
 def free_port():

