@@ -19,6 +19,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "arg_checks.h"
+
 namespace fastlora {
 
 using at::Tensor;
@@ -52,18 +54,8 @@ void check_lora_grouped_args(const Tensor& x, const Tensor& weight, const std::o
   TORCH_CHECK_VALUE(row_adapter.dim() == 1 && row_adapter.size(0) == M, fn, ": row_adapter must have shape (rows=", M,
                     ",) (one adapter id per row of x), got ", row_adapter.sizes());
 
-  const auto dt = x.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, fn,
-                   ": x must be float32, float64, float16 or bfloat16, got ", dt);
-  auto same = [&](const Tensor& t, const char* name) {
-    TORCH_CHECK_TYPE(t.scalar_type() == dt, fn, ": ", name, " has dtype ", t.scalar_type(), " but x has ", dt,
-                     " (cast the LoRA weights or the input first)");
-    TORCH_CHECK_VALUE(t.device() == x.device(), fn, ": ", name, " is on ", t.device(), " but x is on ", x.device());
-  };
-  same(weight, "weight");
-  same(lora_A, "lora_A");
-  same(lora_B, "lora_B");
-  if (bias) same(*bias, "bias");
+  check_float_like_x(fn, x, {{"weight", &weight}, {"lora_A", &lora_A}, {"lora_B", &lora_B},
+                             {"bias", bias ? &*bias : nullptr}});
   // Small per-adapter / per-row metadata: on x's device or on the CPU.
   auto meta = [&](const Tensor& t, const char* name, bool ok_dtype, const char* want) {
     TORCH_CHECK_TYPE(ok_dtype, fn, ": ", name, " must be ", want, ", got ", t.scalar_type());

@@ -10,6 +10,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "arg_checks.h"
+
 #include <cmath>
 #include <limits>
 
@@ -43,19 +45,8 @@ void check_lora_linear_args(const Tensor& x, const Tensor& weight, const std::op
   TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p <= 1.0, fn, ": dropout_p must be in [0, 1], got ", dropout_p);
   TORCH_CHECK_VALUE(std::isfinite(scaling), fn, ": scaling must be finite, got ", scaling);
 
-  const auto dt = x.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, fn,
-                   ": x must be float32, float64, float16 or bfloat16, got ", dt);
-  auto same = [&](const Tensor& t, const char* name) {
-    TORCH_CHECK_TYPE(t.scalar_type() == dt, fn, ": ", name, " has dtype ", t.scalar_type(), " but x has ", dt,
-                     " (cast the LoRA weights or the input first)");
-    TORCH_CHECK_VALUE(t.device() == x.device(), fn, ": ", name, " is on ", t.device(), " but x is on ", x.device());
-  };
-  same(weight, "weight");
-  same(lora_A, "lora_A");
-  same(lora_B, "lora_B");
-  if (bias) same(*bias, "bias");
-  if (lora_B_bias) same(*lora_B_bias, "lora_B_bias");
+  check_float_like_x(fn, x, {{"weight", &weight}, {"lora_A", &lora_A}, {"lora_B", &lora_B},
+                             {"bias", bias ? &*bias : nullptr}, {"lora_B_bias", lora_B_bias ? &*lora_B_bias : nullptr}});
   if (seed) {
     TORCH_CHECK_VALUE(seed->numel() == 1 && seed->scalar_type() == at::kLong && seed->device().is_cpu(), fn,
                       ": seed must be a one-element int64 CPU tensor, got ", seed->scalar_type(), " ", seed->sizes(),

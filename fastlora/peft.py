@@ -107,6 +107,18 @@ def _dropout_of(module):
     return None
 
 
+def _dtype_reason(x, tensors):
+    """Why the fused ops cannot take these tensors (None if they can): one supported dtype and
+    one device for the input, base layer and adapters, autocast off."""
+    if x.dtype not in _SUPPORTED_DTYPES or any(
+            t is not None and (t.dtype != x.dtype or t.device != x.device) for t in tensors):
+        kinds = sorted({f"{t.dtype}/{t.device}" for t in tensors if t is not None})
+        return f"mixed dtypes/devices between input, base layer and adapters ({', '.join(kinds)})"
+    if torch.is_autocast_enabled(x.device.type):
+        return "autocast is enabled"
+    return None
+
+
 class LoraLinear(PeftLinear):
     """PEFT's LoRA ``Linear`` whose forward runs ``fastlora.lora_linear`` (see the module
     docstring for the fast path and the fallbacks). Constructed exactly like PEFT's class, or
@@ -201,13 +213,7 @@ class LoraLinear(PeftLinear):
         tensors = [x, base.weight, base.bias]
         for name in used:
             tensors += [self.lora_A[name].weight, self.lora_B[name].weight]
-        if x.dtype not in _SUPPORTED_DTYPES or any(
-                t is not None and (t.dtype != x.dtype or t.device != x.device) for t in tensors):
-            kinds = sorted({f"{t.dtype}/{t.device}" for t in tensors if t is not None})
-            return f"mixed dtypes/devices between input, base layer and adapters ({', '.join(kinds)})"
-        if torch.is_autocast_enabled(x.device.type):
-            return "autocast is enabled"
-        return used, names
+        return _dtype_reason(x, tensors) or (used, names)
 
     _FASTLORA_STACK_CACHE = 4  # adapter sets kept per layer
 
@@ -280,13 +286,7 @@ class LoraLinear(PeftLinear):
         tensors = [x, base.weight, base.bias]
         for name in names:
             tensors += [self.lora_A[name].weight, self.lora_B[name].weight, self.lora_B[name].bias]
-        if x.dtype not in _SUPPORTED_DTYPES or any(
-                t is not None and (t.dtype != x.dtype or t.device != x.device) for t in tensors):
-            kinds = sorted({f"{t.dtype}/{t.device}" for t in tensors if t is not None})
-            return f"mixed dtypes/devices between input, base layer and adapters ({', '.join(kinds)})"
-        if torch.is_autocast_enabled(x.device.type):
-            return "autocast is enabled"
-        return plan
+        return _dtype_reason(x, tensors) or plan
 
     def _fastlora_warn(self, reason: str) -> None:
         warned = self.__dict__.setdefault("_fastlora_warned", set())
