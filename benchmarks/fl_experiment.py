@@ -88,7 +88,7 @@ def run_until(cfg, out_dir: Path, target: float) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="build/fl_experiment")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--rounds", type=int, default=12, help="rounds of the dense fedavg baseline")
     p.add_argument("--sparse-rounds", type=int, default=24, help="rounds of the sparse runs (they may need more)")
     p.add_argument("--threads", type=int, default=2)
