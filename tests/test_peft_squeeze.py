@@ -6,8 +6,6 @@ import warnings
 import pytest
 import torch
 
-pytest.importorskip("peft")
-pytest.importorskip("transformers")
 
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.tuners.lora.layer import Linear as PeftLinear  # noqa: E402
