@@ -277,11 +277,18 @@ def lowrank_truncate(Bs, As, weights, rank):
     return A, B, rel
 
 
-def rsvd(A, omega, rank, n_iter):
-    """Reference of ``fastlora::rsvd`` (Halko-Martinsson-Tropp with QR after every product)."""
+def rsvd(A, omega, rank, n_iter, sketch_dtype=None):
+    """Reference of ``fastlora::rsvd`` (Halko-Martinsson-Tropp with QR after every product;
+    with ``sketch_dtype``, every product with A formed from A and the basis in that dtype).
+    The kernel's mixed-precision path may orthonormalise by Cholesky-QR instead of Householder:
+    the same spans, different bases, so it agrees with this to the sketch dtype's rounding."""
     dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
-    A = A.to(dtype)
-    return _hmt(lambda X: A @ X, lambda Y: A.mT @ Y, omega.to(dtype), rank, n_iter)
+    if sketch_dtype is None:
+        A = A.to(dtype)
+        return _hmt(lambda X: A @ X, lambda Y: A.mT @ Y, omega.to(dtype), rank, n_iter)
+    a = A.to(sketch_dtype)
+    return _hmt(lambda X: (a @ X.to(sketch_dtype)).to(dtype), lambda Y: (Y.to(sketch_dtype).mT @ a).mT.to(dtype),
+                omega.to(dtype), rank, n_iter)
 
 
 def rsvd_implicit(Bs, As, weights, sparse_indices, sparse_values, omega, m, rank, n_iter):

@@ -123,6 +123,86 @@ def test_rsvd_more_iterations_do_not_hurt():
     assert errs[0] >= errs[1] >= errs[2] - 1e-9 and errs[2] < 1.01, errs
 
 
+# --- mixed precision (sketch_dtype) ------------------------------------------------------------
+# Documented accuracy: the randomized bound above plus the sketch dtype's rounding of A, at most
+# eps(sketch_dtype) * ||A||_F (eps = 2 x the unit roundoff; measured worst on these spectra:
+# 0.38 eps).
+
+SKETCH_DTYPES = [torch.bfloat16, torch.float16]
+
+
+def sketch_floor(A, sketch_dtype):
+    return torch.finfo(sketch_dtype).eps * A.double().norm(dim=(-2, -1))
+
+
+@pytest.mark.parametrize("sketch_dtype", SKETCH_DTYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("spectrum", list(SPECTRA))
+def test_rsvd_sketch_known_spectra(spectrum, shape, dtype, sketch_dtype):
+    m, n = SHAPES[shape]
+    A = known(m, n, SPECTRA[spectrum], torch.Generator().manual_seed(0), dtype)
+    for k in sorted({1, min(5, m, n), min(12, m, n)}):
+        U, S, Vh = fastlora.rsvd(A, k, generator=torch.Generator().manual_seed(k), sketch_dtype=sketch_dtype)
+        # The bases are orthonormal to working precision (CholeskyQR2 or Householder).
+        check_svd(U, S, Vh, m, n, k, dtype, rel_tol(dtype))
+        err = (A.double() - (U * S).double() @ Vh.double()).norm()
+        assert err <= (1 + RSVD_EPS) * optimal_error(A, k) + sketch_floor(A, sketch_dtype), (k, err)
+
+
+@pytest.mark.parametrize("sketch_dtype", SKETCH_DTYPES)
+def test_rsvd_sketch_matches_reference_and_batches(sketch_dtype):
+    g = torch.Generator().manual_seed(1)
+    A = known(40, 30, SPECTRA["slow"], g, torch.float32, batch=(2, 3))
+    omega = torch.randn(2, 3, 30, 15, generator=g)
+    out = torch.ops.fastlora.rsvd(A, omega, 5, 1, sketch_dtype)
+    exp = ref.rsvd(A, omega, 5, 1, sketch_dtype)
+    # Same spans, bases orthonormalised differently, each rounded to the sketch dtype: the two
+    # agree to the sketch floor, not to float32.
+    floor = sketch_floor(A, sketch_dtype)
+    recon = lambda r: (r[0] * r[1].unsqueeze(-2)) @ r[2]  # noqa: E731
+    assert ((recon(out) - recon(exp)).double().norm(dim=(-2, -1)) <= floor).all()
+    for i in range(2):
+        for j in range(3):
+            one = torch.ops.fastlora.rsvd(A[i, j], omega[i, j], 5, 1, sketch_dtype)
+            assert (recon(one) - recon(out)[i, j]).double().norm() <= floor[i, j]
+
+
+def test_rsvd_sketch_large_copy_and_half_input():
+    """A bf16 copy over 4 MiB goes to the huge-page buffer; a bf16 input is used as is. Both
+    must give the bits of the same computation on the same bf16 values."""
+    g = torch.Generator().manual_seed(2)
+    A = (torch.randn(1500, 8, generator=g) @ torch.randn(8, 1500, generator=g)
+         + 0.01 * torch.randn(1500, 1500, generator=g)).bfloat16()
+    r_in = fastlora.rsvd(A, 8, generator=torch.Generator().manual_seed(0), sketch_dtype=torch.bfloat16)
+    r_copy = fastlora.rsvd(A.float(), 8, generator=torch.Generator().manual_seed(0), sketch_dtype=torch.bfloat16)
+    r_strided = fastlora.rsvd(A.float().mT.contiguous().mT, 8, generator=torch.Generator().manual_seed(0),
+                              sketch_dtype=torch.bfloat16)
+    for x, y, z in zip(r_in, r_copy, r_strided):
+        assert torch.equal(x, y) and torch.equal(x, z)
+    U, S, Vh = r_in
+    err = (A.double() - (U * S).double() @ Vh.double()).norm()
+    assert err <= (1 + RSVD_EPS) * optimal_error(A, 8) + sketch_floor(A, torch.bfloat16)
+
+
+def test_rsvd_sketch_errors():
+    A = torch.randn(10, 6)
+    with pytest.raises(ValueError, match="sketch_dtype must be None, torch.bfloat16 or torch.float16"):
+        fastlora.rsvd(A, 2, sketch_dtype=torch.float32)
+    op = fastlora.FactoredSum([(torch.randn(2, 6), torch.randn(10, 2))])
+    with pytest.raises(ValueError, match="sketch_dtype applies to a dense A"):
+        fastlora.rsvd(op, 2, sketch_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="rsvd: sketch_dtype must be bfloat16 or float16"):
+        torch.ops.fastlora.rsvd(A, torch.randn(6, 4), 2, 1, torch.float64)
+    B = A.clone()
+    B[1, 1] = float("nan")
+    with pytest.raises(ValueError, match="rsvd: the input contains non-finite"):
+        fastlora.rsvd(B, 2, sketch_dtype=torch.bfloat16)
+    # float16 overflows above 65504: reported, not returned as garbage.
+    with pytest.raises(ValueError, match="overflows"):
+        fastlora.rsvd(torch.full((8, 8), 6e4), 2, sketch_dtype=torch.float16)
+
+
 # --- implicit operator -------------------------------------------------------------------------
 
 def clients(m, n, ranks, g, dtype=torch.float32):
@@ -344,6 +424,8 @@ def test_opcheck():
     A = torch.randn(2, 12, 9, generator=g)
     torch.library.opcheck(torch.ops.fastlora.rsvd.default, (A, torch.randn(2, 9, 6, generator=g), 4, 2))
     torch.library.opcheck(torch.ops.fastlora.rsvd.default, (A[0].half(), torch.randn(9, 6, generator=g), 4, 1))
+    for sd in SKETCH_DTYPES:
+        torch.library.opcheck(torch.ops.fastlora.rsvd.default, (A, torch.randn(2, 9, 6, generator=g), 4, 1, sd))
     idx, val = torch.tensor([1, 50, 107]), torch.randn(3, generator=g)
     torch.library.opcheck(torch.ops.fastlora.rsvd_implicit.default,
                           (Bs, As, w, idx, val, torch.randn(9, 6, generator=g), 12, 4, 2))
@@ -362,7 +444,8 @@ def test_torch_compile_fullgraph():
         A2, B2, rel = fastlora.squeeze(A, B, 3)
         U, S, Vh = fastlora.svd_factored([b1, b2], [a1, a2])
         u, s, vh = torch.ops.fastlora.rsvd(M, omega, 5, 2)
-        return B2 @ A2, rel, S, s
+        u2, s2, vh2 = torch.ops.fastlora.rsvd(M, omega, 5, 1, torch.bfloat16)
+        return B2 @ A2, rel, S, s, s2
 
     compiled = torch.compile(server, fullgraph=True, backend="aot_eager")
     for x, y in zip(compiled(a1, b1, a2, b2, M, omega), server(a1, b1, a2, b2, M, omega)):
