@@ -1,6 +1,8 @@
 """fastlora low-rank family (rsvd, svd_factored, squeeze, aggregate_lora) against
 torch.linalg.svd and fastlora.reference, in the style of PyTorch's test_svd_lowrank: matrices
 with known spectra, reconstruction error against the optimal rank-k error."""
+import os
+
 import pytest
 import torch
 
@@ -347,6 +349,33 @@ def test_aggregate_lora_one_client_full_rank_reproduces_it():
     torch.testing.assert_close(B @ A, b @ a, rtol=1e-5, atol=1e-5 * (b @ a).abs().max().item())
     A, B = fastlora.aggregate_lora([(a.half(), b.half())], [1.0], 16)
     assert A.dtype == B.dtype == torch.float16
+
+
+# --- device ------------------------------------------------------------------------------------
+# The family is one ATen-only implementation registered for every device (cuBLAS / cuSOLVER on
+# CUDA). FASTLORA_TEST_GPU=1 runs this on "cuda"; otherwise on CPU.
+DEVICE = "cuda" if os.environ.get("FASTLORA_TEST_GPU") else "cpu"
+
+
+@pytest.mark.parametrize("sketch_dtype", [None, torch.bfloat16])
+def test_family_on_device(sketch_dtype):
+    g = torch.Generator().manual_seed(13)
+    A = known(96, 70, SPECTRA["slow"], g, torch.float32, batch=(2,)).to(DEVICE)
+    U, S, Vh = fastlora.rsvd(A, 6, generator=torch.Generator().manual_seed(0), sketch_dtype=sketch_dtype)
+    assert U.device == S.device == Vh.device == A.device
+    floor = 0 if sketch_dtype is None else sketch_floor(A.cpu(), sketch_dtype)
+    err = (A - (U * S.unsqueeze(-2)) @ Vh).double().norm(dim=(-2, -1)).cpu()
+    assert (err <= (1 + RSVD_EPS) * optimal_error(A.cpu(), 6) + floor + 1e-5).all()
+    pairs = [(a.to(DEVICE), b.to(DEVICE)) for a, b in clients(96, 70, [2, 5, 3], g)]
+    lora_A, lora_B = fastlora.aggregate_lora(pairs, [0.2, 0.5, 0.3], 4)
+    exact = sum(w * b.cpu().double() @ a.cpu().double() for w, (a, b) in zip([0.2, 0.5, 0.3], pairs))
+    s = torch.linalg.svdvals(exact)
+    assert lora_A.device == lora_B.device == A.device
+    torch.testing.assert_close((exact - lora_B.cpu().double() @ lora_A.cpu().double()).norm(), s[4:].norm(),
+                               rtol=1e-4, atol=1e-6)
+    op = fastlora.FactoredSum(pairs, [0.2, 0.5, 0.3])
+    u, s_, vh = fastlora.rsvd(op, 4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(s_.cpu().double(), s[:4], rtol=1e-4, atol=1e-6)
 
 
 # --- errors ------------------------------------------------------------------------------------
