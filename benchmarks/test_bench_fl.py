@@ -15,7 +15,8 @@ from fastlora.bench import interleaved_medians
 
 
 from fastlora.fl import data, parse_strategy  # noqa: E402
-from fastlora.fl.client import ClientState, make_residual, upload  # noqa: E402
+from fastlora import new_residual  # noqa: E402
+from fastlora.fl.client import ClientState, upload  # noqa: E402
 from fastlora.fl.model import build_classifier, get_adapter, load_minilm, local_train, set_adapter  # noqa: E402
 from fastlora.fl.server import Server  # noqa: E402
 
@@ -33,7 +34,7 @@ class Round:
         self.initial = get_adapter(self.model)
         self.strategy = parse_strategy("ef-topk:up=1/16,down=1/4")
         self.server = Server(self.strategy, self.initial, [len(self.labels)] * CLIENTS)
-        self.state = ClientState(0, len(self.labels), RANK, residual=make_residual(self.initial))
+        self.state = ClientState(0, len(self.labels), RANK, residual=new_residual(self.initial))
         set_adapter(self.model, self.initial)
         local_train(self.model, self.ids, self.mask, self.labels, steps=2, batch_size=BATCH, lr=1e-3)
         self.local = get_adapter(self.model)

@@ -78,11 +78,12 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from fastlora import codec
-from fastlora.fl.client import decode_dense, make_residual, sparsify_encode
+from fastlora.fl.client import decode_dense, sparsify_encode
 from fastlora.fl.model import get_adapter, set_adapter
 from fastlora.fl.server import ServerOptimizer
 from fastlora.fl.strategies import Strategy, parse_strategy
 from fastlora.ops.aggregate import sparse_aggregate
+from fastlora.ops.sparsify import new_residual
 from fastlora.sparse_delta import Layout
 
 __all__ = [
@@ -550,7 +551,7 @@ def load_global(msg: Message, model: torch.nn.Module) -> Adapter:
 
 def _load_residual(context: Context, key: str, like: Adapter) -> Adapter:
     if key not in context.state:
-        return make_residual(like)
+        return new_residual(like)
     rec = context.state[key]
     if not isinstance(rec, ArrayRecord):
         raise ValueError(f"fastlora client: context.state[{key!r}] is a {type(rec).__name__}, not an ArrayRecord")

@@ -334,13 +334,13 @@ def test_minilm_lora_classifier_trains_on_fastlora_layers():
 # --- pieces: client encoding, server optimizer, downloads ------------------------------------------
 
 def test_int8_upload_keeps_quantisation_error_in_the_residual():
-    from fastlora.fl.client import make_residual, sparsify_encode
+    from fastlora.fl.client import sparsify_encode
     from fastlora.sparse_delta import Layout
 
     g = torch.Generator().manual_seed(0)
     delta = {"a": torch.randn(40, 7, generator=g), "b": torch.randn(13, generator=g)}
     layout = Layout.of(delta)
-    res = make_residual(delta)
+    res = fastlora.new_residual(delta)
     res["a"] += 0.1
     before = {n: delta[n] + res[n] for n in delta}
     payload = sparsify_encode(delta, layout, density=0.25, values="int8", residual=res)
@@ -400,3 +400,47 @@ def test_per_tensor_selection_keeps_every_tensors_share():
         assert float(kept[i].min()) >= float(kept.topk(i.numel()).values.min()) - 1e-6
     glob = codec.decode(sparsify_encode(adapter, layout, density=0.25, values="fp16"), layout=layout).split()
     assert glob["lora_B"][0].numel() == 0   # what a global top-k does to the small lora_B
+
+
+# --- the initial adapter -----------------------------------------------------------------------
+
+def test_initial_adapter_is_a_function_of_the_seed():
+    """What lets clients build the round-1 adapter themselves (config initial = "seed")."""
+    from fastlora.fl.model import build_classifier, tiny_encoder
+
+    def adapter(seed):
+        return get_adapter(build_classifier(tiny_encoder(seed=0), 4, rank=4, seed=seed))
+
+    a, b, c = adapter(5), adapter(5), adapter(6)
+    assert list(a) == list(b) and all(torch.equal(a[n], b[n]) for n in a)
+    assert any(not torch.equal(a[n], c[n]) for n in a)
+
+
+@pytest.mark.parametrize("spec", ["fedavg", "ef-topk:up=1/8,down=1/8", "exact", "flasc"])
+def test_initial_from_seed_sends_the_seed_and_changes_nothing_else(spec):
+    """Round 1 sends the 8-byte seed to each client instead of the adapter; where the
+    download mode would have sent it exactly (dense fp32, diff's fp32 resync) the run is
+    otherwise bitwise the same."""
+    runs = {}
+    for initial in ("seed", "download"):
+        ex = prepare(tiny_config(initial=initial, client_ranks=[2, 4] if spec == "exact" else None))
+        runs[initial] = run_strategy(ex, parse_strategy(spec), progress=False, stop_after=3)
+    seeded, downloaded = runs["seed"]["records"], runs["download"]["records"]
+    m = 4
+    assert seeded[0]["down_bytes"] == 8 * m
+    assert downloaded[0]["down_bytes"] > 4 * 100 * m      # the adapter itself
+    if spec == "flasc":
+        return  # FLASC's round-1 download is the top-1/4 of the initial adapter: a different start
+    for s, d in zip(seeded, downloaded):
+        assert s["accuracy"] == d["accuracy"] and s["up_bytes"] == d["up_bytes"]
+        if s["round"] > 1:
+            assert s["down_bytes"] == d["down_bytes"]
+    for n, t in runs["seed"]["adapter"].items():
+        assert torch.equal(t, runs["download"]["adapter"][n])
+
+
+def test_initial_seed_config_errors():
+    with pytest.raises(ValueError, match="initial must be one of"):
+        tiny_config(initial="broadcast")
+    with pytest.raises(ValueError, match="seed must be an int"):
+        tiny_config(seed=-1)

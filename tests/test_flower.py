@@ -67,7 +67,8 @@ def round_of(msg):
 
 def test_ten_line_example_without_flower():
     # --- README snippet: clients send sparse fp16 bytes, the server aggregates them ---
-    from fastlora.fl.client import make_residual, sparsify_encode
+    from fastlora import new_residual
+    from fastlora.fl.client import sparsify_encode
     from fastlora.ops.aggregate import sparse_aggregate
     from fastlora.sparse_delta import Layout
 
@@ -76,7 +77,7 @@ def test_ten_line_example_without_flower():
     sizes, payloads = [120, 80], []
     for n in sizes:                                        # on each client, after local training:
         update = {k: 0.01 * torch.randn_like(v) for k, v in global_adapter.items()}
-        residual = make_residual(update)                   # error feedback (keep it across rounds)
+        residual = new_residual(update)                    # error feedback (keep it across rounds)
         payloads.append(sparsify_encode(update, layout, density=1 / 16, values="fp16", residual=residual))
     avg = sparse_aggregate(payloads, [n / sum(sizes) for n in sizes], layout=layout)   # on the server
     for k in global_adapter:

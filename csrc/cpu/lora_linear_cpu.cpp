@@ -84,6 +84,42 @@ void dropout_rows_(const Tensor& src, Tensor& dst, int64_t row0, const DropoutPa
                                   [&] { dropout_rows<scalar_t>(src, dst, row0, d); });
 }
 
+// Backward's two uses of one block's mask from a single hash evaluation per element:
+// xd = dropout(x) (for d lora_A) and gx = dropout_mask(gx) in place (the LoRA term of dX).
+// Each output is rounded exactly as dropout_rows would round it.
+template <typename scalar_t>
+void dropout_rows_pair(const Tensor& x, Tensor& xd, Tensor& gx, int64_t row0, const DropoutParams& d) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const int64_t rows = x.size(0), cols = x.size(1);
+  const int64_t ldx = x.stride(0), ldd = xd.stride(0), ldg = gx.stride(0);
+  const scalar_t* xs = x.const_data_ptr<scalar_t>();
+  scalar_t* xo = xd.mutable_data_ptr<scalar_t>();
+  scalar_t* go = gx.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> mult(cols);
+    for (int64_t i = begin; i < end; ++i) {
+      const uint32_t h = d.row_hash(row0 + i);
+      if constexpr (std::is_same_v<acc_t, double>) {
+        row_multipliers_f64(mult.data(), cols, h, d.seed_hi, d.threshold, d.scale);
+      } else {
+        row_multipliers_f32(mult.data(), cols, h, d.seed_hi, d.threshold, static_cast<float>(d.scale));
+      }
+      const scalar_t* xi = xs + i * ldx;
+      scalar_t* xoi = xo + i * ldd;
+      scalar_t* gi = go + i * ldg;
+      for (int64_t j = 0; j < cols; ++j) {
+        xoi[j] = static_cast<scalar_t>(static_cast<acc_t>(xi[j]) * mult[j]);
+        gi[j] = static_cast<scalar_t>(static_cast<acc_t>(gi[j]) * mult[j]);
+      }
+    }
+  });
+}
+
+void dropout_rows_pair_(const Tensor& x, Tensor& xd, Tensor& gx, int64_t row0, const DropoutParams& d) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastlora_dropout_rows_pair",
+                                  [&] { dropout_rows_pair<scalar_t>(x, xd, gx, row0, d); });
+}
+
 // Rows per block in the blocked loops: a block of each M x K / M x N operand (~256 KiB) should
 // stay in L2 while the few small GEMMs on it run, one thread per block.
 int64_t block_rows(int64_t cols, int64_t elem_size) {
@@ -212,16 +248,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_cpu(
       const Tensor g = at::mm(dy_b, lora_B).mul_(scaling);
       accumulate_mm(pb, xa.narrow(0, r0, n).t(), dy_b, scaling);
       Tensor xd = x_b;
-      if (d.active) {
+      if (need_x) {
+        Tensor gx = grad_x.narrow(0, r0, n);
+        at::mm_out(gx, g, lora_A);
+        if (d.active) {  // one mask evaluation for both of its uses
+          xd = xdrop.narrow(0, 0, n);
+          dropout_rows_pair_(x_b, xd, gx, r0, d);
+        }
+      } else if (d.active) {
         xd = xdrop.narrow(0, 0, n);
         dropout_rows_(x_b, xd, r0, d);
       }
       accumulate_mm(pa, g.t(), xd, 1.0);
-      if (need_x) {
-        Tensor gx = grad_x.narrow(0, r0, n);
-        at::mm_out(gx, g, lora_A);
-        if (d.active) dropout_rows_(gx, gx, r0, d);
-      }
     }
   };
   run_blocks(nblocks, body);

@@ -12,7 +12,7 @@ from typing import Dict, Optional
 import torch
 
 from fastlora import codec
-from fastlora.ops.sparsify import new_residual, topk_sparsify
+from fastlora.ops.sparsify import topk_sparsify
 from fastlora.sparse_delta import Layout, SparseDelta
 from fastlora.fl.strategies import Strategy
 
@@ -78,10 +78,6 @@ def decode_dense(payload: bytes, layout: Layout) -> Adapter:
     sd = codec.decode(payload, layout=layout)
     dense = sd.to_dense(torch.float32)
     return dense if layout.is_dict else {"": dense}
-
-
-def make_residual(adapter: Adapter) -> Adapter:
-    return new_residual(adapter)
 
 
 def upload(local: Adapter, start: Adapter, layout: Layout, strategy: Strategy, state: ClientState) -> bytes:

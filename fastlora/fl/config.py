@@ -12,6 +12,7 @@ from fastlora.fl.strategies import parse_strategy
 
 MODELS = ("minilm", "tiny")
 TASKS = ("stdlib", "synthetic")
+INITIAL_MODES = ("seed", "download")
 
 
 @dataclass
@@ -48,6 +49,10 @@ class FLConfig:
     eval_every: int = 1
     # run
     seed: int = 0
+    # How clients get the round-1 adapter. "seed": every party builds it from `seed` (LoRA's A
+    # and the head are seeded, B is zero): the server sends the 8-byte seed, counted. "download":
+    # the server sends it dense fp32 (2.5 MB for the demo's 8 clients). Same for every strategy.
+    initial: str = "seed"
     threads: int = 0                      # torch CPU threads (0: torch's default)
 
     def __post_init__(self):
@@ -82,6 +87,8 @@ class FLConfig:
         need(self.eval_samples >= 1 and self.eval_every >= 1, "eval_samples and eval_every must be >= 1")
         need(self.num_classes >= 2 and self.num_samples >= self.num_classes, "synthetic task needs >= 2 classes")
         need(self.threads >= 0, f"threads must be >= 0, got {self.threads}")
+        need(isinstance(self.seed, int) and 0 <= self.seed < 2 ** 63, f"seed must be an int in [0, 2^63), got {self.seed}")
+        need(self.initial in INITIAL_MODES, f"initial must be one of {INITIAL_MODES}, got {self.initial!r}")
         return self
 
     def ranks(self) -> Optional[List[int]]:
@@ -100,7 +107,8 @@ class FLConfig:
 PRESETS = {
     # The README's first command: a pretrained MiniLM, real text, dense vs sparse side by side,
     # in a few minutes on 2 CPU cores.
-    "demo": dict(strategies=["fedavg", "flasc", "ef-topk:up=1/64,down=1/16"], num_clients=8, participation=1.0,
+    "demo": dict(strategies=["fedavg", "flasc", "ef-topk:up=1/4,down=1/4,values=int8,down_values=int8"],
+                 num_clients=8, participation=1.0,
                  rounds=8, local_steps=4, batch_size=16, lr=2e-3, max_length=32, max_per_class=300,
                  eval_samples=400),
     # Seconds, no pretrained model: a random tiny BERT on a synthetic token task.

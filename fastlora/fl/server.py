@@ -96,8 +96,10 @@ class Server:
     """
 
     def __init__(self, strategy: Strategy, initial: Adapter, client_sizes: List[int],
-                 client_ranks: Optional[List[int]] = None):
+                 client_ranks: Optional[List[int]] = None, initial_seed: Optional[int] = None):
         self.strategy = strategy
+        # Clients build the initial adapter from this seed: round 1 sends it instead of the adapter.
+        self.initial_seed = initial_seed
         self.global_adapter: Adapter = {n: t.detach().to(torch.float32).clone() for n, t in initial.items()}
         self.layout = Layout.of(self.global_adapter)
         self.client_sizes = list(client_sizes)
@@ -136,9 +138,18 @@ class Server:
     # -- download ---------------------------------------------------------------------------
     def downloads(self, rnd: int, clients: List[int], held_versions: Mapping[int, int]) -> Dict[int, Tuple[str, bytes]]:
         """What each selected client receives this round: ``{cid: (kind, payload)}`` with kind
-        ``dense`` / ``sparse`` / ``diff`` / ``resync``. Identical payloads are one bytes object
+        ``dense`` / ``sparse`` / ``diff`` / ``resync`` / ``seed`` (round 1 with ``initial_seed``:
+        the 8-byte seed, little-endian). Identical payloads are one bytes object
         (each receiver still counts its length)."""
         s = self.strategy
+        if self.initial_seed is not None and rnd == 1:
+            # Nothing is aggregated before round 1: the global adapter is the initial one, which
+            # every client builds from the shared seed. What crosses the network is the seed.
+            if s.down == "diff" and not s.exact:
+                self.view = {n: t.clone() for n, t in self.global_adapter.items()}
+                self.view_version = rnd
+            seed = int(self.initial_seed).to_bytes(8, "little")
+            return {c: ("seed", seed) for c in clients}
         if s.exact:
             by_rank: Dict[int, bytes] = {}
             for c in clients:

@@ -16,8 +16,9 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from fastlora import codec
+from fastlora.ops.sparsify import new_residual
 from fastlora.fl import checkpoint
-from fastlora.fl.client import ClientState, add_sparse, decode_dense, make_residual, sparsify_encode, upload
+from fastlora.fl.client import ClientState, add_sparse, decode_dense, sparsify_encode, upload
 from fastlora.fl.config import FLConfig
 from fastlora.fl.model import (build_classifier, evaluate, get_adapter, load_minilm, local_train, set_adapter,
                                tiny_encoder)
@@ -103,12 +104,13 @@ def run_strategy(exp: Experiment, strategy: Strategy, run_dir: Optional[Path] = 
     cfg = exp.config
     model = exp.model
     ranks = cfg.ranks() if strategy.exact else None
-    server = Server(strategy, exp.initial_adapter, exp.client_sizes, ranks)
+    server = Server(strategy, exp.initial_adapter, exp.client_sizes, ranks,
+                    initial_seed=cfg.seed if cfg.initial == "seed" else None)
     layout = server.layout
     clients = [ClientState(c, n, (ranks[c] if ranks else server.rank)) for c, n in enumerate(exp.client_sizes)]
     if strategy.error_feedback:
         for st in clients:
-            st.residual = make_residual(exp.initial_adapter)
+            st.residual = new_residual(exp.initial_adapter)
     records: List[dict] = []
     label = strategy.label
     start = 1
@@ -159,14 +161,24 @@ def run_strategy(exp: Experiment, strategy: Strategy, run_dir: Optional[Path] = 
             kind, payload = downloads[c]
             t0 = time.perf_counter()
             client_layout = server.layout_for_rank(st.rank) if strategy.exact else layout
-            if kind == "diff":
+            if kind == "seed":
+                if int.from_bytes(payload, "little") != cfg.seed:
+                    raise RuntimeError("round-1 seed message does not carry this run's seed")
+                # exp.initial_adapter is what build_classifier(..., seed=cfg.seed) gives: the
+                # same bits on every client (tests/test_fl.py checks it), so use it directly.
+                start_adapter = {n: t.clone() for n, t in exp.initial_adapter.items()}
+                if strategy.exact:
+                    start_adapter = truncate_rank(start_adapter, st.rank, server.pairs)
+                elif strategy.down == "diff":
+                    st.held = {n: t.clone() for n, t in start_adapter.items()}
+            elif kind == "diff":
                 add_sparse(st.held, codec.decode(payload, layout=layout))
                 start_adapter = {n: t.clone() for n, t in st.held.items()}
             else:
                 start_adapter = decode_dense(payload, client_layout)
                 if kind == "resync":
                     st.held = {n: t.clone() for n, t in start_adapter.items()}
-            if kind in ("diff", "resync"):
+            if kind in ("diff", "resync") or (kind == "seed" and st.held is not None):
                 st.held_version = rnd
             t_comm += time.perf_counter() - t0
             if c in failing:
