@@ -47,6 +47,8 @@ _FL_FLAGS = [
     ("--lr", "lr", "local learning rate"),
     ("--rank", "rank", "LoRA rank"),
     ("--seed", "seed", "seed of everything"),
+    ("--initial", "initial", "round 1: seed (clients build the initial adapter from the seed; 8 bytes sent) "
+                             "or download (the server sends it)"),
     ("--threads", "threads", "torch CPU threads (0: torch's default)"),
 ]
 

@@ -294,6 +294,12 @@ def test_cli_fl(tmp_path, capsys):
         '[fl]\nmodel = "tiny"\ntask = "synthetic"\nrounds = 1\nnum_clients = 2\nnum_samples = 60\n'
         'strategies = ["fedavg"]\n')
     assert main(["fl", "--config", str(toml), "--out", str(tmp_path / "t"), "--no-progress"]) == 0
+    assert main(["fl", "--config", str(toml), "--initial", "download", "--out", str(tmp_path / "d"),
+                 "--no-progress"]) == 0
+    first = {d: json.loads((tmp_path / d / "metrics.json").read_text())["records"][0] for d in "td"}
+    # the seed vs the adapter, to each client of round 1
+    assert first["t"]["down_bytes"] == 8 * first["t"]["clients"]
+    assert first["d"]["down_bytes"] > 4 * 100 * first["d"]["clients"]
     toml.write_text("[fl]\nround = 1\n")
     assert main(["fl", "--config", str(toml), "--out", str(tmp_path / "u")]) == 2
     assert "unknown key 'round'" in capsys.readouterr().err

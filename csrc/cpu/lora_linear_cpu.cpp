@@ -52,11 +52,26 @@ void row_multipliers_f64(double* __restrict out, int64_t cols, uint32_t row_h, u
   }
 }
 
+// The multipliers of row `row` into mult (cols entries), in the accumulation type.
+template <typename acc_t>
+void row_mask(std::vector<acc_t>& mult, int64_t row, const DropoutParams& d) {
+  const uint32_t h = d.row_hash(row);
+  const int64_t cols = static_cast<int64_t>(mult.size());
+  if constexpr (std::is_same_v<acc_t, double>) {
+    row_multipliers_f64(mult.data(), cols, h, d.seed_hi, d.threshold, d.scale);
+  } else {
+    row_multipliers_f32(mult.data(), cols, h, d.seed_hi, d.threshold, static_cast<float>(d.scale));
+  }
+}
+
+template <typename scalar_t>
+using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
 // dst[i, :] = src[i, :] * mask(row0 + i, :) * scale for the rows of a block (src may alias dst).
 // Math in float32 (float64 for double), rounded once to scalar_t, as in the reference.
 template <typename scalar_t>
 void dropout_rows(const Tensor& src, Tensor& dst, int64_t row0, const DropoutParams& d) {
-  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  using acc_t = acc_type_t<scalar_t>;
   const int64_t rows = src.size(0), cols = src.size(1);
   const int64_t lds = src.stride(0), ldd = dst.stride(0);
   const scalar_t* s = src.const_data_ptr<scalar_t>();
@@ -64,12 +79,7 @@ void dropout_rows(const Tensor& src, Tensor& dst, int64_t row0, const DropoutPar
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> mult(cols);
     for (int64_t i = begin; i < end; ++i) {
-      const uint32_t h = d.row_hash(row0 + i);
-      if constexpr (std::is_same_v<acc_t, double>) {
-        row_multipliers_f64(mult.data(), cols, h, d.seed_hi, d.threshold, d.scale);
-      } else {
-        row_multipliers_f32(mult.data(), cols, h, d.seed_hi, d.threshold, static_cast<float>(d.scale));
-      }
+      row_mask(mult, row0 + i, d);
       const scalar_t* si = s + i * lds;
       scalar_t* oi = o + i * ldd;
       for (int64_t j = 0; j < cols; ++j) {
@@ -89,7 +99,7 @@ void dropout_rows_(const Tensor& src, Tensor& dst, int64_t row0, const DropoutPa
 // Each output is rounded exactly as dropout_rows would round it.
 template <typename scalar_t>
 void dropout_rows_pair(const Tensor& x, Tensor& xd, Tensor& gx, int64_t row0, const DropoutParams& d) {
-  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  using acc_t = acc_type_t<scalar_t>;
   const int64_t rows = x.size(0), cols = x.size(1);
   const int64_t ldx = x.stride(0), ldd = xd.stride(0), ldg = gx.stride(0);
   const scalar_t* xs = x.const_data_ptr<scalar_t>();
@@ -98,12 +108,7 @@ void dropout_rows_pair(const Tensor& x, Tensor& xd, Tensor& gx, int64_t row0, co
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> mult(cols);
     for (int64_t i = begin; i < end; ++i) {
-      const uint32_t h = d.row_hash(row0 + i);
-      if constexpr (std::is_same_v<acc_t, double>) {
-        row_multipliers_f64(mult.data(), cols, h, d.seed_hi, d.threshold, d.scale);
-      } else {
-        row_multipliers_f32(mult.data(), cols, h, d.seed_hi, d.threshold, static_cast<float>(d.scale));
-      }
+      row_mask(mult, row0 + i, d);
       const scalar_t* xi = xs + i * ldx;
       scalar_t* xoi = xo + i * ldd;
       scalar_t* gi = go + i * ldg;
