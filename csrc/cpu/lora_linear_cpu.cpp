@@ -67,15 +67,19 @@ void row_mask(std::vector<acc_t>& mult, int64_t row, const DropoutParams& d) {
 template <typename scalar_t>
 using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-// dst[i, :] = src[i, :] * mask(row0 + i, :) * scale for the rows of a block (src may alias dst).
-// Math in float32 (float64 for double), rounded once to scalar_t, as in the reference.
-template <typename scalar_t>
-void dropout_rows(const Tensor& src, Tensor& dst, int64_t row0, const DropoutParams& d) {
+// For the rows of a block: dst[i, :] = src[i, :] * mask(row0 + i, :) * scale (src may alias
+// dst) and, when `also` is given, also[i, :] *= the same multipliers in place: backward's two
+// uses of one mask (dropout(x) for d lora_A, the mask on the dX LoRA term) from a single hash
+// evaluation per element. Math in float32 (float64 for double), rounded once to scalar_t, as in
+// the reference.
+template <typename scalar_t, bool kAlso>
+void dropout_rows(const Tensor& src, Tensor& dst, Tensor* also, int64_t row0, const DropoutParams& d) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t rows = src.size(0), cols = src.size(1);
-  const int64_t lds = src.stride(0), ldd = dst.stride(0);
+  const int64_t lds = src.stride(0), ldd = dst.stride(0), lda = kAlso ? also->stride(0) : 0;
   const scalar_t* s = src.const_data_ptr<scalar_t>();
   scalar_t* o = dst.mutable_data_ptr<scalar_t>();
+  scalar_t* a = kAlso ? also->mutable_data_ptr<scalar_t>() : nullptr;
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> mult(cols);
     for (int64_t i = begin; i < end; ++i) {
@@ -85,44 +89,24 @@ void dropout_rows(const Tensor& src, Tensor& dst, int64_t row0, const DropoutPar
       for (int64_t j = 0; j < cols; ++j) {
         oi[j] = static_cast<scalar_t>(static_cast<acc_t>(si[j]) * mult[j]);
       }
+      if constexpr (kAlso) {
+        scalar_t* ai = a + i * lda;
+        for (int64_t j = 0; j < cols; ++j) {
+          ai[j] = static_cast<scalar_t>(static_cast<acc_t>(ai[j]) * mult[j]);
+        }
+      }
     }
   });
 }
 
 void dropout_rows_(const Tensor& src, Tensor& dst, int64_t row0, const DropoutParams& d) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "fastlora_dropout_rows",
-                                  [&] { dropout_rows<scalar_t>(src, dst, row0, d); });
-}
-
-// Backward's two uses of one block's mask from a single hash evaluation per element:
-// xd = dropout(x) (for d lora_A) and gx = dropout_mask(gx) in place (the LoRA term of dX).
-// Each output is rounded exactly as dropout_rows would round it.
-template <typename scalar_t>
-void dropout_rows_pair(const Tensor& x, Tensor& xd, Tensor& gx, int64_t row0, const DropoutParams& d) {
-  using acc_t = acc_type_t<scalar_t>;
-  const int64_t rows = x.size(0), cols = x.size(1);
-  const int64_t ldx = x.stride(0), ldd = xd.stride(0), ldg = gx.stride(0);
-  const scalar_t* xs = x.const_data_ptr<scalar_t>();
-  scalar_t* xo = xd.mutable_data_ptr<scalar_t>();
-  scalar_t* go = gx.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> mult(cols);
-    for (int64_t i = begin; i < end; ++i) {
-      row_mask(mult, row0 + i, d);
-      const scalar_t* xi = xs + i * ldx;
-      scalar_t* xoi = xo + i * ldd;
-      scalar_t* gi = go + i * ldg;
-      for (int64_t j = 0; j < cols; ++j) {
-        xoi[j] = static_cast<scalar_t>(static_cast<acc_t>(xi[j]) * mult[j]);
-        gi[j] = static_cast<scalar_t>(static_cast<acc_t>(gi[j]) * mult[j]);
-      }
-    }
-  });
+                                  [&] { dropout_rows<scalar_t, false>(src, dst, nullptr, row0, d); });
 }
 
 void dropout_rows_pair_(const Tensor& x, Tensor& xd, Tensor& gx, int64_t row0, const DropoutParams& d) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastlora_dropout_rows_pair",
-                                  [&] { dropout_rows_pair<scalar_t>(x, xd, gx, row0, d); });
+                                  [&] { dropout_rows<scalar_t, true>(x, xd, &gx, row0, d); });
 }
 
 // Rows per block in the blocked loops: a block of each M x K / M x N operand (~256 KiB) should
