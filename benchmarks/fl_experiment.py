@@ -62,10 +62,6 @@ def bytes_to_reach(records, target):
     return None, None
 
 
-class _Reached(Exception):
-    pass
-
-
 def run_until(cfg, out_dir: Path, target: float) -> dict:
     """Runs each strategy of ``cfg`` until its accuracy reaches ``target`` or ``cfg.rounds``
     (checkpointed every round: a rerun resumes). Returns ``run()``-like records/summaries."""
@@ -75,20 +71,10 @@ def run_until(cfg, out_dir: Path, target: float) -> dict:
 
     exp = prepare(cfg)
     records, info = [], {}
-
-    def stop(rec):
-        if rec["accuracy"] is not None and rec["accuracy"] >= target:
-            raise _Reached
-
     for spec in cfg.strategies:
         s = parse_strategy(spec)
-        run_dir = out_dir / run_slug(s)
-        res = run_strategy(exp, s, run_dir, resume=True, progress=False, stop_after=0)   # what is there
-        if not any(r["accuracy"] is not None and r["accuracy"] >= target for r in res["records"]):
-            try:
-                res = run_strategy(exp, s, run_dir, resume=True, progress=False, on_round=stop)
-            except _Reached:   # the round's checkpoint is written: resume returns its records
-                res = run_strategy(exp, s, run_dir, resume=True, progress=False, stop_after=0)
+        res = run_strategy(exp, s, out_dir / run_slug(s), resume=True, progress=False,
+                           until=lambda rec: rec["accuracy"] is not None and rec["accuracy"] >= target)
         records.extend(res["records"])
         info[s.label] = {"strategy": s.name, "up_density": s.up_density, "down": s.down_label, "values": s.values}
         print(f"#   {s.label}: {len(res['records'])} rounds, accuracy {res['records'][-1]['accuracy']:.3f}",

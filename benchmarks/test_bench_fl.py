@@ -11,14 +11,12 @@ asserted.
 import pytest
 import torch
 
+from fastlora import new_residual
 from fastlora.bench import interleaved_medians
-
-
-from fastlora.fl import data, parse_strategy  # noqa: E402
-from fastlora import new_residual  # noqa: E402
-from fastlora.fl.client import ClientState, upload  # noqa: E402
-from fastlora.fl.model import build_classifier, get_adapter, load_minilm, local_train, set_adapter  # noqa: E402
-from fastlora.fl.server import Server  # noqa: E402
+from fastlora.fl import data, parse_strategy
+from fastlora.fl.client import ClientState, upload
+from fastlora.fl.model import build_classifier, get_adapter, load_minilm, local_train, set_adapter
+from fastlora.fl.server import Server
 
 CLIENTS, STEPS, BATCH, SEQ, RANK = 8, 4, 16, 32, 8
 MAX_COMM_SHARE = 0.05

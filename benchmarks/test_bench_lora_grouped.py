@@ -19,11 +19,8 @@ import pytest
 import torch
 
 import fastlora
+import fastlora.peft as fp
 from fastlora.bench import interleaved_medians
-
-import peft  # noqa: E402,F401
-
-import fastlora.peft as fp  # noqa: E402
 
 M, IN, OUT, R = 2048, 1024, 1024, 16
 SEQ = 128  # per-sample layout: M // SEQ samples of SEQ consecutive rows

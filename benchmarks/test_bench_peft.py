@@ -15,12 +15,8 @@ import warnings
 import pytest
 import torch
 
+import fastlora.peft as fp
 from fastlora.bench import interleaved_medians, saved_activation_bytes
-
-import peft  # noqa: E402,F401
-import transformers  # noqa: E402,F401
-
-import fastlora.peft as fp  # noqa: E402
 
 HIDDEN, INTERMEDIATE, LAYERS, HEADS, SEQ, BATCH, VOCAB = 512, 1376, 4, 8, 256, 4, 1000
 R, ALPHA, DROPOUT = 16, 32, 0.05

@@ -181,11 +181,9 @@ class LoraLinear(PeftLinear):
         extra = sorted(k for k, v in kwargs.items() if k != "adapter_names" and v is not None)
         if args or extra:
             return f"extra forward arguments {extra}" if extra else "extra positional forward arguments"
-        base = self.base_layer
-        if type(base) is not nn.Linear:
-            return f"base layer is {type(base).__module__}.{type(base).__qualname__}, not torch.nn.Linear"
-        if self.fan_in_fan_out:
-            return "fan_in_fan_out=True"
+        reason = self._fastlora_base_reason()
+        if reason:
+            return reason
         if x.dim() < 2:
             return "mixed-adapter batch with a 1-D input"
         names = list(kwargs["adapter_names"])
@@ -193,23 +191,18 @@ class LoraLinear(PeftLinear):
         used = sorted({n for n in names if n != "__base__" and n in self.lora_A})
         if not used:
             return None
-        variants = getattr(self, "lora_variant", {})
         for name in used:
-            if name in variants:
-                return f"mixed-adapter batch: adapter {name!r} uses LoRA variant {type(variants[name]).__name__}"
-            A, B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-            dropout = _dropout_of(drop)
-            if type(A) is not nn.Linear or type(B) is not nn.Linear or A.bias is not None or dropout is None:
-                return f"adapter {name!r} has non-standard lora_A / lora_B / lora_dropout modules"
-            if B.bias is not None:
+            dropout = self._fastlora_adapter_check(name)
+            if isinstance(dropout, str):
+                return f"mixed-adapter batch: {dropout}"
+            if self.lora_B[name].bias is not None:
                 return f"mixed-adapter batch: adapter {name!r} has lora_bias=True"
-            if any(_has_hooks(m) for m in (A, B, drop)):
-                return f"adapter {name!r} has hooks on its lora_A / lora_B / lora_dropout modules"
             p, training = dropout
             if p > 0 and training:
                 return f"mixed-adapter batch: adapter {name!r} applies dropout (training mode)"
-        if _has_hooks(base) or _global_hooks():
+        if _has_hooks(self.base_layer) or _global_hooks():
             return "module hooks on the base layer (or global module hooks)"
+        base = self.base_layer
         tensors = [x, base.weight, base.bias]
         for name in used:
             tensors += [self.lora_A[name].weight, self.lora_B[name].weight]
@@ -257,27 +250,18 @@ class LoraLinear(PeftLinear):
             return f"extra forward arguments {sorted(kwargs)}" if kwargs else "extra positional forward arguments"
         if self.merged:
             return "adapters are merged into the base weight (the base layer alone is computed)"
+        reason = self._fastlora_base_reason()
+        if reason:
+            return reason
         base = self.base_layer
-        if type(base) is not nn.Linear:
-            return f"base layer is {type(base).__module__}.{type(base).__qualname__}, not torch.nn.Linear"
-        if self.fan_in_fan_out:
-            return "fan_in_fan_out=True"
         names = [a for a in self.active_adapters if a in self.lora_A]
         if not names:
             return None
-        variants = getattr(self, "lora_variant", {})
         plan = []
         for name in names:
-            if name in variants:
-                what = "DoRA (use_dora=True)" if self.use_dora.get(name, False) else \
-                    f"LoRA variant {type(variants[name]).__name__}"
-                return f"adapter {name!r} uses {what}"
-            A, B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-            dropout = _dropout_of(drop)
-            if type(A) is not nn.Linear or type(B) is not nn.Linear or A.bias is not None or dropout is None:
-                return f"adapter {name!r} has non-standard lora_A / lora_B / lora_dropout modules"
-            if any(_has_hooks(m) for m in (A, B, drop)):
-                return f"adapter {name!r} has hooks on its lora_A / lora_B / lora_dropout modules"
+            dropout = self._fastlora_adapter_check(name)
+            if isinstance(dropout, str):
+                return dropout
             plan.append((name, *dropout))
         if _has_hooks(base) or _global_hooks():
             return "module hooks on the base layer (or global module hooks)"
@@ -287,6 +271,31 @@ class LoraLinear(PeftLinear):
         for name in names:
             tensors += [self.lora_A[name].weight, self.lora_B[name].weight, self.lora_B[name].bias]
         return _dtype_reason(x, tensors) or plan
+
+    def _fastlora_base_reason(self):
+        """Why the base layer rules the fused ops out (None if it does not)."""
+        base = self.base_layer
+        if type(base) is not nn.Linear:
+            return f"base layer is {type(base).__module__}.{type(base).__qualname__}, not torch.nn.Linear"
+        if self.fan_in_fan_out:
+            return "fan_in_fan_out=True"
+        return None
+
+    def _fastlora_adapter_check(self, name):
+        """(dropout_p, training) of adapter ``name`` if its modules suit the fused ops (plain
+        LoRA, standard modules, no hooks), else the reason it does not, as a string."""
+        variants = getattr(self, "lora_variant", {})
+        if name in variants:
+            what = "DoRA (use_dora=True)" if self.use_dora.get(name, False) else \
+                f"LoRA variant {type(variants[name]).__name__}"
+            return f"adapter {name!r} uses {what}"
+        A, B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        dropout = _dropout_of(drop)
+        if type(A) is not nn.Linear or type(B) is not nn.Linear or A.bias is not None or dropout is None:
+            return f"adapter {name!r} has non-standard lora_A / lora_B / lora_dropout modules"
+        if any(_has_hooks(m) for m in (A, B, drop)):
+            return f"adapter {name!r} has hooks on its lora_A / lora_B / lora_dropout modules"
+        return dropout
 
     def _fastlora_warn(self, reason: str) -> None:
         warned = self.__dict__.setdefault("_fastlora_warned", set())

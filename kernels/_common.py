@@ -1,5 +1,6 @@
 """Pieces shared by the Triton kernel modules (still leaves: torch and triton only)."""
 import contextlib
+import os
 from collections import OrderedDict
 
 import torch
@@ -50,3 +51,56 @@ def lru_get(cache: OrderedDict, key, make, size: int):
     else:
         cache.move_to_end(key)
     return value
+
+# The Triton CPU interpreter (tests) has gaps that the kernels work around when INTERPRET is
+# set; on a GPU the branches compile away:
+#   * bf16 arithmetic and bf16 tl.dot are wrong (bf16 is stored as raw uint16 there), so every
+#     tile is upcast to fp32 right after its load and dots run on fp32 tiles;
+#   * fp32 -> bf16 conversion truncates instead of rounding to nearest even, so bf16 rounding
+#     is done by hand on the fp32 bit pattern (see round_to).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# What the kernels take; float64 goes to the reference (Triton has no fast fp64 dot).
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """Round an fp32 tile to ``dtype`` to nearest even (what torch's .to(dtype) does)."""
+    if INTERPRET and dtype == tl.bfloat16:
+        # The interpreter truncates fp32 -> bf16; round the bit pattern to nearest even on the
+        # top 16 bits by hand (the truncating cast is then exact). NaNs are kept as they are.
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    return x.to(dtype)
+
+
+@triton.jit
+def mma(a, b, acc, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    if INTERPRET:
+        # The interpreter's dot is numpy matmul on the raw storage: bf16 would be multiplied as
+        # uint16, so feed it exact fp32 upcasts (same products, fp32 accumulation).
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        # Native dtype on the tensor cores, fp32 accumulator.
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+def check_dtype(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t is not None and t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"fastlora Triton kernels support float32, float16 and bfloat16 only, got "
+                f"{t.dtype}; use the reference (or C++) path for this dtype")
+
+
+def pow2(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 follows torch's own switch so that results match torch.mm on the same machine.
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"

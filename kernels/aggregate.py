@@ -58,21 +58,19 @@ host-to-device copies (client table, weights); the chunk table is cached.
 """
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import on_device as _on_device, num_sms as _num_sms, lru_get as _lru_get
+from ._common import INTERPRET as _INTERPRET, on_device as _on_device, num_sms as _num_sms, lru_get as _lru_get
 
 # The Triton CPU interpreter (tests) has gaps: bf16 -> fp32 conversion flushes denormals and
 # bf16 arithmetic is wrong there, so bf16 values are loaded as raw uint16 and widened by hand
 # ((bits << 16) read as float32 is exactly float32(bf16), also on a GPU). Under the interpreter
 # each program costs milliseconds, so the default blocks are large; tests monkeypatch
 # _chunk_size / _entry_block / _validate_block to exercise many programs and loop trips.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 _NCOL = 4               # client-table columns: idx address, value address, nnz, dtype code

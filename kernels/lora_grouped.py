@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import on_device as _on_device
-from .lora_linear import _INTERPRET, _check_dtype, _dot_precision, _mma, _pow2, _round_to
+from ._common import INTERPRET as _INTERPRET, check_dtype as _check_dtype, dot_precision as _dot_precision
+from ._common import mma as _mma, on_device as _on_device, pow2 as _pow2, round_to as _round_to
 
 
 @triton.jit

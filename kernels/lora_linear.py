@@ -34,23 +34,14 @@ reference's ``dropout`` rounds them. float64 is not supported (use the reference
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import fmix32 as _fmix32, on_device as _on_device, num_sms as _num_sms
+from ._common import INTERPRET as _INTERPRET, check_dtype as _check_dtype, dot_precision as _dot_precision
+from ._common import fmix32 as _fmix32, mma as _mma, num_sms as _num_sms, on_device as _on_device, pow2 as _pow2
+from ._common import round_to as _round_to
 
-# The Triton CPU interpreter (tests) has gaps that the kernels work around when INTERPRET is
-# set; on a GPU the branches compile away:
-#   * bf16 arithmetic and bf16 tl.dot are wrong (bf16 is stored as raw uint16 there), so every
-#     tile is upcast to fp32 right after its load and dots run on fp32 tiles;
-#   * fp32 -> bf16 conversion truncates instead of rounding to nearest even, so bf16 rounding
-#     is done by hand on the fp32 bit pattern (see _round_to).
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 _M32 = 0xFFFFFFFF
 
 
@@ -67,35 +58,12 @@ def _keep_mask(rows, cols, seed_lo, seed_hi, threshold):
 
 
 @triton.jit
-def _round_to(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
-    """Round an fp32 tile to ``dtype`` to nearest even (what torch's .to(dtype) does)."""
-    if INTERPRET and dtype == tl.bfloat16:
-        # The interpreter truncates fp32 -> bf16; round the bit pattern to nearest even on the
-        # top 16 bits by hand (the truncating cast is then exact). NaNs are kept as they are.
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
-    return x.to(dtype)
-
-
-@triton.jit
 def _dropout_tile(t, rows, cols, drop_scale, seed_lo, seed_hi, threshold, INTERPRET: tl.constexpr):
     """fastlora dropout of a loaded tile: float32(t) * keep * scale, rounded once to t's dtype
     (x * 0 rather than a select, so that a dropped inf/nan gives nan like the reference)."""
     keep = _keep_mask(rows, cols, seed_lo, seed_hi, threshold)
     t32 = t.to(tl.float32) * keep.to(tl.float32) * drop_scale
     return _round_to(t32, t.dtype, INTERPRET)
-
-
-@triton.jit
-def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
-    if INTERPRET:
-        # The interpreter's dot is numpy matmul on the raw storage: bf16 would be multiplied as
-        # uint16, so feed it exact fp32 upcasts (same products, fp32 accumulation).
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        # Native dtype on the tensor cores, fp32 accumulator.
-        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,14 +156,6 @@ def _lora_gemm_kernel(
 # ----------------------------------------------------------------------------------------------
 # host side
 # ----------------------------------------------------------------------------------------------
-def _check_dtype(*tensors: torch.Tensor) -> None:
-    for t in tensors:
-        if t is not None and t.dtype not in _SUPPORTED:
-            raise TypeError(
-                f"fastlora Triton kernels support float32, float16 and bfloat16 only, got "
-                f"{t.dtype}; use the reference (or C++) path for this dtype")
-
-
 def _dropout_args(p: float, seed: int):
     """(seed_lo, seed_hi, threshold, scale) as kernel arguments, or None when p <= 0.
 
@@ -213,12 +173,6 @@ def _dropout_args(p: float, seed: int):
     scale = 0.0 if p >= 1.0 else float(torch.tensor(1.0 / (1.0 - p), dtype=torch.float64)
                                            .to(torch.float32).item())
     return to_i32(lo), to_i32(hi), threshold, scale
-
-
-
-
-def _pow2(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
 def _blocks(M: int, N: int, K: int, R: int, dtype: torch.dtype):
@@ -254,13 +208,6 @@ def _choose_split(tiles: int, K: int, block_k: int, device: torch.device) -> int
     if tiles >= target:
         return 1
     return max(1, min(triton.cdiv(target, tiles), triton.cdiv(K, 4 * block_k)))
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 follows torch's own switch so that results match torch.mm on the same machine.
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
 
 
 def _gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, alpha: float = 1.0,

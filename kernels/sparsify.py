@@ -56,21 +56,19 @@ of memory bandwidth.
 from __future__ import annotations
 
 import math
-import os
 from collections import OrderedDict
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import fmix32 as _fmix32, on_device as _on_device, lru_get as _lru_get
+from ._common import INTERPRET as _INTERPRET, fmix32 as _fmix32, on_device as _on_device, lru_get as _lru_get
 
 # The Triton CPU interpreter (tests) converts bf16 -> fp32 with denormals flushed to zero (and
 # bf16 arithmetic is wrong there), so bf16 deltas are loaded as raw uint16 and widened by hand
 # (bits << 16 is exactly float32(bf16), also on a GPU). Under the interpreter each program
 # costs milliseconds, so the data blocks are as large as on a GPU and the tests use sizes of
 # a few blocks.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 _VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

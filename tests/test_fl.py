@@ -240,6 +240,24 @@ def test_resume_equals_uninterrupted(spec, tmp_path):
             assert all(torch.equal(a.residual[n], b.residual[n]) for n in a.residual)
 
 
+def test_until_stops_at_the_first_round_that_satisfies_it(tmp_path):
+    cfg = tiny_config(rounds=4)
+    s = parse_strategy("ef-topk:up=1/8")
+    full = run_strategy(prepare(cfg), s, tmp_path / "full", progress=False)
+    first = full["records"][1]["cum_bytes"]   # a target that round 2 reaches, rounds 3-4 too
+    until = lambda rec: rec["cum_bytes"] >= first  # noqa: E731
+    cut = run_strategy(prepare(cfg), s, tmp_path / "cut", progress=False, until=until)
+    assert strip_times(cut["records"]) == strip_times(full["records"][:2])
+    # resumed with the same condition: already satisfied, nothing runs
+    again = run_strategy(prepare(cfg), s, tmp_path / "cut", resume=True, progress=False, until=until)
+    assert strip_times(again["records"]) == strip_times(full["records"][:2])
+    # without it the resumed run finishes bitwise like the uninterrupted one
+    rest = run_strategy(prepare(cfg), s, tmp_path / "cut", resume=True, progress=False)
+    assert strip_times(rest["records"]) == strip_times(full["records"])
+    for n in full["adapter"]:
+        assert torch.equal(rest["adapter"][n], full["adapter"][n]), n
+
+
 def test_resume_refuses_another_config_and_bad_files(tmp_path):
     cfg = tiny_config(rounds=2)
     run_strategy(prepare(cfg), parse_strategy("fedavg"), tmp_path, progress=False, stop_after=1)

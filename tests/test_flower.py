@@ -18,8 +18,7 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import flwr  # noqa: E402,F401  (installed by `make test`: fastlora[flower])
-
+# flwr is installed by `make test` (fastlora[flower]).
 from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord,  # noqa: E402
                       RecordDict)
 from flwr.clientapp import ClientApp  # noqa: E402

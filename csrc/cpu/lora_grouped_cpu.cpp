@@ -22,6 +22,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_utils.h"
+
 namespace fastlora {
 namespace {
 
@@ -43,14 +45,12 @@ struct Task {
   int64_t adapter, begin, end;  // rows perm[begin:end] all use `adapter` (-1: base rows)
 };
 
-Tensor row_major(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
-
 // y[rows[i]] = bias + s * (x[rows[i]] @ A_k[:r]^T) @ B_k[:, :r]^T for a few rows, with loops:
 // fp32 accumulation (float64 for double), the shrink kept in the accumulator type, one rounding.
 template <typename scalar_t>
 void small_rows(const Tensor& x, const Tensor& lora_A, const Tensor& lora_B, const Tensor& bias_row, Tensor& y,
                 const int64_t* rows, int64_t n, int64_t k, int64_t r, double s) {
-  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  using acc_t = acc_type_t<scalar_t>;
   const int64_t in = x.size(1), out = y.size(1), ldx = x.stride(0);
   const int64_t sa_r = lora_A.stride(1), sa_c = lora_A.stride(2), sb_o = lora_B.stride(1), sb_r = lora_B.stride(2);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "../dropout_hash.h"
+#include "cpu_utils.h"
 
 namespace fastlora {
 namespace {
@@ -63,9 +64,6 @@ void row_mask(std::vector<acc_t>& mult, int64_t row, const DropoutParams& d) {
     row_multipliers_f32(mult.data(), cols, h, d.seed_hi, d.threshold, static_cast<float>(d.scale));
   }
 }
-
-template <typename scalar_t>
-using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 // For the rows of a block: dst[i, :] = src[i, :] * mask(row0 + i, :) * scale (src may alias
 // dst) and, when `also` is given, also[i, :] *= the same multipliers in place: backward's two
@@ -127,8 +125,6 @@ void run_blocks(int64_t nblocks, const F& body) {
     body(0, nblocks);
   }
 }
-
-Tensor row_major(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 int64_t seed_value(const Tensor& seed) { return seed.item<int64_t>(); }
 

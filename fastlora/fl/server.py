@@ -145,7 +145,7 @@ class Server:
         if self.initial_seed is not None and rnd == 1:
             # Nothing is aggregated before round 1: the global adapter is the initial one, which
             # every client builds from the shared seed. What crosses the network is the seed.
-            if s.down == "diff" and not s.exact:
+            if s.down == "diff":
                 self.view = {n: t.clone() for n, t in self.global_adapter.items()}
                 self.view_version = rnd
             seed = int(self.initial_seed).to_bytes(8, "little")

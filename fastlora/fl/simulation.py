@@ -94,10 +94,13 @@ def prepare(config: FLConfig) -> Experiment:
 
 def run_strategy(exp: Experiment, strategy: Strategy, run_dir: Optional[Path] = None, *, resume: bool = False,
                  progress: bool = True, stop_after: Optional[int] = None,
-                 on_round: Optional[Callable[[dict], None]] = None) -> dict:
+                 on_round: Optional[Callable[[dict], None]] = None,
+                 until: Optional[Callable[[dict], bool]] = None) -> dict:
     """Runs one strategy for ``config.rounds`` rounds (or until round ``stop_after``, to test
-    resuming). With ``run_dir`` a checkpoint is written after every round
-    (``run_dir/checkpoint.safetensors``) and ``resume=True`` continues from it.
+    resuming, or through the first round whose record satisfies ``until``, e.g. an accuracy
+    target; a resumed run whose records already satisfy it runs nothing). With ``run_dir`` a
+    checkpoint is written after every round (``run_dir/checkpoint.safetensors``) and
+    ``resume=True`` continues from it.
 
     Returns ``{"records": [...], "adapter": final global adapter, "server": Server,
     "clients": [ClientState]}``; a record per round (see :mod:`fastlora.fl.report`)."""
@@ -137,6 +140,8 @@ def run_strategy(exp: Experiment, strategy: Strategy, run_dir: Optional[Path] = 
 
     numel = layout.numel
     last = cfg.rounds if stop_after is None else min(stop_after, cfg.rounds)
+    if until is not None and any(until(r) for r in records):
+        last = start - 1
     bar = None
     if progress and start <= last:
         from tqdm.auto import tqdm
@@ -178,7 +183,7 @@ def run_strategy(exp: Experiment, strategy: Strategy, run_dir: Optional[Path] = 
                 start_adapter = decode_dense(payload, client_layout)
                 if kind == "resync":
                     st.held = {n: t.clone() for n, t in start_adapter.items()}
-            if kind in ("diff", "resync") or (kind == "seed" and st.held is not None):
+            if st.held is not None:  # diff download: every kind above updated what it holds
                 st.held_version = rnd
             t_comm += time.perf_counter() - t0
             if c in failing:
@@ -230,6 +235,8 @@ def run_strategy(exp: Experiment, strategy: Strategy, run_dir: Optional[Path] = 
                 post["acc"] = f"{100 * accuracy:.1f}%"
             bar.set_postfix(post, refresh=False)
             bar.update(1)
+        if until is not None and until(rec):
+            break
     if bar is not None:
         bar.close()
     return {"records": records, "adapter": server.global_adapter, "server": server, "clients": clients}

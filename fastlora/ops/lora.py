@@ -66,13 +66,19 @@ def _fwd_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_B_
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
 
 
-@torch.library.register_fake(_BWD)
-def _bwd_fake(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, output_mask):
+def _gradients_fake(grad_y, x, weight, lora_A, lora_B, output_mask):
+    """(grad_x, grad_weight, grad_bias, grad_lora_A, grad_lora_B) of either LoRA family's
+    backward op; a gradient not asked for by output_mask is an empty tensor."""
     need_x, need_w, need_b = output_mask
     return (grad_y.new_empty(x.shape if need_x else 0),
             grad_y.new_empty(weight.shape if need_w else 0),
             grad_y.new_empty(weight.shape[0] if need_b else 0),
             grad_y.new_empty(lora_A.shape), grad_y.new_empty(lora_B.shape))
+
+
+@torch.library.register_fake(_BWD)
+def _bwd_fake(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, output_mask):
+    return _gradients_fake(grad_y, x, weight, lora_A, lora_B, output_mask)
 
 
 # --- autograd -------------------------------------------------------------------------------
@@ -249,16 +255,11 @@ def _grouped_fake(x, weight, bias, lora_A, lora_B, scalings, ranks, row_adapter)
 
 @torch.library.register_fake(_GBWD)
 def _grouped_bwd_fake(grad_y, x, weight, lora_A, lora_B, scalings, ranks, row_adapter, output_mask):
-    need_x, need_w, need_b = output_mask
-    return (grad_y.new_empty(x.shape if need_x else 0),
-            grad_y.new_empty(weight.shape if need_w else 0),
-            grad_y.new_empty(weight.shape[0] if need_b else 0),
-            grad_y.new_empty(lora_A.shape), grad_y.new_empty(lora_B.shape))
+    return _gradients_fake(grad_y, x, weight, lora_A, lora_B, output_mask)
 
 
 def _grouped_setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scalings, ranks, row_adapter = inputs
-    ctx.has_bias = bias is not None
     ctx.save_for_backward(x, weight, lora_A, lora_B, scalings, ranks, row_adapter)
 
 
