@@ -20,6 +20,7 @@
 
 #include "../dropout_hash.h"
 #include "cpu_utils.h"
+#include "small_gemm.h"
 
 namespace fastlora {
 namespace {
@@ -55,45 +56,54 @@ void row_multipliers_f64(double* __restrict out, int64_t cols, uint32_t row_h, u
 
 // The multipliers of row `row` into mult (cols entries), in the accumulation type.
 template <typename acc_t>
-void row_mask(std::vector<acc_t>& mult, int64_t row, const DropoutParams& d) {
+void row_mask(acc_t* mult, int64_t cols, int64_t row, const DropoutParams& d) {
   const uint32_t h = d.row_hash(row);
-  const int64_t cols = static_cast<int64_t>(mult.size());
   if constexpr (std::is_same_v<acc_t, double>) {
-    row_multipliers_f64(mult.data(), cols, h, d.seed_hi, d.threshold, d.scale);
+    row_multipliers_f64(mult, cols, h, d.seed_hi, d.threshold, d.scale);
   } else {
-    row_multipliers_f32(mult.data(), cols, h, d.seed_hi, d.threshold, static_cast<float>(d.scale));
+    row_multipliers_f32(mult, cols, h, d.seed_hi, d.threshold, static_cast<float>(d.scale));
   }
 }
 
-// For the rows of a block: dst[i, :] = src[i, :] * mask(row0 + i, :) * scale (src may alias
-// dst) and, when `also` is given, also[i, :] *= the same multipliers in place: backward's two
-// uses of one mask (dropout(x) for d lora_A, the mask on the dX LoRA term) from a single hash
-// evaluation per element. Math in float32 (float64 for double), rounded once to scalar_t, as in
-// the reference.
+// For `rows` rows: dst[i, :] = src[i, :] * mask(row0 + i, :) * scale (src may alias dst) and,
+// when kAlso, also[i, :] *= the same multipliers in place: backward's two uses of one mask
+// (dropout(x) for d lora_A, the mask on the dX LoRA term) from a single hash evaluation per
+// element. Math in float32 (float64 for double), rounded once to scalar_t, as in the reference.
+// mult is scratch of at least `cols` entries.
+template <typename scalar_t, bool kAlso>
+void dropout_rows_raw(const scalar_t* s, int64_t lds, scalar_t* o, int64_t ldd, scalar_t* a, int64_t lda,
+                      int64_t rows, int64_t cols, int64_t row0, const DropoutParams& d,
+                      std::vector<acc_type_t<scalar_t>>& mult) {
+  using acc_t = acc_type_t<scalar_t>;
+  mult.resize(std::max<size_t>(mult.size(), static_cast<size_t>(cols)));
+  for (int64_t i = 0; i < rows; ++i) {
+    row_mask(mult.data(), cols, row0 + i, d);
+    const scalar_t* si = s + i * lds;
+    scalar_t* oi = o + i * ldd;
+    for (int64_t j = 0; j < cols; ++j) {
+      oi[j] = static_cast<scalar_t>(static_cast<acc_t>(si[j]) * mult[j]);
+    }
+    if constexpr (kAlso) {
+      scalar_t* ai = a + i * lda;
+      for (int64_t j = 0; j < cols; ++j) {
+        ai[j] = static_cast<scalar_t>(static_cast<acc_t>(ai[j]) * mult[j]);
+      }
+    }
+  }
+}
+
+// dropout_rows_raw on tensors (2-D, rows contiguous), rows split over threads.
 template <typename scalar_t, bool kAlso>
 void dropout_rows(const Tensor& src, Tensor& dst, Tensor* also, int64_t row0, const DropoutParams& d) {
-  using acc_t = acc_type_t<scalar_t>;
-  const int64_t rows = src.size(0), cols = src.size(1);
-  const int64_t lds = src.stride(0), ldd = dst.stride(0), lda = kAlso ? also->stride(0) : 0;
+  const int64_t cols = src.size(1);
   const scalar_t* s = src.const_data_ptr<scalar_t>();
   scalar_t* o = dst.mutable_data_ptr<scalar_t>();
   scalar_t* a = kAlso ? also->mutable_data_ptr<scalar_t>() : nullptr;
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> mult(cols);
-    for (int64_t i = begin; i < end; ++i) {
-      row_mask(mult, row0 + i, d);
-      const scalar_t* si = s + i * lds;
-      scalar_t* oi = o + i * ldd;
-      for (int64_t j = 0; j < cols; ++j) {
-        oi[j] = static_cast<scalar_t>(static_cast<acc_t>(si[j]) * mult[j]);
-      }
-      if constexpr (kAlso) {
-        scalar_t* ai = a + i * lda;
-        for (int64_t j = 0; j < cols; ++j) {
-          ai[j] = static_cast<scalar_t>(static_cast<acc_t>(ai[j]) * mult[j]);
-        }
-      }
-    }
+  const int64_t lds = src.stride(0), ldd = dst.stride(0), lda = kAlso ? also->stride(0) : 0;
+  at::parallel_for(0, src.size(0), 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_type_t<scalar_t>> mult(cols);
+    dropout_rows_raw<scalar_t, kAlso>(s + begin * lds, lds, o + begin * ldd, ldd, kAlso ? a + begin * lda : nullptr,
+                                      lda, end - begin, cols, row0 + begin, d, mult);
   });
 }
 
@@ -138,6 +148,227 @@ void accumulate_mm(Tensor& acc, const Tensor& a, const Tensor& b, double alpha) 
   }
 }
 
+// Rows per block of the small_gemm paths: L2-sized but at least 64 (the d lora_A / d lora_B
+// partials, r x in and r x out, are read and written once per block: with 16-row blocks at
+// in = out = 4096, r = 64 that traffic ran those products at half speed), and small enough (down
+// to 8 rows) that every thread gets two blocks: small_gemm is single-threaded, so a batch of one
+// or two blocks would leave cores idle.
+int64_t direct_block_rows(int64_t M, int64_t cols, int64_t elem_size) {
+  const int64_t nthreads = std::max(1, at::get_num_threads());
+  const int64_t per_thread = ((M + 2 * nthreads - 1) / (2 * nthreads) + 7) / 8 * 8;
+  const int64_t cache_rows = std::max<int64_t>(64, block_rows(cols, elem_size));
+  return std::max<int64_t>(1, std::min({M, cache_rows, std::max<int64_t>(8, per_thread)}));
+}
+
+// src (transposed first when `transpose`) as a row-major matrix whose rows are padded with zero
+// columns to cols_padded entries; src itself when it already is one.
+template <typename T>
+Tensor padded_rows(const Tensor& src_in, bool transpose, int64_t cols_padded) {
+  const int64_t rows = src_in.size(transpose ? 1 : 0), cols = src_in.size(transpose ? 0 : 1);
+  if (!transpose && cols == cols_padded && src_in.is_contiguous()) return src_in;
+  const Tensor src = src_in.contiguous();
+  Tensor out = at::empty({rows, cols_padded}, src.options());
+  T* o = out.mutable_data_ptr<T>();
+  const T* sp = src.const_data_ptr<T>();
+  if (transpose) {
+    transpose_into(sp, cols, rows, rows, o, cols_padded);
+  } else {
+    for (int64_t i = 0; i < rows; ++i) std::copy(sp + i * cols, sp + (i + 1) * cols, o + i * cols_padded);
+  }
+  for (int64_t i = 0; i < rows; ++i) std::fill(o + i * cols_padded + cols, o + (i + 1) * cols_padded, T(0));
+  return out;
+}
+
+// xa = dropout(x) @ lora_A^T on float32 / float64: per block of rows (one thread each), the
+// dropped block goes to an L2-resident buffer and small_gemm shrinks it, so x is read once.
+template <typename T>
+Tensor shrink_direct(const Tensor& x, const Tensor& lora_A, const DropoutParams& d) {
+  const int64_t M = x.size(0), K = x.size(1), r = lora_A.size(0);
+  const int64_t L = small_gemm_lanes<T>();
+  const int64_t rp = (r + L - 1) / L * L;  // rank padded to whole vectors (zero columns)
+  const Tensor At = padded_rows<T>(lora_A, /*transpose=*/true, rp);  // K x rp
+  Tensor xa = at::empty({M, r}, x.options());
+  const int64_t bm = direct_block_rows(M, K, x.element_size());
+  const int64_t nthreads = std::max(1, at::get_num_threads());
+  // Per thread: the dropped block (when dropout is on) and the padded xa block (when r < rp).
+  const int64_t scratch_len = (d.active ? bm * K : 0) + (rp != r ? bm * rp : 0);
+  Tensor scratch = at::empty({nthreads, scratch_len}, x.options());
+  const T* xp = x.const_data_ptr<T>();
+  const T* Atp = At.const_data_ptr<T>();
+  T* xap = xa.mutable_data_ptr<T>();
+  const int64_t ldx = x.stride(0);
+  auto body = [&](int64_t b0, int64_t b1) {
+    T* xd = scratch.mutable_data_ptr<T>() + at::get_thread_num() * scratch_len;
+    T* out_pad = xd + (d.active ? bm * K : 0);
+    std::vector<T> mult;
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * bm, n = std::min(bm, M - r0);
+      const T* a = xp + r0 * ldx;
+      int64_t lda = ldx;
+      if (d.active) {
+        dropout_rows_raw<T, false>(a, ldx, xd, K, nullptr, 0, n, K, r0, d, mult);
+        a = xd;
+        lda = K;
+      }
+      if (rp == r) {
+        small_gemm(n, rp, K, T(1), a, lda, 1, Atp, rp, false, xap + r0 * r, r);
+      } else {
+        small_gemm(n, rp, K, T(1), a, lda, 1, Atp, rp, false, out_pad, rp);
+        for (int64_t i = 0; i < n; ++i) std::copy(out_pad + i * rp, out_pad + i * rp + r, xap + (r0 + i) * r);
+      }
+    }
+  };
+  run_blocks((M + bm - 1) / bm, body);
+  return xa;
+}
+
+// The backward's LoRA part on float32 / float64, every block product through small_gemm on
+// raw pointers (see lora_linear_bwd_cpu for the pass): no ATen op inside the loop. Writes the
+// masked LoRA term of dX into grad_x (when given) and returns (d lora_A, d lora_B).
+template <typename T>
+std::tuple<Tensor, Tensor> lora_bwd_direct(const Tensor& dy, const Tensor& x, const Tensor& lora_A_in,
+                                           const Tensor& lora_B, const Tensor& xa_in, double scaling,
+                                           const DropoutParams& d, Tensor* grad_x) {
+  const int64_t M = x.size(0), K = x.size(1), N = dy.size(1), r = lora_A_in.size(0);
+  const int64_t L = small_gemm_lanes<T>();
+  const int64_t rp = (r + L - 1) / L * L;  // rank padded to whole vectors (zero columns)
+  const Tensor A = lora_A_in.contiguous();
+  const Tensor xa = xa_in.contiguous();
+  const Tensor Bp = padded_rows<T>(lora_B, /*transpose=*/false, rp);  // N x rp
+  const int nthreads = std::max(1, at::get_num_threads());  // thread ids are < this
+  const int64_t bm = direct_block_rows(M, std::max(K, N), x.element_size());
+  const int64_t nblocks = (M + bm - 1) / bm;
+  // Per thread: partial d lora_A (r x K) and d lora_B^T (r x N), zeroed by the thread that
+  // first uses them and summed in a fixed order below; scratch g (bm x rp) and dropped x
+  // block (bm x K).
+  const int64_t part_len = r * (K + N);
+  Tensor parts = at::empty({nthreads, part_len}, x.options());
+  const int64_t scratch_len = bm * rp + (d.active ? bm * K : 0);
+  Tensor scratch = at::empty({nthreads, scratch_len}, x.options());
+  std::vector<char> used(nthreads, 0);
+  const T* dyp = dy.const_data_ptr<T>();
+  const T* xp = x.const_data_ptr<T>();
+  const T* Ap = A.const_data_ptr<T>();
+  const T* Bpp = Bp.const_data_ptr<T>();
+  const T* xap = xa.const_data_ptr<T>();
+  T* gxp = grad_x ? grad_x->mutable_data_ptr<T>() : nullptr;
+  const int64_t ldy = dy.stride(0), ldx = x.stride(0);
+  const T s = static_cast<T>(scaling);
+  auto body = [&](int64_t b0, int64_t b1) {
+    const int tid = at::get_thread_num();
+    T* pa = parts.mutable_data_ptr<T>() + tid * part_len;
+    T* pb = pa + r * K;
+    if (!used[tid]) {
+      std::fill(pa, pa + part_len, T(0));
+      used[tid] = 1;
+    }
+    T* g = scratch.mutable_data_ptr<T>() + tid * scratch_len;
+    T* xd = g + bm * rp;
+    std::vector<T> mult;
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * bm, n = std::min(bm, M - r0);
+      const T* dy_b = dyp + r0 * ldy;
+      const T* x_b = xp + r0 * ldx;
+      // g = s * dY_b @ B
+      small_gemm(n, rp, N, s, dy_b, ldy, 1, Bpp, rp, false, g, rp);
+      // d lora_B^T += s * xa_b^T @ dY_b  (vectorised along N: reads dY rows, not columns)
+      small_gemm(r, N, n, s, xap + r0 * r, 1, r, dy_b, ldy, true, pb, N);
+      // dX_b = g @ A, masked below with the same multipliers as dropout(x_b)
+      T* gx_b = gxp ? gxp + r0 * K : nullptr;
+      if (gx_b) small_gemm(n, K, r, T(1), g, rp, 1, Ap, K, false, gx_b, K);
+      const T* xd_b = x_b;
+      int64_t ldxd = ldx;
+      if (d.active) {
+        if (gx_b) {
+          dropout_rows_raw<T, true>(x_b, ldx, xd, K, gx_b, K, n, K, r0, d, mult);
+        } else {
+          dropout_rows_raw<T, false>(x_b, ldx, xd, K, nullptr, 0, n, K, r0, d, mult);
+        }
+        xd_b = xd;
+        ldxd = K;
+      }
+      // d lora_A += g^T @ dropout(x_b)
+      small_gemm(r, K, n, T(1), g, 1, rp, xd_b, ldxd, true, pa, K);
+    }
+  };
+  run_blocks(nblocks, body);
+  Tensor acc;
+  for (int t = 0; t < nthreads; ++t) {  // fixed order
+    if (!used[t]) continue;
+    if (!acc.defined()) {
+      acc = parts[t];
+    } else {
+      acc.add_(parts[t]);
+    }
+  }
+  if (!acc.defined()) acc = parts[0].zero_();  // M == 0
+  Tensor grad_A = acc.narrow(0, 0, r * K).view({r, K});
+  Tensor grad_B = at::empty({N, r}, x.options());
+  transpose_into(acc.const_data_ptr<T>() + r * K, r, N, N, grad_B.mutable_data_ptr<T>(), r);
+  return {grad_A, grad_B};
+}
+
+// The backward's LoRA part on float16 / bfloat16: the same pass through ATen's BLAS, block
+// products rounded once to the input dtype and summed in float32 partials.
+std::tuple<Tensor, Tensor> lora_bwd_half(const Tensor& dy, const Tensor& x, const Tensor& lora_A,
+                                         const Tensor& lora_B, const Tensor& xa, double scaling,
+                                         const DropoutParams& d, Tensor* grad_x) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t r = lora_A.size(0), N = dy.size(1);
+  const auto acc_opts = x.options().dtype(at::kFloat);
+  const int64_t bm = std::max<int64_t>(1, std::min(M, block_rows(std::max(K, N), x.element_size())));
+  const int64_t nblocks = (M + bm - 1) / bm;
+  const int nthreads = std::max(1, at::get_num_threads());  // thread ids are < this
+  std::vector<Tensor> part_A(nthreads), part_Bt(nthreads);
+  auto body = [&](int64_t b0, int64_t b1) {
+    at::AutoDispatchBelowAutograd below_autograd;  // worker threads: see the forward
+    const int tid = at::get_thread_num();
+    Tensor& pa = part_A[tid];
+    Tensor& pb = part_Bt[tid];
+    if (!pa.defined()) {
+      pa = at::zeros({r, K}, acc_opts);
+      pb = at::zeros({r, N}, acc_opts);
+    }
+    Tensor xdrop = d.active ? at::empty({bm, K}, x.options()) : Tensor();
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * bm, n = std::min(bm, M - r0);
+      const Tensor dy_b = dy.narrow(0, r0, n), x_b = x.narrow(0, r0, n);
+      const Tensor g = at::mm(dy_b, lora_B).mul_(scaling);
+      accumulate_mm(pb, xa.narrow(0, r0, n).t(), dy_b, scaling);
+      Tensor xd = x_b;
+      if (grad_x) {
+        Tensor gx = grad_x->narrow(0, r0, n);
+        at::mm_out(gx, g, lora_A);
+        if (d.active) {  // one mask evaluation for both of its uses
+          xd = xdrop.narrow(0, 0, n);
+          dropout_rows_pair_(x_b, xd, gx, r0, d);
+        }
+      } else if (d.active) {
+        xd = xdrop.narrow(0, 0, n);
+        dropout_rows_(x_b, xd, r0, d);
+      }
+      accumulate_mm(pa, g.t(), xd, 1.0);
+    }
+  };
+  run_blocks(nblocks, body);
+  Tensor acc_A, acc_Bt;
+  for (int t = 0; t < nthreads; ++t) {  // fixed order
+    if (!part_A[t].defined()) continue;
+    if (!acc_A.defined()) {
+      acc_A = part_A[t];
+      acc_Bt = part_Bt[t];
+    } else {
+      acc_A.add_(part_A[t]);
+      acc_Bt.add_(part_Bt[t]);
+    }
+  }
+  if (!acc_A.defined()) {  // M == 0
+    acc_A = at::zeros({r, K}, acc_opts);
+    acc_Bt = at::zeros({r, N}, acc_opts);
+  }
+  return {acc_A.to(x.scalar_type()), acc_Bt.t().contiguous().to(x.scalar_type())};
+}
+
 std::tuple<Tensor, Tensor> lora_linear_fwd_cpu(const Tensor& x_in, const Tensor& weight,
                                                const std::optional<Tensor>& bias, const Tensor& lora_A,
                                                const Tensor& lora_B, double scaling, double dropout_p,
@@ -148,7 +379,11 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_cpu(const Tensor& x_in, const Tensor&
   const DropoutParams d = DropoutParams::make(dropout_p, seed_value(seed));
 
   Tensor xa;
-  if (!d.active || M == 0) {
+  if (x.scalar_type() == at::kFloat) {
+    xa = shrink_direct<float>(x, lora_A, d);
+  } else if (x.scalar_type() == at::kDouble) {
+    xa = shrink_direct<double>(x, lora_A, d);
+  } else if (!d.active || M == 0) {
     xa = at::mm(x, lora_A.t());
   } else {
     // One thread per block of rows: dropout into an L2-resident buffer, then the shrink GEMM
@@ -209,62 +444,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_cpu(
   //   dX_b = dropout_mask(g @ A)           (LoRA term of grad_x, masked as it is written)
   // then the base GEMM accumulates dY @ W onto dX at full size (beta = 1). The small GEMMs run
   // single-threaded inside the parallel region, so the whole pass costs one fork/join.
-  const int64_t r = lora_A.size(0), N = dy.size(1);
-  const bool half = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
-  const auto acc_opts = half ? x.options().dtype(at::kFloat) : x.options();
-  const int64_t bm = std::max<int64_t>(1, std::min(M, block_rows(std::max(K, N), x.element_size())));
-  const int64_t nblocks = (M + bm - 1) / bm;
-  const int nthreads = std::max(1, at::get_num_threads());  // thread ids are < this
-  std::vector<Tensor> part_A(nthreads), part_Bt(nthreads);
   Tensor grad_x = need_x ? at::empty({M, K}, x.options()) : empty();
-  auto body = [&](int64_t b0, int64_t b1) {
-    at::AutoDispatchBelowAutograd below_autograd;  // worker threads: see the forward
-    const int tid = at::get_thread_num();
-    Tensor& pa = part_A[tid];
-    Tensor& pb = part_Bt[tid];
-    if (!pa.defined()) {
-      pa = at::zeros({r, K}, acc_opts);
-      pb = at::zeros({r, N}, acc_opts);
-    }
-    Tensor xdrop = d.active ? at::empty({bm, K}, x.options()) : Tensor();
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t r0 = blk * bm, n = std::min(bm, M - r0);
-      const Tensor dy_b = dy.narrow(0, r0, n), x_b = x.narrow(0, r0, n);
-      const Tensor g = at::mm(dy_b, lora_B).mul_(scaling);
-      accumulate_mm(pb, xa.narrow(0, r0, n).t(), dy_b, scaling);
-      Tensor xd = x_b;
-      if (need_x) {
-        Tensor gx = grad_x.narrow(0, r0, n);
-        at::mm_out(gx, g, lora_A);
-        if (d.active) {  // one mask evaluation for both of its uses
-          xd = xdrop.narrow(0, 0, n);
-          dropout_rows_pair_(x_b, xd, gx, r0, d);
-        }
-      } else if (d.active) {
-        xd = xdrop.narrow(0, 0, n);
-        dropout_rows_(x_b, xd, r0, d);
-      }
-      accumulate_mm(pa, g.t(), xd, 1.0);
-    }
-  };
-  run_blocks(nblocks, body);
-  Tensor acc_A, acc_Bt;
-  for (int t = 0; t < nthreads; ++t) {  // fixed order
-    if (!part_A[t].defined()) continue;
-    if (!acc_A.defined()) {
-      acc_A = part_A[t];
-      acc_Bt = part_Bt[t];
-    } else {
-      acc_A.add_(part_A[t]);
-      acc_Bt.add_(part_Bt[t]);
-    }
+  Tensor grad_A, grad_B;
+  if (x.scalar_type() == at::kFloat) {
+    std::tie(grad_A, grad_B) = lora_bwd_direct<float>(dy, x, lora_A, lora_B, xa, scaling, d, need_x ? &grad_x : nullptr);
+  } else if (x.scalar_type() == at::kDouble) {
+    std::tie(grad_A, grad_B) = lora_bwd_direct<double>(dy, x, lora_A, lora_B, xa, scaling, d, need_x ? &grad_x : nullptr);
+  } else {
+    std::tie(grad_A, grad_B) = lora_bwd_half(dy, x, lora_A, lora_B, xa, scaling, d, need_x ? &grad_x : nullptr);
   }
-  if (!acc_A.defined()) {  // M == 0
-    acc_A = at::zeros({r, K}, acc_opts);
-    acc_Bt = at::zeros({r, N}, acc_opts);
-  }
-  Tensor grad_A = acc_A.to(x.scalar_type());
-  Tensor grad_B = acc_Bt.t().contiguous().to(x.scalar_type());
   if (need_x && M > 0) grad_x.addmm_(dy, weight);
   Tensor grad_w = need_w ? at::mm(dy.t(), x) : empty();
   Tensor grad_b = need_b ? dy.sum(0) : empty();

@@ -1,0 +1,34 @@
+// Register-tiled GEMM for the thin products of the LoRA kernels, where one dimension is the
+// rank r (1..64): g = dY @ B, d lora_B += dY^T @ xa, d lora_A += g^T @ dropout(x), the LoRA
+// term g @ A of dX, and the forward's shrink. Called on L2-resident blocks of rows from inside
+// the kernels' parallel regions (single-threaded, no allocation, no dispatch): through ATen
+// each of these calls cost microseconds of op overhead per 64-row block, and the BLAS ran
+// these shapes at 55-74 GFLOP/s per thread against ~93 for the base GEMM (README,
+// "where the overhead goes").
+//
+// Leaf code: raw pointers only, nothing from the rest of the package.
+#pragma once
+
+#include <cstdint>
+
+namespace fastlora {
+
+// C = alpha * (A @ B) + (accumulate ? C : 0), all row-major except A, which is read through
+// strides so that a transposed operand needs no copy: A(i, p) = a[i * a_row + p * a_col].
+// Shapes: A m x k, B k x n (row stride ldb), C m x n (row stride ldc). n is the vectorised
+// dimension: make it the long contiguous one (or pad it to a multiple of 16 floats / 8
+// doubles). Sums in the input type with fused multiply-adds; the order of the k sum is fixed,
+// so results do not depend on threading.
+void small_gemm(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t a_row, int64_t a_col,
+                const float* b, int64_t ldb, bool accumulate, float* c, int64_t ldc);
+void small_gemm(int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t a_row, int64_t a_col,
+                const double* b, int64_t ldb, bool accumulate, double* c, int64_t ldc);
+
+// Elements per SIMD register of the widest vector unit small_gemm targets (64 bytes); pad the
+// vectorised dimension to a multiple of this to avoid the scalar column tail.
+template <typename T>
+constexpr int64_t small_gemm_lanes() {
+  return 64 / static_cast<int64_t>(sizeof(T));
+}
+
+}  // namespace fastlora
