@@ -11,6 +11,7 @@
 #include "small_gemm.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 
 namespace fastlora {
@@ -139,6 +140,8 @@ __attribute__((target("arch=x86-64-v4"), optimize("fp-contract=fast"))) void gem
 }
 template <typename T>
 __attribute__((target("arch=x86-64-v3"), optimize("fp-contract=fast"))) void gemm_v3(FASTLORA_GEMM_ARGS) {
+  // Narrow tiles only: wider ones (6 x 2, 5 x 2 of 32-byte vectors) measured 2-6x slower
+  // here with GCC 12, whose register allocation spills them.
   gemm<T, 32, false>(FASTLORA_GEMM_PASS);
 }
 template <typename T>
@@ -146,16 +149,21 @@ __attribute__((optimize("fp-contract=fast"))) void gemm_base(FASTLORA_GEMM_ARGS)
   gemm<T, 16, false>(FASTLORA_GEMM_PASS);
 }
 
-int cpu_level() {
+int machine_level() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("x86-64-v4")) return 4;
   if (__builtin_cpu_supports("x86-64-v3")) return 3;
   return 1;
 }
 
+std::atomic<int>& level_in_use() {
+  static std::atomic<int> level{machine_level()};
+  return level;
+}
+
 template <typename T>
 void dispatch(FASTLORA_GEMM_ARGS) {
-  static const int level = cpu_level();
+  const int level = level_in_use().load(std::memory_order_relaxed);
   if (level == 4) {
     gemm_v4<T>(FASTLORA_GEMM_PASS);
   } else if (level == 3) {
@@ -165,6 +173,13 @@ void dispatch(FASTLORA_GEMM_ARGS) {
   }
 }
 #else
+int machine_level() { return 1; }
+
+std::atomic<int>& level_in_use() {
+  static std::atomic<int> level{1};
+  return level;
+}
+
 template <typename T>
 void dispatch(FASTLORA_GEMM_ARGS) {
   gemm<T, 32, false>(FASTLORA_GEMM_PASS);
@@ -172,6 +187,14 @@ void dispatch(FASTLORA_GEMM_ARGS) {
 #endif
 
 }  // namespace
+
+int small_gemm_isa() { return level_in_use().load(); }
+
+int small_gemm_use_isa(int level) {
+  const int used = std::max(1, std::min(level, machine_level()));
+  level_in_use().store(used);
+  return used;
+}
 
 void small_gemm(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t a_row, int64_t a_col,
                 const float* b, int64_t ldb, bool accumulate, float* c, int64_t ldc) {

@@ -24,6 +24,13 @@ void small_gemm(int64_t m, int64_t n, int64_t k, float alpha, const float* a, in
 void small_gemm(int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t a_row, int64_t a_col,
                 const double* b, int64_t ldb, bool accumulate, double* c, int64_t ldc);
 
+// The x86-64 level whose build small_gemm runs: 4 (AVX-512), 3 (AVX2 + FMA) or 1 (baseline,
+// and every non-x86 or non-GCC build). small_gemm_use_isa switches to another level, capped at
+// what the machine has, and returns the level now in use: for tests, which check every build
+// the machine can run.
+int small_gemm_isa();
+int small_gemm_use_isa(int level);
+
 // Elements per SIMD register of the widest vector unit small_gemm targets (64 bytes); pad the
 // vectorised dimension to a multiple of this to avoid the scalar column tail.
 template <typename T>

@@ -1,6 +1,7 @@
 // small_gemm (csrc/cpu/small_gemm.h) against a float64 triple loop over shapes that hit every
 // tile path: row tails of the 4/8/16-row tiles, column tails narrower than a vector, k chunk
-// boundaries, k = 0, transposed A, accumulate, and padded leading dimensions. The tolerance is the
+// boundaries, k = 0, transposed A, accumulate, and padded leading dimensions, on every
+// instruction-set build the machine can run. The tolerance is the
 // standard bound for a k-term dot product in the input type, (k + 2) u sum |alpha a b| + |C| u.
 #include <cmath>
 #include <cstdint>
@@ -71,7 +72,8 @@ void check_type(const char* type_name) {
           }
         }
       }
-      expect(bad == 0, std::string("small_gemm<") + type_name + "> transposed_a=" + (transposed_a ? "1" : "0") +
+      expect(bad == 0, std::string("small_gemm<") + type_name + "> isa level " +
+                           std::to_string(fastlora::small_gemm_isa()) + " transposed_a=" + (transposed_a ? "1" : "0") +
                            " accumulate=" + (accumulate ? "1" : "0") + ": " + std::to_string(cases - bad) + "/" +
                            std::to_string(cases) + " shapes within the dot-product error bound" + first_bad);
     }
@@ -81,7 +83,13 @@ void check_type(const char* type_name) {
 }  // namespace
 
 int main() {
-  check_type<float>("float");
-  check_type<double>("double");
+  // Every build this machine can run (AVX-512, AVX2 + FMA, baseline), highest first.
+  const int best = fastlora::small_gemm_isa();
+  for (int level : {4, 3, 1}) {
+    if (level > best || fastlora::small_gemm_use_isa(level) != level) continue;
+    check_type<float>("float");
+    check_type<double>("double");
+  }
+  fastlora::small_gemm_use_isa(best);
   return finish();
 }
