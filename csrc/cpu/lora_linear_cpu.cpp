@@ -127,13 +127,23 @@ int64_t block_rows(int64_t cols, int64_t elem_size) {
 // Runs body over the row blocks: one thread per block when there are enough blocks to keep
 // every thread busy, otherwise sequentially so that each small GEMM gets all threads (a
 // decode-sized batch is one block: single-threaded blocks would leave cores idle).
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+bool blocks_run_parallel(int64_t nblocks) { return nblocks >= 2 * at::get_num_threads(); }
+
 template <typename F>
 void run_blocks(int64_t nblocks, const F& body) {
-  if (nblocks >= 2 * at::get_num_threads()) {
+  if (blocks_run_parallel(nblocks)) {
     at::parallel_for(0, nblocks, 1, body);
   } else if (nblocks > 0) {
     body(0, nblocks);
   }
+}
+
+// How many threads run_blocks(nblocks, ...) may use: per-thread buffers need this many slots,
+// indexed by at::get_thread_num() (0 on the calling thread when the blocks run sequentially).
+int run_blocks_slots(int64_t nblocks) {
+  return blocks_run_parallel(nblocks) ? std::max(1, at::get_num_threads()) : 1;
 }
 
 int64_t seed_value(const Tensor& seed) { return seed.item<int64_t>(); }
@@ -189,7 +199,8 @@ Tensor shrink_direct(const Tensor& x, const Tensor& lora_A, const DropoutParams&
   const Tensor At = padded_rows<T>(lora_A, /*transpose=*/true, rp);  // K x rp
   Tensor xa = at::empty({M, r}, x.options());
   const int64_t bm = direct_block_rows(M, K, x.element_size());
-  const int64_t nthreads = std::max(1, at::get_num_threads());
+  const int64_t nblocks = (M + bm - 1) / bm;
+  const int64_t nthreads = run_blocks_slots(nblocks);
   // Per thread: the dropped block (when dropout is on) and the padded xa block (when r < rp).
   const int64_t scratch_len = (d.active ? bm * K : 0) + (rp != r ? bm * rp : 0);
   Tensor scratch = at::empty({nthreads, scratch_len}, x.options());
@@ -218,7 +229,7 @@ Tensor shrink_direct(const Tensor& x, const Tensor& lora_A, const DropoutParams&
       }
     }
   };
-  run_blocks((M + bm - 1) / bm, body);
+  run_blocks(nblocks, body);
   return xa;
 }
 
@@ -235,9 +246,9 @@ std::tuple<Tensor, Tensor> lora_bwd_direct(const Tensor& dy, const Tensor& x, co
   const Tensor A = lora_A_in.contiguous();
   const Tensor xa = xa_in.contiguous();
   const Tensor Bp = padded_rows<T>(lora_B, /*transpose=*/false, rp);  // N x rp
-  const int nthreads = std::max(1, at::get_num_threads());  // thread ids are < this
   const int64_t bm = direct_block_rows(M, std::max(K, N), x.element_size());
   const int64_t nblocks = (M + bm - 1) / bm;
+  const int nthreads = run_blocks_slots(nblocks);  // thread ids are < this
   // Per thread: partial d lora_A (r x K) and d lora_B^T (r x N), zeroed by the thread that
   // first uses them and summed in a fixed order below; scratch g (bm x rp) and dropped x
   // block (bm x K).
@@ -378,10 +389,13 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_cpu(const Tensor& x_in, const Tensor&
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
   const DropoutParams d = DropoutParams::make(dropout_p, seed_value(seed));
 
+  // small_gemm when there are blocks for every thread; a decode-sized batch instead gets the
+  // BLAS's multi-threaded GEMM and no transposed copy of lora_A (measured faster at M = 8).
+  const bool direct = blocks_run_parallel(ceil_div(M, direct_block_rows(M, K, x.element_size())));
   Tensor xa;
-  if (x.scalar_type() == at::kFloat) {
+  if (direct && x.scalar_type() == at::kFloat) {
     xa = shrink_direct<float>(x, lora_A, d);
-  } else if (x.scalar_type() == at::kDouble) {
+  } else if (direct && x.scalar_type() == at::kDouble) {
     xa = shrink_direct<double>(x, lora_A, d);
   } else if (!d.active || M == 0) {
     xa = at::mm(x, lora_A.t());

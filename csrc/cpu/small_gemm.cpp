@@ -44,9 +44,17 @@ FASTLORA_INLINE void tile(int64_t k, T alpha, const T* a, int64_t a_row, int64_t
   V acc[MR][NV];
   for (int i = 0; i < MR; ++i)
     for (int v = 0; v < NV; ++v) acc[i][v] = V{};
+  // Software prefetch of the next column panel, of C (with write intent) and of each B row as
+  // it is read. The operands are rows of long matrices (dY, x, dX: 4-16 KiB apart), so a
+  // panel touches one or two lines in each of 64+ pages, too many streams for the hardware
+  // prefetchers: measured on the LoRA backward at in = out = 4096, both prefetches together
+  // took the four products from 35 to 25 ms at r = 64 and from 14 to 9 ms at r = 16.
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) __builtin_prefetch(c + i * ldc + (NV + v) * L, 1);
   for (int64_t p = 0; p < k; ++p) {
     V bv[NV];
     for (int v = 0; v < NV; ++v) load(bv[v], b + p * ldb + v * L);
+    for (int v = 0; v < NV; ++v) __builtin_prefetch(b + p * ldb + (NV + v) * L);
     for (int i = 0; i < MR; ++i) {
       const T ai = a[i * a_row + p * a_col];
       for (int v = 0; v < NV; ++v) acc[i][v] += ai * bv[v];
