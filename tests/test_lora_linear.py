@@ -7,9 +7,10 @@ from fastlora import reference as ref
 from tolerance import assert_close_to_truth
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# (leading dims, in, out, r): 1 row, odd sizes, leading batch dims, r in {1, 8, 64}.
+# (leading dims, in, out, r): 1 row, odd sizes, leading batch dims, r in {1, 8, 64}; a few rows
+# over wide in/out (the CPU kernel then splits columns across threads, several column chunks).
 SHAPES = [((1,), 6, 42, 1), ((42,), 123, 431, 8), ((2, 3), 42, 6, 8), ((431,), 64, 123, 64),
-          ((300,), 123, 42, 8)]
+          ((300,), 123, 42, 8), ((5,), 600, 530, 16)]
 
 
 def make_inputs(lead, k, n, r, dtype, bias=True, lora_B_bias=False, train_weight=False,

@@ -37,31 +37,32 @@ using at::Tensor;
 #endif
 
 FASTLORA_VECTOR_CLONES
-void row_multipliers_f32(float* __restrict out, int64_t cols, uint32_t row_h, uint32_t seed_hi,
+void row_multipliers_f32(float* __restrict out, int64_t cols, int64_t col0, uint32_t row_h, uint32_t seed_hi,
                          uint32_t threshold, float scale) {
   for (int64_t j = 0; j < cols; ++j) {
-    uint32_t u = fmix32((row_h + static_cast<uint32_t>(j) * kGolden32) ^ seed_hi);
+    uint32_t u = fmix32((row_h + static_cast<uint32_t>(col0 + j) * kGolden32) ^ seed_hi);
     out[j] = (u >> 8) >= threshold ? scale : 0.0f;
   }
 }
 
 FASTLORA_VECTOR_CLONES
-void row_multipliers_f64(double* __restrict out, int64_t cols, uint32_t row_h, uint32_t seed_hi,
-                         uint32_t threshold, double scale) {
+void row_multipliers_f64(double* __restrict out, int64_t cols, int64_t col0, uint32_t row_h, uint32_t seed_hi,
+                          uint32_t threshold, double scale) {
   for (int64_t j = 0; j < cols; ++j) {
-    uint32_t u = fmix32((row_h + static_cast<uint32_t>(j) * kGolden32) ^ seed_hi);
+    uint32_t u = fmix32((row_h + static_cast<uint32_t>(col0 + j) * kGolden32) ^ seed_hi);
     out[j] = (u >> 8) >= threshold ? scale : 0.0;
   }
 }
 
-// The multipliers of row `row` into mult (cols entries), in the accumulation type.
+// The multipliers of columns col0 .. col0 + cols - 1 of row `row` into mult, in the
+// accumulation type.
 template <typename acc_t>
-void row_mask(acc_t* mult, int64_t cols, int64_t row, const DropoutParams& d) {
+void row_mask(acc_t* mult, int64_t cols, int64_t col0, int64_t row, const DropoutParams& d) {
   const uint32_t h = d.row_hash(row);
   if constexpr (std::is_same_v<acc_t, double>) {
-    row_multipliers_f64(mult, cols, h, d.seed_hi, d.threshold, d.scale);
+    row_multipliers_f64(mult, cols, col0, h, d.seed_hi, d.threshold, d.scale);
   } else {
-    row_multipliers_f32(mult, cols, h, d.seed_hi, d.threshold, static_cast<float>(d.scale));
+    row_multipliers_f32(mult, cols, col0, h, d.seed_hi, d.threshold, static_cast<float>(d.scale));
   }
 }
 
@@ -69,15 +70,16 @@ void row_mask(acc_t* mult, int64_t cols, int64_t row, const DropoutParams& d) {
 // when kAlso, also[i, :] *= the same multipliers in place: backward's two uses of one mask
 // (dropout(x) for d lora_A, the mask on the dX LoRA term) from a single hash evaluation per
 // element. Math in float32 (float64 for double), rounded once to scalar_t, as in the reference.
-// mult is scratch of at least `cols` entries.
+// The pointers may start at column col0 of their matrices (the mask is that of columns col0 ..
+// col0 + cols - 1); mult is scratch.
 template <typename scalar_t, bool kAlso>
 void dropout_rows_raw(const scalar_t* s, int64_t lds, scalar_t* o, int64_t ldd, scalar_t* a, int64_t lda,
                       int64_t rows, int64_t cols, int64_t row0, const DropoutParams& d,
-                      std::vector<acc_type_t<scalar_t>>& mult) {
+                      std::vector<acc_type_t<scalar_t>>& mult, int64_t col0 = 0) {
   using acc_t = acc_type_t<scalar_t>;
   mult.resize(std::max<size_t>(mult.size(), static_cast<size_t>(cols)));
   for (int64_t i = 0; i < rows; ++i) {
-    row_mask(mult.data(), cols, row0 + i, d);
+    row_mask(mult.data(), cols, col0, row0 + i, d);
     const scalar_t* si = s + i * lds;
     scalar_t* oi = o + i * ldd;
     for (int64_t j = 0; j < cols; ++j) {
@@ -231,6 +233,76 @@ Tensor shrink_direct(const Tensor& x, const Tensor& lora_A, const DropoutParams&
   };
   run_blocks(nblocks, body);
   return xa;
+}
+
+// The backward's LoRA part on float32 / float64 for a batch with too few rows to give every
+// thread row blocks of its own (decode-sized): the rows stay one block and the threads split
+// the columns instead, of dY for d lora_B and of x / dX for d lora_A and the dX LoRA term. The
+// products are lora_bwd_direct's, written straight into the gradients (nothing to sum).
+template <typename T>
+std::tuple<Tensor, Tensor> lora_bwd_columns(const Tensor& dy, const Tensor& x, const Tensor& lora_A_in,
+                                            const Tensor& lora_B, const Tensor& xa_in, double scaling,
+                                            const DropoutParams& d, Tensor* grad_x) {
+  const int64_t M = x.size(0), K = x.size(1), N = dy.size(1), r = lora_A_in.size(0);
+  const int64_t L = small_gemm_lanes<T>();
+  const int64_t rp = (r + L - 1) / L * L;  // rank padded to whole vectors (zero columns)
+  const Tensor A = lora_A_in.contiguous();
+  const Tensor xa = xa_in.contiguous();
+  const Tensor Bp = padded_rows<T>(lora_B, /*transpose=*/false, rp);  // N x rp
+  const T* dyp = dy.const_data_ptr<T>();
+  const T* xp = x.const_data_ptr<T>();
+  const T* Ap = A.const_data_ptr<T>();
+  const T* xap = xa.const_data_ptr<T>();
+  T* gxp = grad_x ? grad_x->mutable_data_ptr<T>() : nullptr;
+  const int64_t ldy = dy.stride(0), ldx = x.stride(0);
+  const T s = static_cast<T>(scaling);
+  // g = s * dY @ B: M x N x r, small next to the rest; one thread.
+  Tensor g = at::empty({M, rp}, x.options());
+  T* gp = g.mutable_data_ptr<T>();
+  small_gemm(M, rp, N, s, dyp, ldy, 1, Bp.const_data_ptr<T>(), rp, false, gp, rp);
+  Tensor grad_A = at::empty({r, K}, x.options());
+  Tensor grad_Bt = at::empty({r == rp ? 0 : r, N}, x.options());
+  Tensor grad_B = at::empty({N, r}, x.options());
+  T* gAp = grad_A.mutable_data_ptr<T>();
+  T* gBtp = grad_Bt.mutable_data_ptr<T>();
+  T* gBp = grad_B.mutable_data_ptr<T>();
+  // One parallel region (a fork/join costs more than a decode-sized batch's LoRA work) over
+  // column tasks: first those of dY, then those of x / dX.
+  constexpr int64_t kCols = 256;  // columns per task
+  const int64_t tasks_N = ceil_div(N, kCols), tasks_K = ceil_div(K, kCols);
+  at::parallel_for(0, tasks_N + tasks_K, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> xd, mult;
+    for (int64_t t = t0; t < t1; ++t) {
+      if (t < tasks_N) {
+        const int64_t c0 = t * kCols, nc = std::min(kCols, N - c0);
+        if (r == rp) {  // d lora_B[c, :] = s * dY[:, c]^T @ xa, r whole vectors wide
+          small_gemm(nc, r, M, s, dyp + c0, 1, ldy, xap, r, false, gBp + c0 * r, r);
+        } else {  // d lora_B^T[:, c] = s * xa^T @ dY[:, c], then its transpose
+          small_gemm(r, nc, M, s, xap, 1, r, dyp + c0, ldy, false, gBtp + c0, N);
+          transpose_into(gBtp + c0, r, nc, N, gBp + c0 * r, r);
+        }
+        continue;
+      }
+      // dX[:, c] = mask * (g @ A[:, c]); d lora_A[:, c] = g^T @ dropout(x[:, c]).
+      const int64_t c0 = (t - tasks_N) * kCols, nc = std::min(kCols, K - c0);
+      T* gx_c = gxp ? gxp + c0 : nullptr;
+      if (gx_c) small_gemm(M, nc, r, T(1), gp, rp, 1, Ap + c0, K, false, gx_c, K);
+      const T* xd_c = xp + c0;
+      int64_t ldxd = ldx;
+      if (d.active) {
+        xd.resize(M * kCols);
+        if (gx_c) {
+          dropout_rows_raw<T, true>(xp + c0, ldx, xd.data(), kCols, gx_c, K, M, nc, 0, d, mult, c0);
+        } else {
+          dropout_rows_raw<T, false>(xp + c0, ldx, xd.data(), kCols, nullptr, 0, M, nc, 0, d, mult, c0);
+        }
+        xd_c = xd.data();
+        ldxd = kCols;
+      }
+      small_gemm(r, nc, M, T(1), gp, 1, rp, xd_c, ldxd, false, gAp + c0, K);
+    }
+  });
+  return {grad_A, grad_B};
 }
 
 // The backward's LoRA part on float32 / float64, every block product through small_gemm on
@@ -460,12 +532,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_cpu(
   // single-threaded inside the parallel region, so the whole pass costs one fork/join.
   Tensor grad_x = need_x ? at::empty({M, K}, x.options()) : empty();
   Tensor grad_A, grad_B;
+  Tensor* gx = need_x ? &grad_x : nullptr;
+  // Row blocks for every thread, or (a decode-sized batch) one block split by columns.
+  const int64_t N = dy.size(1);
+  const bool row_blocks = blocks_run_parallel(ceil_div(M, direct_block_rows(M, std::max(K, N), x.element_size())));
   if (x.scalar_type() == at::kFloat) {
-    std::tie(grad_A, grad_B) = lora_bwd_direct<float>(dy, x, lora_A, lora_B, xa, scaling, d, need_x ? &grad_x : nullptr);
+    std::tie(grad_A, grad_B) = row_blocks ? lora_bwd_direct<float>(dy, x, lora_A, lora_B, xa, scaling, d, gx)
+                                          : lora_bwd_columns<float>(dy, x, lora_A, lora_B, xa, scaling, d, gx);
   } else if (x.scalar_type() == at::kDouble) {
-    std::tie(grad_A, grad_B) = lora_bwd_direct<double>(dy, x, lora_A, lora_B, xa, scaling, d, need_x ? &grad_x : nullptr);
+    std::tie(grad_A, grad_B) = row_blocks ? lora_bwd_direct<double>(dy, x, lora_A, lora_B, xa, scaling, d, gx)
+                                          : lora_bwd_columns<double>(dy, x, lora_A, lora_B, xa, scaling, d, gx);
   } else {
-    std::tie(grad_A, grad_B) = lora_bwd_half(dy, x, lora_A, lora_B, xa, scaling, d, need_x ? &grad_x : nullptr);
+    std::tie(grad_A, grad_B) = lora_bwd_half(dy, x, lora_A, lora_B, xa, scaling, d, gx);
   }
   if (need_x && M > 0) grad_x.addmm_(dy, weight);
   Tensor grad_w = need_w ? at::mm(dy.t(), x) : empty();
