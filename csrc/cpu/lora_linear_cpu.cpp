@@ -172,6 +172,13 @@ int64_t direct_block_rows(int64_t M, int64_t cols, int64_t elem_size) {
   return std::max<int64_t>(1, std::min({M, cache_rows, std::max<int64_t>(8, per_thread)}));
 }
 
+// Rank padded to whole small_gemm vectors (the pad columns are zeros).
+template <typename T>
+int64_t padded_rank(int64_t r) {
+  const int64_t L = small_gemm_lanes<T>();
+  return (r + L - 1) / L * L;
+}
+
 // src (transposed first when `transpose`) as a row-major matrix whose rows are padded with zero
 // columns to cols_padded entries; src itself when it already is one.
 template <typename T>
@@ -196,8 +203,7 @@ Tensor padded_rows(const Tensor& src_in, bool transpose, int64_t cols_padded) {
 template <typename T>
 Tensor shrink_direct(const Tensor& x, const Tensor& lora_A, const DropoutParams& d) {
   const int64_t M = x.size(0), K = x.size(1), r = lora_A.size(0);
-  const int64_t L = small_gemm_lanes<T>();
-  const int64_t rp = (r + L - 1) / L * L;  // rank padded to whole vectors (zero columns)
+  const int64_t rp = padded_rank<T>(r);
   const Tensor At = padded_rows<T>(lora_A, /*transpose=*/true, rp);  // K x rp
   Tensor xa = at::empty({M, r}, x.options());
   const int64_t bm = direct_block_rows(M, K, x.element_size());
@@ -235,6 +241,26 @@ Tensor shrink_direct(const Tensor& x, const Tensor& lora_A, const DropoutParams&
   return xa;
 }
 
+// The operands of the backward's LoRA part on float32 / float64, as small_gemm takes them.
+template <typename T>
+struct LoraBwdOperands {
+  int64_t M, K, N, r, rp;
+  Tensor A, xa, Bp;  // contiguous lora_A (r x K), xa (M x r); lora_B padded to N x rp
+  const T *dy, *x, *a, *xa_p, *b_p;
+  T* gx;  // dX (M x K, contiguous) or null when not requested
+  int64_t ldy, ldx;
+  T s;
+
+  LoraBwdOperands(const Tensor& dy_t, const Tensor& x_t, const Tensor& lora_A, const Tensor& lora_B,
+                  const Tensor& xa_t, double scaling, Tensor* grad_x)
+      : M(x_t.size(0)), K(x_t.size(1)), N(dy_t.size(1)), r(lora_A.size(0)), rp(padded_rank<T>(r)),
+        A(lora_A.contiguous()), xa(xa_t.contiguous()), Bp(padded_rows<T>(lora_B, /*transpose=*/false, rp)),
+        dy(dy_t.const_data_ptr<T>()), x(x_t.const_data_ptr<T>()), a(A.const_data_ptr<T>()),
+        xa_p(xa.const_data_ptr<T>()), b_p(Bp.const_data_ptr<T>()),
+        gx(grad_x ? grad_x->mutable_data_ptr<T>() : nullptr), ldy(dy_t.stride(0)), ldx(x_t.stride(0)),
+        s(static_cast<T>(scaling)) {}
+};
+
 // The backward's LoRA part on float32 / float64 for a batch with too few rows to give every
 // thread row blocks of its own (decode-sized): the rows stay one block and the threads split
 // the columns instead, of dY for d lora_B and of x / dX for d lora_A and the dX LoRA term. The
@@ -243,23 +269,15 @@ template <typename T>
 std::tuple<Tensor, Tensor> lora_bwd_columns(const Tensor& dy, const Tensor& x, const Tensor& lora_A_in,
                                             const Tensor& lora_B, const Tensor& xa_in, double scaling,
                                             const DropoutParams& d, Tensor* grad_x) {
-  const int64_t M = x.size(0), K = x.size(1), N = dy.size(1), r = lora_A_in.size(0);
-  const int64_t L = small_gemm_lanes<T>();
-  const int64_t rp = (r + L - 1) / L * L;  // rank padded to whole vectors (zero columns)
-  const Tensor A = lora_A_in.contiguous();
-  const Tensor xa = xa_in.contiguous();
-  const Tensor Bp = padded_rows<T>(lora_B, /*transpose=*/false, rp);  // N x rp
-  const T* dyp = dy.const_data_ptr<T>();
-  const T* xp = x.const_data_ptr<T>();
-  const T* Ap = A.const_data_ptr<T>();
-  const T* xap = xa.const_data_ptr<T>();
-  T* gxp = grad_x ? grad_x->mutable_data_ptr<T>() : nullptr;
-  const int64_t ldy = dy.stride(0), ldx = x.stride(0);
-  const T s = static_cast<T>(scaling);
+  const LoraBwdOperands<T> o(dy, x, lora_A_in, lora_B, xa_in, scaling, grad_x);
+  const int64_t M = o.M, K = o.K, N = o.N, r = o.r, rp = o.rp, ldy = o.ldy, ldx = o.ldx;
+  const T *dyp = o.dy, *xp = o.x, *Ap = o.a, *xap = o.xa_p;
+  T* gxp = o.gx;
+  const T s = o.s;
   // g = s * dY @ B: M x N x r, small next to the rest; one thread.
   Tensor g = at::empty({M, rp}, x.options());
   T* gp = g.mutable_data_ptr<T>();
-  small_gemm(M, rp, N, s, dyp, ldy, 1, Bp.const_data_ptr<T>(), rp, false, gp, rp);
+  small_gemm(M, rp, N, s, dyp, ldy, 1, o.b_p, rp, false, gp, rp);
   Tensor grad_A = at::empty({r, K}, x.options());
   Tensor grad_Bt = at::empty({r == rp ? 0 : r, N}, x.options());
   Tensor grad_B = at::empty({N, r}, x.options());
@@ -312,12 +330,11 @@ template <typename T>
 std::tuple<Tensor, Tensor> lora_bwd_direct(const Tensor& dy, const Tensor& x, const Tensor& lora_A_in,
                                            const Tensor& lora_B, const Tensor& xa_in, double scaling,
                                            const DropoutParams& d, Tensor* grad_x) {
-  const int64_t M = x.size(0), K = x.size(1), N = dy.size(1), r = lora_A_in.size(0);
-  const int64_t L = small_gemm_lanes<T>();
-  const int64_t rp = (r + L - 1) / L * L;  // rank padded to whole vectors (zero columns)
-  const Tensor A = lora_A_in.contiguous();
-  const Tensor xa = xa_in.contiguous();
-  const Tensor Bp = padded_rows<T>(lora_B, /*transpose=*/false, rp);  // N x rp
+  const LoraBwdOperands<T> o(dy, x, lora_A_in, lora_B, xa_in, scaling, grad_x);
+  const int64_t M = o.M, K = o.K, N = o.N, r = o.r, rp = o.rp, ldy = o.ldy, ldx = o.ldx;
+  const T *dyp = o.dy, *xp = o.x, *Ap = o.a, *xap = o.xa_p;
+  T* gxp = o.gx;
+  const T s = o.s;
   const int64_t bm = direct_block_rows(M, std::max(K, N), x.element_size());
   const int64_t nblocks = (M + bm - 1) / bm;
   const int nthreads = run_blocks_slots(nblocks);  // thread ids are < this
@@ -329,14 +346,6 @@ std::tuple<Tensor, Tensor> lora_bwd_direct(const Tensor& dy, const Tensor& x, co
   const int64_t scratch_len = bm * rp + (d.active ? bm * K : 0);
   Tensor scratch = at::empty({nthreads, scratch_len}, x.options());
   std::vector<char> used(nthreads, 0);
-  const T* dyp = dy.const_data_ptr<T>();
-  const T* xp = x.const_data_ptr<T>();
-  const T* Ap = A.const_data_ptr<T>();
-  const T* Bpp = Bp.const_data_ptr<T>();
-  const T* xap = xa.const_data_ptr<T>();
-  T* gxp = grad_x ? grad_x->mutable_data_ptr<T>() : nullptr;
-  const int64_t ldy = dy.stride(0), ldx = x.stride(0);
-  const T s = static_cast<T>(scaling);
   auto body = [&](int64_t b0, int64_t b1) {
     const int tid = at::get_thread_num();
     T* pa = parts.mutable_data_ptr<T>() + tid * part_len;
@@ -353,7 +362,7 @@ std::tuple<Tensor, Tensor> lora_bwd_direct(const Tensor& dy, const Tensor& x, co
       const T* dy_b = dyp + r0 * ldy;
       const T* x_b = xp + r0 * ldx;
       // g = s * dY_b @ B
-      small_gemm(n, rp, N, s, dy_b, ldy, 1, Bpp, rp, false, g, rp);
+      small_gemm(n, rp, N, s, dy_b, ldy, 1, o.b_p, rp, false, g, rp);
       // d lora_B^T += s * xa_b^T @ dY_b  (vectorised along N: reads dY rows, not columns)
       small_gemm(r, N, n, s, xap + r0 * r, 1, r, dy_b, ldy, true, pb, N);
       // dX_b = g @ A, masked below with the same multipliers as dropout(x_b)
@@ -458,7 +467,7 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_cpu(const Tensor& x_in, const Tensor&
                                                const Tensor& seed, const std::optional<Tensor>& lora_B_bias) {
   TORCH_CHECK(x_in.dim() == 2, "fastlora::lora_linear_fwd expects a 2-D x");
   const Tensor x = row_major(x_in);
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
+  const int64_t M = x.size(0), K = x.size(1), r = lora_A.size(0);
   const DropoutParams d = DropoutParams::make(dropout_p, seed_value(seed));
 
   // small_gemm when there are blocks for every thread; a decode-sized batch instead gets the
