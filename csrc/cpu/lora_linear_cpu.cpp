@@ -1,15 +1,18 @@
 // CPU kernels of fastlora::lora_linear_fwd / lora_linear_bwd.
 //
-// The GEMMs go to ATen's BLAS (MKL/oneDNN); what this file adds is the fusion around them:
+// The base GEMMs (x @ W^T, dY @ W) and the expand go to ATen's BLAS (MKL/oneDNN); the thin
+// rank-r products run in small_gemm (small_gemm.h) on float32 / float64, through the BLAS on
+// float16 / bfloat16. What this file adds is the fusion around them:
 //  * dropout is applied on the fly, one block of rows at a time, from the counter-based hash
 //    (dropout_hash.h): no M x K mask or dropped copy of x is ever materialised or stored;
 //  * the LoRA expand and the bias are written into the output first and the base GEMM then
 //    accumulates on top of them (beta = 1), so the LoRA branch costs no extra pass over the
 //    M x N output;
-//  * backward is one pass over L2-sized blocks of rows (one thread per block when there are
-//    enough blocks): g = s * dY @ B once per block, reused for d lora_A and for the LoRA term
-//    of dX (masked as it is written); d lora_A / d lora_B are per-thread partials summed in a
-//    fixed order; the dY @ W GEMM then accumulates onto dX at full size (beta = 1).
+//  * backward is one pass over L2-sized blocks of rows, one thread per block: g = s * dY @ B
+//    once per block, reused for d lora_A and for the LoRA term of dX (masked as it is
+//    written); d lora_A / d lora_B are per-thread partials summed in a fixed order; the dY @ W
+//    GEMM then accumulates onto dX at full size (beta = 1). A batch with too few rows for
+//    every thread (decode-sized) is one block whose columns the threads split instead.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
