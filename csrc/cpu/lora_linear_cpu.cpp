@@ -129,13 +129,13 @@ int64_t block_rows(int64_t cols, int64_t elem_size) {
   return std::max<int64_t>(16, rows / 16 * 16);
 }
 
-// Runs body over the row blocks: one thread per block when there are enough blocks to keep
-// every thread busy, otherwise sequentially so that each small GEMM gets all threads (a
-// decode-sized batch is one block: single-threaded blocks would leave cores idle).
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 bool blocks_run_parallel(int64_t nblocks) { return nblocks >= 2 * at::get_num_threads(); }
 
+// Runs body over the row blocks: one thread per block when there are enough blocks to keep
+// every thread busy, otherwise sequentially so that each small GEMM gets all threads (a
+// decode-sized batch is one block: single-threaded blocks would leave cores idle).
 template <typename F>
 void run_blocks(int64_t nblocks, const F& body) {
   if (blocks_run_parallel(nblocks)) {
@@ -143,12 +143,6 @@ void run_blocks(int64_t nblocks, const F& body) {
   } else if (nblocks > 0) {
     body(0, nblocks);
   }
-}
-
-// How many threads run_blocks(nblocks, ...) may use: per-thread buffers need this many slots,
-// indexed by at::get_thread_num() (0 on the calling thread when the blocks run sequentially).
-int run_blocks_slots(int64_t nblocks) {
-  return blocks_run_parallel(nblocks) ? std::max(1, at::get_num_threads()) : 1;
 }
 
 int64_t seed_value(const Tensor& seed) { return seed.item<int64_t>(); }
@@ -170,16 +164,22 @@ void accumulate_mm(Tensor& acc, const Tensor& a, const Tensor& b, double alpha) 
 // or two blocks would leave cores idle.
 int64_t direct_block_rows(int64_t M, int64_t cols, int64_t elem_size) {
   const int64_t nthreads = std::max(1, at::get_num_threads());
-  const int64_t per_thread = ((M + 2 * nthreads - 1) / (2 * nthreads) + 7) / 8 * 8;
+  const int64_t per_thread = ceil_div(ceil_div(M, 2 * nthreads), 8) * 8;
   const int64_t cache_rows = std::max<int64_t>(64, block_rows(cols, elem_size));
   return std::max<int64_t>(1, std::min({M, cache_rows, std::max<int64_t>(8, per_thread)}));
+}
+
+// Whether the small_gemm paths get row blocks for every thread (they then run one thread per
+// block); otherwise the batch is decode-sized and the caller takes another path.
+bool row_blocks_for_all_threads(int64_t M, int64_t cols, int64_t elem_size) {
+  return blocks_run_parallel(ceil_div(M, direct_block_rows(M, cols, elem_size)));
 }
 
 // Rank padded to whole small_gemm vectors (the pad columns are zeros).
 template <typename T>
 int64_t padded_rank(int64_t r) {
   const int64_t L = small_gemm_lanes<T>();
-  return (r + L - 1) / L * L;
+  return ceil_div(r, L) * L;
 }
 
 // src (transposed first when `transpose`) as a row-major matrix whose rows are padded with zero
@@ -201,8 +201,9 @@ Tensor padded_rows(const Tensor& src_in, bool transpose, int64_t cols_padded) {
   return out;
 }
 
-// xa = dropout(x) @ lora_A^T on float32 / float64: per block of rows (one thread each), the
-// dropped block goes to an L2-resident buffer and small_gemm shrinks it, so x is read once.
+// xa = dropout(x) @ lora_A^T on float32 / float64 when row_blocks_for_all_threads(M, K): per
+// block of rows (one thread each), the dropped block goes to an L2-resident buffer and
+// small_gemm shrinks it, so x is read once.
 template <typename T>
 Tensor shrink_direct(const Tensor& x, const Tensor& lora_A, const DropoutParams& d) {
   const int64_t M = x.size(0), K = x.size(1), r = lora_A.size(0);
@@ -210,8 +211,8 @@ Tensor shrink_direct(const Tensor& x, const Tensor& lora_A, const DropoutParams&
   const Tensor At = padded_rows<T>(lora_A, /*transpose=*/true, rp);  // K x rp
   Tensor xa = at::empty({M, r}, x.options());
   const int64_t bm = direct_block_rows(M, K, x.element_size());
-  const int64_t nblocks = (M + bm - 1) / bm;
-  const int64_t nthreads = run_blocks_slots(nblocks);
+  const int64_t nblocks = ceil_div(M, bm);
+  const int64_t nthreads = std::max(1, at::get_num_threads());
   // Per thread: the dropped block (when dropout is on) and the padded xa block (when r < rp).
   const int64_t scratch_len = (d.active ? bm * K : 0) + (rp != r ? bm * rp : 0);
   Tensor scratch = at::empty({nthreads, scratch_len}, x.options());
@@ -240,168 +241,157 @@ Tensor shrink_direct(const Tensor& x, const Tensor& lora_A, const DropoutParams&
       }
     }
   };
-  run_blocks(nblocks, body);
+  at::parallel_for(0, nblocks, 1, body);
   return xa;
 }
 
-// The operands of the backward's LoRA part on float32 / float64, as small_gemm takes them.
+// The backward's LoRA part on float32 / float64, every product through small_gemm on raw
+// pointers (see lora_linear_bwd_cpu for the pass): no ATen op inside the loops. Built on the
+// operands as small_gemm takes them; run() writes the masked LoRA term of dX into grad_x (when
+// given) and returns (d lora_A, d lora_B).
 template <typename T>
-struct LoraBwdOperands {
+struct LoraBwdSmallGemm {
   int64_t M, K, N, r, rp;
   Tensor A, xa, Bp;  // contiguous lora_A (r x K), xa (M x r); lora_B padded to N x rp
   const T *dy, *x, *a, *xa_p, *b_p;
   T* gx;  // dX (M x K, contiguous) or null when not requested
   int64_t ldy, ldx;
   T s;
+  const DropoutParams& d;
 
-  LoraBwdOperands(const Tensor& dy_t, const Tensor& x_t, const Tensor& lora_A, const Tensor& lora_B,
-                  const Tensor& xa_t, double scaling, Tensor* grad_x)
+  LoraBwdSmallGemm(const Tensor& dy_t, const Tensor& x_t, const Tensor& lora_A, const Tensor& lora_B,
+                   const Tensor& xa_t, double scaling, const DropoutParams& dropout, Tensor* grad_x)
       : M(x_t.size(0)), K(x_t.size(1)), N(dy_t.size(1)), r(lora_A.size(0)), rp(padded_rank<T>(r)),
         A(lora_A.contiguous()), xa(xa_t.contiguous()), Bp(padded_rows<T>(lora_B, /*transpose=*/false, rp)),
         dy(dy_t.const_data_ptr<T>()), x(x_t.const_data_ptr<T>()), a(A.const_data_ptr<T>()),
         xa_p(xa.const_data_ptr<T>()), b_p(Bp.const_data_ptr<T>()),
         gx(grad_x ? grad_x->mutable_data_ptr<T>() : nullptr), ldy(dy_t.stride(0)), ldx(x_t.stride(0)),
-        s(static_cast<T>(scaling)) {}
-};
+        s(static_cast<T>(scaling)), d(dropout) {}
 
-// The backward's LoRA part on float32 / float64 for a batch with too few rows to give every
-// thread row blocks of its own (decode-sized): the rows stay one block and the threads split
-// the columns instead, of dY for d lora_B and of x / dX for d lora_A and the dX LoRA term. The
-// products are lora_bwd_direct's, written straight into the gradients (nothing to sum).
-template <typename T>
-std::tuple<Tensor, Tensor> lora_bwd_columns(const Tensor& dy, const Tensor& x, const Tensor& lora_A_in,
-                                            const Tensor& lora_B, const Tensor& xa_in, double scaling,
-                                            const DropoutParams& d, Tensor* grad_x) {
-  const LoraBwdOperands<T> o(dy, x, lora_A_in, lora_B, xa_in, scaling, grad_x);
-  const int64_t M = o.M, K = o.K, N = o.N, r = o.r, rp = o.rp, ldy = o.ldy, ldx = o.ldx;
-  const T *dyp = o.dy, *xp = o.x, *Ap = o.a, *xap = o.xa_p;
-  T* gxp = o.gx;
-  const T s = o.s;
-  // g = s * dY @ B: M x N x r, small next to the rest; one thread.
-  Tensor g = at::empty({M, rp}, x.options());
-  T* gp = g.mutable_data_ptr<T>();
-  small_gemm(M, rp, N, s, dyp, ldy, 1, o.b_p, rp, false, gp, rp);
-  Tensor grad_A = at::empty({r, K}, x.options());
-  Tensor grad_Bt = at::empty({r == rp ? 0 : r, N}, x.options());
-  Tensor grad_B = at::empty({N, r}, x.options());
-  T* gAp = grad_A.mutable_data_ptr<T>();
-  T* gBtp = grad_Bt.mutable_data_ptr<T>();
-  T* gBp = grad_B.mutable_data_ptr<T>();
-  // One parallel region (a fork/join costs more than a decode-sized batch's LoRA work) over
-  // column tasks: first those of dY, then those of x / dX.
-  constexpr int64_t kCols = 256;  // columns per task
-  const int64_t tasks_N = ceil_div(N, kCols), tasks_K = ceil_div(K, kCols);
-  at::parallel_for(0, tasks_N + tasks_K, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> xd, mult;
-    for (int64_t t = t0; t < t1; ++t) {
-      if (t < tasks_N) {
-        const int64_t c0 = t * kCols, nc = std::min(kCols, N - c0);
-        if (r == rp) {  // d lora_B[c, :] = s * dY[:, c]^T @ xa, r whole vectors wide
-          small_gemm(nc, r, M, s, dyp + c0, 1, ldy, xap, r, false, gBp + c0 * r, r);
-        } else {  // d lora_B^T[:, c] = s * xa^T @ dY[:, c], then its transpose
-          small_gemm(r, nc, M, s, xap, 1, r, dyp + c0, ldy, false, gBtp + c0, N);
-          transpose_into(gBtp + c0, r, nc, N, gBp + c0 * r, r);
-        }
-        continue;
-      }
-      // dX[:, c] = mask * (g @ A[:, c]); d lora_A[:, c] = g^T @ dropout(x[:, c]).
-      const int64_t c0 = (t - tasks_N) * kCols, nc = std::min(kCols, K - c0);
-      T* gx_c = gxp ? gxp + c0 : nullptr;
-      if (gx_c) small_gemm(M, nc, r, T(1), gp, rp, 1, Ap + c0, K, false, gx_c, K);
-      const T* xd_c = xp + c0;
-      int64_t ldxd = ldx;
-      if (d.active) {
-        xd.resize(M * kCols);
-        if (gx_c) {
-          dropout_rows_raw<T, true>(xp + c0, ldx, xd.data(), kCols, gx_c, K, M, nc, 0, d, mult, c0);
-        } else {
-          dropout_rows_raw<T, false>(xp + c0, ldx, xd.data(), kCols, nullptr, 0, M, nc, 0, d, mult, c0);
-        }
-        xd_c = xd.data();
-        ldxd = kCols;
-      }
-      small_gemm(r, nc, M, T(1), gp, 1, rp, xd_c, ldxd, false, gAp + c0, K);
-    }
-  });
-  return {grad_A, grad_B};
-}
-
-// The backward's LoRA part on float32 / float64, every block product through small_gemm on
-// raw pointers (see lora_linear_bwd_cpu for the pass): no ATen op inside the loop. Writes the
-// masked LoRA term of dX into grad_x (when given) and returns (d lora_A, d lora_B).
-template <typename T>
-std::tuple<Tensor, Tensor> lora_bwd_direct(const Tensor& dy, const Tensor& x, const Tensor& lora_A_in,
-                                           const Tensor& lora_B, const Tensor& xa_in, double scaling,
-                                           const DropoutParams& d, Tensor* grad_x) {
-  const LoraBwdOperands<T> o(dy, x, lora_A_in, lora_B, xa_in, scaling, grad_x);
-  const int64_t M = o.M, K = o.K, N = o.N, r = o.r, rp = o.rp, ldy = o.ldy, ldx = o.ldx;
-  const T *dyp = o.dy, *xp = o.x, *Ap = o.a, *xap = o.xa_p;
-  T* gxp = o.gx;
-  const T s = o.s;
-  const int64_t bm = direct_block_rows(M, std::max(K, N), x.element_size());
-  const int64_t nblocks = (M + bm - 1) / bm;
-  const int nthreads = run_blocks_slots(nblocks);  // thread ids are < this
-  // Per thread: partial d lora_A (r x K) and d lora_B^T (r x N), zeroed by the thread that
-  // first uses them and summed in a fixed order below; scratch g (bm x rp) and dropped x
-  // block (bm x K).
-  const int64_t part_len = r * (K + N);
-  Tensor parts = at::empty({nthreads, part_len}, x.options());
-  const int64_t scratch_len = bm * rp + (d.active ? bm * K : 0);
-  Tensor scratch = at::empty({nthreads, scratch_len}, x.options());
-  std::vector<char> used(nthreads, 0);
-  auto body = [&](int64_t b0, int64_t b1) {
-    const int tid = at::get_thread_num();
-    T* pa = parts.mutable_data_ptr<T>() + tid * part_len;
-    T* pb = pa + r * K;
-    if (!used[tid]) {
-      std::fill(pa, pa + part_len, T(0));
-      used[tid] = 1;
-    }
-    T* g = scratch.mutable_data_ptr<T>() + tid * scratch_len;
-    T* xd = g + bm * rp;
-    std::vector<T> mult;
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t r0 = blk * bm, n = std::min(bm, M - r0);
-      const T* dy_b = dyp + r0 * ldy;
-      const T* x_b = xp + r0 * ldx;
-      // g = s * dY_b @ B
-      small_gemm(n, rp, N, s, dy_b, ldy, 1, o.b_p, rp, false, g, rp);
-      // d lora_B^T += s * xa_b^T @ dY_b  (vectorised along N: reads dY rows, not columns)
-      small_gemm(r, N, n, s, xap + r0 * r, 1, r, dy_b, ldy, true, pb, N);
-      // dX_b = g @ A, masked below with the same multipliers as dropout(x_b)
-      T* gx_b = gxp ? gxp + r0 * K : nullptr;
-      if (gx_b) small_gemm(n, K, r, T(1), g, rp, 1, Ap, K, false, gx_b, K);
-      const T* xd_b = x_b;
-      int64_t ldxd = ldx;
-      if (d.active) {
-        if (gx_b) {
-          dropout_rows_raw<T, true>(x_b, ldx, xd, K, gx_b, K, n, K, r0, d, mult);
-        } else {
-          dropout_rows_raw<T, false>(x_b, ldx, xd, K, nullptr, 0, n, K, r0, d, mult);
-        }
-        xd_b = xd;
-        ldxd = K;
-      }
-      // d lora_A += g^T @ dropout(x_b)
-      small_gemm(r, K, n, T(1), g, 1, rp, xd_b, ldxd, true, pa, K);
-    }
-  };
-  run_blocks(nblocks, body);
-  Tensor acc;
-  for (int t = 0; t < nthreads; ++t) {  // fixed order
-    if (!used[t]) continue;
-    if (!acc.defined()) {
-      acc = parts[t];
-    } else {
-      acc.add_(parts[t]);
-    }
+  std::tuple<Tensor, Tensor> run() {
+    return row_blocks_for_all_threads(M, std::max(K, N), sizeof(T)) ? by_row_blocks() : by_columns();
   }
-  if (!acc.defined()) acc = parts[0].zero_();  // M == 0
-  Tensor grad_A = acc.narrow(0, 0, r * K).view({r, K});
-  Tensor grad_B = at::empty({N, r}, x.options());
-  transpose_into(acc.const_data_ptr<T>() + r * K, r, N, N, grad_B.mutable_data_ptr<T>(), r);
-  return {grad_A, grad_B};
-}
+
+  // Blocks of rows, one thread per block: per block g = s * dY_b @ B, then d lora_B, the dX
+  // term and d lora_A from it; d lora_A / d lora_B^T are per-thread partials summed in a fixed
+  // order.
+  std::tuple<Tensor, Tensor> by_row_blocks() {
+    const int64_t bm = direct_block_rows(M, std::max(K, N), sizeof(T));
+    const int64_t nblocks = ceil_div(M, bm);
+    const int nthreads = std::max(1, at::get_num_threads());  // thread ids are < this
+    // Per thread: partial d lora_A (r x K) and d lora_B^T (r x N), zeroed by the thread that
+    // first uses them; scratch g (bm x rp) and dropped x block (bm x K).
+    const int64_t part_len = r * (K + N);
+    Tensor parts = at::empty({nthreads, part_len}, A.options());
+    const int64_t scratch_len = bm * rp + (d.active ? bm * K : 0);
+    Tensor scratch = at::empty({nthreads, scratch_len}, A.options());
+    std::vector<char> used(nthreads, 0);
+    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+      const int tid = at::get_thread_num();
+      T* pa = parts.mutable_data_ptr<T>() + tid * part_len;
+      T* pb = pa + r * K;
+      if (!used[tid]) {
+        std::fill(pa, pa + part_len, T(0));
+        used[tid] = 1;
+      }
+      T* g = scratch.mutable_data_ptr<T>() + tid * scratch_len;
+      T* xd = g + bm * rp;
+      std::vector<T> mult;
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t r0 = blk * bm, n = std::min(bm, M - r0);
+        const T* dy_b = dy + r0 * ldy;
+        const T* x_b = x + r0 * ldx;
+        // g = s * dY_b @ B
+        small_gemm(n, rp, N, s, dy_b, ldy, 1, b_p, rp, false, g, rp);
+        // d lora_B^T += s * xa_b^T @ dY_b  (vectorised along N: reads dY rows, not columns)
+        small_gemm(r, N, n, s, xa_p + r0 * r, 1, r, dy_b, ldy, true, pb, N);
+        // dX_b = g @ A, masked below with the same multipliers as dropout(x_b)
+        T* gx_b = gx ? gx + r0 * K : nullptr;
+        if (gx_b) small_gemm(n, K, r, T(1), g, rp, 1, a, K, false, gx_b, K);
+        const T* xd_b = x_b;
+        int64_t ldxd = ldx;
+        if (d.active) {
+          if (gx_b) {
+            dropout_rows_raw<T, true>(x_b, ldx, xd, K, gx_b, K, n, K, r0, d, mult);
+          } else {
+            dropout_rows_raw<T, false>(x_b, ldx, xd, K, nullptr, 0, n, K, r0, d, mult);
+          }
+          xd_b = xd;
+          ldxd = K;
+        }
+        // d lora_A += g^T @ dropout(x_b)
+        small_gemm(r, K, n, T(1), g, 1, rp, xd_b, ldxd, true, pa, K);
+      }
+    });
+    Tensor acc;
+    for (int t = 0; t < nthreads; ++t) {  // fixed order
+      if (!used[t]) continue;
+      if (!acc.defined()) {
+        acc = parts[t];
+      } else {
+        acc.add_(parts[t]);
+      }
+    }
+    if (!acc.defined()) acc = parts[0].zero_();  // no block ran
+    Tensor grad_A = acc.narrow(0, 0, r * K).view({r, K});
+    Tensor grad_B = at::empty({N, r}, A.options());
+    transpose_into(acc.const_data_ptr<T>() + r * K, r, N, N, grad_B.mutable_data_ptr<T>(), r);
+    return {grad_A, grad_B};
+  }
+
+  // A batch with too few rows to give every thread row blocks (decode-sized): the rows stay
+  // one block and the threads split the columns instead, of dY for d lora_B and of x / dX for
+  // d lora_A and the dX term, written straight into the gradients (nothing to sum).
+  std::tuple<Tensor, Tensor> by_columns() {
+    // g = s * dY @ B: M x N x r, small next to the rest; one thread.
+    Tensor g = at::empty({M, rp}, A.options());
+    T* gp = g.mutable_data_ptr<T>();
+    small_gemm(M, rp, N, s, dy, ldy, 1, b_p, rp, false, gp, rp);
+    Tensor grad_A = at::empty({r, K}, A.options());
+    Tensor grad_Bt = at::empty({r == rp ? 0 : r, N}, A.options());
+    Tensor grad_B = at::empty({N, r}, A.options());
+    T* gAp = grad_A.mutable_data_ptr<T>();
+    T* gBtp = grad_Bt.mutable_data_ptr<T>();
+    T* gBp = grad_B.mutable_data_ptr<T>();
+    // One parallel region (a fork/join costs more than a decode-sized batch's LoRA work) over
+    // column tasks: first those of dY, then those of x / dX.
+    constexpr int64_t kCols = 256;  // columns per task
+    const int64_t tasks_N = ceil_div(N, kCols), tasks_K = ceil_div(K, kCols);
+    at::parallel_for(0, tasks_N + tasks_K, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<T> xd, mult;
+      for (int64_t t = t0; t < t1; ++t) {
+        if (t < tasks_N) {
+          const int64_t c0 = t * kCols, nc = std::min(kCols, N - c0);
+          if (r == rp) {  // d lora_B[c, :] = s * dY[:, c]^T @ xa, r whole vectors wide
+            small_gemm(nc, r, M, s, dy + c0, 1, ldy, xa_p, r, false, gBp + c0 * r, r);
+          } else {  // d lora_B^T[:, c] = s * xa^T @ dY[:, c], then its transpose
+            small_gemm(r, nc, M, s, xa_p, 1, r, dy + c0, ldy, false, gBtp + c0, N);
+            transpose_into(gBtp + c0, r, nc, N, gBp + c0 * r, r);
+          }
+          continue;
+        }
+        // dX[:, c] = mask * (g @ A[:, c]); d lora_A[:, c] = g^T @ dropout(x[:, c]).
+        const int64_t c0 = (t - tasks_N) * kCols, nc = std::min(kCols, K - c0);
+        T* gx_c = gx ? gx + c0 : nullptr;
+        if (gx_c) small_gemm(M, nc, r, T(1), gp, rp, 1, a + c0, K, false, gx_c, K);
+        const T* xd_c = x + c0;
+        int64_t ldxd = ldx;
+        if (d.active) {
+          xd.resize(M * kCols);
+          if (gx_c) {
+            dropout_rows_raw<T, true>(x + c0, ldx, xd.data(), kCols, gx_c, K, M, nc, 0, d, mult, c0);
+          } else {
+            dropout_rows_raw<T, false>(x + c0, ldx, xd.data(), kCols, nullptr, 0, M, nc, 0, d, mult, c0);
+          }
+          xd_c = xd.data();
+          ldxd = kCols;
+        }
+        small_gemm(r, nc, M, T(1), gp, 1, rp, xd_c, ldxd, false, gAp + c0, K);
+      }
+    });
+    return {grad_A, grad_B};
+  }
+};
 
 // The backward's LoRA part on float16 / bfloat16: the same pass through ATen's BLAS, block
 // products rounded once to the input dtype and summed in float32 partials.
@@ -412,7 +402,7 @@ std::tuple<Tensor, Tensor> lora_bwd_half(const Tensor& dy, const Tensor& x, cons
   const int64_t r = lora_A.size(0), N = dy.size(1);
   const auto acc_opts = x.options().dtype(at::kFloat);
   const int64_t bm = std::max<int64_t>(1, std::min(M, block_rows(std::max(K, N), x.element_size())));
-  const int64_t nblocks = (M + bm - 1) / bm;
+  const int64_t nblocks = ceil_div(M, bm);
   const int nthreads = std::max(1, at::get_num_threads());  // thread ids are < this
   std::vector<Tensor> part_A(nthreads), part_Bt(nthreads);
   auto body = [&](int64_t b0, int64_t b1) {
@@ -475,7 +465,7 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_cpu(const Tensor& x_in, const Tensor&
 
   // small_gemm when there are blocks for every thread; a decode-sized batch instead gets the
   // BLAS's multi-threaded GEMM and no transposed copy of lora_A (measured faster at M = 8).
-  const bool direct = blocks_run_parallel(ceil_div(M, direct_block_rows(M, K, x.element_size())));
+  const bool direct = row_blocks_for_all_threads(M, K, x.element_size());
   Tensor xa;
   if (direct && x.scalar_type() == at::kFloat) {
     xa = shrink_direct<float>(x, lora_A, d);
@@ -488,7 +478,7 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_cpu(const Tensor& x_in, const Tensor&
     // on it (single-threaded inside the parallel region), so x is read once.
     xa = at::empty({M, r}, x.options());
     const int64_t bm = std::min(M, block_rows(K, x.element_size()));
-    const int64_t nblocks = (M + bm - 1) / bm;
+    const int64_t nblocks = ceil_div(M, bm);
     auto body = [&](int64_t b0, int64_t b1) {
       // Worker threads do not inherit the caller's dispatch state: we are below autograd.
       at::AutoDispatchBelowAutograd below_autograd;
@@ -545,15 +535,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_cpu(
   Tensor grad_x = need_x ? at::empty({M, K}, x.options()) : empty();
   Tensor grad_A, grad_B;
   Tensor* gx = need_x ? &grad_x : nullptr;
-  // Row blocks for every thread, or (a decode-sized batch) one block split by columns.
-  const int64_t N = dy.size(1);
-  const bool row_blocks = blocks_run_parallel(ceil_div(M, direct_block_rows(M, std::max(K, N), x.element_size())));
   if (x.scalar_type() == at::kFloat) {
-    std::tie(grad_A, grad_B) = row_blocks ? lora_bwd_direct<float>(dy, x, lora_A, lora_B, xa, scaling, d, gx)
-                                          : lora_bwd_columns<float>(dy, x, lora_A, lora_B, xa, scaling, d, gx);
+    std::tie(grad_A, grad_B) = LoraBwdSmallGemm<float>(dy, x, lora_A, lora_B, xa, scaling, d, gx).run();
   } else if (x.scalar_type() == at::kDouble) {
-    std::tie(grad_A, grad_B) = row_blocks ? lora_bwd_direct<double>(dy, x, lora_A, lora_B, xa, scaling, d, gx)
-                                          : lora_bwd_columns<double>(dy, x, lora_A, lora_B, xa, scaling, d, gx);
+    std::tie(grad_A, grad_B) = LoraBwdSmallGemm<double>(dy, x, lora_A, lora_B, xa, scaling, d, gx).run();
   } else {
     std::tie(grad_A, grad_B) = lora_bwd_half(dy, x, lora_A, lora_B, xa, scaling, d, gx);
   }
