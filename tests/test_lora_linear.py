@@ -8,13 +8,15 @@ from tolerance import assert_close_to_truth
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (leading dims, in, out, r): 1 row, odd sizes, leading batch dims, r in {1, 8, 64}; a few rows
-# over wide in/out (the CPU kernel then splits columns across threads, several column chunks).
+# over wide in/out (the CPU kernel then splits columns across threads, several column chunks);
+# 29 rows: on 2 threads, 8-row blocks (the CPU backward leaves dY @ W to the BLAS), while the
+# 300- and 431-row shapes get blocks tall enough for its own fused base product.
 SHAPES = [((1,), 6, 42, 1), ((42,), 123, 431, 8), ((2, 3), 42, 6, 8), ((431,), 64, 123, 64),
-          ((300,), 123, 42, 8), ((5,), 600, 530, 16)]
+          ((300,), 123, 42, 8), ((5,), 600, 530, 16), ((29,), 50, 60, 4)]
 
 
 def make_inputs(lead, k, n, r, dtype, bias=True, lora_B_bias=False, train_weight=False,
-                noncontig=False):
+                noncontig=False, noncontig_weight=False):
     g = torch.Generator().manual_seed(1)
 
     def rnd(*shape, scale=1.0):
@@ -24,7 +26,8 @@ def make_inputs(lead, k, n, r, dtype, bias=True, lora_B_bias=False, train_weight
         x = rnd(*lead, 2 * k)[..., ::2]
     else:
         x = rnd(*lead, k)
-    t = dict(x=x, weight=rnd(n, k, scale=k ** -0.5), bias=rnd(n) if bias else None,
+    weight = rnd(n, 2 * k, scale=k ** -0.5)[:, ::2] if noncontig_weight else rnd(n, k, scale=k ** -0.5)
+    t = dict(x=x, weight=weight, bias=rnd(n) if bias else None,
              lora_A=rnd(r, k, scale=k ** -0.5), lora_B=rnd(n, r, scale=r ** -0.5),
              lora_B_bias=rnd(n) if lora_B_bias else None)
     grads = {"x", "lora_A", "lora_B", "bias", "lora_B_bias"} | ({"weight"} if train_weight else set())
@@ -38,7 +41,7 @@ def cast(t, dtype, grads):
             out[key] = None
             continue
         c = v.detach().to(dtype)
-        if key == "x" and not v.is_contiguous():  # keep the non-contiguous layout in every dtype
+        if key in ("x", "weight") and not v.is_contiguous():  # keep the layout in every dtype
             c = torch.empty(*v.shape[:-1], 2 * v.shape[-1], dtype=dtype)[..., ::2].copy_(c)
         out[key] = c.requires_grad_(key in grads)
     return out
@@ -95,6 +98,38 @@ def test_no_bias(p):
 def test_large_rows_span_several_blocks():
     # More rows than one CPU row block, so block boundaries and the mask's row offsets matter.
     check_against_reference(torch.float32, (1100,), 300, 40, 8, 0.3)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_backward_with_fused_base_product(threads):
+    # Row blocks of >= 16 rows: the CPU backward then computes dY @ W itself, on top of the
+    # masked LoRA term of each block, from a transposed copy of the dY block (tail block of 95
+    # rows, not a multiple of the 4-row transpose groups); a weight whose rows are strided.
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_against_reference(torch.float32, (431,), 77, 130, 8, 0.2, noncontig_weight=True)
+    finally:
+        torch.set_num_threads(prev)
+
+
+def test_gradcheck_fp64_fused_base_product():
+    # The same path in float64 (x needs a gradient and the row blocks are >= 16 rows on one
+    # thread): fast-mode gradcheck keeps the 257-row input cheap.
+    t, grads = make_inputs((257,), 9, 7, 2, torch.float64, train_weight=True, noncontig_weight=True)
+    t = cast(t, torch.float64, grads)
+    seed = torch.tensor(3)
+
+    def f(x, weight, lora_A, lora_B):
+        return fastlora.lora_linear(x, weight, t["bias"], lora_A, lora_B, 0.7, 0.25, seed=seed)
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch.autograd.gradcheck(f, tuple(t[k] for k in ("x", "weight", "lora_A", "lora_B")),
+                                        fast_mode=True)
+    finally:
+        torch.set_num_threads(prev)
 
 
 def test_empty_input():

@@ -18,20 +18,25 @@ inline at::Tensor row_major(const at::Tensor& t) { return t.stride(-1) == 1 ? t 
 template <typename scalar_t>
 using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-// dst[j * ld_dst + i] = src[i * ld_src + j] for a rows x cols source, in 64 x 64 blocks so both
-// sides stay in L1 (ATen's strided copy took ~0.1 ms for a 16 x 4096 LoRA matrix, comparable to
-// the LoRA work of a decode-sized batch).
+// dst[j * ld_dst + i] = src[i * ld_src + j] for a rows x cols source. Four source rows at a
+// time: they are read as four sequential streams (which the hardware prefetcher follows) and
+// each destination row gets four adjacent elements. Walking a column of the source instead
+// steps by the row stride, which for power-of-two widths maps every load to one L1 set:
+// measured 7x slower on a 64 x 1024 float block (180 vs 25 us), which is what the backward
+// transposes per block of dY.
 template <typename T>
 void transpose_into(const T* src, int64_t rows, int64_t cols, int64_t ld_src, T* dst, int64_t ld_dst) {
-  constexpr int64_t kB = 64;
-  for (int64_t i0 = 0; i0 < rows; i0 += kB) {
-    const int64_t i1 = std::min(rows, i0 + kB);
-    for (int64_t j0 = 0; j0 < cols; j0 += kB) {
-      const int64_t j1 = std::min(cols, j0 + kB);
-      for (int64_t j = j0; j < j1; ++j) {
-        for (int64_t i = i0; i < i1; ++i) dst[j * ld_dst + i] = src[i * ld_src + j];
-      }
+  constexpr int64_t kR = 4;
+  int64_t i0 = 0;
+  for (; i0 + kR <= rows; i0 += kR) {
+    const T* s = src + i0 * ld_src;
+    for (int64_t j = 0; j < cols; ++j) {
+      T* o = dst + j * ld_dst + i0;
+      for (int64_t i = 0; i < kR; ++i) o[i] = s[i * ld_src + j];
     }
+  }
+  for (; i0 < rows; ++i0) {
+    for (int64_t j = 0; j < cols; ++j) dst[j * ld_dst + i0] = src[i0 * ld_src + j];
   }
 }
 
