@@ -113,6 +113,22 @@ def test_backward_with_fused_base_product(threads):
         torch.set_num_threads(prev)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_decode_sized_batch(p):
+    # Few rows for 2 threads (20: x^T padded to two float32 vectors): the CPU forward computes
+    # y^T = W @ x^T over tasks of W's rows with the expand and the bias in each task, and the
+    # backward splits W's rows across the threads for dY @ W (per-thread partials); strided
+    # weight rows, no base bias but a lora_B bias, odd in / out (not multiples of the 8-row
+    # tasks).
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        check_against_reference(torch.float32, (4, 5), 201, 99, 8, p, bias=False, lora_B_bias=True,
+                                noncontig_weight=True)
+    finally:
+        torch.set_num_threads(prev)
+
+
 def test_gradcheck_fp64_fused_base_product():
     # The same path in float64 (x needs a gradient and the row blocks are >= 16 rows on one
     # thread): fast-mode gradcheck keeps the 257-row input cheap.
