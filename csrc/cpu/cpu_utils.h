@@ -40,4 +40,16 @@ void transpose_into(const T* src, int64_t rows, int64_t cols, int64_t ld_src, T*
   }
 }
 
+// A row-major copy of the transpose of a 2-D tensor, through transpose_into (ATen's strided
+// copy took 84 us for a 4096 x 16 bfloat16 lora_B, more than the LoRA work of a decode step).
+inline at::Tensor transposed_copy(const at::Tensor& t) {
+  const at::Tensor src = row_major(t);
+  at::Tensor out = at::empty({src.size(1), src.size(0)}, src.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "fastlora_transposed_copy", [&] {
+    transpose_into(src.const_data_ptr<scalar_t>(), src.size(0), src.size(1), src.stride(0),
+                   out.mutable_data_ptr<scalar_t>(), src.size(0));
+  });
+  return out;
+}
+
 }  // namespace fastlora
