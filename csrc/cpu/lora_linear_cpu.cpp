@@ -2,8 +2,9 @@
 //
 // On float32 / float64 the thin rank-r products and the backward's base product dY @ W run in
 // small_gemm (small_gemm.h), and so does the forward's x @ W^T for decode-sized batches (<= 2
-// vectors of rows; base_few_rows); the rest, and float16 / bfloat16, go to ATen's BLAS
-// (MKL/oneDNN). What this file adds is the fusion around them:
+// vectors of rows; base_few_rows); the rest, and bfloat16, go to ATen's BLAS (MKL/oneDNN).
+// float16 runs the float32 kernels on float32 copies (to_float). What this file adds is the
+// fusion around them:
 //  * dropout is applied on the fly, one block of rows at a time, from the counter-based hash
 //    (dropout_hash.h): no M x K mask or dropped copy of x is ever materialised or stored;
 //  * the LoRA expand and the bias are written into the output first and the base GEMM then
@@ -452,8 +453,8 @@ struct LoraBwdSmallGemm {
   }
 };
 
-// The backward's LoRA part on float16 / bfloat16: the same pass through ATen's BLAS, block
-// products rounded once to the input dtype and summed in float32 partials.
+// The backward's LoRA part on bfloat16 with rows for every thread: the same pass through
+// ATen's BLAS, block products rounded once to the input dtype and summed in float32 partials.
 std::tuple<Tensor, Tensor> lora_bwd_half(const Tensor& dy, const Tensor& x, const Tensor& lora_A,
                                          const Tensor& lora_B, const Tensor& xa, double scaling,
                                          const DropoutParams& d, Tensor* grad_x) {
@@ -570,11 +571,30 @@ Tensor base_few_rows(const Tensor& x, const Tensor& weight, const Tensor& bias_e
   return y;
 }
 
+// float16 runs the float32 kernels on float32 copies, its results rounded once: ATen's float16
+// GEMMs have no fast CPU kernel here (torch 2.13, AVX-512 Zen 4): dY @ W took 10.8 s at M =
+// 512, in = out = 2048 (29 ms through float32), x @ W^T 95 ms (32 ms). The copies cost a
+// transient float32 weight (twice the float16 one) per call. bfloat16 keeps its own path: its
+// GEMMs are fast (oneDNN).
+Tensor to_float(const Tensor& t) { return t.defined() ? t.to(at::kFloat) : t; }
+std::optional<Tensor> to_float(const std::optional<Tensor>& t) {
+  return t ? std::optional<Tensor>(t->to(at::kFloat)) : std::nullopt;
+}
+
 std::tuple<Tensor, Tensor> lora_linear_fwd_cpu(const Tensor& x_in, const Tensor& weight,
                                                const std::optional<Tensor>& bias, const Tensor& lora_A,
                                                const Tensor& lora_B, double scaling, double dropout_p,
                                                const Tensor& seed, const std::optional<Tensor>& lora_B_bias) {
   TORCH_CHECK(x_in.dim() == 2, "fastlora::lora_linear_fwd expects a 2-D x");
+  // float16 forward through float32 (see to_float) unless the batch is so small that
+  // converting the weight costs more than the float16 GEMM: at in = out = 4096 the conversion
+  // took 20 ms, the float16 x @ W^T ~0.7 ms per row.
+  constexpr int64_t kHalfViaFloatMinRows = 32;
+  if (x_in.scalar_type() == at::kHalf && x_in.size(0) >= kHalfViaFloatMinRows) {
+    auto [y, xa] = lora_linear_fwd_cpu(to_float(x_in), to_float(weight), to_float(bias), to_float(lora_A),
+                                       to_float(lora_B), scaling, dropout_p, seed, to_float(lora_B_bias));
+    return {y.to(at::kHalf), xa.to(at::kHalf)};
+  }
   const Tensor x = row_major(x_in);
   const int64_t M = x.size(0), K = x.size(1), r = lora_A.size(0);
   const DropoutParams d = DropoutParams::make(dropout_p, seed_value(seed));
@@ -625,8 +645,9 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_cpu(const Tensor& x_in, const Tensor&
     return {y, xa};
   }
   // lora_B^T as a row-major r x N copy (r * N elements): the BLAS ran the expand on the
-  // transposed view 4x slower at M = 8, in = out = 4096 (0.13 vs 0.03 ms).
-  const Tensor Bt = transposed_copy(lora_B);
+  // transposed view 4x slower at M = 8, in = out = 4096 (0.13 vs 0.03 ms). Not for float16
+  // (only small batches get here): its GEMM is fast only on the transposed view (0.36 vs 0.95 ms).
+  const Tensor Bt = x.scalar_type() == at::kHalf ? lora_B.t() : transposed_copy(lora_B);
   Tensor y;
   if (bias_eff.defined()) {
     y = at::addmm(bias_eff, xa, Bt, 1.0, scaling);
@@ -641,6 +662,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_cpu(
     const Tensor& grad_y_in, const Tensor& x_in, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
     const Tensor& xa, double scaling, double dropout_p, const Tensor& seed, std::array<bool, 3> output_mask) {
   TORCH_CHECK(x_in.dim() == 2 && grad_y_in.dim() == 2, "fastlora::lora_linear_bwd expects 2-D x and grad_y");
+  if (x_in.scalar_type() == at::kHalf) {  // see to_float; the weight only matters for grad_x
+    auto [gx, gw, gb, gA, gB] = lora_linear_bwd_cpu(
+        to_float(grad_y_in), to_float(x_in), output_mask[0] ? to_float(weight) : Tensor(), to_float(lora_A),
+        to_float(lora_B), to_float(xa), scaling, dropout_p, seed, output_mask);
+    return {gx.to(at::kHalf), gw.to(at::kHalf), gb.to(at::kHalf), gA.to(at::kHalf), gB.to(at::kHalf)};
+  }
   const Tensor x = row_major(x_in);
   const Tensor dy = row_major(grad_y_in);
   const int64_t M = x.size(0), K = x.size(1);
@@ -670,7 +697,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_cpu(
     std::tie(grad_A, grad_B) = bwd.run();
     base_done = bwd.base_in_grad_x;
   } else if (M > 0 && !row_blocks_for_all_threads(M, std::max(K, dy.size(1)), x.element_size())) {
-    // Decode-sized float16 / bfloat16: the LoRA products in float32 small_gemm on float32
+    // Decode-sized bfloat16: the LoRA products in float32 small_gemm on float32
     // copies (a few rows of x and dY, the LoRA matrices). Through the BLAS, the per-call cost of
     // these tiny products was most of the LoRA part: 0.5 ms at M = 8, in = out = 4096, bf16.
     // The base term stays with the BLAS (below), on the half-precision weight.
