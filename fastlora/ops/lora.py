@@ -290,6 +290,13 @@ def _grouped_reference(x, weight, bias, lora_A, lora_B, scalings, ranks, row_ada
 
 
 def _grouped_bwd(grad_y, x, weight, lora_A, lora_B, scalings, ranks, row_adapter, output_mask):
+    if x.device.type == "cpu" and x.dtype == torch.float16:
+        # torch's float16 CPU GEMMs have no fast kernel (grad_y @ weight: seconds at 512 x 2048^2,
+        # as for lora_linear, whose C++ backward goes through float32 the same way): compute in
+        # float32 and round the gradients once.
+        f = [t.float() for t in (grad_y, x, weight, lora_A, lora_B)]
+        grads = reference.lora_grouped_linear_backward(*f, scalings, ranks, row_adapter, *output_mask)
+        return tuple(g.half() for g in grads)
     return reference.lora_grouped_linear_backward(grad_y, x, weight, lora_A, lora_B, scalings, ranks, row_adapter,
                                                   *output_mask)
 
