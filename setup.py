@@ -3,12 +3,14 @@
 torch extensions are tied to the exact torch they are compiled against, so fastlora builds
 against the torch that is already installed: install torch first, then
 ``pip install --no-build-isolation .`` (see README). The top-level ``kernels/`` folder (Triton
-kernels) is installed as the subpackage ``fastlora.kernels``.
+kernels) is installed into the subpackage ``fastlora.kernels``; it is not a package itself, so
+it never shadows an installed top-level ``kernels`` (see fastlora/kernels/__init__.py).
 """
 import glob
 import os
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 try:
     import torch
@@ -31,6 +33,17 @@ def cpp_sources():
     return srcs
 
 
+class BuildPyWithKernels(build_py):
+    """build_py that also installs the Triton sources of kernels/ into fastlora/kernels/."""
+
+    def run(self):
+        super().run()
+        dest = os.path.join(self.build_lib, "fastlora", "kernels")
+        self.mkpath(dest)
+        for src in sorted(glob.glob(os.path.join(HERE, "kernels", "*.py"))):
+            self.copy_file(src, os.path.join(dest, os.path.basename(src)))
+
+
 debug = os.environ.get("FASTLORA_DEBUG", "0") == "1"
 # -fopenmp in both compile and link flags: without it at::parallel_for runs on one thread.
 compile_args = ["-O0", "-g"] if debug else ["-O3"]
@@ -40,8 +53,7 @@ compile_args += ["-fopenmp", "-ffp-contract=off", "-DPy_LIMITED_API=0x03090000"]
 
 setup(
     name="fastlora",
-    packages=find_packages(include=["fastlora", "fastlora.*"]) + ["fastlora.kernels"],
-    package_dir={"fastlora.kernels": "kernels"},
+    packages=find_packages(include=["fastlora", "fastlora.*"]),
     ext_modules=[
         CppExtension(
             "fastlora._C",
@@ -51,6 +63,6 @@ setup(
             py_limited_api=True,
         )
     ],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True), "build_py": BuildPyWithKernels},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )

@@ -1,1 +1,0 @@
-"""Triton kernels; leaves that import nothing from fastlora."""
