@@ -99,8 +99,28 @@ def pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
+def fp32_matmul_uses_tf32() -> bool:
+    """torch's switch for TF32 in float32 matmuls, read the way the running torch sets it.
+
+    torch >= 2.9 has ``fp32_precision`` (the matmul value inherits ``torch.backends.
+    fp32_precision``); once it was set, reading the legacy ``allow_tf32`` raises, so the new
+    API is read first and ``allow_tf32`` only when the new one says nothing ("none")."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", "none")
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    return bool(matmul.allow_tf32)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     # fp32 follows torch's own switch so that results match torch.mm on the same machine.
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and fp32_matmul_uses_tf32():
         return "tf32"
     return "ieee"
+
+
+@triton.jit
+def is_nonfinite(v):
+    """inf or nan, by the exponent bits of float32 ``v``: a ``v != v`` test can be folded
+    away by LLVM's no-NaNs assumption on some Triton versions, an integer test cannot."""
+    return (v.to(tl.int32, bitcast=True) & 0x7FFFFFFF) >= 0x7F800000

@@ -65,6 +65,7 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRET as _INTERPRET, on_device as _on_device, num_sms as _num_sms, lru_get as _lru_get
+from ._common import is_nonfinite as _is_nonfinite
 
 # The Triton CPU interpreter (tests) has gaps: bf16 -> fp32 conversion flushes denormals and
 # bf16 arithmetic is wrong there, so bf16 values are loaded as raw uint16 and widened by hand
@@ -162,7 +163,7 @@ def _validate_kernel(ctab_ptr, best_ptr, numel, client0,
     v = _load_f32(v_addr, offs, mask, code)
     bad_range = (g < 0) | (g >= numel)
     bad_order = (offs > 0) & (g <= prev)
-    bad_value = (v != v) | (tl.abs(v) == float("inf"))
+    bad_value = _is_nonfinite(v)
     kind = tl.where(bad_range, 0, tl.where(bad_order, 1, 2))
     bad = mask & (bad_range | bad_order | bad_value)
     key = tl.where(bad, offs * 4 + kind, _NO_BAD)
