@@ -192,3 +192,38 @@ def test_cuda_dispatch_matches_cpu_kernel(dtype, bias, lora_B_bias):
     truth = ref.lora_linear_backward(*(t.double() for t in (gy, x, W, A, B, xa)), s, p, SEED, *mask)
     for name, o, ro, t in zip(("grad_x", "grad_weight", "grad_bias", "grad_A", "grad_B"), grads, ref_grads, truth):
         assert_close_to_truth(o, ro, t, name)
+
+
+# --------------------------------------------------------------------------- TF32 switch
+@pytest.mark.parametrize("api", ["new", "legacy"])
+def test_fp32_follows_torch_tf32_switch_through_either_api(api):
+    """The float32 dot precision follows torch's TF32 switch, set through torch's new
+    fp32_precision API (after which reading the legacy allow_tf32 raises) or the legacy one."""
+    from fastlora.kernels import _common
+    matmul = torch.backends.cuda.matmul
+    if api == "new" and not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision API")
+    before = (matmul.fp32_precision, torch.backends.fp32_precision) if api == "new" else matmul.allow_tf32
+    try:
+        for on in (True, False):
+            if api == "new":
+                matmul.fp32_precision = "tf32" if on else "ieee"
+            else:
+                matmul.allow_tf32 = on
+            assert _common.dot_precision(torch.float32) == ("tf32" if on else "ieee")
+            assert _common.dot_precision(torch.bfloat16) == "ieee"
+            x, W, B = _rand(20, 32, torch.float32), _rand(24, 32, torch.float32), _rand(24, 4, torch.float32)
+            xa = x @ _rand(4, 32, torch.float32).t()
+            y = tk.lora_forward(x, W, None, xa, B, 0.5)  # every float32 call goes through the switch
+            assert y.shape == (20, 24) and torch.isfinite(y).all()
+        if api == "new":
+            # the global setting is inherited by matmul's when matmul's says "none"
+            matmul.fp32_precision = "none"
+            torch.backends.fp32_precision = "tf32"
+            assert _common.dot_precision(torch.float32) == "tf32"
+    finally:
+        if api == "new":
+            torch.backends.fp32_precision = before[1]
+            matmul.fp32_precision = before[0]
+        else:
+            matmul.allow_tf32 = before
