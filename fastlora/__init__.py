@@ -11,12 +11,16 @@ Ops live under ``torch.ops.fastlora`` and are wrapped here with docstrings:
     fastlora.svd_factored    exact SVD of (sums of) factored products B @ A
     fastlora.squeeze         LoRA-Squeeze: re-factorise a LoRA pair at a new rank
     fastlora.aggregate_lora  exact aggregation of clients' LoRA pairs, cut to a rank
+    fastlora.cpu_isa         the CPU kernels' instruction-set build (FASTLORA_CPU_ISA caps it)
 """
 from fastlora.ops import (FactoredSum, aggregate_lora, lora_grouped_linear, lora_linear, new_residual, rsvd,
                           sparse_aggregate, squeeze, stack_lora_adapters, svd_factored, topk_sparsify)
-from fastlora import codec
+from fastlora import codec, cpu
+from fastlora.cpu import cpu_isa, use_cpu_isa
 from fastlora.sparse_delta import Layout, SparseDelta
+
+cpu.check_environment()
 
 __version__ = "0.1.0"
 __all__ = ["codec", "lora_linear", "lora_grouped_linear", "stack_lora_adapters", "topk_sparsify", "sparse_aggregate",
-           "new_residual", "SparseDelta", "Layout", "rsvd", "svd_factored", "squeeze", "aggregate_lora", "FactoredSum", "__version__"]
+           "new_residual", "SparseDelta", "Layout", "rsvd", "svd_factored", "squeeze", "aggregate_lora", "FactoredSum", "cpu_isa", "use_cpu_isa", "__version__"]

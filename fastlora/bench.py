@@ -169,5 +169,9 @@ def environment_line(device="cpu") -> str:
     if device.startswith("cuda"):
         where = torch.cuda.get_device_name()
     else:
-        where = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        # The instruction set matters as much as the core count: fastlora's own kernels run the
+        # build named here (FASTLORA_CPU_ISA caps it), the BLAS whatever MKL / oneDNN pick.
+        bf16 = "native bf16" if fastlora.cpu.native_bf16_matmul() else "no native bf16"
+        where = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+                 f"fastlora CPU kernels {fastlora.cpu_isa()}, {bf16}")
     return f"torch {torch.__version__}, {device} ({where}), fastlora {fastlora.__version__}"

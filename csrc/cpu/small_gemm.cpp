@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 
 namespace fastlora {
@@ -168,7 +169,7 @@ int machine_level() {
 }
 
 std::atomic<int>& level_in_use() {
-  static std::atomic<int> level{machine_level()};
+  static std::atomic<int> level{std::min(machine_level(), requested_level())};
   return level;
 }
 
@@ -198,6 +199,16 @@ void dispatch(FASTLORA_GEMM_ARGS) {
 #endif
 
 }  // namespace
+
+int requested_level() {
+  // FASTLORA_CPU_ISA, read once when the library loads: a cap, so that a machine with AVX-512
+  // can run (and test, and benchmark) what AVX2 and older machines run.
+  const char* isa = std::getenv("FASTLORA_CPU_ISA");
+  if (isa == nullptr) return 4;
+  if (std::strcmp(isa, "avx2") == 0) return 3;
+  if (std::strcmp(isa, "baseline") == 0) return 1;
+  return 4;  // "", "auto", "avx512"; anything else is rejected by fastlora's Python import
+}
 
 int small_gemm_isa() { return level_in_use().load(); }
 

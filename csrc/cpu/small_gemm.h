@@ -30,6 +30,9 @@ void small_gemm(int64_t m, int64_t n, int64_t k, double alpha, const double* a, 
 // the machine can run.
 int small_gemm_isa();
 int small_gemm_use_isa(int level);
+// The cap that the environment variable FASTLORA_CPU_ISA (avx512 | avx2 | baseline | auto)
+// puts on the level at load time: 4, 3 or 1 (4 = no cap).
+int requested_level();
 
 // Elements per SIMD register of the widest vector unit small_gemm targets (64 bytes); pad the
 // vectorised dimension to a multiple of this to avoid the scalar column tail.

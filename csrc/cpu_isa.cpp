@@ -1,0 +1,26 @@
+// Which x86-64 instruction-set build the CPU kernels' small_gemm runs (4: AVX-512, 3: AVX2 +
+// FMA, 1: baseline), readable and switchable from Python (fastlora.cpu_isa / use_cpu_isa), so
+// that tests and benchmarks can run on one machine what machines with fewer extensions run.
+// Ops without tensor arguments: registered as catch-all kernels.
+#include <torch/library.h>
+
+#include "cpu/small_gemm.h"
+
+namespace fastlora {
+namespace {
+
+int64_t cpu_isa_level() { return small_gemm_isa(); }
+
+int64_t use_cpu_isa_level(int64_t level) { return small_gemm_use_isa(static_cast<int>(level)); }
+
+int64_t requested_cpu_isa_level() { return requested_level(); }
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastlora, m) {
+  m.def("cpu_isa_level() -> int", &cpu_isa_level);
+  m.def("use_cpu_isa_level(int level) -> int", &use_cpu_isa_level);
+  m.def("requested_cpu_isa_level() -> int", &requested_cpu_isa_level);
+}
+
+}  // namespace fastlora

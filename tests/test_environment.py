@@ -1,0 +1,104 @@
+"""The checkout shadows nothing, and the CPU instruction-set switch (FASTLORA_CPU_ISA) works.
+
+Subprocesses, because both are about what a fresh interpreter sees: its sys.path and its
+environment at import time."""
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastlora
+from fastlora import reference
+from tolerance import assert_close_to_truth
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_python(code, cwd=ROOT, **env):
+    full_env = {k: v for k, v in os.environ.items() if k != "FASTLORA_CPU_ISA"}
+    full_env.update(env)
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=300)
+
+
+# --- nothing in the checkout shadows an installed package ---------------------------------------
+
+def test_checkout_root_first_on_sys_path_shadows_no_installed_package():
+    # transformers >= 5.25 imports Hugging Face's top-level `kernels` package; the checkout's
+    # kernels/ folder (Triton sources) must not be found in its place, whatever sys.path says.
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+            "import importlib.util, transformers.modeling_utils, peft\n"
+            "spec = importlib.util.find_spec('kernels')\n"
+            "print(spec.origin if spec else None)\n")
+    res = run_python(code)
+    assert res.returncode == 0, res.stderr[-3000:]
+    origin = res.stdout.strip().splitlines()[-1]
+    assert not origin.startswith(str(ROOT / "kernels")), f"`import kernels` from the checkout root finds {origin}"
+
+
+def test_kernels_folder_is_not_a_package():
+    # A regular package at the root would win over any installed namespace or package.
+    assert not (ROOT / "kernels" / "__init__.py").exists()
+
+
+def test_triton_sources_import_as_fastlora_kernels_from_anywhere(tmp_path):
+    res = run_python("import fastlora.kernels._common as m; print(m.__file__)", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().endswith(os.path.join("kernels", "_common.py"))
+
+
+# --- FASTLORA_CPU_ISA ------------------------------------------------------------------------------
+
+def test_cpu_isa_is_a_known_build():
+    assert fastlora.cpu_isa() in ("avx512", "avx2", "baseline")
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2"])
+def test_environment_caps_the_build(isa):
+    res = run_python("import fastlora; print(fastlora.cpu_isa(), fastlora.cpu.native_bf16_matmul())",
+                     FASTLORA_CPU_ISA=isa)
+    assert res.returncode == 0, res.stderr[-3000:]
+    used, native_bf16 = res.stdout.split()
+    best = fastlora.cpu.ISA_LEVELS[fastlora.use_cpu_isa("auto")]
+    assert fastlora.cpu.ISA_LEVELS[used] == min(best, fastlora.cpu.ISA_LEVELS[isa])
+    assert native_bf16 == "False"  # capped below AVX-512: bf16 work is routed to float32
+
+
+def test_environment_rejects_unknown_value():
+    res = run_python("import fastlora", FASTLORA_CPU_ISA="avx1024")
+    assert res.returncode != 0
+    assert "FASTLORA_CPU_ISA='avx1024'" in res.stderr and "avx2" in res.stderr
+
+
+def test_use_cpu_isa_switches_and_rejects_unknown():
+    best = fastlora.use_cpu_isa("auto")
+    try:
+        assert fastlora.use_cpu_isa("baseline") == "baseline" == fastlora.cpu_isa()
+        with pytest.raises(ValueError, match="unknown CPU instruction set"):
+            fastlora.use_cpu_isa("sse9")
+        assert fastlora.cpu_isa() == "baseline"
+    finally:
+        assert fastlora.use_cpu_isa("auto") == best
+
+
+def test_every_build_computes_the_lora_linear():
+    # The whole LoRA suite runs under each build in CI (FASTLORA_CPU_ISA); this is the quick
+    # in-process check that every build the machine can run keeps the result.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(70, 96, generator=g)
+    W, A, B = (torch.randn(*s, generator=g) for s in ((80, 96), (8, 96), (80, 8)))
+    args64 = [t.double() for t in (x, W)] + [None] + [t.double() for t in (A, B)]
+    truth = reference.lora_linear(*args64, 0.5, 0.0, 0)
+    ref32 = reference.lora_linear(x, W, None, A, B, 0.5, 0.0, 0)
+    best = fastlora.use_cpu_isa("auto")
+    try:
+        for isa in ("baseline", "avx2", "avx512"):
+            if fastlora.use_cpu_isa(isa) != isa:
+                continue
+            y = fastlora.lora_linear(x, W, None, A, B, 0.5, 0.0)
+            assert_close_to_truth(y, ref32, truth, name=isa)
+    finally:
+        fastlora.use_cpu_isa(best)
