@@ -264,6 +264,11 @@ struct LoraBwdSmallGemm {
   // 16-row blocks 16-26% faster at M = 64 (1024^2 and 4096^2).
   static constexpr int64_t kFusedBaseMinRows = 16;
 
+  // The fused base product beats the BLAS only with small_gemm's AVX-512 build; with the AVX2
+  // build (half the vector width, narrow tiles) MKL's dY @ W is faster and the fusion made the
+  // whole backward slower than PEFT's (README, LoRA benchmarks per instruction set).
+  static bool fused_base_pays() { return small_gemm_isa() >= 4; }
+
   int64_t M, K, N, r, rp;
   Tensor A, xa, Bp, W;  // contiguous lora_A (r x K), xa (M x r); lora_B padded to N x rp; W rows
   const T *dy, *x, *a, *xa_p, *b_p, *w;
@@ -300,7 +305,7 @@ struct LoraBwdSmallGemm {
   std::tuple<Tensor, Tensor> by_row_blocks() {
     const int64_t bm = direct_block_rows(M, std::max(K, N), sizeof(T));
     const int64_t nblocks = ceil_div(M, bm);
-    base_in_grad_x = gx != nullptr && w != nullptr && bm >= kFusedBaseMinRows;
+    base_in_grad_x = gx != nullptr && w != nullptr && bm >= kFusedBaseMinRows && fused_base_pays();
     const int nthreads = std::max(1, at::get_num_threads());  // thread ids are < this
     // Per thread: partial d lora_A (r x K) and d lora_B^T (r x N), zeroed by the thread that
     // first uses them; scratch dY_b^T (N x bm), g (bm x rp) and dropped x block (bm x K).
