@@ -15,12 +15,15 @@ int64_t use_cpu_isa_level(int64_t level) { return small_gemm_use_isa(static_cast
 
 int64_t requested_cpu_isa_level() { return requested_level(); }
 
+bool native_bf16() { return native_bf16_gemm(); }
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastlora, m) {
   m.def("cpu_isa_level() -> int", &cpu_isa_level);
   m.def("use_cpu_isa_level(int level) -> int", &use_cpu_isa_level);
   m.def("requested_cpu_isa_level() -> int", &requested_cpu_isa_level);
+  m.def("native_bf16_gemm() -> bool", &native_bf16);
 }
 
 }  // namespace fastlora

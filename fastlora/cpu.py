@@ -45,9 +45,7 @@ def native_bf16_matmul() -> bool:
     """True where bfloat16 GEMMs run natively (AVX512-BF16 or AMX) and the kernels are not
     capped below AVX-512. Elsewhere ATen's bfloat16 GEMMs are emulated and 100x or more slower
     than float32 ones, so bfloat16 work is better done in float32."""
-    if cpu_isa() != "avx512":
-        return False
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return torch.ops.fastlora.native_bf16_gemm()  # the C++ kernels' own answer: one source of truth
 
 
 def check_environment() -> None:

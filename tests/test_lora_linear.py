@@ -352,3 +352,29 @@ class TestErrors:
     def test_bad_seed(self):
         with pytest.raises(ValueError, match="seed"):
             fastlora.lora_linear(**self.args(), dropout_p=0.1, seed=torch.tensor([1.0, 2.0]))
+
+
+def test_bfloat16_without_native_gemms_runs_float32_rounded_once():
+    """Where bf16 GEMMs are emulated (no AVX512-BF16 / AMX, or kernels capped below AVX-512) the
+    ops run their float32 kernels on float32 copies: each output is the float32 op's on the
+    same bf16 values, rounded once to bfloat16 (bitwise), not seconds-long emulated GEMMs."""
+    g = torch.Generator().manual_seed(4)
+    mk = lambda *s: torch.randn(*s, generator=g).bfloat16()  # noqa: E731
+    x, W, b, A, B, gy = mk(40, 48), mk(36, 48), mk(36), mk(4, 48), mk(36, 4), mk(40, 36)
+    seed = torch.tensor(11)
+    f32 = lambda *ts: [t.float() for t in ts]  # noqa: E731
+    best = fastlora.use_cpu_isa("auto")
+    try:
+        assert fastlora.use_cpu_isa("avx2") in ("avx2", "baseline")
+        assert not fastlora.cpu.native_bf16_matmul()
+        fwd = torch.ops.fastlora.lora_linear_fwd
+        y, xa = fwd(x, W, b, A, B, 0.5, 0.2, seed, None)
+        y32, xa32 = fwd(*f32(x, W, b, A, B), 0.5, 0.2, seed, None)
+        bwd = torch.ops.fastlora.lora_linear_bwd
+        grads = bwd(gy, x, W, A, B, xa, 0.5, 0.2, seed, [True, True, True])
+        grads32 = bwd(*f32(gy, x, W, A, B, xa), 0.5, 0.2, seed, [True, True, True])
+        for half, full in zip([y, xa, *grads], [y32, xa32, *grads32]):
+            assert half.dtype == torch.bfloat16
+            assert torch.equal(half, full.bfloat16())
+    finally:
+        fastlora.use_cpu_isa(best)

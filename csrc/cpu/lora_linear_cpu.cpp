@@ -576,11 +576,12 @@ Tensor base_few_rows(const Tensor& x, const Tensor& weight, const Tensor& bias_e
   return y;
 }
 
-// float16 runs the float32 kernels on float32 copies, its results rounded once: ATen's float16
-// GEMMs have no fast CPU kernel here (torch 2.13, AVX-512 Zen 4): dY @ W took 10.8 s at M =
-// 512, in = out = 2048 (29 ms through float32), x @ W^T 95 ms (32 ms). The copies cost a
-// transient float32 weight (twice the float16 one) per call. bfloat16 keeps its own path: its
-// GEMMs are fast (oneDNN).
+// float16, and bfloat16 on CPUs without native bf16 GEMMs, run the float32 kernels on float32
+// copies, results rounded once (half_via_float32, cpu_utils.h): ATen's GEMMs in those dtypes
+// have no fast CPU kernel there (float16 on AVX-512 Zen 4: dY @ W 10.8 s at M = 512, in = out =
+// 2048, 29 ms through float32; x @ W^T 95 ms, 32 ms). The copies cost a transient float32
+// weight (twice the half-precision one) per call. bfloat16 with AVX512-BF16 / AMX keeps its own
+// path: its GEMMs are fast there (oneDNN).
 Tensor to_float(const Tensor& t) { return t.defined() ? t.to(at::kFloat) : t; }
 std::optional<Tensor> to_float(const std::optional<Tensor>& t) {
   return t ? std::optional<Tensor>(t->to(at::kFloat)) : std::nullopt;
@@ -591,14 +592,16 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_cpu(const Tensor& x_in, const Tensor&
                                                const Tensor& lora_B, double scaling, double dropout_p,
                                                const Tensor& seed, const std::optional<Tensor>& lora_B_bias) {
   TORCH_CHECK(x_in.dim() == 2, "fastlora::lora_linear_fwd expects a 2-D x");
-  // float16 forward through float32 (see to_float) unless the batch is so small that
-  // converting the weight costs more than the float16 GEMM: at in = out = 4096 the conversion
-  // took 20 ms, the float16 x @ W^T ~0.7 ms per row.
+  // Half precision forward through float32 (see to_float), except float16 batches so small
+  // that converting the weight costs more than the float16 GEMM: at in = out = 4096 the
+  // conversion took 20 ms, the float16 x @ W^T ~0.7 ms per row. Emulated bfloat16 GEMMs are
+  // slower still (a 4096^2 layer's fwd+bwd took 1 s at M = 8 on an AVX2 EPYC): always convert.
   constexpr int64_t kHalfViaFloatMinRows = 32;
-  if (x_in.scalar_type() == at::kHalf && x_in.size(0) >= kHalfViaFloatMinRows) {
+  const at::ScalarType dtype = x_in.scalar_type();
+  if (half_via_float32(dtype) && (dtype == at::kBFloat16 || x_in.size(0) >= kHalfViaFloatMinRows)) {
     auto [y, xa] = lora_linear_fwd_cpu(to_float(x_in), to_float(weight), to_float(bias), to_float(lora_A),
                                        to_float(lora_B), scaling, dropout_p, seed, to_float(lora_B_bias));
-    return {y.to(at::kHalf), xa.to(at::kHalf)};
+    return {y.to(dtype), xa.to(dtype)};
   }
   const Tensor x = row_major(x_in);
   const int64_t M = x.size(0), K = x.size(1), r = lora_A.size(0);
@@ -667,11 +670,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_cpu(
     const Tensor& grad_y_in, const Tensor& x_in, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
     const Tensor& xa, double scaling, double dropout_p, const Tensor& seed, std::array<bool, 3> output_mask) {
   TORCH_CHECK(x_in.dim() == 2 && grad_y_in.dim() == 2, "fastlora::lora_linear_bwd expects 2-D x and grad_y");
-  if (x_in.scalar_type() == at::kHalf) {  // see to_float; the weight only matters for grad_x
+  const at::ScalarType dtype = x_in.scalar_type();
+  if (half_via_float32(dtype)) {  // see to_float; the weight only matters for grad_x
     auto [gx, gw, gb, gA, gB] = lora_linear_bwd_cpu(
         to_float(grad_y_in), to_float(x_in), output_mask[0] ? to_float(weight) : Tensor(), to_float(lora_A),
         to_float(lora_B), to_float(xa), scaling, dropout_p, seed, output_mask);
-    return {gx.to(at::kHalf), gw.to(at::kHalf), gb.to(at::kHalf), gA.to(at::kHalf), gB.to(at::kHalf)};
+    return {gx.to(dtype), gw.to(dtype), gb.to(dtype), gA.to(dtype), gB.to(dtype)};
   }
   const Tensor x = row_major(x_in);
   const Tensor dy = row_major(grad_y_in);

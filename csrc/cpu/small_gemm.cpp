@@ -161,6 +161,11 @@ __attribute__((optimize("fp-contract=fast"))) void gemm_base(FASTLORA_GEMM_ARGS)
   gemm<T, 16, false>(FASTLORA_GEMM_PASS);
 }
 
+bool machine_has_native_bf16() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16");
+}
+
 int machine_level() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("x86-64-v4")) return 4;
@@ -185,6 +190,8 @@ void dispatch(FASTLORA_GEMM_ARGS) {
   }
 }
 #else
+bool machine_has_native_bf16() { return false; }
+
 int machine_level() { return 1; }
 
 std::atomic<int>& level_in_use() {
@@ -211,6 +218,11 @@ int requested_level() {
 }
 
 int small_gemm_isa() { return level_in_use().load(); }
+
+bool native_bf16_gemm() {
+  static const bool hardware = machine_has_native_bf16();
+  return hardware && small_gemm_isa() >= 4;
+}
 
 int small_gemm_use_isa(int level) {
   const int used = std::max(1, std::min(level, machine_level()));

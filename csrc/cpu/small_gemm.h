@@ -30,6 +30,11 @@ void small_gemm(int64_t m, int64_t n, int64_t k, double alpha, const double* a, 
 // the machine can run.
 int small_gemm_isa();
 int small_gemm_use_isa(int level);
+// Whether bfloat16 GEMMs run natively here: the CPU has AVX512-BF16 or AMX-BF16 and the level
+// in use is 4 (a cap below AVX-512 stands for a machine without them). Without them ATen's
+// bfloat16 GEMMs are emulated, 100x or more slower than float32 ones.
+bool native_bf16_gemm();
+
 // The cap that the environment variable FASTLORA_CPU_ISA (avx512 | avx2 | baseline | auto)
 // puts on the level at load time: 4, 3 or 1 (4 = no cap).
 int requested_level();
