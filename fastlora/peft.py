@@ -29,7 +29,9 @@ Three ways in:
 Fast path (one fused op per layer call, forward and backward): plain LoRA adapters (rsLoRA
 scaling, ``lora_bias=True`` and dropout included), not merged, adapters enabled, a base layer
 that is exactly ``torch.nn.Linear`` without hooks, ``fan_in_fan_out=False``, x / base weight /
-LoRA weights of one dtype and device, autocast off. One active adapter is a single
+LoRA weights of one dtype and device. Under ``torch.autocast`` (e.g. ``transformers.Trainer``
+with ``bf16=True``) the fused ops run in the autocast dtype, as PEFT's modules do (nn.Linear
+autocasts; float32 adapters keep float32 gradients). One active adapter is a single
 ``fastlora.lora_linear`` call with the adapter's dropout; several active adapters are
 concatenated into one call (``A = cat(A_i)``, ``B = cat(scaling_i * B_i)``, scaling 1, lora_B
 biases summed with their scalings) when none of them applies dropout (dropout p = 0 or the
@@ -41,7 +43,7 @@ per-sample adapters) run as one ``fastlora.lora_grouped_linear`` call per layer 
 punica SGMV-style) instead of PEFT's Python loop over adapters with boolean-mask gathers, when
 every adapter used in the batch is plain LoRA (no DoRA / variants, no ``lora_bias``), its
 dropout is inactive (p = 0 or eval mode: PEFT applies dropout in mixed batches too), and the
-base layer / dtype / device / hook / autocast conditions above hold. Names are mapped to ids
+base layer / dtype / device / hook conditions above hold. Names are mapped to ids
 per call (``"__base__"`` and adapters this layer does not hold -> base only, as in PEFT) and
 expanded over the sequence dims. The adapters' weights are stacked once and cached per
 (adapter set, Parameter objects, their ``_version``, scalings), so repeated inference calls do
@@ -62,7 +64,7 @@ reason naming the layer's class, adapter and reason):
   ``Linear8bitLt`` and other subclasses), or any module of the layer with hooks;
 - ``fan_in_fan_out=True``;
 - dtypes or devices that differ between x, the base layer and the adapters (e.g. PEFT's
-  float32 adapters on a bfloat16 base model), or autocast enabled;
+  float32 adapters on a bfloat16 base model);
 - several active adapters where at least one applies dropout.
 
 Without any warning, because there is nothing LoRA to compute: adapters disabled
@@ -85,6 +87,8 @@ __all__ = ["LoraLinear", "patch", "unpatch", "register", "from_pretrained", "fas
            "RankAnnealing", "replace_parameters", "clear_stacked_cache"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# Under autocast: the dtypes the ops cast to the autocast dtype (float64 is left alone).
+_AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _has_hooks(module) -> bool:
@@ -109,13 +113,17 @@ def _dropout_of(module):
 
 def _dtype_reason(x, tensors):
     """Why the fused ops cannot take these tensors (None if they can): one supported dtype and
-    one device for the input, base layer and adapters, autocast off."""
+    one device for the input, base layer and adapters. Under autocast, any mix of float32 /
+    float16 / bfloat16: the ops cast them all to the autocast dtype themselves, as PEFT's
+    nn.Linear modules do (an input already in bfloat16 from an autocast layer before included)."""
+    if torch.is_autocast_enabled(x.device.type):
+        same_dtype = lambda t: t.dtype in _AUTOCAST_DTYPES  # noqa: E731
+    else:
+        same_dtype = lambda t: t.dtype == x.dtype  # noqa: E731
     if x.dtype not in _SUPPORTED_DTYPES or any(
-            t is not None and (t.dtype != x.dtype or t.device != x.device) for t in tensors):
+            t is not None and (not same_dtype(t) or t.device != x.device) for t in tensors):
         kinds = sorted({f"{t.dtype}/{t.device}" for t in tensors if t is not None})
         return f"mixed dtypes/devices between input, base layer and adapters ({', '.join(kinds)})"
-    if torch.is_autocast_enabled(x.device.type):
-        return "autocast is enabled"
     return None
 
 

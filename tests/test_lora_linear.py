@@ -378,3 +378,30 @@ def test_bfloat16_without_native_gemms_runs_float32_rounded_once():
             assert torch.equal(half, full.bfloat16())
     finally:
         fastlora.use_cpu_isa(best)
+
+
+def test_autocast_casts_like_nn_linear():
+    """Under torch.autocast the op runs in the autocast dtype on cast inputs (as nn.Linear does):
+    bitwise the call on bf16 copies, float32 leaves get float32 gradients (the cast's backward),
+    float64 is left alone."""
+    g = torch.Generator().manual_seed(5)
+    x, W, b, A, B = (torch.randn(*s, generator=g) for s in ((3, 7, 24), (20, 24), (20,), (4, 24), (20, 4)))
+    leaves = [t.clone().requires_grad_() for t in (x, A, B)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fastlora.lora_linear(leaves[0], W, b, leaves[1], leaves[2], 0.5, 0.2, seed=9)
+    y.float().sum().backward()
+    half = [t.bfloat16().requires_grad_() for t in (x, A, B)]
+    y_half = fastlora.lora_linear(half[0], W.bfloat16(), b.bfloat16(), half[1], half[2], 0.5, 0.2, seed=9)
+    y_half.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y_half)
+    for leaf, h in zip(leaves, half):
+        assert leaf.grad.dtype == torch.float32 and torch.equal(leaf.grad, h.grad.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y64 = fastlora.lora_linear(*(t.double() for t in (x, W, b, A, B)), 0.5)
+    assert y64.dtype == torch.float64
+
+    def autocast_layer(x_):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fastlora.lora_linear(x_, W, b, A, B, 0.5, 0.2, seed=torch.tensor(9))
+    compiled = torch.compile(autocast_layer, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), autocast_layer(x))

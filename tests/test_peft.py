@@ -110,6 +110,28 @@ def test_forward_and_gradients_match_peft(feature):
     assert_grads_close_to_truth(out_g, ref_g, truth_g)
 
 
+def test_autocast_runs_the_fast_path_like_peft():
+    """A float32 model trained under bfloat16 autocast (what transformers.Trainer(bf16=True)
+    does): every LoRA layer takes the fused path, in bfloat16 like PEFT's autocast nn.Linear
+    modules, with float32 gradients for the float32 adapters; logits and gradients within the
+    tolerance rule of PEFT's own autocast error against the float64 truth."""
+    truth_model = peft_model(torch.float64, lora_bias=True)
+    ref_model = copy.deepcopy(truth_model).float()
+    fast_model = patched_copy(ref_model)
+    ids = inputs()
+    truth_y, truth_g = fwd_bwd(truth_model, ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_y, ref_g = fwd_bwd(ref_model, ids)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the fast path must not fall back
+            out_y, out_g = fwd_bwd(fast_model, ids)
+    assert fp.fast_path_calls(fast_model) == N_LAYERS
+    assert out_y.dtype == ref_y.dtype
+    assert all(g.dtype == torch.float32 for g in out_g.values())
+    assert_close_to_truth(out_y, ref_y, truth_y, "logits")
+    assert_grads_close_to_truth(out_g, ref_g, truth_g)
+
+
 def assert_grads_close_to_truth(out_g, ref_g, truth_g, per_tensor_factor=4):
     """tolerance.py's rule, in L2, for gradients of a whole network.
 

@@ -215,3 +215,21 @@ def test_mixed_dtype_falls_back():
         out = layer(h, adapter_names=["b", "c", "__base__"])
     torch.testing.assert_close(out, PeftLinear.forward(layer, h, adapter_names=["b", "c", "__base__"]))
     assert layer.fastlora_calls == 0
+
+
+def test_autocast_mixed_batch_runs_grouped_path_like_peft():
+    """Under bfloat16 autocast a float32 model's mixed batch runs the grouped op in bfloat16
+    (PEFT's modules autocast alike), within the tolerance rule of PEFT's own autocast error."""
+    truth_model = make_stock(torch.float64)
+    stock = copy.deepcopy(truth_model).float()
+    fast = copy.deepcopy(stock)
+    assert fp.patch(fast) == N_LAYERS
+    x = ids()
+    truth = logits(truth_model, x, adapter_names=NAMES)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = logits(stock, x, adapter_names=NAMES)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback anywhere
+            out = logits(fast, x, adapter_names=NAMES)
+    assert fp.fast_path_calls(fast) == N_LAYERS
+    assert_close_to_truth(out, ref, truth, "logits")

@@ -304,3 +304,39 @@ def _grouped_bwd(grad_y, x, weight, lora_A, lora_B, scalings, ranks, row_adapter
 torch.library.register_kernel(_GFWD, "cuda", _grouped_cuda)
 torch.library.impl(_GFWD, "default", _grouped_reference)
 torch.library.impl(_GBWD, "default", _grouped_bwd)
+
+
+# --- autocast (both families) -----------------------------------------------------------------
+# Under torch.autocast the forward ops run in the autocast dtype, as nn.Linear does (and so
+# PEFT's LoRA modules, whose lora_A / lora_B are nn.Linear): float32 / float16 / bfloat16
+# tensors on the autocast device are cast to torch.get_autocast_dtype (float64 stays), then the
+# op runs with autocast off. The kernel sits above autograd, so the casts are recorded and
+# float32 parameters get float32 gradients; the backward ops see the cast dtype.
+_AUTOCAST_LIB = torch.library.Library("fastlora", "FRAGMENT")
+
+
+def _register_autocast(op_name: str, cast_positions) -> None:
+    op = getattr(torch.ops.fastlora, op_name).default
+    for device_type, key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
+        def kernel(_keyset, *args, _device_type=device_type):
+            dtype = torch.get_autocast_dtype(_device_type)
+            args = [a.to(dtype) if i in cast_positions and _autocast_eligible(a, _device_type) else a
+                    for i, a in enumerate(args)]
+            with torch.autocast(_device_type, enabled=False):
+                return op(*args)
+        _AUTOCAST_LIB.impl(op_name, kernel, key, with_keyset=True)
+
+
+def _autocast_eligible(t, device_type: str) -> bool:
+    return (isinstance(t, torch.Tensor) and t.device.type == device_type and t.is_floating_point()
+            and t.dtype != torch.float64)
+
+
+# The public ops (their argument checks want one dtype) and the forward ops they call.
+# lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, lora_B_bias, seed)
+_register_autocast("lora_linear", {0, 1, 2, 3, 4, 8})
+# lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_B_bias)
+_register_autocast("lora_linear_fwd", {0, 1, 2, 3, 4, 8})
+# lora_grouped_linear[_fwd](x, weight, bias, lora_A, lora_B, scalings, ranks, row_adapter)
+_register_autocast("lora_grouped_linear", {0, 1, 2, 3, 4})
+_register_autocast("lora_grouped_linear_fwd", {0, 1, 2, 3, 4})
