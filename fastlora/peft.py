@@ -314,8 +314,10 @@ class LoraLinear(PeftLinear):
                       f"{self.in_features}->{self.out_features}): falling back to PEFT's forward: "
                       f"{reason}", UserWarning, stacklevel=3)
 
-    def __repr__(self) -> str:
-        return "fastlora." + super().__repr__()
+    def _get_name(self) -> str:
+        # The name nn.Module's repr prints: a patched model prints exactly as PEFT's
+        # ("lora.Linear(...)"); type(layer) and layer.fastlora_calls tell the layers apart.
+        return PeftLinear.__name__
 
 
 # --- ways in ------------------------------------------------------------------------------------

@@ -465,3 +465,11 @@ def test_torch_compile_whole_model():
     torch.testing.assert_close(logits(compiled, ids), eager)
     torch.testing.assert_close(eager, logits(stock, ids), rtol=1e-4, atol=1e-5)
     assert fp.fast_path_calls(fast) == 2 * N_LAYERS
+
+
+def test_patched_model_prints_like_peft():
+    ref = peft_model(torch.float32)
+    fast = patched_copy(ref)
+    assert repr(fast) == repr(ref)
+    layer = next(m for m in fast.modules() if isinstance(m, PeftLinear))
+    assert type(layer) is LoraLinear and repr(layer).startswith("lora.Linear(")
