@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include "arg_checks.h"
+#include "lora_linear_checks.h"
 
 #include <cmath>
 #include <limits>
@@ -21,11 +22,10 @@ using at::Tensor;
 
 namespace {
 
-void check_lora_linear_args(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+void check_lora_linear_args(const char* fn, const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                             const Tensor& lora_A, const Tensor& lora_B, double scaling,
                             double dropout_p, const std::optional<Tensor>& lora_B_bias,
                             const std::optional<Tensor>& seed) {
-  constexpr const char* fn = "fastlora.lora_linear";
   TORCH_CHECK_VALUE(x.dim() >= 1, fn, ": x must have at least 1 dim (..., in_features), got a 0-dim tensor");
   TORCH_CHECK_VALUE(weight.dim() == 2, fn, ": weight must be 2-D (out_features, in_features), got shape ", weight.sizes());
   const int64_t in = weight.size(1), out = weight.size(0);
@@ -58,7 +58,8 @@ Tensor lora_linear(const Tensor& x, const Tensor& weight, const std::optional<Te
                    const Tensor& lora_A, const Tensor& lora_B, double scaling, double dropout_p,
                    bool training, const std::optional<Tensor>& lora_B_bias,
                    const std::optional<Tensor>& seed) {
-  check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, lora_B_bias, seed);
+  check_lora_linear_args("fastlora.lora_linear", x, weight, bias, lora_A, lora_B, scaling, dropout_p, lora_B_bias,
+                         seed);
   const double p = training ? dropout_p : 0.0;
   Tensor seed_t;
   if (seed) {
@@ -81,7 +82,40 @@ Tensor lora_linear(const Tensor& x, const Tensor& weight, const std::optional<Te
   return y.view(out_shape);
 }
 
+void fwd_check_op(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& lora_A,
+                  const Tensor& lora_B, double scaling, double dropout_p, const Tensor& seed,
+                  const std::optional<Tensor>& lora_B_bias) {
+  check_lora_linear_fwd_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_B_bias);
+}
+
+void bwd_check_op(const Tensor& grad_y, const Tensor& x, const Tensor& weight, const Tensor& lora_A,
+                  const Tensor& lora_B, const Tensor& xa, double scaling, double dropout_p, const Tensor& seed) {
+  check_lora_linear_bwd_args(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed);
+}
+
 }  // namespace
+
+void check_lora_linear_fwd_args(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                                const Tensor& lora_A, const Tensor& lora_B, double scaling, double dropout_p,
+                                const Tensor& seed, const std::optional<Tensor>& lora_B_bias) {
+  constexpr const char* fn = "fastlora::lora_linear_fwd";
+  TORCH_CHECK_VALUE(x.dim() == 2, fn, ": x must be 2-D (rows, in_features), got shape ", x.sizes());
+  check_lora_linear_args(fn, x, weight, bias, lora_A, lora_B, scaling, dropout_p, lora_B_bias, seed);
+}
+
+void check_lora_linear_bwd_args(const Tensor& grad_y, const Tensor& x, const Tensor& weight, const Tensor& lora_A,
+                                const Tensor& lora_B, const Tensor& xa, double scaling, double dropout_p,
+                                const Tensor& seed) {
+  constexpr const char* fn = "fastlora::lora_linear_bwd";
+  TORCH_CHECK_VALUE(x.dim() == 2, fn, ": x must be 2-D (rows, in_features), got shape ", x.sizes());
+  check_lora_linear_args(fn, x, weight, std::nullopt, lora_A, lora_B, scaling, dropout_p, std::nullopt, seed);
+  const int64_t M = x.size(0), out = weight.size(0), r = lora_A.size(0);
+  TORCH_CHECK_VALUE(grad_y.dim() == 2 && grad_y.size(0) == M && grad_y.size(1) == out, fn,
+                    ": grad_y must have shape (rows=", M, ", out_features=", out, "), got ", grad_y.sizes());
+  TORCH_CHECK_VALUE(xa.dim() == 2 && xa.size(0) == M && xa.size(1) == r, fn, ": xa must have shape (rows=", M,
+                    ", r=", r, "), got ", xa.sizes());
+  check_float_like_x(fn, x, {{"grad_y", &grad_y}, {"xa", &xa}});
+}
 
 TORCH_LIBRARY_FRAGMENT(fastlora, m) {
   m.def(
@@ -93,6 +127,14 @@ TORCH_LIBRARY_FRAGMENT(fastlora, m) {
   m.def(
       "lora_linear_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor xa, "
       "float scaling, float dropout_p, Tensor seed, bool[3] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The kernel ops' argument checks, for the kernels registered from Python (CUDA, reference):
+  // catch-all, metadata only.
+  m.def("_lora_linear_fwd_check(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
+        "float dropout_p, Tensor seed, Tensor? lora_B_bias) -> ()",
+        &fwd_check_op);
+  m.def("_lora_linear_bwd_check(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor xa, "
+        "float scaling, float dropout_p, Tensor seed) -> ()",
+        &bwd_check_op);
 }
 
 TORCH_LIBRARY_IMPL(fastlora, CompositeImplicitAutograd, m) {

@@ -4,6 +4,7 @@ import torch
 
 import fastlora
 from fastlora import reference as ref
+from fastlora.ops import lora as lora_ops
 from tolerance import assert_close_to_truth
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -352,6 +353,55 @@ class TestErrors:
     def test_bad_seed(self):
         with pytest.raises(ValueError, match="seed"):
             fastlora.lora_linear(**self.args(), dropout_p=0.1, seed=torch.tensor([1.0, 2.0]))
+
+    # The raw kernel ops check what they are given too (a raw call with mismatched shapes must
+    # be an error, never a read past a tensor's end), on CPU (C++) and through the kernels
+    # registered from Python (the reference serves any other device; CUDA shares the check).
+    SEED = torch.tensor(1)
+
+    def fwd_args(self, **over):
+        a = self.args(**over)
+        return [a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], a["scaling"], 0.0, self.SEED,
+                over.get("lora_B_bias")]
+
+    def bwd_args(self, grad_y=None, xa=None, **over):
+        a = self.args(**over)
+        m, n, r = a["x"].shape[0], a["weight"].shape[0], a["lora_A"].shape[0]
+        grad_y = torch.randn(m, n) if grad_y is None else grad_y
+        xa = torch.randn(m, r) if xa is None else xa
+        return [grad_y, a["x"], a["weight"], a["lora_A"], a["lora_B"], xa, 1.0, 0.0, self.SEED]
+
+    @pytest.mark.parametrize("kernel", ["cpu", "reference"])
+    @pytest.mark.parametrize("over, match", [
+        (dict(lora_B=torch.randn(6, 1)), "lora_B must have shape"),
+        (dict(lora_A=torch.randn(2, 5)), "lora_A must have shape"),
+        (dict(x=torch.randn(3, 5)), "in_features=8"),
+        (dict(x=torch.randn(2, 3, 8)), "x must be 2-D"),
+        (dict(bias=torch.randn(9)), "bias must have shape"),
+        (dict(lora_B_bias=torch.randn(2)), "lora_B_bias must have shape"),
+    ])
+    def test_raw_forward_checks_shapes(self, kernel, over, match):
+        args = self.fwd_args(**over)
+        call = torch.ops.fastlora.lora_linear_fwd if kernel == "cpu" else lora_ops._fwd_reference
+        with pytest.raises(ValueError, match=match):
+            call(*args)
+
+    @pytest.mark.parametrize("kernel", ["cpu", "reference"])
+    @pytest.mark.parametrize("over, match", [
+        (dict(grad_y=torch.randn(3, 5)), "grad_y must have shape"),
+        (dict(grad_y=torch.randn(4, 6)), "grad_y must have shape"),
+        (dict(xa=torch.randn(3, 7)), "xa must have shape"),
+        (dict(lora_B=torch.randn(6, 1)), "lora_B must have shape"),
+        (dict(xa=torch.randn(3, 2).double()), "xa has dtype"),
+    ])
+    def test_raw_backward_checks_shapes(self, kernel, over, match):
+        args = self.bwd_args(**over)
+        if kernel == "cpu":
+            call = lambda *a: torch.ops.fastlora.lora_linear_bwd(*a, [True, True, True])  # noqa: E731
+        else:
+            call = lambda *a: lora_ops._bwd_reference(*a, [True, True, True])  # noqa: E731
+        with pytest.raises((ValueError, TypeError), match=match):
+            call(*args)
 
 
 def test_bfloat16_without_native_gemms_runs_float32_rounded_once():

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "../dropout_hash.h"
+#include "../lora_linear_checks.h"
 #include "cpu_utils.h"
 #include "small_gemm.h"
 
@@ -591,7 +592,7 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_cpu(const Tensor& x_in, const Tensor&
                                                const std::optional<Tensor>& bias, const Tensor& lora_A,
                                                const Tensor& lora_B, double scaling, double dropout_p,
                                                const Tensor& seed, const std::optional<Tensor>& lora_B_bias) {
-  TORCH_CHECK(x_in.dim() == 2, "fastlora::lora_linear_fwd expects a 2-D x");
+  check_lora_linear_fwd_args(x_in, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_B_bias);
   // Half precision forward through float32 (see to_float), except float16 batches so small
   // that converting the weight costs more than the float16 GEMM: at in = out = 4096 the
   // conversion took 20 ms, the float16 x @ W^T ~0.7 ms per row. Emulated bfloat16 GEMMs are
@@ -666,13 +667,14 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_cpu(const Tensor& x_in, const Tensor&
   return {y, xa};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_cpu(
+// The backward after its argument checks (lora_linear_bwd_cpu); weight may be undefined when
+// grad_x is not requested (the half-precision route then skips converting it).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_checked(
     const Tensor& grad_y_in, const Tensor& x_in, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
     const Tensor& xa, double scaling, double dropout_p, const Tensor& seed, std::array<bool, 3> output_mask) {
-  TORCH_CHECK(x_in.dim() == 2 && grad_y_in.dim() == 2, "fastlora::lora_linear_bwd expects 2-D x and grad_y");
   const at::ScalarType dtype = x_in.scalar_type();
   if (half_via_float32(dtype)) {  // see to_float; the weight only matters for grad_x
-    auto [gx, gw, gb, gA, gB] = lora_linear_bwd_cpu(
+    auto [gx, gw, gb, gA, gB] = lora_linear_bwd_checked(
         to_float(grad_y_in), to_float(x_in), output_mask[0] ? to_float(weight) : Tensor(), to_float(lora_A),
         to_float(lora_B), to_float(xa), scaling, dropout_p, seed, output_mask);
     return {gx.to(dtype), gw.to(dtype), gb.to(dtype), gA.to(dtype), gB.to(dtype)};
@@ -729,6 +731,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_cpu(
 }
 
 }  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_cpu(
+    const Tensor& grad_y, const Tensor& x, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
+    const Tensor& xa, double scaling, double dropout_p, const Tensor& seed, std::array<bool, 3> output_mask) {
+  check_lora_linear_bwd_args(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed);
+  return lora_linear_bwd_checked(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, output_mask);
+}
 
 TORCH_LIBRARY_IMPL(fastlora, CPU, m) {
   m.impl("lora_linear_fwd", &lora_linear_fwd_cpu);

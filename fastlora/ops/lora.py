@@ -117,6 +117,7 @@ def _use_triton(x):
 
 
 def _fwd_cuda(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_B_bias):
+    torch.ops.fastlora._lora_linear_fwd_check(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_B_bias)
     if not _use_triton(x):
         return _fwd_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_B_bias)
     from fastlora.kernels import lora_linear as tk
@@ -127,6 +128,7 @@ def _fwd_cuda(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_B_
 
 
 def _bwd_cuda(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, output_mask):
+    torch.ops.fastlora._lora_linear_bwd_check(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed)
     if not _use_triton(x):
         return _bwd_reference(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, output_mask)
     from fastlora.kernels import lora_linear as tk
@@ -137,11 +139,13 @@ def _bwd_cuda(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, o
 # --- any other device: the pure-PyTorch reference -------------------------------------------
 
 def _fwd_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_B_bias):
+    torch.ops.fastlora._lora_linear_fwd_check(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_B_bias)
     return reference.lora_linear_with_shrink(x, weight, bias, lora_A, lora_B, scaling, dropout_p,
                                              int(seed.item()), lora_B_bias)
 
 
 def _bwd_reference(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, output_mask):
+    torch.ops.fastlora._lora_linear_bwd_check(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed)
     return reference.lora_linear_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling,
                                           dropout_p, int(seed.item()), *output_mask)
 
