@@ -62,9 +62,18 @@ def test_noncontiguous_x(layout):
 def test_small_tiles(dtype, monkeypatch):
     # GPU-style tiling under the interpreter: 16-row tiles (several per adapter, ragged last
     # tile), 16-wide K loop with many trips and several N tiles.
+    # 16-wide rank chunks: the rank-40 adapter takes three (the last ragged), the others one.
     monkeypatch.setattr(tg, "_block_m_cap", lambda: 16)
-    monkeypatch.setattr(tg, "_blocks", lambda max_rows, K, N, r_pad, dtype: (16, 16, 16, 4))
-    check(dtype, (70, 45, 40, [5, 16, 2], "random"))
+    monkeypatch.setattr(tg, "_blocks", lambda max_rows, K, N, r_max, dtype: (16, 16, 16, 16, 4))
+    check(dtype, (70, 45, 40, [5, 40, 2], "random"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rank_1024_in_chunks(dtype):
+    """A rank-1024 adapter next to a rank-3 one, with the kernel's own rank chunks (128 wide,
+    64 in float32): no tile ever holds the whole rank, which on a GPU overflowed shared memory."""
+    assert tg._blocks(16, 32, 32, 1024, dtype)[3] == (64 if dtype == torch.float32 else 128)
+    check(dtype, (24, 32, 24, [1024, 3], "random"))
 
 
 def test_tile_table():
