@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include "arg_checks.h"
+#include "lora_op_checks.h"
 
 namespace fastlora {
 
@@ -27,10 +28,9 @@ using at::Tensor;
 
 namespace {
 
-void check_lora_grouped_args(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
-                             const Tensor& lora_A, const Tensor& lora_B, const Tensor& scalings,
-                             const Tensor& ranks, const Tensor& row_adapter) {
-  constexpr const char* fn = "fastlora.lora_grouped_linear";
+void check_lora_grouped_args(const char* fn, const Tensor& x, const Tensor& weight,
+                             const std::optional<Tensor>& bias, const Tensor& lora_A, const Tensor& lora_B,
+                             const Tensor& scalings, const Tensor& ranks, const Tensor& row_adapter) {
   TORCH_CHECK_VALUE(x.dim() == 2, fn, ": x must be 2-D (rows, in_features), got shape ", x.sizes(),
                     " (the Python wrapper fastlora.lora_grouped_linear flattens leading dims)");
   TORCH_CHECK_VALUE(weight.dim() == 2, fn, ": weight must be 2-D (out_features, in_features), got shape ",
@@ -71,7 +71,8 @@ void check_lora_grouped_args(const Tensor& x, const Tensor& weight, const std::o
 Tensor lora_grouped_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                            const Tensor& lora_A, const Tensor& lora_B, const Tensor& scalings, const Tensor& ranks,
                            const Tensor& row_adapter) {
-  check_lora_grouped_args(x, weight, bias, lora_A, lora_B, scalings, ranks, row_adapter);
+  check_lora_grouped_args("fastlora.lora_grouped_linear", x, weight, bias, lora_A, lora_B, scalings, ranks,
+                          row_adapter);
   static auto fwd = c10::Dispatcher::singleton()
                         .findSchemaOrThrow("fastlora::lora_grouped_linear_fwd", "")
                         .typed<Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&,
@@ -79,7 +80,35 @@ Tensor lora_grouped_linear(const Tensor& x, const Tensor& weight, const std::opt
   return fwd.call(x, weight, bias, lora_A, lora_B, scalings, ranks, row_adapter);
 }
 
+void fwd_check_op(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& lora_A,
+                  const Tensor& lora_B, const Tensor& scalings, const Tensor& ranks, const Tensor& row_adapter) {
+  check_lora_grouped_fwd_args(x, weight, bias, lora_A, lora_B, scalings, ranks, row_adapter);
+}
+
+void bwd_check_op(const Tensor& grad_y, const Tensor& x, const Tensor& weight, const Tensor& lora_A,
+                  const Tensor& lora_B, const Tensor& scalings, const Tensor& ranks, const Tensor& row_adapter) {
+  check_lora_grouped_bwd_args(grad_y, x, weight, lora_A, lora_B, scalings, ranks, row_adapter);
+}
+
 }  // namespace
+
+void check_lora_grouped_fwd_args(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                                 const Tensor& lora_A, const Tensor& lora_B, const Tensor& scalings,
+                                 const Tensor& ranks, const Tensor& row_adapter) {
+  check_lora_grouped_args("fastlora::lora_grouped_linear_fwd", x, weight, bias, lora_A, lora_B, scalings, ranks,
+                          row_adapter);
+}
+
+void check_lora_grouped_bwd_args(const Tensor& grad_y, const Tensor& x, const Tensor& weight, const Tensor& lora_A,
+                                 const Tensor& lora_B, const Tensor& scalings, const Tensor& ranks,
+                                 const Tensor& row_adapter) {
+  constexpr const char* fn = "fastlora::lora_grouped_linear_bwd";
+  check_lora_grouped_args(fn, x, weight, std::nullopt, lora_A, lora_B, scalings, ranks, row_adapter);
+  TORCH_CHECK_VALUE(grad_y.dim() == 2 && grad_y.size(0) == x.size(0) && grad_y.size(1) == weight.size(0), fn,
+                    ": grad_y must have shape (rows=", x.size(0), ", out_features=", weight.size(0), "), got ",
+                    grad_y.sizes());
+  check_float_like_x(fn, x, {{"grad_y", &grad_y}});
+}
 
 TORCH_LIBRARY_FRAGMENT(fastlora, m) {
   m.def(
@@ -92,6 +121,14 @@ TORCH_LIBRARY_FRAGMENT(fastlora, m) {
       "lora_grouped_linear_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
       "Tensor scalings, Tensor ranks, Tensor row_adapter, bool[3] output_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The kernel ops' argument checks, for the kernels registered from Python (CUDA, reference,
+  // the backward): catch-all, metadata only.
+  m.def("_lora_grouped_linear_fwd_check(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+        "Tensor scalings, Tensor ranks, Tensor row_adapter) -> ()",
+        &fwd_check_op);
+  m.def("_lora_grouped_linear_bwd_check(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
+        "Tensor scalings, Tensor ranks, Tensor row_adapter) -> ()",
+        &bwd_check_op);
 }
 
 TORCH_LIBRARY_IMPL(fastlora, CompositeImplicitAutograd, m) {

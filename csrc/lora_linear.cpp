@@ -11,7 +11,7 @@
 #include <torch/library.h>
 
 #include "arg_checks.h"
-#include "lora_linear_checks.h"
+#include "lora_op_checks.h"
 
 #include <cmath>
 #include <limits>

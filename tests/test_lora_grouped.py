@@ -4,6 +4,7 @@ import torch
 
 import fastlora
 from fastlora import reference as ref
+from fastlora.ops import lora as lora_ops
 from tolerance import assert_close_to_truth
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -234,6 +235,32 @@ class TestErrors:
     def test_bad_arguments(self, over, exc, match):
         with pytest.raises(exc, match=match):
             torch.ops.fastlora.lora_grouped_linear(*self.args(**over))
+
+    # The raw kernel ops check shapes too (a lora_B narrower than lora_A's r_max was read past
+    # its end): on CPU (C++), through the reference (any other device; CUDA shares the check)
+    # and in the backward.
+    @pytest.mark.parametrize("kernel", ["cpu", "reference"])
+    @pytest.mark.parametrize("over, match", [
+        (dict(lora_B=torch.randn(2, 5, 1)), "lora_B must have shape"),
+        (dict(lora_A=torch.randn(1, 3, 8)), "lora_B must have shape"),
+        (dict(x=torch.randn(6, 9)), "in_features=8"),
+        (dict(row_adapter=torch.zeros(5, dtype=torch.int64)), "row_adapter must have shape"),
+    ])
+    def test_raw_forward_checks_shapes(self, kernel, over, match):
+        call = torch.ops.fastlora.lora_grouped_linear_fwd if kernel == "cpu" else lora_ops._grouped_reference
+        with pytest.raises(ValueError, match=match):
+            call(*self.args(**over))
+
+    @pytest.mark.parametrize("grad_y, match", [
+        (torch.randn(6, 4), "grad_y must have shape"),
+        (torch.randn(5, 5), "grad_y must have shape"),
+        (torch.randn(6, 5, dtype=torch.float64), "grad_y has dtype"),
+    ])
+    def test_raw_backward_checks_shapes(self, grad_y, match):
+        x, weight, bias, lora_A, lora_B, scalings, ranks, row_adapter = self.args()
+        with pytest.raises((ValueError, TypeError), match=match):
+            torch.ops.fastlora.lora_grouped_linear_bwd(grad_y, x, weight, lora_A, lora_B, scalings, ranks,
+                                                       row_adapter, [True, True, True])
 
     def test_reference_checks_values_too(self):
         a = self.args(row_adapter=torch.tensor([0, 1, 2, 0, 0, 0]))

@@ -22,6 +22,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../lora_op_checks.h"
 #include "cpu_utils.h"
 
 namespace fastlora {
@@ -82,7 +83,7 @@ Tensor lora_grouped_linear_fwd_cpu(const Tensor& x_in, const Tensor& weight, con
                                    const Tensor& lora_A, const Tensor& lora_B, const Tensor& scalings,
                                    const Tensor& ranks, const Tensor& row_adapter) {
   constexpr const char* fn = "fastlora.lora_grouped_linear";
-  TORCH_CHECK(x_in.dim() == 2, "fastlora::lora_grouped_linear_fwd expects a 2-D x");
+  check_lora_grouped_fwd_args(x_in, weight, bias, lora_A, lora_B, scalings, ranks, row_adapter);
   const Tensor x = row_major(x_in);
   const int64_t M = x.size(0), in = x.size(1), out = weight.size(0);
   const int64_t K = lora_A.size(0), r_max = lora_A.size(1);

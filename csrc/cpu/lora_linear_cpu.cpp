@@ -28,7 +28,7 @@
 #include <vector>
 
 #include "../dropout_hash.h"
-#include "../lora_linear_checks.h"
+#include "../lora_op_checks.h"
 #include "cpu_utils.h"
 #include "small_gemm.h"
 

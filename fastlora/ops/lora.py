@@ -282,6 +282,7 @@ torch.library.register_autograd(_GFWD, _grouped_backward, setup_context=_grouped
 
 
 def _grouped_cuda(x, weight, bias, lora_A, lora_B, scalings, ranks, row_adapter):
+    torch.ops.fastlora._lora_grouped_linear_fwd_check(x, weight, bias, lora_A, lora_B, scalings, ranks, row_adapter)
     if not _use_triton(x):
         return _grouped_reference(x, weight, bias, lora_A, lora_B, scalings, ranks, row_adapter)
     from fastlora.kernels import lora_grouped as tg
@@ -290,10 +291,12 @@ def _grouped_cuda(x, weight, bias, lora_A, lora_B, scalings, ranks, row_adapter)
 
 
 def _grouped_reference(x, weight, bias, lora_A, lora_B, scalings, ranks, row_adapter):
+    torch.ops.fastlora._lora_grouped_linear_fwd_check(x, weight, bias, lora_A, lora_B, scalings, ranks, row_adapter)
     return reference.lora_grouped_linear(x, weight, bias, lora_A, lora_B, scalings, ranks, row_adapter)
 
 
 def _grouped_bwd(grad_y, x, weight, lora_A, lora_B, scalings, ranks, row_adapter, output_mask):
+    torch.ops.fastlora._lora_grouped_linear_bwd_check(grad_y, x, weight, lora_A, lora_B, scalings, ranks, row_adapter)
     if x.device.type == "cpu" and x.dtype == torch.float16:
         # torch's float16 CPU GEMMs have no fast kernel (grad_y @ weight: seconds at 512 x 2048^2,
         # as for lora_linear, whose C++ backward goes through float32 the same way): compute in
