@@ -336,6 +336,10 @@ def test_cli_fl(tmp_path, capsys):
     toml.write_text("[fl]\nround = 1\n")
     assert main(["fl", "--config", str(toml), "--out", str(tmp_path / "u")]) == 2
     assert "unknown key 'round'" in capsys.readouterr().err
+    # an incompatible model / task pair is a config error (one line, exit 2), not a traceback
+    assert main(["fl", "--preset", "demo", "--model", "tiny", "--out", str(tmp_path / "v")]) == 2
+    err = capsys.readouterr().err
+    assert "the stdlib task needs the pretrained model's tokenizer" in err and "Traceback" not in err
 
 
 def test_cli_says_how_to_get_the_demo_model(monkeypatch, tmp_path, capsys):

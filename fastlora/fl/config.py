@@ -64,6 +64,9 @@ class FLConfig:
                 raise ValueError(f"config: {msg}")
         need(self.model in MODELS, f"model must be one of {MODELS}, got {self.model!r}")
         need(self.task in TASKS, f"task must be one of {TASKS}, got {self.task!r}")
+        need(self.task != "stdlib" or self.model == "minilm",
+             f"the stdlib task needs the pretrained model's tokenizer: model must be minilm, got {self.model!r} "
+             f"(or use task synthetic)")
         need(isinstance(self.strategies, list) and self.strategies, "strategies must be a non-empty list")
         for s in self.strategies:
             parse_strategy(s)
