@@ -19,6 +19,16 @@ def _bench(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.isa:
+        import os
+
+        import fastlora
+        used = fastlora.use_cpu_isa(args.isa)
+        if used != args.isa and args.isa != "auto":
+            print(f"fastlora bench: this CPU has no {args.isa} build; running {used}", file=sys.stderr)
+        if used != "avx512" and not (os.environ.get("MKL_ENABLE_INSTRUCTIONS") and os.environ.get("ONEDNN_MAX_CPU_ISA")):
+            print("# note: the BLAS is not capped; to time exactly what such a machine runs, also set "
+                  "MKL_ENABLE_INSTRUCTIONS and ONEDNN_MAX_CPU_ISA (e.g. AVX2 / AVX2) in the environment")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cases = bench.LORA_LINEAR_CASES
     if args.quick:
@@ -129,6 +139,9 @@ def main(argv=None) -> int:
     b.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     b.add_argument("--quick", action="store_true", help="skip the largest case")
     b.add_argument("--budget", type=float, default=3.0, help="seconds of timing per case and mode")
+    b.add_argument("--isa", choices=["avx512", "avx2", "baseline", "auto"], default=None,
+                   help="run fastlora's CPU kernels' build for this instruction set (capped at the CPU's; "
+                        "same as FASTLORA_CPU_ISA)")
     b.set_defaults(func=_bench)
     f = sub.add_parser("fl", help="federated LoRA fine-tuning on one machine (try --preset demo)",
                        description="Federated LoRA fine-tuning simulated on one machine: each strategy runs "

@@ -102,3 +102,18 @@ def test_every_build_computes_the_lora_linear():
             assert_close_to_truth(y, ref32, truth, name=isa)
     finally:
         fastlora.use_cpu_isa(best)
+
+
+def test_bench_isa_flag_runs_that_build(monkeypatch, capsys):
+    from fastlora import bench
+    from fastlora.cli import main
+
+    monkeypatch.setattr(bench, "LORA_LINEAR_CASES", [(8, 32, 24, 4, 0.1)])
+    best = fastlora.use_cpu_isa("auto")
+    try:
+        assert main(["bench", "--isa", "baseline", "--budget", "0"]) == 0
+        out = capsys.readouterr().out
+        assert "fastlora CPU kernels baseline, no native bf16" in out
+        assert "| M=8 in=32 out=24 r=4 p=0.1 |" in out
+    finally:
+        fastlora.use_cpu_isa(best)
