@@ -5,7 +5,7 @@
 //   lora_linear_fwd  2-D kernel op returning (y, xa); xa = dropout(x) @ lora_A^T is the only
 //                    activation saved for backward besides x. Autograd: fastlora/ops/lora.py.
 //   lora_linear_bwd  2-D kernel op computing all gradients in one pass.
-// Per-device kernels: csrc/cpu/lora_linear_cpu.cpp (CPU), kernels/lora_linear.py (CUDA,
+// Per-device kernels: csrc/cpu/lora_linear_{fwd,bwd}_cpu.cpp (CPU), kernels/lora_linear.py (CUDA,
 // registered from Python), fastlora/reference.py (any other device).
 #include <ATen/ATen.h>
 #include <torch/library.h>

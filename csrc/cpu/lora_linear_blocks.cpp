@@ -1,0 +1,36 @@
+// Out-of-line parts of lora_linear_blocks.h: the dropout mask's per-row multipliers, compiled
+// for several instruction sets.
+#include "lora_linear_blocks.h"
+
+namespace fastlora {
+namespace lora_cpu {
+
+// Per-column multipliers (scale if kept, 0 if dropped) of one row. Kept in its own function
+// with target clones so the uint32 hash loop is vectorised with AVX2/AVX-512 where the
+// machine has them, while the binary still runs on any x86-64.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FASTLORA_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FASTLORA_VECTOR_CLONES
+#endif
+
+FASTLORA_VECTOR_CLONES
+void row_multipliers_f32(float* __restrict out, int64_t cols, int64_t col0, uint32_t row_h, uint32_t seed_hi,
+                         uint32_t threshold, float scale) {
+  for (int64_t j = 0; j < cols; ++j) {
+    uint32_t u = fmix32((row_h + static_cast<uint32_t>(col0 + j) * kGolden32) ^ seed_hi);
+    out[j] = (u >> 8) >= threshold ? scale : 0.0f;
+  }
+}
+
+FASTLORA_VECTOR_CLONES
+void row_multipliers_f64(double* __restrict out, int64_t cols, int64_t col0, uint32_t row_h, uint32_t seed_hi,
+                          uint32_t threshold, double scale) {
+  for (int64_t j = 0; j < cols; ++j) {
+    uint32_t u = fmix32((row_h + static_cast<uint32_t>(col0 + j) * kGolden32) ^ seed_hi);
+    out[j] = (u >> 8) >= threshold ? scale : 0.0;
+  }
+}
+
+}  // namespace lora_cpu
+}  // namespace fastlora

@@ -1,0 +1,187 @@
+// Helpers shared by the CPU kernels of fastlora::lora_linear_fwd / _bwd
+// (lora_linear_fwd_cpu.cpp, lora_linear_bwd_cpu.cpp): the dropout mask applied to blocks of
+// rows from the counter-based hash (no mask is ever materialised), the row blocking of the
+// L2-sized passes, small_gemm operand padding, and the half-precision route through float32.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "../dropout_hash.h"
+#include "cpu_utils.h"
+#include "small_gemm.h"
+
+namespace fastlora {
+namespace lora_cpu {
+
+using at::Tensor;
+
+// Per-column multipliers (scale if kept, 0 if dropped) of one row of the dropout mask, for
+// columns col0 .. col0 + cols - 1 (defined in lora_linear_blocks.cpp, with target clones).
+void row_multipliers_f32(float* __restrict out, int64_t cols, int64_t col0, uint32_t row_h, uint32_t seed_hi,
+                         uint32_t threshold, float scale);
+void row_multipliers_f64(double* __restrict out, int64_t cols, int64_t col0, uint32_t row_h, uint32_t seed_hi,
+                         uint32_t threshold, double scale);
+
+// The multipliers of columns col0 .. col0 + cols - 1 of row `row` into mult, in the
+// accumulation type.
+template <typename acc_t>
+inline void row_mask(acc_t* mult, int64_t cols, int64_t col0, int64_t row, const DropoutParams& d) {
+  const uint32_t h = d.row_hash(row);
+  if constexpr (std::is_same_v<acc_t, double>) {
+    row_multipliers_f64(mult, cols, col0, h, d.seed_hi, d.threshold, d.scale);
+  } else {
+    row_multipliers_f32(mult, cols, col0, h, d.seed_hi, d.threshold, static_cast<float>(d.scale));
+  }
+}
+
+// For `rows` rows: dst[i, :] = src[i, :] * mask(row0 + i, :) * scale (src may alias dst) and,
+// when kAlso, also[i, :] *= the same multipliers in place: backward's two uses of one mask
+// (dropout(x) for d lora_A, the mask on the dX LoRA term) from a single hash evaluation per
+// element. Math in float32 (float64 for double), rounded once to scalar_t, as in the reference.
+// The pointers may start at column col0 of their matrices (the mask is that of columns col0 ..
+// col0 + cols - 1); mult is scratch.
+template <typename scalar_t, bool kAlso>
+inline void dropout_rows_raw(const scalar_t* s, int64_t lds, scalar_t* o, int64_t ldd, scalar_t* a, int64_t lda,
+                      int64_t rows, int64_t cols, int64_t row0, const DropoutParams& d,
+                      std::vector<acc_type_t<scalar_t>>& mult, int64_t col0 = 0) {
+  using acc_t = acc_type_t<scalar_t>;
+  mult.resize(std::max<size_t>(mult.size(), static_cast<size_t>(cols)));
+  for (int64_t i = 0; i < rows; ++i) {
+    row_mask(mult.data(), cols, col0, row0 + i, d);
+    const scalar_t* si = s + i * lds;
+    scalar_t* oi = o + i * ldd;
+    for (int64_t j = 0; j < cols; ++j) {
+      oi[j] = static_cast<scalar_t>(static_cast<acc_t>(si[j]) * mult[j]);
+    }
+    if constexpr (kAlso) {
+      scalar_t* ai = a + i * lda;
+      for (int64_t j = 0; j < cols; ++j) {
+        ai[j] = static_cast<scalar_t>(static_cast<acc_t>(ai[j]) * mult[j]);
+      }
+    }
+  }
+}
+
+// dropout_rows_raw on tensors (2-D, rows contiguous), rows split over threads.
+template <typename scalar_t, bool kAlso>
+inline void dropout_rows(const Tensor& src, Tensor& dst, Tensor* also, int64_t row0, const DropoutParams& d) {
+  const int64_t cols = src.size(1);
+  const scalar_t* s = src.const_data_ptr<scalar_t>();
+  scalar_t* o = dst.mutable_data_ptr<scalar_t>();
+  scalar_t* a = kAlso ? also->mutable_data_ptr<scalar_t>() : nullptr;
+  const int64_t lds = src.stride(0), ldd = dst.stride(0), lda = kAlso ? also->stride(0) : 0;
+  at::parallel_for(0, src.size(0), 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_type_t<scalar_t>> mult(cols);
+    dropout_rows_raw<scalar_t, kAlso>(s + begin * lds, lds, o + begin * ldd, ldd, kAlso ? a + begin * lda : nullptr,
+                                      lda, end - begin, cols, row0 + begin, d, mult);
+  });
+}
+
+inline void dropout_rows_(const Tensor& src, Tensor& dst, int64_t row0, const DropoutParams& d) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "fastlora_dropout_rows",
+                                  [&] { dropout_rows<scalar_t, false>(src, dst, nullptr, row0, d); });
+}
+
+inline void dropout_rows_pair_(const Tensor& x, Tensor& xd, Tensor& gx, int64_t row0, const DropoutParams& d) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastlora_dropout_rows_pair",
+                                  [&] { dropout_rows<scalar_t, true>(x, xd, &gx, row0, d); });
+}
+
+// Rows per block in the blocked loops: a block of each M x K / M x N operand (~256 KiB) should
+// stay in L2 while the few small GEMMs on it run, one thread per block.
+inline int64_t block_rows(int64_t cols, int64_t elem_size) {
+  int64_t rows = (int64_t{1} << 18) / std::max<int64_t>(1, cols * elem_size);
+  return std::max<int64_t>(16, rows / 16 * 16);
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline bool blocks_run_parallel(int64_t nblocks) { return nblocks >= 2 * at::get_num_threads(); }
+
+// Runs body over the row blocks: one thread per block when there are enough blocks to keep
+// every thread busy, otherwise sequentially so that each small GEMM gets all threads (a
+// decode-sized batch is one block: single-threaded blocks would leave cores idle).
+template <typename F>
+inline void run_blocks(int64_t nblocks, const F& body) {
+  if (blocks_run_parallel(nblocks)) {
+    at::parallel_for(0, nblocks, 1, body);
+  } else if (nblocks > 0) {
+    body(0, nblocks);
+  }
+}
+
+inline int64_t seed_value(const Tensor& seed) { return seed.item<int64_t>(); }
+
+// acc += alpha * a @ b, where acc may be float32 while a, b are half precision: then the
+// block product is rounded once to the input dtype and summed in float32.
+inline void accumulate_mm(Tensor& acc, const Tensor& a, const Tensor& b, double alpha) {
+  if (acc.scalar_type() == a.scalar_type()) {
+    acc.addmm_(a, b, 1.0, alpha);
+  } else {
+    acc.add_(at::mm(a, b), alpha);
+  }
+}
+
+// Rows per block of the small_gemm paths: L2-sized but at least 64 (the d lora_A / d lora_B
+// partials, r x in and r x out, are read and written once per block: with 16-row blocks at
+// in = out = 4096, r = 64 that traffic ran those products at half speed), and small enough (down
+// to 8 rows) that every thread gets two blocks: small_gemm is single-threaded, so a batch of one
+// or two blocks would leave cores idle.
+inline int64_t direct_block_rows(int64_t M, int64_t cols, int64_t elem_size) {
+  const int64_t nthreads = std::max(1, at::get_num_threads());
+  const int64_t per_thread = ceil_div(ceil_div(M, 2 * nthreads), 8) * 8;
+  const int64_t cache_rows = std::max<int64_t>(64, block_rows(cols, elem_size));
+  return std::max<int64_t>(1, std::min({M, cache_rows, std::max<int64_t>(8, per_thread)}));
+}
+
+// Whether the small_gemm paths get row blocks for every thread (they then run one thread per
+// block); otherwise the batch is decode-sized and the caller takes another path.
+inline bool row_blocks_for_all_threads(int64_t M, int64_t cols, int64_t elem_size) {
+  return blocks_run_parallel(ceil_div(M, direct_block_rows(M, cols, elem_size)));
+}
+
+// Rank padded to whole small_gemm vectors (the pad columns are zeros).
+template <typename T>
+inline int64_t padded_rank(int64_t r) {
+  const int64_t L = small_gemm_lanes<T>();
+  return ceil_div(r, L) * L;
+}
+
+// src (transposed first when `transpose`) as a row-major matrix whose rows are padded with zero
+// columns to cols_padded entries; src itself when it already is one.
+template <typename T>
+inline Tensor padded_rows(const Tensor& src_in, bool transpose, int64_t cols_padded) {
+  const int64_t rows = src_in.size(transpose ? 1 : 0), cols = src_in.size(transpose ? 0 : 1);
+  if (!transpose && cols == cols_padded && src_in.is_contiguous()) return src_in;
+  const Tensor src = src_in.contiguous();
+  Tensor out = at::empty({rows, cols_padded}, src.options());
+  T* o = out.mutable_data_ptr<T>();
+  const T* sp = src.const_data_ptr<T>();
+  if (transpose) {
+    transpose_into(sp, cols, rows, rows, o, cols_padded);
+  } else {
+    for (int64_t i = 0; i < rows; ++i) std::copy(sp + i * cols, sp + (i + 1) * cols, o + i * cols_padded);
+  }
+  for (int64_t i = 0; i < rows; ++i) std::fill(o + i * cols_padded + cols, o + (i + 1) * cols_padded, T(0));
+  return out;
+}
+
+// float16, and bfloat16 on CPUs without native bf16 GEMMs, run the float32 kernels on float32
+// copies, results rounded once (half_via_float32, cpu_utils.h): ATen's GEMMs in those dtypes
+// have no fast CPU kernel there (float16 on AVX-512 Zen 4: dY @ W 10.8 s at M = 512, in = out =
+// 2048, 29 ms through float32; x @ W^T 95 ms, 32 ms). The copies cost a transient float32
+// weight (twice the half-precision one) per call. bfloat16 with AVX512-BF16 / AMX keeps its own
+// path: its GEMMs are fast there (oneDNN).
+inline Tensor to_float(const Tensor& t) { return t.defined() ? t.to(at::kFloat) : t; }
+inline std::optional<Tensor> to_float(const std::optional<Tensor>& t) {
+  return t ? std::optional<Tensor>(t->to(at::kFloat)) : std::nullopt;
+}
+
+}  // namespace lora_cpu
+}  // namespace fastlora

@@ -1,0 +1,205 @@
+// CPU kernel of fastlora::lora_linear_fwd (the overview of both directions is in
+// lora_linear_bwd_cpu.cpp's header comment): the shrink xa = dropout(x) @ lora_A^T in blocks of
+// rows (small_gemm on float32 / float64), the expand and bias written into y before the base GEMM
+// accumulates on top of them, and the decode-sized path that streams W's rows (base_few_rows).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <torch/library.h>
+
+#include "../lora_op_checks.h"
+#include "lora_linear_blocks.h"
+
+namespace fastlora {
+namespace lora_cpu {
+namespace {
+
+// xa = dropout(x) @ lora_A^T on float32 / float64 when row_blocks_for_all_threads(M, K): per
+// block of rows (one thread each), the dropped block goes to an L2-resident buffer and
+// small_gemm shrinks it, so x is read once.
+template <typename T>
+Tensor shrink_direct(const Tensor& x, const Tensor& lora_A, const DropoutParams& d) {
+  const int64_t M = x.size(0), K = x.size(1), r = lora_A.size(0);
+  const int64_t rp = padded_rank<T>(r);
+  const Tensor At = padded_rows<T>(lora_A, /*transpose=*/true, rp);  // K x rp
+  Tensor xa = at::empty({M, r}, x.options());
+  const int64_t bm = direct_block_rows(M, K, x.element_size());
+  const int64_t nblocks = ceil_div(M, bm);
+  const int64_t nthreads = std::max(1, at::get_num_threads());
+  // Per thread: the dropped block (when dropout is on) and the padded xa block (when r < rp).
+  const int64_t scratch_len = (d.active ? bm * K : 0) + (rp != r ? bm * rp : 0);
+  Tensor scratch = at::empty({nthreads, scratch_len}, x.options());
+  const T* xp = x.const_data_ptr<T>();
+  const T* Atp = At.const_data_ptr<T>();
+  T* xap = xa.mutable_data_ptr<T>();
+  const int64_t ldx = x.stride(0);
+  auto body = [&](int64_t b0, int64_t b1) {
+    T* xd = scratch.mutable_data_ptr<T>() + at::get_thread_num() * scratch_len;
+    T* out_pad = xd + (d.active ? bm * K : 0);
+    std::vector<T> mult;
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * bm, n = std::min(bm, M - r0);
+      const T* a = xp + r0 * ldx;
+      int64_t lda = ldx;
+      if (d.active) {
+        dropout_rows_raw<T, false>(a, ldx, xd, K, nullptr, 0, n, K, r0, d, mult);
+        a = xd;
+        lda = K;
+      }
+      if (rp == r) {
+        small_gemm(n, rp, K, T(1), a, lda, 1, Atp, rp, false, xap + r0 * r, r);
+      } else {
+        small_gemm(n, rp, K, T(1), a, lda, 1, Atp, rp, false, out_pad, rp);
+        for (int64_t i = 0; i < n; ++i) std::copy(out_pad + i * rp, out_pad + i * rp + r, xap + (r0 + i) * r);
+      }
+    }
+  };
+  at::parallel_for(0, nblocks, 1, body);
+  return xa;
+}
+
+// Whether the forward of a decode-sized batch goes through base_few_rows: float32 / float64 with
+// at most two small_gemm vectors of rows.
+bool few_rows_forward(const Tensor& x, bool direct) {
+  const int64_t M = x.size(0);
+  if (direct || M == 0) return false;
+  if (x.scalar_type() == at::kFloat) return M <= 2 * small_gemm_lanes<float>();
+  if (x.scalar_type() == at::kDouble) return M <= 2 * small_gemm_lanes<double>();
+  return false;
+}
+
+// y = x @ W^T + bias_eff + s * xa @ B^T for a decode-sized batch, computed transposed: y^T = W @
+// x^T, with x^T (K x M, rows padded to whole vectors) as the small right operand and W's rows as
+// the left one, so each thread reads its share of W's rows once, front to back, in tasks of 8
+// rows that also add the expand (B's rows against xa^T) and the bias, then write their 8 columns
+// of y. The product is bound by reading W; the BLAS reads it at ~9 GB/s here for M = 8 against
+// the ~27 GB/s two threads stream: measured at M = 8, in = out = 4096 on 2 threads, ~3 ms for
+// the base product against ~7 ms through the BLAS.
+template <typename T>
+Tensor base_few_rows(const Tensor& x, const Tensor& weight, const Tensor& bias_eff, const Tensor& xa,
+                     const Tensor& lora_B, double scaling) {
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = xa.size(1);
+  const int64_t L = small_gemm_lanes<T>();
+  const int64_t Mp = ceil_div(M, L) * L;
+  Tensor xt = at::zeros({K, Mp}, x.options());  // pad columns stay zero
+  Tensor xat = at::zeros({r, Mp}, x.options());
+  transpose_into(x.const_data_ptr<T>(), M, K, x.stride(0), xt.mutable_data_ptr<T>(), Mp);
+  const Tensor xa_c = xa.contiguous();
+  transpose_into(xa_c.const_data_ptr<T>(), M, r, r, xat.mutable_data_ptr<T>(), Mp);
+  const Tensor W = row_major(weight);
+  const Tensor Bc = lora_B.contiguous();
+  const Tensor bias_c = bias_eff.defined() ? bias_eff.contiguous() : bias_eff;
+  Tensor y = at::empty({M, N}, x.options());
+  const T* xtp = xt.const_data_ptr<T>();
+  const T* xatp = xat.const_data_ptr<T>();
+  const T* wp = W.const_data_ptr<T>();
+  const T* bp = Bc.const_data_ptr<T>();
+  const T* biasp = bias_c.defined() ? bias_c.const_data_ptr<T>() : nullptr;
+  T* yp = y.mutable_data_ptr<T>();
+  const int64_t ldw = W.stride(0);
+  const T s = static_cast<T>(scaling);
+  constexpr int64_t kRows = 8;  // rows of W per task
+  at::parallel_for(0, ceil_div(N, kRows), 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> yt(kRows * Mp);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t j0 = t * kRows, nt = std::min(kRows, N - j0);
+      // y^T rows j0 .. j0 + nt: s * B @ xa^T, then += W @ x^T
+      small_gemm(nt, Mp, r, s, bp + j0 * r, r, 1, xatp, Mp, false, yt.data(), Mp);
+      small_gemm(nt, Mp, K, T(1), wp + j0 * ldw, ldw, 1, xtp, Mp, true, yt.data(), Mp);
+      for (int64_t jj = 0; jj < nt; ++jj) {
+        const T b = biasp ? biasp[j0 + jj] : T(0);
+        for (int64_t i = 0; i < M; ++i) yp[i * N + j0 + jj] = yt[jj * Mp + i] + b;
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> lora_linear_fwd_cpu(const Tensor& x_in, const Tensor& weight,
+                                               const std::optional<Tensor>& bias, const Tensor& lora_A,
+                                               const Tensor& lora_B, double scaling, double dropout_p,
+                                               const Tensor& seed, const std::optional<Tensor>& lora_B_bias) {
+  check_lora_linear_fwd_args(x_in, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_B_bias);
+  // Half precision forward through float32 (see to_float), except float16 batches so small
+  // that converting the weight costs more than the float16 GEMM: at in = out = 4096 the
+  // conversion took 20 ms, the float16 x @ W^T ~0.7 ms per row. Emulated bfloat16 GEMMs are
+  // slower still (a 4096^2 layer's fwd+bwd took 1 s at M = 8 on an AVX2 EPYC): always convert.
+  constexpr int64_t kHalfViaFloatMinRows = 32;
+  const at::ScalarType dtype = x_in.scalar_type();
+  if (half_via_float32(dtype) && (dtype == at::kBFloat16 || x_in.size(0) >= kHalfViaFloatMinRows)) {
+    auto [y, xa] = lora_linear_fwd_cpu(to_float(x_in), to_float(weight), to_float(bias), to_float(lora_A),
+                                       to_float(lora_B), scaling, dropout_p, seed, to_float(lora_B_bias));
+    return {y.to(dtype), xa.to(dtype)};
+  }
+  const Tensor x = row_major(x_in);
+  const int64_t M = x.size(0), K = x.size(1), r = lora_A.size(0);
+  const DropoutParams d = DropoutParams::make(dropout_p, seed_value(seed));
+
+  // small_gemm when there are blocks for every thread; a decode-sized batch instead gets the
+  // BLAS's multi-threaded GEMM and no transposed copy of lora_A (measured faster at M = 8).
+  const bool direct = row_blocks_for_all_threads(M, K, x.element_size());
+  Tensor xa;
+  if (direct && x.scalar_type() == at::kFloat) {
+    xa = shrink_direct<float>(x, lora_A, d);
+  } else if (direct && x.scalar_type() == at::kDouble) {
+    xa = shrink_direct<double>(x, lora_A, d);
+  } else if (!d.active || M == 0) {
+    xa = at::mm(x, lora_A.t());
+  } else {
+    // One thread per block of rows: dropout into an L2-resident buffer, then the shrink GEMM
+    // on it (single-threaded inside the parallel region), so x is read once.
+    xa = at::empty({M, r}, x.options());
+    const int64_t bm = std::min(M, block_rows(K, x.element_size()));
+    const int64_t nblocks = ceil_div(M, bm);
+    auto body = [&](int64_t b0, int64_t b1) {
+      // Worker threads do not inherit the caller's dispatch state: we are below autograd.
+      at::AutoDispatchBelowAutograd below_autograd;
+      Tensor xdrop = at::empty({bm, K}, x.options());
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t r0 = blk * bm, n = std::min(bm, M - r0);
+        Tensor xd = xdrop.narrow(0, 0, n);
+        dropout_rows_(x.narrow(0, r0, n), xd, r0, d);
+        Tensor xa_blk = xa.narrow(0, r0, n);
+        at::mm_out(xa_blk, xd, lora_A.t());
+      }
+    };
+    run_blocks(nblocks, body);
+  }
+
+  // y = bias + s * lora_B_bias + s * xa @ B^T, then y += x @ W^T inside the base GEMM.
+  Tensor bias_eff;
+  if (bias && lora_B_bias) {
+    bias_eff = bias->add(*lora_B_bias, scaling);
+  } else if (bias) {
+    bias_eff = *bias;
+  } else if (lora_B_bias) {
+    bias_eff = lora_B_bias->mul(scaling);
+  }
+  if (few_rows_forward(x, direct)) {
+    Tensor y = x.scalar_type() == at::kFloat ? base_few_rows<float>(x, weight, bias_eff, xa, lora_B, scaling)
+                                             : base_few_rows<double>(x, weight, bias_eff, xa, lora_B, scaling);
+    return {y, xa};
+  }
+  // lora_B^T as a row-major r x N copy (r * N elements): the BLAS ran the expand on the
+  // transposed view 4x slower at M = 8, in = out = 4096 (0.13 vs 0.03 ms). Not for float16
+  // (only small batches get here): its GEMM is fast only on the transposed view (0.36 vs 0.95 ms).
+  const Tensor Bt = x.scalar_type() == at::kHalf ? lora_B.t() : transposed_copy(lora_B);
+  Tensor y;
+  if (bias_eff.defined()) {
+    y = at::addmm(bias_eff, xa, Bt, 1.0, scaling);
+  } else {
+    y = at::mm(xa.mul(scaling), Bt);
+  }
+  y.addmm_(x, weight.t());
+  return {y, xa};
+}
+
+}  // namespace lora_cpu
+
+TORCH_LIBRARY_IMPL(fastlora, CPU, m) {
+  m.impl("lora_linear_fwd", &lora_cpu::lora_linear_fwd_cpu);
+}
+
+}  // namespace fastlora
