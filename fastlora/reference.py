@@ -210,11 +210,23 @@ def topk_sparsify(deltas, residuals, k, approx=False, value_dtype=torch.float32)
     order = torch.sort(v.abs(), descending=True, stable=True).indices
     idx = torch.sort(order[:k]).values
     values = v[idx].to(value_dtype)
+    _check_values_fit(v[idx], values, idx)
     res = v.clone()
     res[idx] = v[idx] - values.float()
     sizes = [d.numel() for d in deltas]
     new_res = [part.view(d.shape) for part, d in zip(res.split(sizes), deltas)]
     return idx, values, new_res
+
+
+def _check_values_fit(kept, values, idx):
+    """Raises ValueError (before any residual is written) when a kept value overflows the travel
+    dtype: it would travel as inf and leave -inf in the residual."""
+    bad = ~torch.isfinite(values)
+    if bool(bad.any()):
+        j = int(bad.nonzero()[0])
+        raise ValueError(f"topk_sparsify: the kept value {float(kept[j])} (flat index {int(idx[j])}) overflows "
+                         f"{values.dtype} (largest finite {torch.finfo(values.dtype).max}); nothing was changed, the "
+                         f"residual included: send float32 values or scale the update")
 
 
 # --- sparse aggregation ----------------------------------------------------------------------

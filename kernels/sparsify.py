@@ -423,6 +423,15 @@ def topk_sparsify(deltas, residuals, k: int, approx: bool, value_dtype: torch.dt
         plan = _plan(deltas, residuals, block, device)
         idx, val = _select(plan, deltas, n, k, bool(approx), has_res, block, device)
         values = val.to(value_dtype)
+        if value_dtype != torch.float32:
+            # A kept value beyond the travel dtype's range would travel as inf and leave -inf in
+            # the residual: refuse before anything (the residual included) is written.
+            bad = ~torch.isfinite(values)
+            if bool(bad.any()):
+                j = int(bad.nonzero()[0])
+                raise ValueError(f"topk_sparsify: the kept value {float(val[j])} (flat index {int(idx[j])}) "
+                                 f"overflows {value_dtype} (largest finite {torch.finfo(value_dtype).max}); nothing "
+                                 f"was changed, the residual included: send float32 values or scale the update")
         if has_res:
             # Residual = v everywhere, then v - float32(value) at the kept entries: rounding
             # first leaves the rounding error in the residual, so that

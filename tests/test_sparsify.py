@@ -203,6 +203,28 @@ def test_nonfinite_raises_and_loses_nothing(bad, where):
                     residual[n].nan_to_num(), before[n].nan_to_num())
 
 
+@pytest.mark.parametrize("value_dtype, big", [(torch.float16, 7e4), (torch.bfloat16, 3.4e38)])
+@pytest.mark.parametrize("kernel", ["cpu", "reference"])
+def test_value_overflowing_travel_dtype_raises_and_changes_nothing(value_dtype, big, kernel):
+    """A kept value the travel dtype cannot hold would travel as inf and poison the residual with
+    -inf for every later round: refused before the residual is written."""
+    delta = torch.tensor([big, 1.0, 2.0, 3.0])
+    residual = torch.zeros(4)
+    if kernel == "cpu":
+        call = lambda: fastlora.topk_sparsify(delta, residual=residual, k=2, value_dtype=value_dtype)  # noqa: E731
+    else:
+        call = lambda: ref.topk_sparsify([delta], [residual], 2, False, value_dtype)  # noqa: E731
+    with pytest.raises(ValueError, match=rf"overflows {value_dtype}.*nothing was changed"):
+        call()
+    assert torch.equal(residual, torch.zeros(4))
+    # what fits still goes: the largest finite value of the dtype, and float32 values always
+    ok = torch.tensor([torch.finfo(value_dtype).max, 1.0, 2.0, 3.0])
+    sd = fastlora.topk_sparsify(ok, residual=residual, k=2, value_dtype=value_dtype)
+    assert torch.isfinite(sd.values).all() and torch.isfinite(residual).all()
+    sd = fastlora.topk_sparsify(delta, residual=torch.zeros(4), k=2)
+    assert sd.values.dtype == torch.float32 and float(sd.values.max()) == float(torch.tensor(big))
+
+
 def test_parameters_give_no_autograd_history():
     p = torch.nn.Parameter(torch.randn(100, 10))
     sd = fastlora.topk_sparsify({"w": p}, k=10)

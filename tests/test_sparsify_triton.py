@@ -193,8 +193,11 @@ def test_adversarial(name, dtype):
     if name == "denormals" and dtype == torch.float16:
         x = x * 1e33  # fp16 denormals are below 6.1e-5
     d = [_dev(x[:5000].to(dtype)), _dev(x[5000:].to(dtype).reshape(40, 100))]
+    # float32's largest value does not fit bfloat16 (it rounds to inf): that is refused (see
+    # test_value_overflowing_travel_dtype_raises_before_writing), so it travels in float32 here.
+    travel = torch.float32 if name == "one_huge" and dtype == torch.float32 else torch.bfloat16
     for k in (1, 123, n // 2, n):
-        run_both(d, [], k, torch.bfloat16)
+        run_both(d, [], k, travel)
     # Residuals that cancel the delta (v = +0 exactly, or -0 + -0 = -0) and signed-zero
     # residuals next to ties.
     r = [-t.float() for t in d]
@@ -266,6 +269,15 @@ def test_nonfinite_raises_before_writing(bad, where):
                                                  rf"{where}\[1\] at flat position 1223$"):
                 tks.topk_sparsify(d, r, k, approx, torch.float32)
             assert all(_same_bits(a, b) for a, b in zip(r, before))
+
+
+@pytest.mark.parametrize("value_dtype, big", [(torch.float16, 7e4), (torch.bfloat16, 3.4e38)])
+def test_value_overflowing_travel_dtype_raises_before_writing(value_dtype, big):
+    d = [_dev(torch.tensor([big, 1.0, 2.0, 3.0]))]
+    r = [_dev(torch.zeros(4))]
+    with pytest.raises(ValueError, match=rf"overflows {value_dtype}.*nothing was changed"):
+        tks.topk_sparsify(d, r, 2, False, value_dtype)
+    assert _same_bits(r[0], _dev(torch.zeros(4)))
 
 
 # numpy (under the interpreter) warns about the overflowing casts and adds made on purpose here.

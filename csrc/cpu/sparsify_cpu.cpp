@@ -383,6 +383,12 @@ std::tuple<Tensor, Tensor> topk_sparsify_cpu(at::TensorList deltas, at::TensorLi
     for (int64_t j = 0; j < nnz; ++j) {
       out[j] = static_cast<scalar_t>(val[j]);
       sent[j] = static_cast<float>(out[j]);
+      // A kept value beyond the travel dtype's range would travel as inf and leave -inf in the
+      // residual: refuse before anything (the residual included) is written.
+      TORCH_CHECK_VALUE(std::isfinite(sent[j]), "topk_sparsify: the kept value ", val[j], " (flat index ", idx[j],
+                        ") overflows torch.", value_dtype == at::kHalf ? "float16" : "bfloat16", " (largest finite ", static_cast<double>(
+                            std::numeric_limits<scalar_t>::max()), "); nothing was changed, the residual included: "
+                        "send float32 values or scale the update");
     }
   });
   sp.update_residuals(idx, sent);
