@@ -510,3 +510,18 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(server, fullgraph=True, backend="aot_eager")
     for x, y in zip(compiled(a1, b1, a2, b2, M, omega), server(a1, b1, a2, b2, M, omega)):
         torch.testing.assert_close(x, y)
+
+
+@pytest.mark.parametrize("op", ["squeeze", "aggregate_lora", "svd_factored"])
+def test_overflowing_product_raises_like_rsvd(op):
+    """Finite factors whose product overflows float32 gave non-finite factors (and rel_error 0)
+    silently; rsvd raises on such input, and so do these."""
+    A, B = torch.full((2, 8), 1e20), torch.full((8, 2), 1e20)
+    calls = {"squeeze": lambda: fastlora.squeeze(A, B, 1),
+             "aggregate_lora": lambda: fastlora.aggregate_lora([(A, B)], rank=1),
+             "svd_factored": lambda: fastlora.svd_factored(B, A)}
+    with pytest.raises(ValueError, match=rf"^{op}: .* overflows torch.float32"):
+        calls[op]()
+    # the same factors scaled down are fine
+    A, B = A * 1e-18, B * 1e-18
+    assert all(torch.isfinite(t).all() for t in fastlora.squeeze(A, B, 1)[:2])

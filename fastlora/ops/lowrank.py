@@ -90,8 +90,9 @@ def svd_factored(B, A, weights=None):
     _check_pairs(list(zip(As, Bs)), "svd_factored", "B/A", math_order=True)
     w = _weights(weights, len(Bs), "svd_factored")
     with torch.no_grad():
-        return _call(torch.ops.fastlora.svd_factored, "svd_factored", [b.detach() for b in Bs],
-                     [a.detach() for a in As], w.to(Bs[0].device))
+        out = _call(torch.ops.fastlora.svd_factored, "svd_factored", [b.detach() for b in Bs],
+                    [a.detach() for a in As], w.to(Bs[0].device))
+    return _finite_or_raise("svd_factored", "the (weighted sum of the) product(s) B @ A", out)
 
 
 def rsvd(A, rank: int, *, oversample: int = 10, n_iter: int = 2, generator: Optional[torch.Generator] = None,
@@ -224,6 +225,7 @@ def squeeze(lora_A: torch.Tensor, lora_B: torch.Tensor, rank: int, *, scaling: f
     with torch.no_grad():
         A2, B2, rel = _call(torch.ops.fastlora.lowrank_truncate, "squeeze", [lora_B.detach()], [lora_A.detach()],
                             w.to(lora_A.device), rank)
+    _finite_or_raise("squeeze", "scaling * lora_B @ lora_A", (A2, B2, rel))
     return A2.to(lora_A.dtype), B2.to(lora_B.dtype), rel
 
 
@@ -254,6 +256,7 @@ def aggregate_lora(factors: Sequence[Tuple[torch.Tensor, torch.Tensor]], weights
     with torch.no_grad():
         A2, B2, _ = _call(torch.ops.fastlora.lowrank_truncate, "aggregate_lora", [b.detach() for _, b in factors],
                           [a.detach() for a, _ in factors], w.to(dev), rank)
+    _finite_or_raise("aggregate_lora", "the weighted sum of the clients' lora_B @ lora_A", (A2, B2))
     return A2.to(factors[0][0].dtype), B2.to(factors[0][1].dtype)
 
 
@@ -301,6 +304,19 @@ def _weights(weights, count, op, default_mean=False):
     if w.numel() != count:
         raise ValueError(f"{op}: {w.numel()} weights for {count} products")
     return w  # finiteness is checked by the kernel (a data-dependent check here would break compile)
+
+
+def _finite_or_raise(name: str, what: str, tensors):
+    """tensors, or ValueError when the factorisation of finite factors came out non-finite: the
+    product they stand for overflows the compute dtype (rsvd raises on such input as well). Not
+    under torch.compile, where a data-dependent raise would break the graph."""
+    if torch.compiler.is_compiling():
+        return tensors
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        dtype = next(t.dtype for t in tensors if t.is_floating_point())
+        raise ValueError(f"{name}: {what} overflows {dtype} (its singular values are not finite); "
+                         f"scale the factors down (e.g. by the same factor on each side)")
+    return tensors
 
 
 def _call(op, name, *args):
