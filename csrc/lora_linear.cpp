@@ -70,7 +70,16 @@ Tensor lora_linear(const Tensor& x, const Tensor& weight, const std::optional<Te
   } else {
     seed_t = at::zeros({}, at::TensorOptions().dtype(at::kLong));
   }
-  const Tensor x2d = x.reshape({-1, x.size(-1)});
+  // reshape({-1, 0}) is ambiguous when in_features is 0: give the row count then (symbolic
+  // sizes, so torch.compile's dynamic shapes trace it).
+  Tensor x2d;
+  if (x.sym_size(-1) == 0) {
+    c10::SymInt rows = 1;
+    for (int64_t d = 0; d + 1 < x.dim(); ++d) rows = rows * x.sym_size(d);
+    x2d = x.reshape_symint({rows, 0});
+  } else {
+    x2d = x.reshape({-1, x.size(-1)});
+  }
   static auto fwd = c10::Dispatcher::singleton()
                         .findSchemaOrThrow("fastlora::lora_linear_fwd", "")
                         .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const std::optional<Tensor>&,

@@ -353,6 +353,22 @@ class TestErrors:
     def test_bad_seed(self):
         with pytest.raises(ValueError, match="seed"):
             fastlora.lora_linear(**self.args(), dropout_p=0.1, seed=torch.tensor([1.0, 2.0]))
+        with pytest.raises(TypeError, match="seed must be an int or a one-element int64 tensor, got float"):
+            fastlora.lora_linear(**self.args(), dropout_p=0.1, seed=1.5)
+        with pytest.raises(ValueError, match="seed must fit in int64"):
+            fastlora.lora_linear(**self.args(), dropout_p=0.1, seed=2 ** 64)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+    def test_zero_in_features_is_the_bias(self, dtype):
+        # x (..., 0): an empty sum; y is the bias, and the gradients are empty or zero.
+        x = torch.randn(2, 3, 0, dtype=dtype, requires_grad=True)
+        A = torch.randn(2, 0, dtype=dtype, requires_grad=True)
+        B = torch.randn(4, 2, dtype=dtype, requires_grad=True)
+        b = torch.randn(4, dtype=dtype)
+        y = fastlora.lora_linear(x, torch.randn(4, 0, dtype=dtype), b, A, B, 1.0, 0.1)
+        assert torch.equal(y, b.expand(2, 3, 4))
+        y.sum().backward()
+        assert x.grad.shape == x.shape and A.grad.shape == A.shape and not B.grad.any()
 
     # The raw kernel ops check what they are given too (a raw call with mismatched shapes must
     # be an error, never a read past a tensor's end), on CPU (C++) and through the kernels

@@ -225,6 +225,13 @@ def test_value_overflowing_travel_dtype_raises_and_changes_nothing(value_dtype, 
     assert sd.values.dtype == torch.float32 and float(sd.values.max()) == float(torch.tensor(big))
 
 
+def test_residual_of_the_wrong_kind_is_a_type_error():
+    with pytest.raises(TypeError, match="residual must be of the same kind as delta .* got list"):
+        fastlora.topk_sparsify({"a": torch.randn(4)}, k=1, residual=[torch.zeros(4)])
+    with pytest.raises(TypeError, match="residual must be of the same kind as delta .* got dict"):
+        fastlora.topk_sparsify(torch.randn(4), k=1, residual={"a": torch.zeros(4)})
+
+
 def test_parameters_give_no_autograd_history():
     p = torch.nn.Parameter(torch.randn(100, 10))
     sd = fastlora.topk_sparsify({"w": p}, k=10)

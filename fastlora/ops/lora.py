@@ -45,10 +45,20 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     float64, float16 or bfloat16) and device; mismatches raise ValueError/TypeError naming
     the argument.
     """
-    if isinstance(seed, int):
-        seed = torch.tensor(seed, dtype=torch.int64)
+    seed = _seed_tensor(seed, "fastlora.lora_linear")
     return torch.ops.fastlora.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling),
                                           float(dropout_p), bool(training), lora_B_bias, seed)
+
+
+def _seed_tensor(seed, fn: str):
+    """None, a one-element int64 tensor (checked by the op), or an int in int64's range."""
+    if seed is None or isinstance(seed, torch.Tensor):
+        return seed
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"{fn}: seed must be an int or a one-element int64 tensor, got {type(seed).__name__}")
+    if not -2 ** 63 <= seed < 2 ** 63:
+        raise ValueError(f"{fn}: seed must fit in int64, got {seed}")
+    return torch.tensor(seed, dtype=torch.int64)
 
 
 def _effective_bias(bias, lora_B_bias, scaling):

@@ -114,8 +114,10 @@ def _rename(msg: str, names, layout: Layout) -> str:
 def _check_residual(residual, layout: Layout, tensors):
     if residual is None:
         return []
-    if isinstance(residual, torch.Tensor) != (not layout.is_dict):
-        raise TypeError("topk_sparsify: residual must be of the same kind as delta (tensor or dict)")
+    if isinstance(residual, torch.Tensor) != (not layout.is_dict) or (
+            layout.is_dict and not isinstance(residual, Mapping)):
+        raise TypeError(f"topk_sparsify: residual must be of the same kind as delta (tensor or dict), got "
+                        f"{type(residual).__name__}")
     if layout.is_dict:
         if list(residual.keys()) != list(layout.names):
             if set(residual.keys()) != set(layout.names):
