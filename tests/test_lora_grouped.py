@@ -251,6 +251,13 @@ class TestErrors:
         with pytest.raises(ValueError, match=match):
             call(*self.args(**over))
 
+    def test_check_ops_pass_opcheck(self):
+        a = self.args()
+        torch.library.opcheck(torch.ops.fastlora._lora_grouped_linear_fwd_check.default, a)
+        grad_y = torch.randn(a[0].shape[0], a[1].shape[0])
+        torch.library.opcheck(torch.ops.fastlora._lora_grouped_linear_bwd_check.default,
+                              [grad_y, a[0], a[1], *a[3:]])
+
     @pytest.mark.parametrize("grad_y, match", [
         (torch.randn(6, 4), "grad_y must have shape"),
         (torch.randn(5, 5), "grad_y must have shape"),

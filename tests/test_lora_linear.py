@@ -387,6 +387,11 @@ class TestErrors:
         xa = torch.randn(m, r) if xa is None else xa
         return [grad_y, a["x"], a["weight"], a["lora_A"], a["lora_B"], xa, 1.0, 0.0, self.SEED]
 
+    def test_check_ops_pass_opcheck(self):
+        # the kernels' argument checks are ops too (metadata only: they run under fake tensors)
+        torch.library.opcheck(torch.ops.fastlora._lora_linear_fwd_check.default, self.fwd_args())
+        torch.library.opcheck(torch.ops.fastlora._lora_linear_bwd_check.default, self.bwd_args())
+
     @pytest.mark.parametrize("kernel", ["cpu", "reference"])
     @pytest.mark.parametrize("over, match", [
         (dict(lora_B=torch.randn(6, 1)), "lora_B must have shape"),
