@@ -101,6 +101,35 @@ def test_payloads_decoded_on_the_fly():
         fastlora.sparse_aggregate(payloads[:3] + [payloads[3][:-5]], layout=layout)
 
 
+@pytest.mark.parametrize("bad", ["truncated payload", "other layout", "nan value", "topk without k",
+                                 "density 2", "union int8"])
+def test_out_untouched_when_any_client_or_argument_is_bad(bad):
+    """All or nothing: a bad client after whole decode groups of good ones, or a bad sparse-mode
+    argument, raises and leaves out bitwise as it was."""
+    from fastlora import codec
+    layout = Layout.of({"A": torch.zeros(16, 64), "B": torch.zeros(64, 16)})
+    good = [codec.encode(random_delta(layout, 100), values="fp32", layout="fingerprint") for _ in range(17)]
+    deltas, kw = list(good), {}
+    if bad == "truncated payload":
+        deltas.append(good[0][:-5])
+    elif bad == "other layout":
+        deltas.append(random_delta(Layout.of({"A": torch.zeros(16, 64)}), 10))
+    elif bad == "nan value":
+        sd = random_delta(layout, 100)
+        deltas.append(SparseDelta(sd.indices, torch.full_like(sd.values, float("nan")), layout, validate=False))
+    elif bad == "topk without k":
+        kw = dict(sparse="topk")
+    elif bad == "density 2":
+        kw = dict(sparse="topk", density=2.0)
+    else:
+        kw = dict(sparse="union", value_dtype=torch.int8)
+    out = {"A": torch.randn(16, 64), "B": torch.randn(64, 16)}
+    before = {k: v.clone() for k, v in out.items()}
+    with pytest.raises((ValueError, TypeError)):
+        fastlora.sparse_aggregate(deltas, out=out, layout=layout, **kw)
+    assert all(torch.equal(out[k], before[k]) for k in out)
+
+
 def test_out_in_other_dtype_rounds_once():
     layout = Layout.of(torch.zeros(1000, dtype=torch.bfloat16))
     deltas = [random_delta(layout, 300, torch.bfloat16) for _ in range(8)]

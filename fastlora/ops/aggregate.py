@@ -52,9 +52,11 @@ def sparse_aggregate(deltas: Sequence[Union[SparseDelta, bytes, bytearray, memor
         max_numel: passed to ``fastlora.codec.decode`` for payloads.
 
     Returns ``out`` (updated), or a new dense tensor / dict in the layout's dtypes, or a
-    SparseDelta in sparse mode. Bad input (different layouts, unsorted or out-of-range
-    indices, NaN/Inf values, wrong number of weights) raises ValueError naming the client
-    index, before ``out`` is modified.
+    SparseDelta in sparse mode. Bad input (different layouts, corrupt payloads, unsorted or
+    out-of-range indices, NaN/Inf values, wrong number of weights, bad sparse-mode arguments)
+    raises ValueError naming the client index. All or nothing: ``out`` is accumulated in a
+    float32 working copy (same additions in the same order, so the same bits) and written only
+    once every client went in, so an error leaves it untouched.
     """
     deltas = list(deltas)
     n = len(deltas)
@@ -71,6 +73,18 @@ def sparse_aggregate(deltas: Sequence[Union[SparseDelta, bytes, bytearray, memor
         raise ValueError(f"sparse_aggregate: sparse must be None, 'topk' or 'union', got {sparse!r}")
     if sparse != "topk" and (k is not None or density is not None):
         raise ValueError("sparse_aggregate: k / density only apply with sparse='topk'")
+    if sparse is not None:
+        # checked before any work, so that a bad argument cannot surface after out was written
+        from fastlora.ops.sparsify import VALUE_DTYPES, k_from_density
+        if value_dtype not in VALUE_DTYPES:
+            raise TypeError(f"sparse_aggregate: value_dtype must be one of {VALUE_DTYPES}, got {value_dtype}")
+        if sparse == "topk":
+            if (k is None) == (density is None):
+                raise ValueError("sparse_aggregate: sparse='topk' needs exactly one of k or density")
+            if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+                raise ValueError(f"sparse_aggregate: k must be an int >= 0, got {k!r}")
+            if density is not None:
+                k_from_density(density, 0)  # raises on a density outside [0, 1]
 
     if layout is None:
         if not deltas:
@@ -85,9 +99,9 @@ def sparse_aggregate(deltas: Sequence[Union[SparseDelta, bytes, bytearray, memor
     else:
         target = None
     device = target[0].device if target else _device_of(deltas)
-    acc = [t if t.dtype == torch.float32 and t.is_contiguous() else t.detach().to(torch.float32).contiguous()
-           for t in target] if target else [torch.zeros(s.shape, dtype=torch.float32, device=device)
-                                            for s in layout.specs]
+    # A working copy of out (float32), written back only at the end: all or nothing.
+    acc = [t.detach().to(torch.float32, copy=True).contiguous() for t in target] if target else \
+        [torch.zeros(s.shape, dtype=torch.float32, device=device) for s in layout.specs]
     union: List[torch.Tensor] = []
     for start in range(0, n, DECODE_GROUP):
         group = [_materialise(d, layout, start + j, max_numel) for j, d in enumerate(deltas[start:start + DECODE_GROUP])]
@@ -101,26 +115,27 @@ def sparse_aggregate(deltas: Sequence[Union[SparseDelta, bytes, bytearray, memor
         if sparse == "union":
             union.extend(g.indices for g in group)
 
-    if target is not None:
+    result_sparse = None
+    if sparse is not None:
+        flat = torch.cat([a.reshape(-1) for a in acc]) if acc else torch.zeros(0)
+        if sparse == "union":
+            idx = torch.unique(torch.cat(union).to(flat.device)) if union else torch.zeros(0, dtype=torch.int64)
+            result_sparse = SparseDelta(idx, flat[idx].to(value_dtype), layout)
+        else:
+            from fastlora.ops.sparsify import topk_sparsify
+
+            sd = topk_sparsify(flat, k=k, density=density, value_dtype=value_dtype)
+            result_sparse = SparseDelta._trusted(sd.indices, sd.values, layout)
+
+    if target is not None:  # every client went in: now out changes
         with torch.no_grad():
             for t, a in zip(target, acc):
-                if t is not a:
-                    t.copy_(a)
+                t.copy_(a)
         result_dense = out
     else:
         pieces = {s.name: a.to(s.dtype) if s.dtype != torch.float32 else a for s, a in zip(layout.specs, acc)}
         result_dense = pieces if layout.is_dict else pieces[""]
-
-    if sparse is None:
-        return result_dense
-    flat = torch.cat([a.reshape(-1) for a in acc]) if acc else torch.zeros(0)
-    if sparse == "union":
-        idx = torch.unique(torch.cat(union).to(flat.device)) if union else torch.zeros(0, dtype=torch.int64)
-        return SparseDelta(idx, flat[idx].to(value_dtype), layout)
-    from fastlora.ops.sparsify import topk_sparsify
-
-    sd = topk_sparsify(flat, k=k, density=density, value_dtype=value_dtype)
-    return SparseDelta._trusted(sd.indices, sd.values, layout)
+    return result_dense if result_sparse is None else result_sparse
 
 
 def _max(max_numel):
