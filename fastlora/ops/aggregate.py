@@ -54,9 +54,11 @@ def sparse_aggregate(deltas: Sequence[Union[SparseDelta, bytes, bytearray, memor
     Returns ``out`` (updated), or a new dense tensor / dict in the layout's dtypes, or a
     SparseDelta in sparse mode. Bad input (different layouts, corrupt payloads, unsorted or
     out-of-range indices, NaN/Inf values, wrong number of weights, bad sparse-mode arguments)
-    raises ValueError naming the client index. All or nothing: ``out`` is accumulated in a
-    float32 working copy (same additions in the same order, so the same bits) and written only
-    once every client went in, so an error leaves it untouched.
+    raises ValueError naming the client index. All or nothing: an error leaves ``out``
+    untouched. When nothing can fail once the arguments are checked (every delta an already
+    validated SparseDelta of the layout) the sum goes straight into a float32 ``out``;
+    otherwise (payloads, unvalidated deltas) into a float32 working copy of ``out`` (same
+    additions in the same order, so the same bits), written back once every client went in.
     """
     deltas = list(deltas)
     n = len(deltas)
@@ -99,9 +101,15 @@ def sparse_aggregate(deltas: Sequence[Union[SparseDelta, bytes, bytearray, memor
     else:
         target = None
     device = target[0].device if target else _device_of(deltas)
-    # A working copy of out (float32), written back only at the end: all or nothing.
-    acc = [t.detach().to(torch.float32, copy=True).contiguous() for t in target] if target else \
-        [torch.zeros(s.shape, dtype=torch.float32, device=device) for s in layout.specs]
+    # All or nothing: in place only when no client can fail any more (validated SparseDeltas of
+    # this layout: the kernel skips validation for them); otherwise a working copy of out,
+    # written back at the end. A non-float32 out is accumulated in float32 either way.
+    cannot_fail = all(isinstance(d, SparseDelta) and d.validated and d.layout == layout for d in deltas)
+    if target:
+        acc = [t if cannot_fail and t.dtype == torch.float32 and t.is_contiguous()
+               else t.detach().to(torch.float32, copy=True).contiguous() for t in target]
+    else:
+        acc = [torch.zeros(s.shape, dtype=torch.float32, device=device) for s in layout.specs]
     union: List[torch.Tensor] = []
     for start in range(0, n, DECODE_GROUP):
         group = [_materialise(d, layout, start + j, max_numel) for j, d in enumerate(deltas[start:start + DECODE_GROUP])]
@@ -130,7 +138,8 @@ def sparse_aggregate(deltas: Sequence[Union[SparseDelta, bytes, bytearray, memor
     if target is not None:  # every client went in: now out changes
         with torch.no_grad():
             for t, a in zip(target, acc):
-                t.copy_(a)
+                if t is not a:
+                    t.copy_(a)
         result_dense = out
     else:
         pieces = {s.name: a.to(s.dtype) if s.dtype != torch.float32 else a for s, a in zip(layout.specs, acc)}
