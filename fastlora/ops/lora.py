@@ -127,9 +127,9 @@ def _use_triton(x):
 
 
 def _fwd_cuda(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_B_bias):
-    torch.ops.fastlora._lora_linear_fwd_check(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_B_bias)
     if not _use_triton(x):
         return _fwd_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_B_bias)
+    torch.ops.fastlora._lora_linear_fwd_check(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_B_bias)
     from fastlora.kernels import lora_linear as tk
     s = int(seed.item())
     xa = tk.lora_shrink(x, lora_A, dropout_p, s)
@@ -138,9 +138,9 @@ def _fwd_cuda(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_B_
 
 
 def _bwd_cuda(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, output_mask):
-    torch.ops.fastlora._lora_linear_bwd_check(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed)
     if not _use_triton(x):
         return _bwd_reference(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, output_mask)
+    torch.ops.fastlora._lora_linear_bwd_check(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed)
     from fastlora.kernels import lora_linear as tk
     return tk.lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p,
                             int(seed.item()), *output_mask)
@@ -292,9 +292,9 @@ torch.library.register_autograd(_GFWD, _grouped_backward, setup_context=_grouped
 
 
 def _grouped_cuda(x, weight, bias, lora_A, lora_B, scalings, ranks, row_adapter):
-    torch.ops.fastlora._lora_grouped_linear_fwd_check(x, weight, bias, lora_A, lora_B, scalings, ranks, row_adapter)
     if not _use_triton(x):
         return _grouped_reference(x, weight, bias, lora_A, lora_B, scalings, ranks, row_adapter)
+    torch.ops.fastlora._lora_grouped_linear_fwd_check(x, weight, bias, lora_A, lora_B, scalings, ranks, row_adapter)
     from fastlora.kernels import lora_grouped as tg
     reference.check_grouped_values(ranks, row_adapter, lora_A.shape[1])
     return tg.grouped_forward(x, weight, bias, lora_A, lora_B, scalings, ranks, row_adapter)
