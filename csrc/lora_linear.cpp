@@ -45,8 +45,9 @@ void check_lora_linear_args(const char* fn, const Tensor& x, const Tensor& weigh
   TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p <= 1.0, fn, ": dropout_p must be in [0, 1], got ", dropout_p);
   TORCH_CHECK_VALUE(std::isfinite(scaling), fn, ": scaling must be finite, got ", scaling);
 
-  check_float_like_x(fn, x, {{"weight", &weight}, {"lora_A", &lora_A}, {"lora_B", &lora_B},
-                             {"bias", bias ? &*bias : nullptr}, {"lora_B_bias", lora_B_bias ? &*lora_B_bias : nullptr}});
+  check_float_like_x(fn, x, {{"weight", &weight}, {"bias", bias ? &*bias : nullptr}});
+  check_adapter_dtypes(fn, x, {{"lora_A", &lora_A}, {"lora_B", &lora_B},
+                               {"lora_B_bias", lora_B_bias ? &*lora_B_bias : nullptr}});
   if (seed) {
     TORCH_CHECK_VALUE(seed->numel() == 1 && seed->scalar_type() == at::kLong && seed->device().is_cpu(), fn,
                       ": seed must be a one-element int64 CPU tensor, got ", seed->scalar_type(), " ", seed->sizes(),
@@ -123,7 +124,8 @@ void check_lora_linear_bwd_args(const Tensor& grad_y, const Tensor& x, const Ten
                     ": grad_y must have shape (rows=", M, ", out_features=", out, "), got ", grad_y.sizes());
   TORCH_CHECK_VALUE(xa.dim() == 2 && xa.size(0) == M && xa.size(1) == r, fn, ": xa must have shape (rows=", M,
                     ", r=", r, "), got ", xa.sizes());
-  check_float_like_x(fn, x, {{"grad_y", &grad_y}, {"xa", &xa}});
+  check_float_like_x(fn, x, {{"grad_y", &grad_y}});
+  check_adapter_dtypes(fn, x, {{"lora_A", &lora_A}, {"xa", &xa}});
 }
 
 TORCH_LIBRARY_FRAGMENT(fastlora, m) {

@@ -28,8 +28,10 @@ Three ways in:
 
 Fast path (one fused op per layer call, forward and backward): plain LoRA adapters (rsLoRA
 scaling, ``lora_bias=True`` and dropout included), not merged, adapters enabled, a base layer
-that is exactly ``torch.nn.Linear`` without hooks, ``fan_in_fan_out=False``, x / base weight /
-LoRA weights of one dtype and device. Under ``torch.autocast`` (e.g. ``transformers.Trainer``
+that is exactly ``torch.nn.Linear`` without hooks, ``fan_in_fan_out=False``, x and the base
+layer of one dtype and device, the LoRA weights in that dtype or, on a float16 / bfloat16
+model, in float32 (PEFT's default, ``autocast_adapter_dtype=True``: the LoRA branch then runs
+in float32 on x cast to it, as in PEFT, and the adapters get float32 gradients). Under ``torch.autocast`` (e.g. ``transformers.Trainer``
 with ``bf16=True``) the fused ops run in the autocast dtype, as PEFT's modules do (nn.Linear
 autocasts; float32 adapters keep float32 gradients). One active adapter is a single
 ``fastlora.lora_linear`` call with the adapter's dropout; several active adapters are
@@ -63,8 +65,8 @@ reason naming the layer's class, adapter and reason):
 - a base layer that is not exactly ``torch.nn.Linear`` (bitsandbytes ``Linear4bit`` /
   ``Linear8bitLt`` and other subclasses), or any module of the layer with hooks;
 - ``fan_in_fan_out=True``;
-- dtypes or devices that differ between x, the base layer and the adapters (e.g. PEFT's
-  float32 adapters on a bfloat16 base model);
+- dtypes or devices that differ between x, the base layer and the adapters other than the
+  float32 adapters above (and, in mixed-adapter batches, those too);
 - several active adapters where at least one applies dropout.
 
 Without any warning, because there is nothing LoRA to compute: adapters disabled
@@ -111,18 +113,25 @@ def _dropout_of(module):
     return None
 
 
-def _dtype_reason(x, tensors):
+def _dtype_reason(x, base_tensors, adapter_tensors, float32_adapters=True):
     """Why the fused ops cannot take these tensors (None if they can): one supported dtype and
-    one device for the input, base layer and adapters. Under autocast, any mix of float32 /
-    float16 / bfloat16: the ops cast them all to the autocast dtype themselves, as PEFT's
-    nn.Linear modules do (an input already in bfloat16 from an autocast layer before included)."""
+    one device for the input and the base layer; the adapters in that dtype or, with
+    float32_adapters, all float32 on a float16 / bfloat16 input (PEFT's default for
+    half-precision models; lora_linear computes the branch in float32 as PEFT does). Under
+    autocast, any mix of float32 / float16 / bfloat16: the ops cast them all to the autocast
+    dtype themselves, as PEFT's nn.Linear modules do (an input already in bfloat16 from an
+    autocast layer before included)."""
+    tensors = [t for t in (x, *base_tensors, *adapter_tensors) if t is not None]
+    adapters = [t for t in adapter_tensors if t is not None]
     if torch.is_autocast_enabled(x.device.type):
-        same_dtype = lambda t: t.dtype in _AUTOCAST_DTYPES  # noqa: E731
+        ok = all(t.dtype in _AUTOCAST_DTYPES for t in tensors)
     else:
-        same_dtype = lambda t: t.dtype == x.dtype  # noqa: E731
-    if x.dtype not in _SUPPORTED_DTYPES or any(
-            t is not None and (not same_dtype(t) or t.device != x.device) for t in tensors):
-        kinds = sorted({f"{t.dtype}/{t.device}" for t in tensors if t is not None})
+        adapter_dtypes = {t.dtype for t in adapters}
+        ok = (all(t.dtype == x.dtype for t in base_tensors if t is not None)
+              and (adapter_dtypes <= {x.dtype} or (float32_adapters and adapter_dtypes == {torch.float32}
+                                                   and x.dtype in (torch.float16, torch.bfloat16))))
+    if x.dtype not in _SUPPORTED_DTYPES or not ok or any(t.device != x.device for t in tensors):
+        kinds = sorted({f"{t.dtype}/{t.device}" for t in tensors})
         return f"mixed dtypes/devices between input, base layer and adapters ({', '.join(kinds)})"
     return None
 
@@ -211,10 +220,11 @@ class LoraLinear(PeftLinear):
         if _has_hooks(self.base_layer) or _global_hooks():
             return "module hooks on the base layer (or global module hooks)"
         base = self.base_layer
-        tensors = [x, base.weight, base.bias]
+        adapters = []
         for name in used:
-            tensors += [self.lora_A[name].weight, self.lora_B[name].weight]
-        return _dtype_reason(x, tensors) or (used, names)
+            adapters += [self.lora_A[name].weight, self.lora_B[name].weight]
+        # The grouped op takes one dtype: float32 adapters on a half-precision model fall back.
+        return _dtype_reason(x, [base.weight, base.bias], adapters, float32_adapters=False) or (used, names)
 
     _FASTLORA_STACK_CACHE = 4  # adapter sets kept per layer
 
@@ -275,10 +285,10 @@ class LoraLinear(PeftLinear):
             return "module hooks on the base layer (or global module hooks)"
         if len(plan) > 1 and any(p > 0 and training for _, p, training in plan):
             return "several active adapters with dropout in training mode"
-        tensors = [x, base.weight, base.bias]
+        adapters = []
         for name in names:
-            tensors += [self.lora_A[name].weight, self.lora_B[name].weight, self.lora_B[name].bias]
-        return _dtype_reason(x, tensors) or plan
+            adapters += [self.lora_A[name].weight, self.lora_B[name].weight, self.lora_B[name].bias]
+        return _dtype_reason(x, [base.weight, base.bias], adapters) or plan
 
     def _fastlora_base_reason(self):
         """Why the base layer rules the fused ops out (None if it does not)."""

@@ -35,13 +35,17 @@ def make_inputs(lead, k, n, r, dtype, bias=True, lora_B_bias=False, train_weight
     return t, grads
 
 
-def cast(t, dtype, grads):
+ADAPTERS = ("lora_A", "lora_B", "lora_B_bias")
+
+
+def cast(t, dtype, grads, adapter_dtype=None):
+    """The inputs in dtype; the adapters in adapter_dtype (default dtype)."""
     out = {}
     for key, v in t.items():
         if v is None:
             out[key] = None
             continue
-        c = v.detach().to(dtype)
+        c = v.detach().to(adapter_dtype or dtype if key in ADAPTERS else dtype)
         if key in ("x", "weight") and not v.is_contiguous():  # keep the layout in every dtype
             c = torch.empty(*v.shape[:-1], 2 * v.shape[-1], dtype=dtype)[..., ::2].copy_(c)
         out[key] = c.requires_grad_(key in grads)
@@ -65,13 +69,16 @@ def reference(x, weight, bias, lora_A, lora_B, scaling, p, seed, lora_B_bias):
     return ref.lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, seed, lora_B_bias)
 
 
-def check_against_reference(dtype, lead, k, n, r, p, **kw):
+def check_against_reference(dtype, lead, k, n, r, p, adapter_dtype=None, **kw):
+    """The op's outputs and gradients against the float64 truth, within twice the error of the
+    reference in the same dtypes (with adapter_dtype: PEFT's mixed computation, see
+    fastlora.reference.lora_linear)."""
     t64, grads = make_inputs(lead, k, n, r, torch.float64, **kw)
     grad_out = torch.randn(*lead, n, dtype=torch.float64)
     scaling, seed = 2.0, 987654321
     truth_y, truth_g = run(reference, cast(t64, torch.float64, grads), grad_out, scaling, p, seed)
-    ref_y, ref_g = run(reference, cast(t64, dtype, grads), grad_out, scaling, p, seed)
-    out_y, out_g = run(fused, cast(t64, dtype, grads), grad_out, scaling, p, seed)
+    ref_y, ref_g = run(reference, cast(t64, dtype, grads, adapter_dtype), grad_out, scaling, p, seed)
+    out_y, out_g = run(fused, cast(t64, dtype, grads, adapter_dtype), grad_out, scaling, p, seed)
     assert_close_to_truth(out_y, ref_y, truth_y, "y")
     assert out_g.keys() == truth_g.keys()
     for name in truth_g:
@@ -89,6 +96,54 @@ def test_matches_reference(dtype, shape, p):
 def test_noncontiguous_x_trainable_weight_lora_bias(dtype):
     check_against_reference(dtype, (5, 7), 42, 123, 8, 0.1, noncontig=True, train_weight=True,
                             lora_B_bias=True)
+
+
+# PEFT's default on a half-precision model: float32 adapters (autocast_adapter_dtype=True).
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_float32_adapters_on_half_input_match_reference(dtype, shape, p):
+    check_against_reference(dtype, *shape, p, adapter_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_float32_adapters_noncontiguous_trainable_weight_lora_bias(dtype):
+    check_against_reference(dtype, (5, 7), 42, 123, 8, 0.1, adapter_dtype=torch.float32, noncontig=True,
+                            train_weight=True, lora_B_bias=True)
+    check_against_reference(dtype, (0, 3), 42, 12, 8, 0.1, adapter_dtype=torch.float32, lora_B_bias=True)
+
+
+def test_float32_adapters_dtypes_and_saved_activations():
+    """Outputs in x's dtype, xa and the adapters' gradients in float32, the base gradients in
+    the base's dtype; saved for backward: x itself (no float32 copy) and the M x r xa."""
+    m, k, n, r = 64, 48, 40, 4
+    x = torch.randn(m, k).bfloat16().requires_grad_()
+    w = torch.randn(n, k).bfloat16().requires_grad_()
+    b = torch.randn(n).bfloat16().requires_grad_()
+    A, B = torch.randn(r, k, requires_grad=True), torch.randn(n, r, requires_grad=True)
+    Bb = torch.randn(n, requires_grad=True)
+    y, xa = torch.ops.fastlora.lora_linear_fwd(x.detach(), w.detach(), b.detach(), A.detach(), B.detach(), 0.5,
+                                               0.1, torch.tensor(3), Bb.detach())
+    assert y.dtype == torch.bfloat16 and xa.dtype == torch.float32
+    saved = saved_activation_bytes(lambda: fastlora.lora_linear(x, w, b, A, B, 0.5, 0.1, lora_B_bias=Bb)
+                                   .float().sum().backward())
+    leaves = {id(t) for t in (w, A, B)}
+    acts = [t for t in saved if id(t) not in leaves and t.numel() > 1]
+    assert sorted((tuple(t.shape), t.dtype) for t in acts) == sorted(
+        [((m, k), torch.bfloat16), ((m, r), torch.float32)])
+    assert any(t.data_ptr() == x.data_ptr() for t in acts)
+    assert [t.grad.dtype for t in (x, w, b, A, B, Bb)] == [torch.bfloat16] * 3 + [torch.float32] * 3
+
+
+@pytest.mark.parametrize("x_dtype, adapter_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16),
+                                                    (torch.float16, torch.float64), (torch.float64, torch.float32)])
+def test_other_adapter_dtypes_are_refused(x_dtype, adapter_dtype):
+    x, w = torch.randn(3, 8, dtype=x_dtype), torch.randn(6, 8, dtype=x_dtype)
+    A, B = torch.randn(2, 8, dtype=adapter_dtype), torch.randn(6, 2, dtype=adapter_dtype)
+    with pytest.raises(TypeError, match="lora_A has dtype .* float32 when x is float16 / bfloat16"):
+        fastlora.lora_linear(x, w, None, A, B, 1.0)
+    with pytest.raises(TypeError, match="lora_B has dtype .* share one dtype"):
+        fastlora.lora_linear(x, w, None, torch.randn(2, 8, dtype=x_dtype), B, 1.0)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.5])
@@ -268,9 +323,10 @@ def test_gradcheck_fp64(p):
 
 def op_samples():
     for p in (0.0, 0.2):
-        for dtype in (torch.float32, torch.float64):
+        for dtype, adapter_dtype in ((torch.float32, None), (torch.float64, None), (torch.bfloat16, torch.float32),
+                                     (torch.float16, torch.float32)):
             t, grads = make_inputs((9,), 12, 10, 4, dtype, lora_B_bias=True)
-            t = cast(t, dtype, grads)
+            t = cast(t, dtype, grads, adapter_dtype)
             yield t, p
 
 
@@ -293,9 +349,10 @@ def test_opcheck_all_ops():
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_torch_compile_fullgraph(backend):
+@pytest.mark.parametrize("dtypes", [(torch.float32, None), (torch.bfloat16, torch.float32)], ids=str)
+def test_torch_compile_fullgraph(backend, dtypes):
     t, grads = make_inputs((4, 5), 24, 16, 4, torch.float32)
-    t = cast(t, torch.float32, grads)
+    t = cast(t, *dtypes[:1], grads, dtypes[1])
     seed = torch.tensor(3)
 
     def layer(x, weight, bias, lora_A, lora_B):

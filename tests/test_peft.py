@@ -132,6 +132,50 @@ def test_autocast_runs_the_fast_path_like_peft():
     assert_grads_close_to_truth(out_g, ref_g, truth_g)
 
 
+def half_model_with_float32_adapters(truth_model, dtype):
+    """truth_model's copy as PEFT builds it on a half-precision model: base in dtype, LoRA
+    weights float32 (autocast_adapter_dtype=True), the adapters rounded once from float64."""
+    model = copy.deepcopy(truth_model).to(dtype)
+    truth = dict(truth_model.named_parameters())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.data = truth[name].detach().float()
+    return model
+
+
+def test_peft_keeps_float32_adapters_on_a_bfloat16_model():
+    model = get_peft_model(base_model(torch.bfloat16, 0), lora_config(lora_bias=True))
+    dtypes = {n.split(".lora_")[1].split(".")[0]: p.dtype for n, p in model.named_parameters() if "lora_" in n}
+    assert set(dtypes.values()) == {torch.float32}
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" not in n} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("feature", ["plain", "lora_bias", "two_adapters"])
+def test_half_model_with_float32_adapters_runs_the_fast_path_like_peft(dtype, feature):
+    """PEFT's defaults on a half-precision model (float32 adapters): every layer takes the fused
+    path, computing the LoRA branch in float32 as PEFT does; logits and float32 gradients
+    within the tolerance rule of PEFT's own error in the same configuration."""
+    spec = FEATURES[feature]
+    truth_model = peft_model(torch.float64, spec.get("adapters", ()), **spec["kw"])
+    if spec.get("adapters"):
+        truth_model.base_model.set_adapter(["default"] + [n for n, _ in spec["adapters"]])
+    ref_model = half_model_with_float32_adapters(truth_model, dtype)
+    fast_model = patched_copy(ref_model)
+    ids = inputs()
+    truth_y, truth_g = fwd_bwd(truth_model, ids)
+    ref_y, ref_g = fwd_bwd(ref_model, ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fast path must not fall back
+        out_y, out_g = fwd_bwd(fast_model, ids)
+    assert fp.fast_path_calls(fast_model) == N_LAYERS
+    assert out_y.dtype == ref_y.dtype == dtype
+    assert all(g.dtype == torch.float32 for g in out_g.values())
+    assert_close_to_truth(out_y, ref_y, truth_y, "logits")
+    assert_grads_close_to_truth(out_g, ref_g, truth_g)
+
+
 def assert_grads_close_to_truth(out_g, ref_g, truth_g, per_tensor_factor=4):
     """tolerance.py's rule, in L2, for gradients of a whole network.
 

@@ -305,12 +305,12 @@ std::tuple<Tensor, Tensor> lora_bwd_half(const Tensor& dy, const Tensor& x, cons
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_checked(
     const Tensor& grad_y_in, const Tensor& x_in, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
     const Tensor& xa, double scaling, double dropout_p, const Tensor& seed, std::array<bool, 3> output_mask) {
-  const at::ScalarType dtype = x_in.scalar_type();
+  const at::ScalarType dtype = x_in.scalar_type(), adapter_dtype = lora_A.scalar_type();
   if (half_via_float32(dtype)) {  // see to_float; the weight only matters for grad_x
     auto [gx, gw, gb, gA, gB] = lora_linear_bwd_checked(
         to_float(grad_y_in), to_float(x_in), output_mask[0] ? to_float(weight) : Tensor(), to_float(lora_A),
         to_float(lora_B), to_float(xa), scaling, dropout_p, seed, output_mask);
-    return {gx.to(dtype), gw.to(dtype), gb.to(dtype), gA.to(dtype), gB.to(dtype)};
+    return {gx.to(dtype), gw.to(dtype), gb.to(dtype), gA.to(adapter_dtype), gB.to(adapter_dtype)};
   }
   const Tensor x = row_major(x_in);
   const Tensor dy = row_major(grad_y_in);
@@ -340,19 +340,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_checked(
     LoraBwdSmallGemm<double> bwd(dy, x, weight, lora_A, lora_B, xa, scaling, d, gx);
     std::tie(grad_A, grad_B) = bwd.run();
     base_done = bwd.base_in_grad_x;
-  } else if (M > 0 && !row_blocks_for_all_threads(M, std::max(K, dy.size(1)), x.element_size())) {
-    // Decode-sized bfloat16: the LoRA products in float32 small_gemm on float32
-    // copies (a few rows of x and dY, the LoRA matrices). Through the BLAS, the per-call cost of
-    // these tiny products was most of the LoRA part: 0.5 ms at M = 8, in = out = 4096, bf16.
-    // The base term stays with the BLAS (below), on the half-precision weight.
+  } else if (M == 0 && adapter_dtype != dtype) {
+    grad_A = at::zeros(lora_A.sizes(), lora_A.options());
+    grad_B = at::zeros(lora_B.sizes(), lora_B.options());
+  } else if (M > 0 && (adapter_dtype != dtype ||
+                       !row_blocks_for_all_threads(M, std::max(K, dy.size(1)), x.element_size()))) {
+    // The LoRA products in float32 small_gemm on float32 copies of x and dY, the base term with
+    // the BLAS (below) on the half-precision weight, the float32 LoRA term of dX rounded to x's
+    // dtype before it (as PEFT's cast of x to the adapters' dtype does in backward). Taken by
+    // float32 adapters on a half-precision x (PEFT's default: the branch is float32, gradients
+    // of float32 adapters in float32) and by decode-sized bfloat16 batches: through the BLAS,
+    // the per-call cost of their tiny products was most of the LoRA part (0.5 ms at M = 8,
+    // in = out = 4096, bf16).
     const auto f32 = x.options().dtype(at::kFloat);
     const Tensor dy32 = dy.to(at::kFloat), x32 = x.to(at::kFloat);
     Tensor gx32 = need_x ? at::empty({M, K}, f32) : Tensor();
     LoraBwdSmallGemm<float> bwd(dy32, x32, Tensor(), lora_A.to(at::kFloat), lora_B.to(at::kFloat),
                                 xa.to(at::kFloat), scaling, d, need_x ? &gx32 : nullptr);
     std::tie(grad_A, grad_B) = bwd.run();
-    grad_A = grad_A.to(x.scalar_type());
-    grad_B = grad_B.to(x.scalar_type());
+    grad_A = grad_A.to(adapter_dtype);
+    grad_B = grad_B.to(adapter_dtype);
     if (need_x) grad_x.copy_(gx32);
   } else {
     std::tie(grad_A, grad_B) = lora_bwd_half(dy, x, lora_A, lora_B, xa, scaling, d, gx);

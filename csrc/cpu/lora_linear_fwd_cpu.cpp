@@ -115,6 +115,54 @@ Tensor base_few_rows(const Tensor& x, const Tensor& weight, const Tensor& bias_e
   return y;
 }
 
+// xa = dropout(x) @ lora_A^T (x and lora_A of one dtype).
+Tensor shrink(const Tensor& x, const Tensor& lora_A, const DropoutParams& d) {
+  const int64_t M = x.size(0), K = x.size(1), r = lora_A.size(0);
+  // small_gemm when there are blocks for every thread; a decode-sized batch instead gets the
+  // BLAS's multi-threaded GEMM and no transposed copy of lora_A (measured faster at M = 8).
+  const bool direct = row_blocks_for_all_threads(M, K, x.element_size());
+  if (direct && x.scalar_type() == at::kFloat) return shrink_direct<float>(x, lora_A, d);
+  if (direct && x.scalar_type() == at::kDouble) return shrink_direct<double>(x, lora_A, d);
+  if (!d.active || M == 0) return at::mm(x, lora_A.t());
+  // One thread per block of rows: dropout into an L2-resident buffer, then the shrink GEMM
+  // on it (single-threaded inside the parallel region), so x is read once.
+  Tensor xa = at::empty({M, r}, x.options());
+  const int64_t bm = std::min(M, block_rows(K, x.element_size()));
+  const int64_t nblocks = ceil_div(M, bm);
+  auto body = [&](int64_t b0, int64_t b1) {
+    // Worker threads do not inherit the caller's dispatch state: we are below autograd.
+    at::AutoDispatchBelowAutograd below_autograd;
+    Tensor xdrop = at::empty({bm, K}, x.options());
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * bm, n = std::min(bm, M - r0);
+      Tensor xd = xdrop.narrow(0, 0, n);
+      dropout_rows_(x.narrow(0, r0, n), xd, r0, d);
+      Tensor xa_blk = xa.narrow(0, r0, n);
+      at::mm_out(xa_blk, xd, lora_A.t());
+    }
+  };
+  run_blocks(nblocks, body);
+  return xa;
+}
+
+// Half-precision x / weight with float32 adapters where the half-precision GEMM is used (bfloat16
+// on a CPU with native bf16 GEMMs, float16 batches too small to convert the weight), PEFT's way:
+// the base product in x's dtype, the LoRA branch in float32 on x cast to float32
+// (the shrink as in the float32 kernel, dropout on the float32 values), the branch added to the
+// rounded base output in float32 and the sum rounded once more, as PEFT's
+// `result + lora_B(lora_A(dropout(x.to(float32)))) * scaling` then `.to(x.dtype)` does. The
+// float32 copy of x is transient (PEFT keeps one for backward).
+std::tuple<Tensor, Tensor> fwd_mixed_half(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                                            const Tensor& lora_A, const Tensor& lora_B, double scaling,
+                                            const DropoutParams& d, const std::optional<Tensor>& lora_B_bias) {
+  const Tensor xa = shrink(x.to(lora_A.scalar_type()), lora_A, d);
+  const Tensor Bt = transposed_copy(lora_B);  // see the BLAS note in lora_linear_fwd_cpu
+  const Tensor lora = lora_B_bias ? at::addmm(*lora_B_bias, xa, Bt, scaling, scaling) : at::mm(xa, Bt).mul_(scaling);
+  Tensor y = bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  y.add_(lora);  // float32 add of the bf16 base output and the branch, rounded once
+  return {y, xa};
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor> lora_linear_fwd_cpu(const Tensor& x_in, const Tensor& weight,
@@ -127,46 +175,19 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_cpu(const Tensor& x_in, const Tensor&
   // conversion took 20 ms, the float16 x @ W^T ~0.7 ms per row. Emulated bfloat16 GEMMs are
   // slower still (a 4096^2 layer's fwd+bwd took 1 s at M = 8 on an AVX2 EPYC): always convert.
   constexpr int64_t kHalfViaFloatMinRows = 32;
-  const at::ScalarType dtype = x_in.scalar_type();
+  const at::ScalarType dtype = x_in.scalar_type(), adapter_dtype = lora_A.scalar_type();
+  const bool mixed = adapter_dtype != dtype;
   if (half_via_float32(dtype) && (dtype == at::kBFloat16 || x_in.size(0) >= kHalfViaFloatMinRows)) {
     auto [y, xa] = lora_linear_fwd_cpu(to_float(x_in), to_float(weight), to_float(bias), to_float(lora_A),
                                        to_float(lora_B), scaling, dropout_p, seed, to_float(lora_B_bias));
-    return {y.to(dtype), xa.to(dtype)};
+    return {y.to(dtype), xa.to(adapter_dtype)};
   }
   const Tensor x = row_major(x_in);
-  const int64_t M = x.size(0), K = x.size(1), r = lora_A.size(0);
+  const int64_t M = x.size(0), K = x.size(1);
   const DropoutParams d = DropoutParams::make(dropout_p, seed_value(seed));
-
-  // small_gemm when there are blocks for every thread; a decode-sized batch instead gets the
-  // BLAS's multi-threaded GEMM and no transposed copy of lora_A (measured faster at M = 8).
+  if (mixed) return fwd_mixed_half(x, weight, bias, lora_A, lora_B, scaling, d, lora_B_bias);
   const bool direct = row_blocks_for_all_threads(M, K, x.element_size());
-  Tensor xa;
-  if (direct && x.scalar_type() == at::kFloat) {
-    xa = shrink_direct<float>(x, lora_A, d);
-  } else if (direct && x.scalar_type() == at::kDouble) {
-    xa = shrink_direct<double>(x, lora_A, d);
-  } else if (!d.active || M == 0) {
-    xa = at::mm(x, lora_A.t());
-  } else {
-    // One thread per block of rows: dropout into an L2-resident buffer, then the shrink GEMM
-    // on it (single-threaded inside the parallel region), so x is read once.
-    xa = at::empty({M, r}, x.options());
-    const int64_t bm = std::min(M, block_rows(K, x.element_size()));
-    const int64_t nblocks = ceil_div(M, bm);
-    auto body = [&](int64_t b0, int64_t b1) {
-      // Worker threads do not inherit the caller's dispatch state: we are below autograd.
-      at::AutoDispatchBelowAutograd below_autograd;
-      Tensor xdrop = at::empty({bm, K}, x.options());
-      for (int64_t blk = b0; blk < b1; ++blk) {
-        const int64_t r0 = blk * bm, n = std::min(bm, M - r0);
-        Tensor xd = xdrop.narrow(0, 0, n);
-        dropout_rows_(x.narrow(0, r0, n), xd, r0, d);
-        Tensor xa_blk = xa.narrow(0, r0, n);
-        at::mm_out(xa_blk, xd, lora_A.t());
-      }
-    };
-    run_blocks(nblocks, body);
-  }
+  const Tensor xa = shrink(x, lora_A, d);
 
   // y = bias + s * lora_B_bias + s * xa @ B^T, then y += x @ W^T inside the base GEMM.
   Tensor bias_eff;

@@ -41,9 +41,12 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
         seed: optional dropout seed (int or one-element int64 CPU tensor); by default drawn
             from torch's default generator, so ``torch.manual_seed`` makes runs reproducible.
 
-    Returns ``(..., out_features)`` in x's dtype. All tensors must share x's dtype (float32,
-    float64, float16 or bfloat16) and device; mismatches raise ValueError/TypeError naming
-    the argument.
+    Returns ``(..., out_features)`` in x's dtype. x, weight and bias share one dtype (float32,
+    float64, float16 or bfloat16); the LoRA weights (lora_A, lora_B, lora_B_bias) share x's
+    dtype or, for a float16 / bfloat16 x, float32: PEFT's default for half-precision models,
+    computed PEFT's way (the LoRA branch in float32 on x cast to float32, added to the base
+    output in float32 and rounded to x's dtype; float32 gradients for the float32 weights).
+    Every tensor is on x's device. Mismatches raise ValueError/TypeError naming the argument.
     """
     seed = _seed_tensor(seed, "fastlora.lora_linear")
     return torch.ops.fastlora.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling),
@@ -73,7 +76,7 @@ def _effective_bias(bias, lora_B_bias, scaling):
 
 @torch.library.register_fake(_FWD)
 def _fwd_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_B_bias):
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
+    return x.new_empty(x.shape[0], weight.shape[0]), lora_A.new_empty(x.shape[0], lora_A.shape[0])
 
 
 def _gradients_fake(grad_y, x, weight, lora_A, lora_B, output_mask):
@@ -83,7 +86,7 @@ def _gradients_fake(grad_y, x, weight, lora_A, lora_B, output_mask):
     return (grad_y.new_empty(x.shape if need_x else 0),
             grad_y.new_empty(weight.shape if need_w else 0),
             grad_y.new_empty(weight.shape[0] if need_b else 0),
-            grad_y.new_empty(lora_A.shape), grad_y.new_empty(lora_B.shape))
+            lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape))
 
 
 @torch.library.register_fake(_BWD)
@@ -98,6 +101,7 @@ def _setup_context(ctx, inputs, output):
     _, xa = output
     ctx.mark_non_differentiable(xa)
     ctx.scaling, ctx.dropout_p = scaling, dropout_p
+    ctx.lora_B_bias_dtype = None if lora_B_bias is None else lora_B_bias.dtype
     # Only x and the M x r shrink are activations; weight, A, B are parameters anyway and
     # the dropout mask is regenerated from the seed.
     ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
@@ -112,9 +116,14 @@ def _backward(ctx, grad_y, _grad_xa):
     gx, gw, gb, gA, gB = torch.ops.fastlora.lora_linear_bwd(
         grad_y, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, seed,
         [nx, nw, nb or nBb])
+    gBb = None
+    if nBb:
+        # Summed in the adapters' dtype (float32 adapters on a half-precision x: grad_y's sum in
+        # float32, not the base bias gradient's half-precision rounding of it).
+        gBb = gb if ctx.lora_B_bias_dtype == grad_y.dtype else grad_y.sum(0, dtype=ctx.lora_B_bias_dtype)
+        gBb = gBb * ctx.scaling
     return (gx if nx else None, gw if nw else None, gb if nb else None,
-            gA if nA else None, gB if nB else None, None, None, None,
-            gb * ctx.scaling if nBb else None)
+            gA if nA else None, gB if nB else None, None, None, None, gBb)
 
 
 torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
