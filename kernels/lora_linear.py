@@ -31,6 +31,27 @@ Numerics: operands are fed to tl.dot in their own dtype (fp16/bf16 tensor cores;
 IEEE fp32 unless torch allows TF32 for matmuls), accumulation is always fp32 and each output is
 rounded once. Dropped operands are rounded to the input dtype before the dot exactly as the
 reference's ``dropout`` rounds them. float64 is not supported (use the reference path).
+
+Mixed precision: x, weight, grad_y (and bias) may be float16 or bfloat16 while lora_A, lora_B
+and xa are float32, PEFT's default on a half-precision model (adapters kept in float32). The
+LoRA branch then follows PEFT, which runs it in the adapters' dtype on the input cast to it:
+
+    xa     = dropout(x.to(f32)) @ lora_A.T                          float32
+    y      = x @ weight.T + bias + scaling * (xa @ lora_B.T)        x's dtype
+    g      = scaling * grad_y.to(f32) @ lora_B                      float32
+    grad_A = g.T @ dropout(x.to(f32))                               float32
+    grad_B = scaling * grad_y.to(f32).T @ xa                        float32
+    grad_x = grad_y @ weight + dropE(g @ lora_A)                    x's dtype
+
+In the kernel, a GEMM whose two operands differ in dtype (one of them float32) upcasts the
+tiles of the half-precision operand to float32 right after their load (A_TO_F32 / B_TO_F32),
+before the dropout, so dropout(x.to(f32)) is never rounded to x's dtype and the dot runs in
+float32 (as torch.mm on the cast input would, TF32 included when torch allows it: an upcast
+fp16/bf16 value is exact in TF32). The base GEMMs keep their half-precision tensor
+core main loop; the epilogue's E @ F runs in its own (float32) dtype with its own precision
+(EPI_PRECISION), and the sum is rounded once to x's dtype. bias may be in x's dtype or
+float32 (an effective bias ``bias + lora_B_bias * scaling`` with a float32 lora_B_bias is
+float32); it is added in fp32 either way. Any other mix of dtypes is a TypeError.
 """
 from __future__ import annotations
 
@@ -79,9 +100,10 @@ def _lora_gemm_kernel(
     alpha, lora_scale, drop_scale, seed_lo, seed_hi, threshold,
     DROP_A: tl.constexpr, DROP_B: tl.constexpr, DROP_LORA: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+    A_TO_F32: tl.constexpr, B_TO_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EPI_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     # Program -> (pid_m, pid_n) in GROUP_M-tall column bands so that consecutive programs
     # reuse the same B tiles from L2 (standard grouped ordering).
@@ -116,6 +138,13 @@ def _lora_gemm_kernel(
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(b_cols + offs_k.to(tl.int64)[:, None] * stride_bk,
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        # Mixed precision: the half-precision operand of a GEMM with a float32 one is upcast
+        # before its dropout, so that the dropped values are float32 (PEFT's x.to(f32)) and
+        # the dot is a float32 one.
+        if A_TO_F32:
+            a = a.to(tl.float32)
+        if B_TO_F32:
+            b = b.to(tl.float32)
         # Dropout is applied to the loaded tile (masked-out padding is 0 and stays 0).
         if DROP_A:
             a = _dropout_tile(a, offs_m, offs_k, drop_scale, seed_lo, seed_hi, threshold, INTERPRET)
@@ -126,6 +155,8 @@ def _lora_gemm_kernel(
 
     # Epilogue: the rank-r LoRA expand (E @ F, r <= 256 so a short loop of BLOCK_R chunks),
     # its optional dropout at the output index, then the bias; all in fp32 before one rounding.
+    # E and F share a dtype that may differ from the main loop's (float32 adapters under a
+    # half-precision base), hence EPI_PRECISION.
     if HAS_LORA:
         e_rows = e_ptr + offs_m.to(tl.int64)[:, None] * stride_em
         f_cols = f_ptr + offs_n.to(tl.int64)[None, :] * stride_fn
@@ -137,7 +168,7 @@ def _lora_gemm_kernel(
                         mask=mask_m[:, None] & mask_r[None, :], other=0.0)
             f = tl.load(f_cols + offs_r.to(tl.int64)[:, None] * stride_fr,
                         mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-            lora = _mma(e, f, lora, DOT_PRECISION, INTERPRET)
+            lora = _mma(e, f, lora, EPI_PRECISION, INTERPRET)
         lora = lora * lora_scale
         if DROP_LORA:
             keep = _keep_mask(offs_m, offs_n, seed_lo, seed_hi, threshold)
@@ -176,7 +207,8 @@ def _dropout_args(p: float, seed: int):
 
 
 def _blocks(M: int, N: int, K: int, R: int, dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, num_warps, num_stages).
+    """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, num_warps, num_stages) for a main loop in ``dtype``
+    (float32 when either operand is float32, the other then being upcast in registers).
 
     GPU (H100): 128x128x64 tiles for fp16/bf16 (the usual tensor-core sweet spot: 32 KiB of
     operands per pipeline stage, 3 stages, 8 warps); fp32 runs as IEEE FMA or TF32 with half
@@ -215,7 +247,16 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, alpha: float =
     """out (M, N) = alpha * dropA(a) (M, K) @ dropB(b) (K, N) [+ bias] [+ LoRA epilogue].
 
     drop_a / drop_b: (p, seed) or None. lora: (e (M, R), f (R, N), lora_scale, drop) with drop
-    (p, seed) or None. All operands are strided 2-D views; out is written in place."""
+    (p, seed) or None. All operands are strided 2-D views; out is written in place.
+
+    a and b may differ in dtype only if one of them is float32: the other one is then upcast
+    tile by tile (before its dropout) and the main loop is a float32 GEMM. e and f share one
+    dtype, which may differ from the main loop's."""
+    if a.dtype != b.dtype and torch.float32 not in (a.dtype, b.dtype):
+        raise TypeError(f"operands {a.dtype} and {b.dtype}: a mixed GEMM needs one float32 side")
+    a_to_f32 = a.dtype != b.dtype and a.dtype != torch.float32
+    b_to_f32 = a.dtype != b.dtype and b.dtype != torch.float32
+    main_dtype = torch.float32 if (a_to_f32 or b_to_f32) else a.dtype
     M, K = a.shape
     N = b.shape[1]
     if out.numel() == 0:
@@ -226,13 +267,20 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, alpha: float =
     lora_scale, drop_e, R = 1.0, None, 1
     if lora is not None:
         e, f, lora_scale, drop_e = lora
+        if e.dtype != f.dtype:
+            raise TypeError(f"LoRA epilogue operands {e.dtype} and {f.dtype} must share a dtype")
         drop_e = _dropout_args(*drop_e) if drop_e is not None else None
         R = e.shape[1]
     dargs = [d for d in (drop_a, drop_b, drop_e) if d is not None]
     assert len(dargs) <= 1, "one dropout mask per launch"
     seed_lo, seed_hi, threshold, drop_scale = dargs[0] if dargs else (0, 0, 0, 1.0)
 
-    bm, bn, bk, br, num_warps, num_stages = _blocks(M, N, K, R, a.dtype)
+    bm, bn, bk, br, num_warps, num_stages = _blocks(M, N, K, R, main_dtype)
+    if lora is not None and e.dtype == torch.float32 and main_dtype != torch.float32:
+        # A float32 epilogue under a half-precision main loop's 128x128 tile: its pipelined
+        # (bm + bn) x br float32 chunks would take twice the main loop's shared memory per
+        # stage at br = 64 (192 KiB for TF32 on sm_90); 32 keeps them at the main loop's size.
+        br = min(br, 32)
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     split = 1
     if bias is None and lora is None:  # the epilogue must run once per output element
@@ -260,8 +308,11 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, alpha: float =
             float(alpha), float(lora_scale), float(drop_scale), seed_lo, seed_hi, threshold,
             DROP_A=drop_a is not None, DROP_B=drop_b is not None, DROP_LORA=drop_e is not None,
             HAS_BIAS=bias is not None, HAS_LORA=lora is not None,
+            A_TO_F32=a_to_f32, B_TO_F32=b_to_f32,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, GROUP_M=8,
-            DOT_PRECISION=_dot_precision(a.dtype), INTERPRET=_INTERPRET,
+            DOT_PRECISION=_dot_precision(main_dtype),
+            EPI_PRECISION=_dot_precision(e.dtype if e is not None else main_dtype),
+            INTERPRET=_INTERPRET,
             num_warps=num_warps, num_stages=num_stages,
         )
     if split > 1:
@@ -270,14 +321,39 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, alpha: float =
 
 
 # ----------------------------------------------------------------------------------------------
-# public launchers (2-D tensors; shapes, devices and dtype equality validated by the caller)
+# public launchers (2-D tensors; shapes and devices validated by the caller)
 # ----------------------------------------------------------------------------------------------
-def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
-    """xa (M, r) = dropout(x) @ lora_A.T, the dropout mask generated in-kernel.
+_HALF = (torch.float16, torch.bfloat16)
 
-    x (M, K), lora_A (r, K); output in x.dtype, fp32 accumulation."""
-    _check_dtype(x, lora_A)
-    out = torch.empty((x.shape[0], lora_A.shape[0]), dtype=x.dtype, device=x.device)
+
+def _check_dtypes(base: dict, adapters: dict, bias=None) -> None:
+    """The dtype combinations the launchers take: every tensor in one dtype, or PEFT's mixed
+    precision (base tensors float16/bfloat16, adapter-side tensors float32). bias may be in
+    the base dtype or float32 (it is added in fp32). ``base`` / ``adapters``: name -> tensor."""
+    _check_dtype(*base.values(), *adapters.values(), bias)
+    xd = next(iter(base.values())).dtype
+    ad = next(iter(adapters.values())).dtype
+    ok = (all(t.dtype == xd for t in base.values())
+          and all(t.dtype == ad for t in adapters.values())
+          and (ad == xd or (xd in _HALF and ad == torch.float32))
+          and (bias is None or bias.dtype in (xd, torch.float32)))
+    if not ok:
+        got = ", ".join(f"{n}={t.dtype}" for n, t in (*base.items(), *adapters.items(),
+                                                      *((("bias", bias),) if bias is not None else ())))
+        raise TypeError(
+            f"fastlora Triton LoRA kernels take {', '.join(base)} in one dtype and "
+            f"{', '.join(adapters)} either in that dtype or in float32 when it is float16 or "
+            f"bfloat16 (PEFT's mixed precision); bias, if any, in the first dtype or float32. "
+            f"Got {got}")
+
+
+def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+    """xa (M, r) = dropout(x.to(lora_A.dtype)) @ lora_A.T, the dropout mask generated in-kernel.
+
+    x (M, K), lora_A (r, K); output in lora_A.dtype (x's dtype, or float32 for float32
+    adapters under a half-precision x), fp32 accumulation."""
+    _check_dtypes({"x": x}, {"lora_A": lora_A})
+    out = torch.empty((x.shape[0], lora_A.shape[0]), dtype=lora_A.dtype, device=x.device)
     drop = (float(dropout_p), int(seed)) if dropout_p > 0.0 else None
     return _gemm(x, lora_A.t(), out, drop_a=drop)
 
@@ -287,8 +363,10 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, bias, xa: torch.Tensor,
     """y (M, N) = x @ weight.T + bias + scaling * (xa @ lora_B.T) in one kernel.
 
     x (M, K), weight (N, K), bias (N,) or None, xa (M, r), lora_B (N, r). The LoRA expand
-    and the bias run in the GEMM's epilogue on the fp32 accumulator (one rounding)."""
-    _check_dtype(x, weight, bias, xa, lora_B)
+    and the bias run in the GEMM's epilogue on the fp32 accumulator (one rounding); y is in
+    x's dtype. xa and lora_B may be float32 under a half-precision x (then the expand is a
+    float32 dot), bias may be float32."""
+    _check_dtypes({"x": x, "weight": weight}, {"xa": xa, "lora_B": lora_B}, bias)
     out = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
     return _gemm(x, weight.t(), out, bias=bias, lora=(xa, lora_B.t(), float(scaling), None))
 
@@ -299,21 +377,26 @@ def lora_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                   need_grad_x: bool, need_grad_weight: bool, need_grad_bias: bool):
     """(grad_x, grad_weight, grad_bias, grad_A, grad_B) of lora_forward with the dropout of
     lora_shrink; entries not requested are ``grad_y.new_empty(0)`` (grad_A and grad_B are
-    always computed). Semantics of ``fastlora.reference.lora_linear_backward``."""
-    _check_dtype(grad_y, x, weight, lora_A, lora_B, xa)
+    always computed). Semantics of ``fastlora.reference.lora_linear_backward``.
+
+    With float32 adapters (lora_A, lora_B, xa) under a float16/bfloat16 grad_y, x, weight:
+    g, grad_A and grad_B are float32 (grad_y and x tiles upcast before the dot and the
+    dropout), grad_x, grad_weight and grad_bias are in x's dtype."""
+    _check_dtypes({"grad_y": grad_y, "x": x, "weight": weight},
+                  {"lora_A": lora_A, "lora_B": lora_B, "xa": xa})
     M, N = grad_y.shape
     K = x.shape[1]
     r = lora_A.shape[0]
-    dev, dt = grad_y.device, grad_y.dtype
+    dev, dt, ad = grad_y.device, grad_y.dtype, lora_A.dtype
     drop = (float(dropout_p), int(seed)) if dropout_p > 0.0 else None
 
-    # g = scaling * grad_y @ lora_B (M, r): computed once, rounded to the input dtype (as the
-    # reference does; it is a tensor-core operand of the two kernels below).
-    g = _gemm(grad_y, lora_B, torch.empty((M, r), dtype=dt, device=dev), alpha=scaling)
+    # g = scaling * grad_y @ lora_B (M, r): computed once, rounded to the adapters' dtype (as
+    # the reference does; it is an operand of the two kernels below).
+    g = _gemm(grad_y, lora_B, torch.empty((M, r), dtype=ad, device=dev), alpha=scaling)
     # grad_A (r, K) = g.T @ dropout(x): the mask is regenerated on the x tiles.
-    grad_A = _gemm(g.t(), x, torch.empty((r, K), dtype=dt, device=dev), drop_b=drop)
+    grad_A = _gemm(g.t(), x, torch.empty((r, K), dtype=ad, device=dev), drop_b=drop)
     # grad_B (N, r) = scaling * grad_y.T @ xa.
-    grad_B = _gemm(grad_y.t(), xa, torch.empty((N, r), dtype=dt, device=dev), alpha=scaling)
+    grad_B = _gemm(grad_y.t(), xa, torch.empty((N, r), dtype=ad, device=dev), alpha=scaling)
 
     empty = grad_y.new_empty(0)
     grad_x = empty

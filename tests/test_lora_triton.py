@@ -163,19 +163,22 @@ def test_rejects_float64():
 
 
 # --------------------------------------------------------------------------- op dispatch
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype, adapter_dtype", [(torch.float32, None), (torch.float16, None),
+                                                   (torch.bfloat16, torch.float32), (torch.float16, torch.float32)],
+                         ids=str)
 @pytest.mark.parametrize("bias,lora_B_bias", [(True, True), (False, True), (False, False)])
-def test_cuda_dispatch_matches_cpu_kernel(dtype, bias, lora_B_bias):
+def test_cuda_dispatch_matches_cpu_kernel(dtype, adapter_dtype, bias, lora_B_bias):
     # The functions registered for CUDA (fastlora/ops/lora.py) run here on CPU tensors through
-    # the interpreter: their glue (effective bias, seed, output mask) must give what the C++
-    # CPU kernel gives.
+    # the interpreter: their glue (effective bias, seed, output mask, float32 adapters on a
+    # half-precision x) must give what the C++ CPU kernel gives.
     from fastlora.ops import lora as lora_ops
 
+    adt = adapter_dtype or dtype
     M, K, N, r, p, s = 33, 42, 23, 4, 0.25, 1.5
     x, W = _rand(M, K, dtype), _rand(N, K, dtype, scale=K ** -0.5)
-    A, B = _rand(r, K, dtype, scale=K ** -0.5), _rand(N, r, dtype, scale=r ** -0.5)
+    A, B = _rand(r, K, adt, scale=K ** -0.5), _rand(N, r, adt, scale=r ** -0.5)
     b = _rand(1, N, dtype)[0] if bias else None
-    bb = _rand(1, N, dtype)[0] if lora_B_bias else None
+    bb = _rand(1, N, adt)[0] if lora_B_bias else None
     seed = torch.tensor(SEED)
     y, xa = lora_ops._fwd_cuda(x, W, b, A, B, s, p, seed, bb)
     y_cpu, xa_cpu = torch.ops.fastlora.lora_linear_fwd(*(t if t is None else t.cpu() for t in (x, W, b, A, B)),
@@ -227,3 +230,170 @@ def test_fp32_follows_torch_tf32_switch_through_either_api(api):
             matmul.fp32_precision = before[0]
         else:
             matmul.allow_tf32 = before
+
+
+# --------------------------------------------------------------------------- mixed precision
+# PEFT's default on a half-precision model: x, weight, grad_y (and bias) in float16/bfloat16,
+# lora_A, lora_B (and so xa) in float32, the LoRA branch run in float32 on x.to(float32). The
+# reference below is independent of fastlora.reference's arithmetic (only its keep-mask and
+# scale are shared): PEFT's way in torch (base in x's dtype, LoRA branch in float32, one cast
+# back), and the same formulas in float64 for truth.
+MIXED_DTYPES = [torch.bfloat16, torch.float16]
+
+
+def _mixed_drop(t, p, dt):
+    """fastlora dropout of t in dt: dt(t) * keep * dt(float32(1 / (1 - p))); one rounding in
+    float32, exact in float64."""
+    t = t.to(dt)
+    if p <= 0.0:
+        return t
+    keep = ref.dropout_keep_mask(t.shape[0], t.shape[1], p, SEED, device=t.device).to(dt)
+    scale = torch.tensor(ref.dropout_scale(p), dtype=torch.float32).to(dt)
+    return t * keep * scale
+
+
+def _peft_mixed(x, W, b, A, B, xa, gy, scaling, p, exact=False):
+    """(xa, y, grad_x, grad_weight, grad_bias, grad_A, grad_B) PEFT's way, or in float64.
+
+    An x-dtype bias belongs to the base layer; a float32 one is an effective bias carried by
+    the float32 LoRA branch (bias + lora_B_bias * scaling). grad_x sums the base layer's
+    gradient and the float32 branch's (cast back) in x's dtype, as autograd does for PEFT."""
+    xd = torch.float64 if exact else x.dtype
+    ad = torch.float64 if exact else torch.float32
+    base_bias = b is not None and b.dtype == x.dtype
+    xa_out = F.linear(_mixed_drop(x, p, ad), A.to(ad))
+    base = F.linear(x.to(xd), W.to(xd), b.to(xd) if base_bias else None)
+    lora = scaling * F.linear(xa.to(ad), B.to(ad))
+    if b is not None and not base_bias:
+        lora = lora + b.to(ad)
+    y = (base.to(ad) + lora).to(xd)
+    gy_a = gy.to(ad)
+    g = scaling * (gy_a @ B.to(ad))
+    grad_A = g.t() @ _mixed_drop(x, p, ad)
+    grad_B = scaling * (gy_a.t() @ xa.to(ad))
+    grad_x = gy.to(xd) @ W.to(xd) + _mixed_drop(g @ A.to(ad), p, ad).to(xd)
+    return xa_out, y, grad_x, gy.to(xd).t() @ x.to(xd), gy.to(xd).sum(0), grad_A, grad_B
+
+
+def _check_mixed(dtype, M, K, N, r, p, layout, bias, needs=(True, True, True), scaling=1.7):
+    x = _rand(M, K, dtype, layout)
+    W = _rand(N, K, dtype, "transposed" if layout == "strided" else "contig", K ** -0.5)
+    b = None if bias is None else _rand(1, N, dtype if bias == "x" else torch.float32)[0]
+    A = _rand(r, K, torch.float32, "contig", K ** -0.5)
+    B = _rand(N, r, torch.float32, layout, r ** -0.5)
+    gy = _rand(M, N, dtype, "strided" if layout == "contig" else "contig")
+    xa = F.linear(_mixed_drop(x, p, torch.float32), A)  # the saved activation, float32
+
+    out = (tk.lora_shrink(x, A, p, SEED), tk.lora_forward(x, W, b, xa, B, scaling),
+           *tk.lora_backward(gy, x, W, A, B, xa, scaling, p, SEED, *needs))
+    ref_out = _peft_mixed(x, W, b, A, B, xa, gy, scaling, p)
+    truth = _peft_mixed(x, W, b, A, B, xa, gy, scaling, p, exact=True)
+    names = ("xa", "y", "grad_x", "grad_weight", "grad_bias", "grad_A", "grad_B")
+    f32 = torch.float32
+    for name, o, ro, t, want, needed in zip(names, out, ref_out, truth,
+                                            (f32, dtype, dtype, dtype, dtype, f32, f32),
+                                            (True, True, *needs, True, True)):
+        if not needed:
+            assert o.numel() == 0, name
+            continue
+        assert o.dtype == want, f"{name}: {o.dtype}, want {want}"
+        assert_close_to_truth(o, ro, t, name)
+
+
+MIXED_CASES = [  # M, K, N, r, p, layout, bias ("x": in x's dtype, "fp32", None), needs
+    (1, 42, 6, 3, 0.1, "contig", "x", (True, True, True)),
+    (37, 123, 42, 8, 0.0, "transposed", None, (True, False, False)),
+    (37, 6, 123, 3, 0.1, "strided", "fp32", (True, True, True)),
+    (6, 123, 37, 8, 0.1, "transposed", "fp32", (False, False, True)),
+]
+
+
+@pytest.mark.parametrize("dtype", MIXED_DTYPES)
+@pytest.mark.parametrize("M,K,N,r,p,layout,bias,needs", MIXED_CASES)
+def test_mixed_precision(dtype, M, K, N, r, p, layout, bias, needs):
+    _check_mixed(dtype, M, K, N, r, p, layout, bias, needs)
+
+
+@pytest.mark.parametrize("dtype", MIXED_DTYPES)
+def test_mixed_precision_empty_batch(dtype):
+    # M = 0: xa (0, r) float32, y (0, N), grad_A / grad_B float32 zeros, grad_x (0, K).
+    _check_mixed(dtype, 0, 42, 6, 8, 0.1, "contig", "x")
+
+
+def test_mixed_precision_small_tiles_and_split_k(monkeypatch):
+    # The GPU-style paths with float32 adapters: bf16 operand tiles upcast on every K trip,
+    # several float32 rank chunks in the epilogue (r = 40), split-K planes of a float32 output.
+    monkeypatch.setattr(tk, "_blocks", lambda M, N, K, R, dtype: (16, 16, 16, 16, 4, 1))
+    monkeypatch.setattr(tk, "_choose_split", lambda tiles, K, block_k, device: 3)
+    _check_mixed(torch.bfloat16, 42, 123, 42, 40, 0.25, "strided", "fp32", (True, False, False), 0.5)
+
+
+def test_mixed_precision_keeps_dropped_x_in_float32():
+    # lora_A = I: xa is dropout(x.to(float32)) itself, so its scaled kept values must be the
+    # float32 products (not rounded back to bfloat16) and the keep-mask fastlora's.
+    M, K, p = 37, 42, 0.1
+    x = _rand(M, K, torch.bfloat16, "strided")
+    x[x == 0] = 1.0
+    out = tk.lora_shrink(x, torch.eye(K, device=DEVICE), p, SEED)
+    assert out.dtype == torch.float32
+    assert torch.equal(out != 0, ref.dropout_keep_mask(M, K, p, SEED, device=DEVICE))
+    assert torch.equal(out, _mixed_drop(x, p, torch.float32))
+    assert not torch.equal(out, _mixed_drop(x, p, torch.float32).to(torch.bfloat16).float())
+
+
+@pytest.mark.parametrize("dtype", MIXED_DTYPES)
+def test_mixed_precision_lora_term_stays_float32_until_the_final_rounding(dtype):
+    # A base term that cancels the LoRA term's leading part leaves 2**-12 (y) and 2**-16
+    # (grad_x), exact in the output dtype but only if the LoRA operands (xa, lora_B, g) are
+    # float32 and the sum is rounded once: any rounding of them to x's dtype gives 0. (PEFT
+    # itself, rounding both parts of grad_x to x's dtype before adding them, gets 0 there.)
+    M, K, N, r = 2, 16, 16, 2
+    x = torch.ones(M, K, dtype=dtype, device=DEVICE)
+    W = torch.full((N, K), -1 / 16, dtype=dtype, device=DEVICE)          # x @ W.T = -1
+    xa = torch.ones(M, r, device=DEVICE)
+    B = torch.full((N, r), 0.5 + 2 ** -13, device=DEVICE)               # xa @ B.T = 1 + 2**-12
+    A = torch.full((r, K), 1 / 16, device=DEVICE)
+    y = tk.lora_forward(x, W, None, xa, B, 1.0)
+    assert y.dtype == dtype and torch.equal(y, torch.full_like(y, 2 ** -12))
+    gy = torch.full((M, N), 1 / 16, dtype=dtype, device=DEVICE)          # g = 0.5 + 2**-13
+    grad_x, _, _, grad_A, _ = tk.lora_backward(gy, x, W, A, B, xa, 1.0, 0.0, SEED, True, False, False)
+    assert grad_x.dtype == dtype and torch.equal(grad_x, torch.full_like(grad_x, 2 ** -16))
+    assert grad_A.dtype == torch.float32 and torch.equal(grad_A, torch.full_like(grad_A, 1 + 2 ** -12))
+
+
+@pytest.mark.parametrize("xd,ad", [(torch.float32, torch.bfloat16), (torch.float16, torch.bfloat16),
+                                   (torch.bfloat16, torch.float16), (torch.float32, torch.float16)])
+def test_mixed_precision_rejects_other_combinations(xd, ad):
+    # Only float32 adapters under a float16/bfloat16 base mix; anything else is a TypeError.
+    M, K, N, r = 4, 8, 6, 2
+    x, W, gy = (torch.randn(*s, device=DEVICE).to(xd) for s in ((M, K), (N, K), (M, N)))
+    A, B, xa = (torch.randn(*s, device=DEVICE).to(ad) for s in ((r, K), (N, r), (M, r)))
+    with pytest.raises(TypeError, match="mixed precision"):
+        tk.lora_shrink(x, A, 0.1, SEED)
+    with pytest.raises(TypeError, match="mixed precision"):
+        tk.lora_forward(x, W, None, xa, B, 1.0)
+    with pytest.raises(TypeError, match="mixed precision"):
+        tk.lora_backward(gy, x, W, A, B, xa, 1.0, 0.1, SEED, True, True, True)
+
+
+@pytest.mark.parametrize("odd", ["weight", "xa", "lora_B", "grad_y", "bias"])
+def test_mixed_precision_rejects_a_tensor_off_its_side(odd):
+    # bf16 x with float32 adapters is allowed, but every base-side tensor must be bf16, every
+    # adapter-side tensor float32, and the bias bf16 or float32.
+    M, K, N, r = 4, 8, 6, 2
+    bf, f32 = torch.bfloat16, torch.float32
+    t = lambda *s, dt: torch.randn(*s, device=DEVICE).to(dt)
+    x, A = t(M, K, dt=bf), t(r, K, dt=f32)
+    W = t(N, K, dt=torch.float16 if odd == "weight" else bf)
+    xa = t(M, r, dt=bf if odd == "xa" else f32)
+    B = t(N, r, dt=bf if odd == "lora_B" else f32)
+    gy = t(M, N, dt=torch.float16 if odd == "grad_y" else bf)
+    b = t(N, dt=torch.float16) if odd == "bias" else None
+    with pytest.raises(TypeError, match=odd):
+        if odd in ("weight", "xa", "lora_B", "bias"):
+            tk.lora_forward(x, W, b, xa, B, 1.0)
+        else:
+            tk.lora_backward(gy, x, W, A, B, xa, 1.0, 0.0, SEED, True, False, False)
+    if odd in ("xa", "lora_B"):
+        with pytest.raises(TypeError, match=odd):
+            tk.lora_backward(t(M, N, dt=bf), x, W, A, B, xa, 1.0, 0.0, SEED, True, False, False)

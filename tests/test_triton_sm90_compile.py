@@ -56,3 +56,89 @@ def test_grouped_lora_fits_sm90_shared_memory_at_rank_1024(dtype):
     shared = json.loads(res.stdout.strip().splitlines()[-1])
     for kernel, nbytes in shared.items():
         assert 0 < nbytes <= SM90_MAX_SHARED, f"{kernel}: {nbytes} bytes of shared memory on sm_90"
+
+
+
+COMPILE_LORA_LINEAR = r"""
+import json, sys, torch, triton
+from triton.backends.compiler import BaseBackend, GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import native_specialize_impl
+from fastlora.kernels import lora_linear as tk
+
+# Run the real launchers on meta tensors of a prefill-sized layer with the kernel replaced by a
+# recorder, then compile exactly what they would launch, specialised the way a launch would
+# specialise it (dtypes, 16-divisible ints and pointers, ints equal to 1 as constants).
+xd, ad = getattr(torch, sys.argv[1]), getattr(torch, sys.argv[2])
+if sys.argv[3] == "tf32":  # torch's switch, which the float32 dots follow
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        matmul.fp32_precision = "tf32"
+    else:
+        matmul.allow_tf32 = True
+M, K, N, r, p = 2048, 4096, 4096, 64, 0.1
+kernel, launches = tk._lora_gemm_kernel, []
+class Recorder:
+    def __getitem__(self, grid):
+        return lambda *args, **kw: launches.append((args, kw))
+tk._lora_gemm_kernel = Recorder()
+t = lambda *shape, dtype: torch.empty(*shape, dtype=dtype, device="meta")
+x, W, gy = t(M, K, dtype=xd), t(N, K, dtype=xd), t(M, N, dtype=xd)
+A, B = t(r, K, dtype=ad), t(N, r, dtype=ad)
+for split in (1, 2):  # split-K writes fp32 partial planes (GPU: the r-sized GEMMs)
+    tk._choose_split = lambda tiles, K_, block_k, device: split
+    xa = tk.lora_shrink(x, A, p, 1)
+    for bias in (None, t(N, dtype=xd), t(N, dtype=ad)):
+        tk.lora_forward(x, W, bias, xa, B, 2.0)
+    tk.lora_backward(gy, x, W, A, B, xa, 2.0, p, 1, True, False, False)
+
+out, seen = {}, set()
+for args, kw in launches:
+    opts = {"num_warps": kw.pop("num_warps"), "num_stages": kw.pop("num_stages")}
+    sig, const, attrs = {}, {}, {}
+    for i, prm in enumerate(kernel.params):
+        v = kw[prm.name] if prm.name in kw else args[i]
+        if prm.is_constexpr:
+            sig[prm.name], const[prm.name] = "constexpr", v
+            continue
+        ty, spec = native_specialize_impl(BaseBackend, v, False, not prm.do_not_specialize,
+                                          not prm.do_not_specialize_on_alignment)
+        if ty == "constexpr":
+            sig[prm.name], const[prm.name] = "constexpr", spec
+        else:
+            sig[prm.name] = ty
+            if spec and "D" in spec:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    key = json.dumps([sig, {k: str(v) for k, v in const.items()}, sorted(attrs), opts])
+    if key in seen:
+        continue
+    seen.add(key)
+    name = " ".join([sig["a_ptr"], sig["b_ptr"], "->", sig["c_ptr"]]
+                    + [f for f in ("A_TO_F32", "B_TO_F32", "DROP_A", "DROP_B", "DROP_LORA", "HAS_BIAS")
+                       if const[f]] + ([f"lora {sig['e_ptr']}"] if const["HAS_LORA"] else [])
+                    + ([f"bias {sig['bias_ptr']}"] if const["HAS_BIAS"] else [])
+                    + [f"dot {const['DOT_PRECISION']}"] + ([f"epilogue {const['EPI_PRECISION']}"] if const["HAS_LORA"] else []))
+    k = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options=opts)
+    out[name] = k.metadata.shared
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("dtype,adapter_dtype,fp32_precision", [
+    ("bfloat16", "bfloat16", "ieee"), ("float32", "float32", "ieee"),
+    ("bfloat16", "float32", "ieee"), ("float16", "float32", "tf32")])
+def test_lora_linear_launches_compile_for_sm90(dtype, adapter_dtype, fp32_precision):
+    # Every GEMM the LoRA-linear launchers start, with all tensors in one dtype and with PEFT's
+    # mixed precision (float32 adapters: upcast operand tiles, a float32 epilogue under a
+    # half-precision main loop, IEEE or TF32). The interpreter accepts dtype mixes and shared
+    # memory use that a GPU compile may reject.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    res = subprocess.run([sys.executable, "-c", COMPILE_LORA_LINEAR, dtype, adapter_dtype, fp32_precision], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    shared = json.loads(res.stdout.strip().splitlines()[-1])
+    assert shared
+    for config, nbytes in shared.items():
+        assert 0 < nbytes <= SM90_MAX_SHARED, f"{config}: {nbytes} bytes of shared memory on sm_90"
