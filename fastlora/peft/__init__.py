@@ -1,0 +1,14 @@
+"""PEFT drop-in: PEFT's LoRA ``Linear`` layers running fastlora's fused ops.
+
+- ``layer``: ``LoraLinear`` (a subclass of PEFT's layer whose forward runs
+  ``fastlora.lora_linear`` / ``lora_grouped_linear``), and the ways in: ``patch`` /
+  ``unpatch``, ``register``, ``from_pretrained``, ``fast_path_calls``, ``clear_stacked_cache``.
+  Its docstring lists the fast path and the fallbacks.
+- ``rank``: rank tools for whole models: ``squeeze_model`` (LoRA-Squeeze), ``RankAnnealing``,
+  ``replace_parameters``.
+"""
+from .layer import LoraLinear, clear_stacked_cache, fast_path_calls, from_pretrained, patch, register, unpatch
+from .rank import RankAnnealing, replace_parameters, squeeze_model
+
+__all__ = ["LoraLinear", "patch", "unpatch", "register", "from_pretrained", "fast_path_calls", "squeeze_model",
+           "RankAnnealing", "replace_parameters", "clear_stacked_cache"]
