@@ -126,7 +126,7 @@ def test_bytes_are_the_encoded_payload_lengths(exp, spec, monkeypatch):
 
     def rec_downloads(self, *a, **kw):
         d = real_downloads(self, *a, **kw)
-        downloads.append(sum(len(p) for _, p in d.values()))
+        downloads.append(sum(len(p) for _, ps in d.values() for p in ps))
         return d
 
     monkeypatch.setattr(simulation, "upload", rec_upload)
@@ -184,7 +184,7 @@ def test_diff_download_clients_hold_the_servers_view(exp):
     current = [st for st in res["clients"] if st.held_version == server.view_version]
     assert current
     for st in current:
-        for n, t in server.view.items():
+        for n, t in server.view.view.items():
             assert torch.equal(st.held[n], t)
 
 
@@ -410,21 +410,39 @@ def test_fedadam_server_optimizer_matches_the_formula():
         ServerOptimizer("rmsprop")
 
 
-def test_diff_download_resyncs_clients_that_missed_a_round(exp):
+def test_diff_download_resyncs_or_catches_up_clients_that_missed_rounds(exp):
     from fastlora.fl.server import Server
+    from fastlora.fl.view import apply_download
 
     s = parse_strategy("ef-topk:down=1/8")
     server = Server(s, exp.initial_adapter, exp.client_sizes)
     d1 = server.downloads(1, [0, 1], {})
     assert {k for k, _ in d1.values()} == {"resync"}       # nobody holds anything yet
-    with torch.no_grad():
-        for t in server.global_adapter.values():
-            t.add_(0.01)
+    held = {c: apply_download(None, *d1[c], server.layout) for c in (0, 1)}
+
+    def move():
+        with torch.no_grad():
+            for t in server.global_adapter.values():
+                t.add_(torch.randn_like(t) * 0.01)
+
+    move()
     d2 = server.downloads(2, [0, 2], {0: 1, 1: 1, 2: -1, 3: -1})
-    assert d2[0][0] == "diff" and d2[2][0] == "resync"
+    assert d2[0][0] == "diff" and len(d2[0][1]) == 1 and d2[2][0] == "resync"
     numel = server.layout.numel
-    assert len(d2[0][1]) < numel  # 1/8 of the entries in fp16 + indices, far below dense fp32
-    assert len(d2[2][1]) >= 4 * numel
+    assert len(d2[0][1][0]) < numel  # 1/8 of the entries in fp16 + indices, far below dense fp32
+    assert len(d2[2][1][0]) >= 4 * numel
+    held[0] = apply_download(held[0], *d2[0], server.layout)
+    move()
+    # client 1 missed round 2: it gets rounds 2 and 3's steps, in order, and ends on the view
+    d3 = server.downloads(3, [0, 1], {0: 2, 1: 1})
+    assert d3[1][0] == "diff" and len(d3[1][1]) == 2 and d3[1][1][1] is d3[0][1][0]
+    assert sum(map(len, d3[1][1])) < 4 * numel
+    for c in (0, 1):
+        held[c] = apply_download(held[c], *d3[c], server.layout)
+        for n, t in server.view.view.items():
+            assert torch.equal(held[c][n], t)
+    # a client whose version the server no longer has steps for (or never saw) is resynced
+    assert server.downloads(4, [3], {3: 0})[3][0] == "resync"
 
 
 def test_per_tensor_selection_keeps_every_tensors_share():

@@ -16,6 +16,7 @@ from fastlora.staleness import StaleUpdates
 from fastlora.fl.client import add_sparse, decode_dense, sparsify_encode
 from fastlora.fl.model import lora_pairs
 from fastlora.fl.strategies import Strategy
+from fastlora.fl.view import ServerView
 
 Adapter = Dict[str, torch.Tensor]
 
@@ -116,9 +117,9 @@ class Server:
                              f"not {strategy.name!r}")
         self._layouts: Dict[int, Layout] = {}
         self.optimizer = ServerOptimizer(strategy.server_optimizer, strategy.server_lr)
-        # diff download: what an up-to-date client holds, and since which round
-        self.view: Optional[Adapter] = None
-        self.view_version = -1
+        # diff download: what an up-to-date client holds (fastlora.fl.view)
+        self.view: Optional[ServerView] = (ServerView(self.layout, strategy.down_density, strategy.down_values)
+                                           if strategy.down == "diff" and not strategy.exact else None)
         self.stale: Optional[StaleUpdates] = None
         if strategy.stale_beta > 0:
             total = float(sum(self.client_sizes))
@@ -136,20 +137,21 @@ class Server:
         return self._layouts[rank]
 
     # -- download ---------------------------------------------------------------------------
-    def downloads(self, rnd: int, clients: List[int], held_versions: Mapping[int, int]) -> Dict[int, Tuple[str, bytes]]:
-        """What each selected client receives this round: ``{cid: (kind, payload)}`` with kind
-        ``dense`` / ``sparse`` / ``diff`` / ``resync`` / ``seed`` (round 1 with ``initial_seed``:
-        the 8-byte seed, little-endian). Identical payloads are one bytes object
-        (each receiver still counts its length)."""
+    def downloads(self, rnd: int, clients: List[int],
+                  held_versions: Mapping[int, int]) -> Dict[int, Tuple[str, List[bytes]]]:
+        """What each selected client receives this round: ``{cid: (kind, [payloads])}`` with
+        kind ``dense`` / ``sparse`` / ``diff`` / ``resync`` / ``seed`` (round 1 with
+        ``initial_seed``: the 8-byte seed, little-endian). ``diff`` carries the view's steps
+        since the version the client holds, in order (fastlora.fl.view). Identical payloads are
+        one bytes object (each receiver still counts its length)."""
         s = self.strategy
         if self.initial_seed is not None and rnd == 1:
             # Nothing is aggregated before round 1: the global adapter is the initial one, which
             # every client builds from the shared seed. What crosses the network is the seed.
             if s.down == "diff":
-                self.view = {n: t.clone() for n, t in self.global_adapter.items()}
-                self.view_version = rnd
+                self.view.start(self.global_adapter, rnd)
             seed = int(self.initial_seed).to_bytes(8, "little")
-            return {c: ("seed", seed) for c in clients}
+            return {c: ("seed", [seed]) for c in clients}
         if s.exact:
             by_rank: Dict[int, bytes] = {}
             for c in clients:
@@ -157,36 +159,22 @@ class Server:
                 if r not in by_rank:
                     by_rank[r] = self._dense_payload(truncate_rank(self.global_adapter, r, self.pairs),
                                                      self.layout_for_rank(r), s.down_values)
-            return {c: ("dense", by_rank[self.client_ranks[c]]) for c in clients}
+            return {c: ("dense", [by_rank[self.client_ranks[c]]]) for c in clients}
         if s.down == "dense":
             p = self._dense_payload(self.global_adapter, self.layout, s.down_values)
-            return {c: ("dense", p) for c in clients}
+            return {c: ("dense", [p]) for c in clients}
         if s.down == "sparse":
             p = sparsify_encode(self.global_adapter, self.layout, density=s.down_density, values=s.down_values,
                                 per_tensor=True)
-            return {c: ("sparse", p) for c in clients}
-        # diff: bring the view one step closer to the global adapter; up-to-date clients apply
-        # the same diff, the others get the whole view.
-        previous = self.view_version
-        diff_payload = None
-        if self.view is None:
-            self.view = {n: t.clone() for n, t in self.global_adapter.items()}
-        else:
-            gap = {n: self.global_adapter[n] - self.view[n] for n in self.layout.names}
-            diff_payload = sparsify_encode(gap, self.layout, density=s.down_density, values=s.down_values)
-            # apply exactly what the clients decode
-            add_sparse(self.view, codec.decode(diff_payload, layout=self.layout))
-        self.view_version = rnd
-        resync = None
-        out = {}
-        for c in clients:
-            if diff_payload is not None and held_versions.get(c, -1) == previous:
-                out[c] = ("diff", diff_payload)
-            else:
-                if resync is None:
-                    resync = self._dense_payload(self.view, self.layout, "fp32")  # exact: clients must match
-                out[c] = ("resync", resync)
-        return out
+            return {c: ("sparse", [p]) for c in clients}
+        # diff: bring the view one step closer to the global adapter; each client gets the
+        # steps since the version it holds, or the whole view.
+        self.view.advance(self.global_adapter, rnd)
+        return {c: self.view.download(held_versions.get(c, -1)) for c in clients}
+
+    @property
+    def view_version(self) -> int:
+        return self.view.version if self.view is not None else -1
 
     @staticmethod
     def _dense_payload(adapter: Adapter, layout: Layout, values: str) -> bytes:
@@ -238,7 +226,7 @@ class Server:
         out = {f"global.{n}": t for n, t in self.global_adapter.items()}
         out.update(self.optimizer.state_tensors())
         if self.view is not None:
-            out.update({f"view.{n}": t for n, t in self.view.items()})
+            out.update(self.view.state("view")[0])
         if self.stale is not None:
             for c, sd in self.stale.memory.items():
                 out[f"stale.{c}.indices"] = sd.indices
@@ -246,7 +234,8 @@ class Server:
         return out
 
     def state_meta(self) -> dict:
-        return {"opt_step": self.optimizer.step_count, "view_version": self.view_version,
+        return {"opt_step": self.optimizer.step_count,
+                "view": self.view.state("view")[1] if self.view is not None else None,
                 "stale_clients": sorted(self.stale.memory) if self.stale is not None else []}
 
     def load_state(self, tensors: Mapping[str, torch.Tensor], meta: Mapping) -> None:
@@ -255,9 +244,8 @@ class Server:
         names = self.layout.names
         self.global_adapter = {n: tensors[f"global.{n}"].clone() for n in names}
         self.optimizer.load_state(tensors, names, meta["opt_step"])
-        if f"view.{names[0]}" in tensors:
-            self.view = {n: tensors[f"view.{n}"].clone() for n in names}
-        self.view_version = int(meta["view_version"])
+        if self.view is not None:
+            self.view.load_state(tensors, meta["view"], "view")
         if self.stale is not None:
             self.stale.memory = {int(c): SparseDelta(tensors[f"stale.{c}.indices"].clone(),
                                                      tensors[f"stale.{c}.values"].clone(), self.layout)

@@ -15,15 +15,15 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from fastlora import codec
 from fastlora.ops.sparsify import new_residual
 from fastlora.fl import checkpoint
-from fastlora.fl.client import ClientState, add_sparse, decode_dense, sparsify_encode, upload
+from fastlora.fl.client import ClientState, decode_dense, sparsify_encode, upload
 from fastlora.fl.config import FLConfig
 from fastlora.fl.model import (build_classifier, evaluate, get_adapter, load_minilm, local_train, set_adapter,
                                tiny_encoder)
 from fastlora.fl.server import Server, pad_rank, truncate_rank
 from fastlora.fl.strategies import Strategy, parse_strategy
+from fastlora.fl.view import apply_download
 
 
 def derive_seed(seed: int, *parts) -> int:
@@ -158,12 +158,13 @@ def run_strategy(exp: Experiment, strategy: Strategy, run_dir: Optional[Path] = 
         t0 = time.perf_counter()
         downloads = server.downloads(rnd, selected, {st.cid: st.held_version for st in clients})
         t_comm += time.perf_counter() - t0
-        down_bytes = sum(len(downloads[c][1]) for c in selected)
+        down_bytes = sum(len(p) for c in selected for p in downloads[c][1])
         uploads: Dict[int, bytes] = {}
         train_losses = []
         for c in selected:
             st = clients[c]
-            kind, payload = downloads[c]
+            kind, payloads = downloads[c]
+            payload = payloads[0] if len(payloads) == 1 else None
             t0 = time.perf_counter()
             client_layout = server.layout_for_rank(st.rank) if strategy.exact else layout
             if kind == "seed":
@@ -176,13 +177,11 @@ def run_strategy(exp: Experiment, strategy: Strategy, run_dir: Optional[Path] = 
                     start_adapter = truncate_rank(start_adapter, st.rank, server.pairs)
                 elif strategy.down == "diff":
                     st.held = {n: t.clone() for n, t in start_adapter.items()}
-            elif kind == "diff":
-                add_sparse(st.held, codec.decode(payload, layout=layout))
+            elif kind in ("diff", "resync"):
+                st.held = apply_download(st.held, kind, payloads, layout)
                 start_adapter = {n: t.clone() for n, t in st.held.items()}
             else:
                 start_adapter = decode_dense(payload, client_layout)
-                if kind == "resync":
-                    st.held = {n: t.clone() for n, t in start_adapter.items()}
             if st.held is not None:  # diff download: every kind above updated what it holds
                 st.held_version = rnd
             t_comm += time.perf_counter() - t0

@@ -33,8 +33,10 @@ Download modes:
   top-k would drop it whole); clients start from it.
 * ``diff``   — stateful clients (cross-silo): the server tracks what an up-to-date client holds
   (its *view*) and sends the top-k of ``global - view``; what it does not send stays in that
-  gap (the server's error feedback) and goes out in later rounds. A client that missed a
-  round cannot apply the next diff and gets a dense resync of the view (counted in the bytes).
+  gap (the server's error feedback) and goes out in later rounds. A client that missed
+  rounds gets the steps it missed, in order, or, when they add up to more than the view
+  itself (or it holds nothing), a dense float32 resync of the view (counted in the bytes);
+  see ``fastlora.fl.view``.
 """
 from __future__ import annotations
 
