@@ -35,6 +35,14 @@ build and (strictly) check that record.
   sparse adapter is what the client starts from); ``content["config"]`` = FedAvg's config plus
   ``server-round`` and the upload settings :data:`CONFIG_UP_DENSITY`,
   :data:`CONFIG_VALUES`, :data:`CONFIG_ERROR_FEEDBACK` (and :data:`CONFIG_DOWN`).
+  With ``down="diff"`` (stateful nodes, ``fastlora.fl.view``) each train message is the
+  node's own: the top-``down_density`` steps of the server's *view* since the version the
+  node holds, in order (one Array each, under ``"fastlora"``, ``"fastlora.1"``, ...; none when
+  it is up to date), or the whole view dense float32 (a resync: first contact, a node whose
+  last reply did not arrive, or when the missed steps would be bigger), with
+  :data:`CONFIG_DOWN_KIND`, :data:`CONFIG_VIEW_FROM`, :data:`CONFIG_VIEW_TO`; the node keeps
+  the view in ``context.state``. Evaluate messages of a diff strategy carry the global
+  adapter dense (they stand alone).
 * **Client -> server (train reply)**: exactly one ArrayRecord (the payload of the client's
   *update* ``trained - downloaded``, top-``up_density`` of it plus the error-feedback
   residual, in ``values``) and exactly one MetricRecord with ``"num-examples"`` (an int or a
@@ -55,11 +63,10 @@ Error feedback: the client's residual lives in ``context.state["fastlora.residua
 ArrayRecord of float32 tensors), which Flower's simulation and deployment engines keep
 between rounds for each node.
 
-Strategies: any fastlora strategy (``fastlora.fl.strategies``) whose download is ``dense``
-or ``sparse`` (``fedavg``, ``flasc``, ``ef-topk:mode=sparse``, ...). ``diff`` downloads
-(stateful clients tracking the server's view), ``exact`` (FlexLoRA, per-client ranks) and
-``fedstale`` (per-client stale memory) need client identities the Message API does not give
-a strategy, and are refused.
+Strategies: any fastlora strategy (``fastlora.fl.strategies``) with a ``dense``, ``sparse``
+or ``diff`` download (``ef-topk``, ``fedavg``, ``flasc``, ...), with the same semantics and
+payloads as the federated loop. ``exact`` (FlexLoRA, per-client ranks) and ``fedstale``
+(per-client stale memory) are refused.
 """
 from __future__ import annotations
 
@@ -82,13 +89,14 @@ from fastlora.fl.client import decode_dense, sparsify_encode
 from fastlora.fl.model import get_adapter, set_adapter
 from fastlora.fl.server import ServerOptimizer
 from fastlora.fl.strategies import Strategy, parse_strategy
+from fastlora.fl.view import ServerView, apply_download
 from fastlora.ops.aggregate import sparse_aggregate
 from fastlora.ops.sparsify import new_residual
 from fastlora.sparse_delta import Layout
 
 __all__ = [
     "SparseLoRA", "CommTracker", "PayloadError", "client_update", "load_global", "pack_payload",
-    "unpack_payload", "initial_arrays", "as_strategy", "InProcessGrid", "run_in_process",
+    "unpack_payload", "pack_payloads", "unpack_payloads", "initial_arrays", "as_strategy", "InProcessGrid", "run_in_process",
     "PAYLOAD_KEY", "PAYLOAD_DTYPE", "PAYLOAD_STYPE", "RESIDUAL_KEY", "NUM_EXAMPLES_KEY",
 ]
 
@@ -102,6 +110,11 @@ CONFIG_UP_DENSITY = "fastlora-up-density"
 CONFIG_VALUES = "fastlora-values"
 CONFIG_ERROR_FEEDBACK = "fastlora-error-feedback"
 CONFIG_DOWN = "fastlora-down"
+CONFIG_DOWN_KIND = "fastlora-down-kind"       # diff download: "diff" (steps) or "resync" (the view)
+CONFIG_VIEW_FROM = "fastlora-view-from"       # diff download: the view version the steps apply to
+CONFIG_VIEW_TO = "fastlora-view-version"      # diff download: the view version they lead to
+VIEW_KEY = "fastlora.view"                    # client: context.state ArrayRecord of the view it holds
+VIEW_VERSION_KEY = "fastlora.view-version"    # client: context.state ConfigRecord {"version": int}
 REPLY_ARRAYS_KEY = "arrays"
 REPLY_METRICS_KEY = "metrics"
 
@@ -149,6 +162,30 @@ def unpack_payload(record) -> bytes:
     return data
 
 
+def pack_payloads(payloads: List[bytes]) -> ArrayRecord:
+    """The ArrayRecord of a ``diff`` download: one Array per payload, applied in order, under
+    :data:`PAYLOAD_KEY`, ``PAYLOAD_KEY + ".1"``, ``".2"``, ... (none when the client is up to
+    date); a single payload is exactly :func:`pack_payload`'s record."""
+    keys = [PAYLOAD_KEY] + [f"{PAYLOAD_KEY}.{i}" for i in range(1, len(payloads))]
+    return ArrayRecord({k: Array(dtype=PAYLOAD_DTYPE, shape=(len(p),), stype=PAYLOAD_STYPE, data=bytes(p))
+                        for k, p in zip(keys, payloads)})
+
+
+def unpack_payloads(record) -> List[bytes]:
+    """The payloads of a record made by :func:`pack_payloads`, in order (strict, as
+    :func:`unpack_payload`)."""
+    if not isinstance(record, ArrayRecord):
+        raise PayloadError(f"expected an ArrayRecord, got {type(record).__name__}")
+    keys = list(record.keys())
+    expected = [PAYLOAD_KEY] + [f"{PAYLOAD_KEY}.{i}" for i in range(1, len(keys))] if keys else []
+    if keys != expected:
+        raise PayloadError(f"expected Arrays under keys {expected[:4]}, got keys {keys[:4]}")
+    out = []
+    for k in keys:
+        out.append(unpack_payload(ArrayRecord({PAYLOAD_KEY: record[k]})))
+    return out
+
+
 def _single_array_record(content: RecordDict, who: str) -> ArrayRecord:
     records = list(content.array_records.values())
     if len(records) != 1:
@@ -167,18 +204,12 @@ def as_strategy(strategy: Union[Strategy, str]) -> Strategy:
     elif not isinstance(strategy, Strategy):
         raise TypeError(f"expected a fastlora Strategy or a spec string such as 'flasc:up=1/16', "
                         f"got {type(strategy).__name__}")
-    if strategy.down == "diff":
-        raise ValueError(
-            f"strategy {strategy.label!r}: download mode 'diff' is not supported on Flower: it needs stateful "
-            "clients that all hold the server's view of the adapter (and a resync for those that missed a "
-            "round), which a Flower strategy cannot track per node. Use mode=sparse (FLASC, e.g. "
-            f"'{strategy.name}:mode=sparse') or mode=dense.")
     if strategy.exact:
         raise ValueError(f"strategy {strategy.label!r}: exact (FlexLoRA) aggregation needs per-client LoRA ranks "
-                         "and is not supported by fastlora.flower; use fedavg, flasc or ef-topk:mode=sparse")
+                         "and is not supported by fastlora.flower; use fedavg, flasc or ef-topk")
     if strategy.stale_beta:
         raise ValueError(f"strategy {strategy.label!r}: FedStale keeps a memory per client id, which a Flower "
-                         "strategy does not have; use ef-topk:mode=sparse")
+                         "strategy does not have; use ef-topk")
     return strategy
 
 
@@ -336,6 +367,11 @@ class SparseLoRA(FedAvg):
         self.global_adapter: Optional[Adapter] = None
         self._returned: Optional[ArrayRecord] = None      # the ArrayRecord we last returned
         self._fedavg_bytes = 0
+        # diff download: the view up-to-date nodes hold, and which version each node holds (set
+        # when its train reply is accepted: it applied the download before training)
+        self.view: Optional[ServerView] = None
+        self.held: Dict[int, int] = {}
+        self._sent_versions: Dict[int, int] = {}
 
     def summary(self) -> None:
         super().summary()
@@ -354,6 +390,8 @@ class SparseLoRA(FedAvg):
         if self.layout is None:
             self.layout = layout
             self._fedavg_bytes = _dense_fp32_record_bytes(adapter)
+            if self.fl_strategy.down == "diff":
+                self.view = ServerView(layout, self.fl_strategy.down_density, self.fl_strategy.down_values)
         elif layout != self.layout:
             raise ValueError(f"SparseLoRA: the global arrays changed layout between rounds: {layout!r} vs "
                              f"{self.layout!r}")
@@ -361,22 +399,45 @@ class SparseLoRA(FedAvg):
         self._returned = None
 
     def download_payload(self) -> bytes:
-        """This round's download: the global adapter, dense, or (FLASC) the top
-        ``down_density`` of each of its tensors (per tensor, as ``fastlora.fl``'s server: a
-        global top-k would keep the random lora_A and drop the still tiny lora_B)."""
+        """The download of a dense / sparse strategy (and of evaluate messages): the global
+        adapter, dense (also for ``diff`` strategies' evaluate messages, which must stand
+        alone), or (FLASC) the top ``down_density`` of each of its tensors (per tensor, as
+        ``fastlora.fl``'s server: a global top-k would keep the random lora_A and drop the
+        still tiny lora_B)."""
         s = self.fl_strategy
         adapter = {n: self.global_adapter[n] for n in self.layout.names}
-        if s.down == "dense":
+        if s.down != "sparse":
             return sparsify_encode(adapter, self.layout, density=1.0, values=s.down_values)
         return sparsify_encode(adapter, self.layout, density=s.down_density, values=s.down_values, per_tensor=True)
 
-    def _config(self, config: ConfigRecord) -> ConfigRecord:
+    def _config(self, config: ConfigRecord, down: Optional[str] = None) -> ConfigRecord:
         s = self.fl_strategy
         out = ConfigRecord(dict(config))
         out[CONFIG_UP_DENSITY] = float(s.up_density)
         out[CONFIG_VALUES] = s.values
         out[CONFIG_ERROR_FEEDBACK] = bool(s.error_feedback)
-        out[CONFIG_DOWN] = s.down
+        out[CONFIG_DOWN] = down or s.down
+        return out
+
+    def _diff_messages(self, server_round: int, messages: List[Message]) -> List[Message]:
+        """One message per sampled node with its own download: the view's steps since the
+        version it holds, or the whole view (fastlora.fl.view)."""
+        self.view.advance(self.global_adapter, server_round)
+        out = []
+        self._sent_versions = {}
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            held = self.held.pop(node, None)  # set again when its reply is accepted
+            kind, payloads = self.view.download(held)
+            config = ConfigRecord(dict(msg.content[self.configrecord_key]))
+            config[CONFIG_DOWN_KIND] = kind
+            config[CONFIG_VIEW_FROM] = int(held) if kind == "diff" else -1
+            config[CONFIG_VIEW_TO] = self.view.version
+            record = pack_payloads(payloads)
+            out.append(Message(RecordDict({self.arrayrecord_key: record, self.configrecord_key: config}),
+                               message_type=msg.metadata.message_type, dst_node_id=node))
+            self.tracker.sent(server_round, record, 1, self._fedavg_bytes)
+            self._sent_versions[node] = self.view.version
         return out
 
     def _track_sent(self, server_round: int, messages: list, record: ArrayRecord) -> list:
@@ -390,6 +451,9 @@ class SparseLoRA(FedAvg):
         self._sync_global(arrays)
         if self.fraction_train == 0.0:
             return []
+        if self.view is not None:
+            messages = list(super().configure_train(server_round, ArrayRecord(), self._config(config), grid))
+            return self._diff_messages(server_round, messages)
         record = pack_payload(self.download_payload())
         messages = list(super().configure_train(server_round, record, self._config(config), grid))
         return self._track_sent(server_round, messages, record)
@@ -400,7 +464,8 @@ class SparseLoRA(FedAvg):
             return []
         self._sync_global(arrays)
         record = pack_payload(self.download_payload())
-        messages = list(super().configure_evaluate(server_round, record, self._config(config), grid))
+        down = "dense" if self.view is not None else None  # evaluate messages stand alone
+        messages = list(super().configure_evaluate(server_round, record, self._config(config, down), grid))
         return self._track_sent(server_round, messages, record)
 
     def check_reply(self, msg: Message):
@@ -435,6 +500,7 @@ class SparseLoRA(FedAvg):
         # Node-id order: the float32 sums do not depend on the order in which replies arrived.
         replies = sorted(replies, key=lambda m: m.metadata.src_node_id)
         accepted, counts, contents, reasons = [], [], [], []
+        seen = set()
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_content():
@@ -442,6 +508,9 @@ class SparseLoRA(FedAvg):
                 self.tracker.received(server_round, nbytes, self._fedavg_bytes)
             try:
                 sd, n = self.check_reply(msg)
+                if node in seen:  # one update per node and round: a second would count twice
+                    raise ValueError("a second update from this node in this round (the first one counts)")
+                seen.add(node)
             except Exception as e:  # noqa: BLE001  a bad reply must never stop the round
                 why = str(e) if isinstance(e, ValueError) else f"unexpected {type(e).__name__}: {e}"
                 reason = f"node {node}: {why}"
@@ -451,6 +520,8 @@ class SparseLoRA(FedAvg):
             accepted.append(sd)
             counts.append(n)
             contents.append(msg.content)
+            if node in self._sent_versions:
+                self.held[node] = self._sent_versions[node]
         self.tracker.result(server_round, len(accepted), reasons)
         log(logging.INFO, "aggregate_train: %d updates accepted, %d rejected", len(accepted), len(reasons))
 
@@ -500,14 +571,18 @@ class SparseLoRA(FedAvg):
 # ---------------------------------------------------------------------------------------------
 # client side
 # ---------------------------------------------------------------------------------------------
+def _message_config(msg: Message):
+    configs = list(msg.content.config_records.values()) if msg.has_content() else []
+    return configs[0] if len(configs) == 1 else {}
+
+
 def _upload_settings(msg: Message, strategy) -> Tuple[float, str, bool]:
     if strategy is not None:   # only the upload settings matter here: any strategy will do
         s = parse_strategy(strategy) if isinstance(strategy, str) else strategy
         if not isinstance(s, Strategy):
             raise TypeError(f"strategy must be a fastlora Strategy or a spec string, got {type(s).__name__}")
         return s.up_density, s.values, s.error_feedback
-    configs = list(msg.content.config_records.values())
-    cfg = configs[0] if len(configs) == 1 else {}
+    cfg = _message_config(msg)
     missing = [k for k in (CONFIG_UP_DENSITY, CONFIG_VALUES, CONFIG_ERROR_FEEDBACK) if k not in cfg]
     if missing:
         raise ValueError(f"fastlora client: the message's ConfigRecord lacks {missing} (was it sent by "
@@ -549,6 +624,43 @@ def load_global(msg: Message, model: torch.nn.Module) -> Adapter:
     return start
 
 
+def _load_view(msg: Message, context: Context, model: torch.nn.Module) -> Adapter:
+    """``diff`` download: applies the message's steps to the view this node keeps in
+    ``context.state`` (or takes the resynced view), stores the result there and loads it into
+    ``model``. Returns a copy (float32)."""
+    if msg.has_error():
+        raise ValueError(f"fastlora client: the message carries an error: {msg.error.reason}")
+    layout, _ = _model_layout(model)
+    cfg = _message_config(msg)
+    kind, start_version, version = cfg.get(CONFIG_DOWN_KIND), cfg.get(CONFIG_VIEW_FROM), cfg.get(CONFIG_VIEW_TO)
+    if kind not in ("diff", "resync") or not isinstance(version, int):
+        raise ValueError(f"fastlora client: a diff download needs {CONFIG_DOWN_KIND!r} ('diff' or 'resync') and "
+                         f"{CONFIG_VIEW_TO!r} in the message's ConfigRecord (sent by fastlora.flower.SparseLoRA)")
+    payloads = unpack_payloads(_single_array_record(msg.content, "fastlora client"))
+    held = None
+    if kind == "diff":
+        stored = context.state.get(VIEW_VERSION_KEY) if VIEW_VERSION_KEY in context.state else None
+        held_version = stored.get("version") if isinstance(stored, ConfigRecord) else None
+        if held_version != start_version or VIEW_KEY not in context.state:
+            raise ValueError(f"fastlora client: the server sent the view's steps from version {start_version}, but "
+                             f"this node holds {'no view' if held_version is None else f'version {held_version}'}; "
+                             "the server resends the whole view to a node whose reply did not arrive")
+        held = {n: t.clone().to(torch.float32) for n, t in context.state[VIEW_KEY].to_torch_state_dict().items()}
+        if list(held) != list(layout.names) or any(tuple(held[sp.name].shape) != tuple(sp.shape)
+                                                   for sp in layout.specs):
+            raise ValueError(f"fastlora client: the view in context.state[{VIEW_KEY!r}] does not match the model's "
+                             "adapter (did the model change between rounds?)")
+    try:
+        view = apply_download(held, kind, payloads, layout)
+    except codec.DecodeError as e:
+        raise ValueError(f"fastlora client: cannot decode the server's download against this model's trainable "
+                         f"parameters ({len(layout.names)} tensors, {layout.numel} entries): {e}") from None
+    context.state[VIEW_KEY] = ArrayRecord(view)
+    context.state[VIEW_VERSION_KEY] = ConfigRecord({"version": int(version)})
+    set_adapter(model, view)
+    return {n: t.clone() for n, t in view.items()}
+
+
 def _load_residual(context: Context, key: str, like: Adapter) -> Adapter:
     if key not in context.state:
         return new_residual(like)
@@ -568,7 +680,9 @@ def client_update(msg: Message, context: Context, model: torch.nn.Module,
     """One client round on Flower: decode the download into ``model``'s adapter, train, reply.
 
     1. The message's single payload ArrayRecord is decoded against ``model``'s trainable
-       parameters (the adapter, float32, ``named_parameters`` order) and loaded into them.
+       parameters (the adapter, float32, ``named_parameters`` order) and loaded into them. A
+       ``diff`` download applies its steps to the view this node keeps in
+       ``context.state[VIEW_KEY]`` (or replaces it with a resynced view) and loads that.
     2. ``train_fn(model)`` trains in place and returns the number of examples (the FedAvg
        weight), or ``(num_examples, {metric: value})``.
     3. The update ``trained - downloaded`` is sparsified (top ``up_density`` of update +
@@ -583,7 +697,10 @@ def client_update(msg: Message, context: Context, model: torch.nn.Module,
     ClientApp into an error reply, which the server counts as a failure.
     """
     density, values, error_feedback = _upload_settings(msg, strategy)
-    start = load_global(msg, model)
+    if _message_config(msg).get(CONFIG_DOWN) == "diff":
+        start = _load_view(msg, context, model)
+    else:
+        start = load_global(msg, model)
     layout = Layout.of(start)
     out = train_fn(model)
     user_metrics: Mapping[str, float] = {}

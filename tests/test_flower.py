@@ -30,9 +30,10 @@ from fastlora import codec  # noqa: E402
 from fastlora.fl.client import decode_dense, sparsify_encode  # noqa: E402
 from fastlora.fl.model import build_classifier, get_adapter, set_adapter, tiny_encoder  # noqa: E402
 from fastlora.fl.server import ServerOptimizer  # noqa: E402
-from fastlora.flower import (PAYLOAD_KEY, PAYLOAD_STYPE, RESIDUAL_KEY, InProcessGrid,  # noqa: E402
+from fastlora.fl.view import ServerView  # noqa: E402
+from fastlora.flower import (PAYLOAD_KEY, PAYLOAD_STYPE, RESIDUAL_KEY, VIEW_KEY, InProcessGrid,  # noqa: E402
                              PayloadError, SparseLoRA, as_strategy, client_update, initial_arrays,
-                             pack_payload, run_in_process, unpack_payload)
+                             pack_payload, pack_payloads, run_in_process, unpack_payload, unpack_payloads)
 from fastlora.ops.aggregate import sparse_aggregate  # noqa: E402
 from fastlora.sparse_delta import Layout  # noqa: E402
 
@@ -111,13 +112,17 @@ def test_pack_unpack_payload_is_strict():
         unpack_payload(ArrayRecord({PAYLOAD_KEY: Array("uint8", (4,), PAYLOAD_STYPE, b"FLxyz")}))
     with pytest.raises(TypeError):
         pack_payload("not bytes")
+    # a diff download's record: several payloads, in order
+    assert unpack_payloads(pack_payloads([b"a", b"bc", b"d"])) == [b"a", b"bc", b"d"]
+    assert unpack_payloads(pack_payloads([])) == [] and list(pack_payloads([b"a"])) == [PAYLOAD_KEY]
+    with pytest.raises(PayloadError, match="keys"):
+        unpack_payloads(ArrayRecord({PAYLOAD_KEY: rec[PAYLOAD_KEY], "fastlora.2": rec[PAYLOAD_KEY]}))
 
 
 def test_strategy_configuration_errors():
     assert as_strategy("flasc:up=1/64,down=1/8").up_density == 1 / 64
     assert as_strategy("ef-topk:mode=sparse").error_feedback
-    with pytest.raises(ValueError, match="'diff' is not supported on Flower.*mode=sparse"):
-        SparseLoRA("ef-topk")
+    assert SparseLoRA("ef-topk").fl_strategy.down == "diff"
     with pytest.raises(ValueError, match="exact"):
         SparseLoRA("exact")
     with pytest.raises(ValueError, match="FedStale"):
@@ -147,18 +152,28 @@ def replay(cfg, grid, optimizer):
     s = as_strategy(cfg["strategy"])
     glob = get_adapter(fresh_model(cfg))
     layout = Layout.of(glob)
+    view = ServerView(layout, s.down_density, s.down_values) if s.down == "diff" else None
+    held = {}
     rounds = sorted({round_of(m) for m in grid.sent})
     for r in rounds:
         sent = [m for m in grid.sent if round_of(m) == r]
         replies = sorted((grid.received[grid.sent.index(m)] for m in sent),   # the server sums in node order
                          key=lambda rep: rep.metadata.src_node_id)
-        if s.down == "dense":
-            expected_down = sparsify_encode(glob, layout, density=1.0, values=s.down_values)
+        if view is not None:  # the loop's diff download (fastlora.fl.view), node by node
+            view.advance(glob, r)
+            for m in sent:
+                kind, payloads = view.download(held.pop(m.metadata.dst_node_id, None))
+                assert unpack_payloads(m.content["arrays"]) == payloads
+                assert m.content["config"]["fastlora-down-kind"] == kind
+            held.update({rep.metadata.src_node_id: r for rep in replies if not rep.has_error()})
         else:
-            expected_down = sparsify_encode(glob, layout, density=s.down_density, values=s.down_values,
-                                            per_tensor=True)
-        for m in sent:
-            assert unpack_payload(m.content["arrays"]) == expected_down
+            if s.down == "dense":
+                expected_down = sparsify_encode(glob, layout, density=1.0, values=s.down_values)
+            else:
+                expected_down = sparsify_encode(glob, layout, density=s.down_density, values=s.down_values,
+                                                per_tensor=True)
+            for m in sent:
+                assert unpack_payload(m.content["arrays"]) == expected_down
         payloads = [unpack_payload(rep.content["arrays"]) for rep in replies]
         counts = [rep.content["metrics"]["num-examples"] for rep in replies]
         update = sparse_aggregate(payloads, [c / float(sum(counts)) for c in counts], layout=layout)
@@ -166,7 +181,7 @@ def replay(cfg, grid, optimizer):
     return glob, layout
 
 
-@pytest.mark.parametrize("spec", ["flasc", "ef-topk:mode=sparse,server_opt=adam,server_lr=0.01"])
+@pytest.mark.parametrize("spec", ["flasc", "ef-topk", "ef-topk:mode=sparse,server_opt=adam,server_lr=0.01"])
 def test_in_process_rounds_match_direct_computation(tmp_path, spec):
     out = tmp_path / "result.pt"
     cfg = task.config(overrides={"strategy": spec, "output": str(out)})
@@ -185,6 +200,55 @@ def test_in_process_rounds_match_direct_computation(tmp_path, spec):
     for ctx in grid.contexts.values():
         assert (RESIDUAL_KEY in ctx.state) == s.error_feedback
     print(f"in-process {spec}: {elapsed:.2f} s")
+
+
+def test_diff_download_with_partial_participation_keeps_every_node_on_the_view():
+    """4 nodes, 2 sampled per round: a node that rejoins gets the steps it missed (or a resync)
+    and ends on the server's view bit for bit; the bytes are what the loop's ServerView sends."""
+    cfg = task.config(overrides={"strategy": "ef-topk:down=1/8", "num-server-rounds": 6, "min-nodes": 2})
+    strategies = []
+
+    class Keep(SparseLoRA):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            strategies.append(self)
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context):
+        model = task.get_model(cfg)
+        strategy = Keep(cfg["strategy"], fraction_train=0.5, min_train_nodes=2, min_available_nodes=4)
+        strategy.start(grid=grid, initial_arrays=initial_arrays(task.initial_adapter(cfg)), num_rounds=6)
+        del model
+
+    torch.manual_seed(0)
+    grid = run_in_process(app, make_client_app(), 4)
+    strategy = strategies[0]
+    kinds = [(m.content["config"]["fastlora-down-kind"], len(m.content["arrays"])) for m in grid.sent]
+    assert ("diff", 2) in kinds or ("diff", 3) in kinds, kinds  # a node that rejoined caught up
+    assert all(not r.has_error() for r in grid.received)
+    layout = strategy.layout
+    for node, version in strategy.held.items():
+        state = grid.contexts[node].state
+        assert int(state["fastlora.view-version"]["version"]) == version
+        if version == strategy.view.version:
+            held = state[VIEW_KEY].to_torch_state_dict()
+            for n in layout.names:
+                assert torch.equal(held[n], strategy.view.view[n]), n
+    replay(cfg, grid, ServerOptimizer())  # every download is the ServerView's
+
+
+def test_diff_download_resyncs_a_node_that_lost_its_view(task_identity):
+    cfg = task.config(overrides={"strategy": "ef-topk", "num-server-rounds": 3})
+    grid = run_in_process(make_server_app(**cfg), make_client_app(), 2)
+    assert [m.content["config"]["fastlora-down-kind"] for m in grid.sent] == ["resync"] * 2 + ["diff"] * 4
+    # a node whose state was lost raises (an error reply): the server resyncs it next time
+    ctx = next(iter(grid.contexts.values()))
+    msg = grid.sent[-1]
+    del ctx.state[VIEW_KEY]
+    with pytest.raises(ValueError, match="holds no view|holds version"):
+        client_update(msg, ctx, task.get_model(cfg), lambda m: 1)
 
 
 def test_error_feedback_residual_persists_across_rounds():
@@ -344,12 +408,22 @@ def test_malformed_replies_are_rejected_and_the_round_continues(task_identity):
                 "got [1, 2]", "got 1e+300", "boom"):
         assert any(why in r for r in reasons), (why, reasons)
 
+    # a node's second valid update in a round is rejected: it would count twice
+    st.configure_train(3, arrays, ConfigRecord(), grid)
+    before = {k: v.clone() for k, v in st.global_adapter.items()}
+    _, metrics = st.aggregate_train(3, [reply(ins[0], good[0], 10), reply(ins[0], good[1], 10)])
+    assert metrics["fastlora-accepted"] == 1 and "second update" in st.tracker.rounds[3].reasons[0]
+    expected = {k: v.clone() for k, v in before.items()}
+    ServerOptimizer().apply(expected, sparse_aggregate(good[:1], [1.0], layout=layout))
+    for k in layout.names:
+        assert torch.equal(st.global_adapter[k], expected[k])
+
     # every reply bad: no update, the global adapter stays as it was
     arrays, metrics = st.aggregate_train(2, list(bad.values()))
     assert arrays is None and metrics["fastlora-failures"] == len(bad) and metrics["fastlora-accepted"] == 0
     for k in layout.names:
         assert torch.equal(st.global_adapter[k], expected[k])
-    assert st.tracker.summary()["total"]["failures"] == 2 * len(bad)
+    assert st.tracker.summary()["total"]["failures"] == 2 * len(bad) + 1
 
 
 def test_failing_clients_leave_the_global_adapter_unchanged():
