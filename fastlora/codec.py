@@ -81,6 +81,7 @@ from typing import List, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from fastlora import _arrays
 from fastlora.sparse_delta import Layout, SparseDelta
 
 __all__ = [
@@ -328,6 +329,16 @@ def _encode_values(val: torch.Tensor, idx: np.ndarray, layout: Layout, fmt: str,
     return [s.astype("<f4").tobytes(), q.tobytes()]
 
 
+def _natural_format(val) -> str:
+    """The wire format that carries ``val``'s dtype exactly (encode's default)."""
+    if not isinstance(val, torch.Tensor) or not val.is_floating_point():
+        raise EncodeError("invalid SparseDelta: values must be a 1-D floating tensor as long as indices")
+    if val.dtype == torch.float64:
+        raise EncodeError("encode: float64 values have no exact wire format; pass values='fp32' (rounds them to "
+                          "float32) or another format explicitly")
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(val.dtype, "fp32")
+
+
 def _value_section_len(fmt: str, nnz: int, block: int) -> int:
     if fmt == "int8":
         return -(-nnz // block) * 4 + nnz
@@ -337,24 +348,36 @@ def _value_section_len(fmt: str, nnz: int, block: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # encode
 # ---------------------------------------------------------------------------------------------
-def encode(sparse: SparseDelta, *, values: str = "fp16", layout: str = "full", int8_block: int = 256) -> bytes:
+def encode(sparse: SparseDelta, *, values: Optional[str] = None, layout: str = "full",
+           int8_block: int = 256) -> bytes:
     """Serialises ``sparse`` (see the module docstring for the format).
 
-    values: "fp32" (exact), "bf16", "fp16" (round to nearest even; fp16 input is sent as is)
-    or "int8" (per block of ``int8_block`` values, fp32 scale, error <= scale/2).
+    values: None (default: the format of the values' own dtype, so nothing is rounded here:
+    float32 -> "fp32", float16 -> "fp16", bfloat16 -> "bf16", float8 -> "fp32"; float64, which
+    has no exact wire format, is an EncodeError asking for an explicit format), "fp32"
+    (exact), "bf16", "fp16" (round to nearest even; fp16 input is sent as is) or "int8" (per
+    block of ``int8_block`` values, fp32 scale, error <= scale/2).
+    Error feedback: choose the travel precision where the residual can see it, i.e.
+    ``topk_sparsify(..., value_dtype=torch.float16)`` then ``encode(sd)``, or use
+    ``fastlora.ErrorFeedback`` (which also keeps int8's quantisation error). An explicit
+    ``values`` coarser than the values (e.g. "fp16" or "int8" for float32 values) rounds them
+    here, after the residual was updated, and that rounding is lost to error feedback.
+    (The default used to be "fp16", which silently did exactly that to float32 values.)
     layout: "full" (the JSON layout travels) or "fingerprint" (16-byte hash only; the receiver
     passes the layout to :func:`decode`).
     Raises EncodeError, naming the tensor, for a value the format cannot carry.
     """
-    if values not in VALUE_FORMATS:
-        raise EncodeError(f"values must be one of {VALUE_FORMATS}, got {values!r}")
+    if values is not None and values not in VALUE_FORMATS:
+        raise EncodeError(f"values must be None or one of {VALUE_FORMATS}, got {values!r}")
     if layout not in LAYOUT_MODES:
         raise EncodeError(f"layout must be one of {LAYOUT_MODES}, got {layout!r}")
+    if not isinstance(sparse, SparseDelta):
+        raise TypeError(f"encode expects a SparseDelta, got {type(sparse).__name__}")
+    if values is None:
+        values = _natural_format(sparse.values)
     if values == "int8" and (isinstance(int8_block, bool) or not isinstance(int8_block, int)
                              or not 1 <= int8_block <= MAX_INT8_BLOCK):
         raise EncodeError(f"int8_block must be an int in [1, {MAX_INT8_BLOCK}], got {int8_block!r}")
-    if not isinstance(sparse, SparseDelta):
-        raise TypeError(f"encode expects a SparseDelta, got {type(sparse).__name__}")
     lay = sparse.layout
     idx_t, val_t = sparse.indices, sparse.values
     # The SparseDelta invariants, checked in numpy (see _encode_values) rather than validate().
@@ -408,12 +431,7 @@ class _Header:
 
 
 def _as_bytes_view(data) -> memoryview:
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise TypeError(f"decode expects bytes, bytearray or memoryview, got {type(data).__name__}")
-    mv = memoryview(data)
-    if mv.ndim != 1 or mv.format not in ("B", "b", "c") or not mv.contiguous:
-        mv = memoryview(mv.tobytes())
-    return mv.cast("B") if mv.format != "B" else mv
+    return _arrays.payload_view(data, "decode: data")
 
 
 def _parse_int(s: str) -> int:
@@ -657,9 +675,14 @@ def _decode_values(buf: memoryview, h: _Header, off: int, idx: np.ndarray) -> to
     return out
 
 
-def decode(data: Union[bytes, bytearray, memoryview], *, layout: Optional[Layout] = None,
+def decode(data: Union[bytes, bytearray, memoryview, np.ndarray], *, layout: Optional[Layout] = None,
            max_numel: int = DEFAULT_MAX_NUMEL) -> SparseDelta:
     """Parses a payload from :func:`encode` into a CPU :class:`SparseDelta`.
+
+    data: ``bytes``, ``bytearray``, ``memoryview`` or a 1-D uint8 numpy array (e.g. what a
+    Flower ``Array`` holds); read without a copy when contiguous, never written. Anything
+    else is a TypeError. The result is a SparseDelta of torch tensors whatever ``data`` was
+    (``result.to_dense(as_numpy=True)`` for numpy arrays).
 
     layout: required for fingerprint payloads (must match the fingerprint); for full payloads,
     if given, the payload's JSON layout must equal it. max_numel: largest layout accepted
@@ -677,7 +700,7 @@ def decode(data: Union[bytes, bytearray, memoryview], *, layout: Optional[Layout
 # ---------------------------------------------------------------------------------------------
 # stats
 # ---------------------------------------------------------------------------------------------
-def inspect(data: Union[bytes, bytearray, memoryview], *, layout: Optional[Layout] = None,
+def inspect(data: Union[bytes, bytearray, memoryview, np.ndarray], *, layout: Optional[Layout] = None,
             max_numel: int = DEFAULT_MAX_NUMEL) -> dict:
     """What a payload spends its bytes on (header and section lengths are validated; the
     sections themselves are not decoded). Keys: version, layout_mode, values, index_coding,

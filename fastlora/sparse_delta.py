@@ -14,7 +14,10 @@ import math
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
+
+from fastlora import _arrays
 
 # dtypes a layout may name, by their canonical string (also the wire-format spelling).
 DTYPES_BY_NAME: Dict[str, torch.dtype] = {
@@ -73,17 +76,18 @@ class Layout:
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
-    def of(cls, delta: Union[torch.Tensor, Mapping[str, torch.Tensor]]) -> "Layout":
-        """The layout of a tensor or of a dict name -> tensor (insertion order)."""
-        if isinstance(delta, torch.Tensor):
-            return cls([("", delta.shape, delta.dtype)], is_dict=False)
+    def of(cls, delta: Union[torch.Tensor, np.ndarray, Mapping[str, Union[torch.Tensor, np.ndarray]]]) -> "Layout":
+        """The layout of a tensor or of a dict name -> tensor (insertion order). numpy arrays
+        count as the tensors ``torch.from_numpy`` would give (float16/32/64)."""
+        if isinstance(delta, (torch.Tensor, np.ndarray)):
+            return cls([("", delta.shape, _dtype_of(delta, "the tensor"))], is_dict=False)
         if isinstance(delta, Mapping):
             for k, v in delta.items():
                 if not isinstance(k, str):
                     raise TypeError(f"layout: dict keys must be str, got {type(k).__name__}")
-                if not isinstance(v, torch.Tensor):
+                if not isinstance(v, (torch.Tensor, np.ndarray)):
                     raise TypeError(f"layout: entry {k!r} is a {type(v).__name__}, not a tensor")
-            return cls([(k, v.shape, v.dtype) for k, v in delta.items()], is_dict=True)
+            return cls([(k, v.shape, _dtype_of(v, f"tensor {k!r}")) for k, v in delta.items()], is_dict=True)
         raise TypeError(f"expected a tensor or a dict of tensors, got {type(delta).__name__}")
 
     # -- serialisation (the codec's JSON layout) --------------------------------------------
@@ -154,17 +158,29 @@ class Layout:
         return f"Layout({{{inner}{more}}})"
 
 
+def _dtype_of(t, label: str) -> torch.dtype:
+    if isinstance(t, torch.Tensor):
+        return t.dtype
+    try:
+        return torch.from_numpy(np.empty(0, dtype=t.dtype.newbyteorder("="))).dtype
+    except (TypeError, ValueError):
+        raise TypeError(f"layout: {label} is a numpy array of unsupported dtype {t.dtype} "
+                        f"(supported: float16, float32, float64)") from None
+
+
 class SparseDelta:
     """A sparse update: ``indices`` (int64, flat, sorted ascending, unique), ``values`` (same
     length; their dtype is the travel dtype, e.g. float32 or float16) and the ``layout`` that
-    ``to_dense`` rebuilds. Tensors live on one device (the CPU after decoding)."""
+    ``to_dense`` rebuilds. Tensors live on one device (the CPU after decoding). The constructor
+    also takes numpy arrays (int64 indices, float values; read zero-copy when safe, else
+    copied: see ``fastlora._arrays``); they are kept as tensors."""
 
     __slots__ = ("indices", "values", "layout", "validated")
 
     def __init__(self, indices: torch.Tensor, values: torch.Tensor, layout: Layout, *,
                  validate: bool = True):
-        self.indices = indices
-        self.values = values
+        self.indices = _arrays.input_tensor(indices, "SparseDelta indices", any_dtype=True)
+        self.values = _arrays.input_tensor(values, "SparseDelta values")
         self.layout = layout
         # True once the invariants are known to hold (checked here, or produced by a fastlora
         # kernel that guarantees them); consumers may then skip re-checking.
@@ -218,8 +234,12 @@ class SparseDelta:
         self.validated = check_values
         return self
 
-    def to_dense(self, dtype: Optional[torch.dtype] = None, device=None):
-        """The dense tensor (or dict of tensors) in the layout's dtypes (or ``dtype``)."""
+    def to_dense(self, dtype: Optional[torch.dtype] = None, device=None, *, as_numpy: Optional[bool] = None):
+        """The dense tensor (or dict of tensors) in the layout's dtypes (or ``dtype``).
+        ``as_numpy=True``: numpy arrays instead (on the CPU; bfloat16 comes back as float32,
+        numpy has none); None / False: tensors."""
+        if _arrays.check_as_numpy(as_numpy):
+            return _arrays.dense_out(self.to_dense(dtype, device), True)
         device = device if device is not None else self.values.device
         out = {}
         idx = self.indices.to(device)

@@ -1,5 +1,6 @@
 """fastlora.sparse_aggregate (C++ CPU kernel) against densify-and-sum in float64 and against
 fastlora.reference.sparse_aggregate_ (bitwise)."""
+import numpy as np
 import pytest
 import torch
 
@@ -236,3 +237,65 @@ def test_torch_compile_fullgraph():
     r1 = torch.compile(server_step, fullgraph=True, backend="aot_eager")(acc1, *args)
     r2 = server_step(acc2, *args)
     assert torch.equal(r1, r2) and torch.equal(acc1, acc2)
+
+
+# --- numpy: payloads, out, weights, results ------------------------------------------------------
+
+def _payloads(layout, n=5, values="fp32"):
+    from fastlora import codec
+    g = torch.Generator().manual_seed(7)
+    deltas = [random_delta(layout, 60, gen=g) for _ in range(n)]
+    return deltas, [codec.encode(d, values=values, layout="fingerprint") for d in deltas]
+
+
+def test_numpy_and_buffer_payloads_weights_and_as_numpy():
+    layout = Layout.of({"A": torch.zeros(16, 24), "B": torch.zeros(24, 16)})
+    _, payloads = _payloads(layout)
+    w = [0.1, 0.2, 0.3, 0.15, 0.25]
+    expected = fastlora.sparse_aggregate(payloads, w, layout=layout)
+    strided = np.zeros(2 * len(payloads[4]), dtype=np.uint8)
+    strided[1::2] = np.frombuffer(payloads[4], dtype=np.uint8)
+    forms = [np.frombuffer(payloads[0], dtype=np.uint8), bytearray(payloads[1]), memoryview(payloads[2]),
+             np.frombuffer(payloads[3], dtype=np.uint8).copy(), strided[1::2]]
+    for weights in (w, np.array(w), np.array(w, dtype=">f8"), torch.tensor(w)):
+        got = fastlora.sparse_aggregate(forms, weights, layout=layout)
+        assert all(isinstance(v, torch.Tensor) for v in got.values())      # no dense input: tensors
+        assert all(torch.equal(got[k], expected[k]) for k in expected)
+    as_np = fastlora.sparse_aggregate(forms, w, layout=layout, as_numpy=True)
+    assert all(isinstance(v, np.ndarray) and np.array_equal(v, expected[k].numpy()) for k, v in as_np.items())
+    with pytest.raises(TypeError, match="client 1: decode: data: .*1-D uint8"):
+        fastlora.sparse_aggregate([forms[0], np.frombuffer(payloads[1], dtype=np.uint8).astype(np.uint16)], layout=layout)
+    with pytest.raises(ValueError, match="as_numpy applies to a new dense result"):
+        fastlora.sparse_aggregate(forms, w, layout=layout, out={k: torch.zeros_like(v) for k, v in expected.items()},
+                                  as_numpy=True)
+
+
+@pytest.mark.parametrize("np_dtype", [np.float32, np.float16, np.float64], ids=str)
+def test_numpy_out_updated_in_place(np_dtype):
+    layout = Layout.of({"A": torch.zeros(16, 24), "B": torch.zeros(24, 16)})
+    deltas, payloads = _payloads(layout)
+    rng = np.random.default_rng(0)
+    base = {"A": rng.standard_normal((16, 24)).astype(np_dtype), "B": rng.standard_normal((24, 16)).astype(np_dtype)}
+    out = {k: v.copy() for k, v in base.items()}
+    ref_out = {k: torch.from_numpy(v.copy()) for k, v in base.items()}
+    fastlora.sparse_aggregate(deltas, out=ref_out)
+    for ds in (payloads, deltas):                                   # both the copy and the in-place path
+        out = {k: v.copy() for k, v in base.items()}
+        assert fastlora.sparse_aggregate(ds, out=out, layout=layout) is out
+        assert all(isinstance(v, np.ndarray) and np.array_equal(v, ref_out[k].numpy()) for k, v in out.items())
+
+
+def test_numpy_out_that_cannot_be_written_is_refused_untouched():
+    layout = Layout.of({"A": torch.zeros(16, 24), "B": torch.zeros(24, 16)})
+    _, payloads = _payloads(layout)
+    ro = np.ones((16, 24), dtype=np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match=r"out\['A'\] is a read-only numpy array"):
+        fastlora.sparse_aggregate(payloads, out={"A": ro, "B": np.zeros((24, 16), np.float32)}, layout=layout)
+    assert (ro == 1).all()
+    with pytest.raises(ValueError, match=r"out\['B'\] is a numpy array in non-native byte order"):
+        fastlora.sparse_aggregate(payloads, out={"A": np.zeros((16, 24), np.float32),
+                                                 "B": np.zeros((24, 16), ">f4")}, layout=layout)
+    with pytest.raises(TypeError, match=r"out\['B'\] is a numpy array of dtype int64"):
+        fastlora.sparse_aggregate(payloads, out={"A": np.zeros((16, 24), np.float32),
+                                                 "B": np.zeros((24, 16), np.int64)}, layout=layout)

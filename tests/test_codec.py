@@ -622,3 +622,68 @@ def test_fuzz_insertions_and_deletions(which, pos, chunk, insert):
     pos %= len(body)
     body = body[:pos] + chunk + body[pos:] if insert else body[:pos] + body[pos + len(chunk):]
     _decode_or_error(_recrc(body + b"\0\0\0\0"), lay)
+
+
+# ---------------------------------------------------------------------------------------------
+# default value format, numpy
+# ---------------------------------------------------------------------------------------------
+def test_default_values_format_is_the_values_own_dtype():
+    """encode(sd) never rounds: the travel precision is chosen where the residual sees it
+    (topk_sparsify's value_dtype), so topk_sparsify + encode with defaults lose nothing."""
+    lay = LAYOUTS["dict"]
+    for dtype, fmt in [(torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16")]:
+        sd = _delta(lay, 50, dtype=dtype)
+        data = encode(sd, layout="fingerprint")
+        assert inspect(data, layout=lay)["values"] == fmt
+        dec = decode(data, layout=lay)
+        assert dec.values.dtype == dtype and torch.equal(dec.values, sd.values)
+    with pytest.raises(EncodeError, match="float64 values have no exact wire format"):
+        encode(_delta(lay, 5, dtype=torch.float64))
+    assert inspect(encode(_delta(lay, 5, dtype=torch.float64), values="fp32"))["values"] == "fp32"
+    # with error feedback: topk_sparsify(value_dtype=fp16) + encode() is exact
+    d = {"a": torch.randn(300), "b": torch.randn(4, 5)}
+    res = {n: torch.full_like(t, 0.01) for n, t in d.items()}
+    old = {n: r.clone() for n, r in res.items()}
+    import fastlora
+    sd = fastlora.topk_sparsify(d, density=0.1, residual=res, value_dtype=torch.float16)
+    sent = decode(encode(sd)).to_dense(torch.float32)
+    for n in d:
+        assert torch.equal(sent[n] + res[n], d[n] + old[n])
+
+
+def test_decode_takes_numpy_uint8_payloads():
+    sd = _delta(LAYOUTS["dict"], 100)
+    data = encode(sd, values="fp16", layout="fingerprint")
+    arr = np.frombuffer(data, dtype=np.uint8)             # read-only, as numpy hands out bytes
+    assert not arr.flags.writeable
+    strided = np.zeros(2 * len(data), dtype=np.uint8)
+    strided[::2] = arr
+    for form in (arr, arr.copy(), strided[::2], bytearray(data), memoryview(data)):
+        dec = decode(form, layout=sd.layout)
+        assert torch.equal(dec.indices, sd.indices)
+        assert torch.equal(dec.values, sd.values.to(torch.float16))
+        assert inspect(form, layout=sd.layout)["nnz"] == 100
+    assert bytes(arr) == data                             # never written
+    for bad in (arr.astype(np.int16), arr.reshape(1, -1), arr.astype(np.float32)):
+        with pytest.raises(TypeError, match="decode: data: .*1-D uint8"):
+            decode(bad, layout=sd.layout)
+    with pytest.raises(TypeError, match="decode: data: expected payload bytes"):
+        decode([1, 2, 3])
+
+
+def test_sparse_delta_from_numpy_and_dense_as_numpy():
+    lay = Layout.of({"a": np.zeros((3, 4), dtype=np.float32), "b": np.zeros(5, dtype=np.float16)})
+    assert lay == Layout.of({"a": torch.zeros(3, 4), "b": torch.zeros(5, dtype=torch.float16)})
+    idx = np.array([1, 7, 13], dtype=np.int64)
+    val = np.array([0.5, -2.0, 3.0], dtype=">f4")         # big-endian values: copied to native
+    sd = SparseDelta(idx, val, lay)
+    assert isinstance(sd.indices, torch.Tensor) and sd.values.dtype == torch.float32
+    dec = decode(encode(sd, layout="fingerprint"), layout=lay)
+    assert torch.equal(dec.indices, torch.from_numpy(idx))
+    dense = dec.to_dense(as_numpy=True)
+    assert isinstance(dense["a"], np.ndarray) and dense["a"].dtype == np.float32 and dense["b"].dtype == np.float16
+    assert dense["a"].reshape(-1)[7] == -2.0 and dense["b"][13 - 12] == 3.0
+    with pytest.raises(ValueError, match="int64"):
+        SparseDelta(idx.astype(np.int32), val, lay)
+    with pytest.raises(TypeError, match="numpy array of unsupported dtype"):
+        Layout.of({"a": np.zeros(3, dtype=object)})

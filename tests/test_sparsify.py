@@ -1,4 +1,5 @@
 """fastlora.topk_sparsify (C++ CPU kernel) against fastlora.reference.topk_sparsify."""
+import numpy as np
 import pytest
 import torch
 
@@ -305,3 +306,77 @@ def test_torch_compile_fullgraph():
     idx_c, vals_c = torch.compile(step, fullgraph=True, backend="aot_eager")(d, r1)
     idx_e, vals_e = step(d, r2)
     assert torch.equal(idx_c, idx_e) and torch.equal(vals_c, vals_e) and torch.equal(r1, r2)
+
+
+# --- numpy in, and new_residual agreeing with topk_sparsify ------------------------------------
+
+class TestNumpy:
+    def _forms(self, a):
+        ro = a.copy()
+        ro.flags.writeable = False
+        return {"plain": a, "read-only": ro, "big-endian": a.astype(a.dtype.newbyteorder(">")),
+                "fortran": np.asfortranarray(a), "negative strides": a[::-1, ::-1]}
+
+    @pytest.mark.parametrize("np_dtype", [np.float16, np.float32, np.float64], ids=str)
+    def test_numpy_delta_same_result_as_tensor(self, np_dtype):
+        import warnings
+
+        a = np.random.default_rng(0).standard_normal((30, 21)).astype(np_dtype)
+        for name, x in self._forms(a).items():
+            snapshot = x.copy()
+            t = torch.from_numpy(np.ascontiguousarray(x.astype(x.dtype.newbyteorder("="))))
+            res_t, res_n = fastlora.new_residual(t), fastlora.new_residual(x)
+            assert isinstance(res_n, np.ndarray) and res_n.dtype == np.float32 and res_n.shape == x.shape
+            res_n += 0.01
+            res_t += 0.01
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")       # no "non-writable NumPy array" warning: copied
+                sd = fastlora.topk_sparsify(x, k=50, residual=res_n, value_dtype=torch.float16)
+            ref = fastlora.topk_sparsify(t, k=50, residual=res_t, value_dtype=torch.float16)
+            assert torch.equal(sd.indices, ref.indices) and torch.equal(sd.values, ref.values), name
+            assert np.array_equal(res_n, res_t.numpy()), name     # the numpy residual, updated in place
+            assert np.array_equal(x, snapshot), name              # the delta untouched
+
+    def test_dict_of_numpy_and_tensors(self):
+        rng = np.random.default_rng(1)
+        d = {"a": rng.standard_normal((5, 6)).astype(np.float32), "b": torch.randn(7)}
+        res = fastlora.new_residual(d)            # has numpy: numpy out (as_numpy=None)
+        assert all(isinstance(r, np.ndarray) for r in res.values())
+        assert all(isinstance(r, torch.Tensor) for r in fastlora.new_residual(d, as_numpy=False).values())
+        assert isinstance(fastlora.new_residual(torch.zeros(3), as_numpy=True), np.ndarray)
+        sd = fastlora.topk_sparsify(d, k=9, residual=res)
+        dense = sd.to_dense(torch.float32, as_numpy=True)
+        for n in d:
+            assert isinstance(dense[n], np.ndarray)
+            assert np.array_equal(dense[n] + res[n], np.asarray(d[n], dtype=np.float32))
+
+    def test_inplace_residual_must_be_writable_native_float32(self):
+        d = np.ones((4, 4), dtype=np.float32)
+        ro = np.zeros((4, 4), dtype=np.float32)
+        ro.flags.writeable = False
+        with pytest.raises(ValueError, match="residual is a read-only numpy array"):
+            fastlora.topk_sparsify(d, k=1, residual=ro)
+        assert not ro.any()
+        with pytest.raises(ValueError, match="residual is a numpy array in non-native byte order"):
+            fastlora.topk_sparsify(d, k=1, residual=np.zeros((4, 4), dtype=">f4"))
+        with pytest.raises(TypeError, match="residual must be float32"):
+            fastlora.topk_sparsify(d, k=1, residual=np.zeros((4, 4), dtype=np.float64))
+        with pytest.raises(ValueError, match="contiguous"):
+            fastlora.topk_sparsify(d, k=1, residual=np.zeros((4, 4), dtype=np.float32).T)
+        with pytest.raises(ValueError, match=r"residual\['a'\] is a read-only"):
+            fastlora.topk_sparsify({"a": d}, k=1, residual={"a": ro})
+
+    def test_new_residual_and_topk_reject_the_same_dtypes(self):
+        for bad in (torch.arange(10), np.arange(10), torch.zeros(3, dtype=torch.bool), np.zeros(3, dtype=np.int32)):
+            msgs = []
+            for fn in (lambda x: fastlora.new_residual(x), lambda x: fastlora.topk_sparsify(x, k=1)):
+                with pytest.raises(TypeError, match="unsupported dtype .*expected a floating-point") as e:
+                    fn(bad)
+                msgs.append(str(e.value).split(": ", 1)[1])
+            assert msgs[0] == msgs[1]
+        with pytest.raises(TypeError, match=r"new_residual: delta\['x'\] has unsupported dtype torch.int64"):
+            fastlora.new_residual({"x": torch.arange(3), "y": torch.zeros(2)})
+        with pytest.raises(TypeError, match=r"delta\['y'\] is a list"):
+            fastlora.new_residual({"y": [1.0]})
+        with pytest.raises(TypeError, match="as_numpy"):
+            fastlora.new_residual(torch.zeros(2), as_numpy="yes")

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from typing import List, Mapping, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
+from fastlora import _arrays
 from fastlora import _library  # noqa: F401  (registers the C++ schemas and CPU kernels)
 from fastlora import reference
 from fastlora.sparse_delta import Layout, SparseDelta
@@ -28,28 +30,35 @@ DECODE_GROUP = 16
 Dense = Union[torch.Tensor, Mapping[str, torch.Tensor]]
 
 
-def sparse_aggregate(deltas: Sequence[Union[SparseDelta, bytes, bytearray, memoryview]],
+def sparse_aggregate(deltas: Sequence[Union[SparseDelta, bytes, bytearray, memoryview, np.ndarray]],
                      weights=None, *, out: Optional[Dense] = None, layout: Optional[Layout] = None,
                      sparse: Optional[str] = None, k: Optional[int] = None,
                      density: Optional[float] = None, value_dtype: torch.dtype = torch.float32,
-                     max_numel: Optional[int] = None):
+                     max_numel: Optional[int] = None, as_numpy: Optional[bool] = None):
     """Weighted sum of clients' sparse updates: ``sum_i weights[i] * dense(deltas[i])``.
 
     Args:
-        deltas: SparseDelta objects or encoded payloads (``fastlora.codec``), all of one
-            layout. Payloads are decoded on the fly, a group at a time, never all at once.
+        deltas: SparseDelta objects or encoded payloads (``fastlora.codec``: bytes,
+            bytearray, memoryview or 1-D uint8 numpy arrays), all of one layout. Payloads are
+            decoded on the fly, a group at a time, never all at once.
         weights: one per client, used as given (NOT normalised: for FedAvg pass
-            ``n_i / sum(n)``); a list or a tensor. Default: ``1 / N`` each.
+            ``n_i / sum(n)``); a list, a tensor or a numpy array. Default: ``1 / N`` each.
         out: optional tensor / dict in the layout's shapes to **add** into in place (e.g. the
             global adapter). With a float32 ``out`` a server can fold clients in one by one
             as payloads arrive and get the bits of one call over all of them (same order).
-            A non-float32 ``out`` is accumulated in float32 and rounded once per call.
+            A non-float32 ``out`` is accumulated in float32 and rounded once per call. numpy
+            arrays work too (writeable and native-endian, else ValueError naming the entry):
+            they are updated in place and ``out`` itself is returned.
         layout: the expected layout; required to decode fingerprint-only payloads, otherwise
             taken from the first delta. Every delta must match it.
         sparse: None (dense result), ``"topk"`` (the top-k of the aggregate, with ``k`` or
             ``density``) or ``"union"`` (the aggregate on the union of the clients' supports),
             returned as a SparseDelta with values in ``value_dtype`` (FLASC's sparse download).
         max_numel: passed to ``fastlora.codec.decode`` for payloads.
+        as_numpy: the numpy rule (``fastlora._arrays``) for a new dense result: None / False
+            give tensors (the inputs are payloads / SparseDeltas, not dense arrays), True
+            numpy arrays (bfloat16 layouts come back as float32). Only for a new dense result:
+            with ``out`` (returned as itself) or ``sparse`` (a SparseDelta) it must stay None.
 
     Returns ``out`` (updated), or a new dense tensor / dict in the layout's dtypes, or a
     SparseDelta in sparse mode. Bad input (different layouts, corrupt payloads, unsorted or
@@ -62,9 +71,19 @@ def sparse_aggregate(deltas: Sequence[Union[SparseDelta, bytes, bytearray, memor
     """
     deltas = list(deltas)
     n = len(deltas)
+    _arrays.check_as_numpy(as_numpy)
+    if as_numpy is not None and (out is not None or sparse is not None):
+        raise ValueError("sparse_aggregate: as_numpy applies to a new dense result; with out= the result is out "
+                         "itself, with sparse= a SparseDelta")
     if weights is None:
         w = torch.full((n,), 1.0 / n if n else 0.0, dtype=torch.float32)
     else:
+        if isinstance(weights, np.ndarray):   # any byte order / dtype numpy can cast to float32
+            try:
+                weights = np.asarray(weights, dtype=np.float32)
+            except (TypeError, ValueError) as e:
+                raise TypeError(f"sparse_aggregate: weights: cannot convert a {weights.dtype} array to float32 "
+                                f"({e})") from None
         w = torch.as_tensor(weights, dtype=torch.float32).detach().cpu().reshape(-1)
         if w.numel() != n:
             raise ValueError(f"sparse_aggregate: {w.numel()} weights for {n} clients")
@@ -97,7 +116,7 @@ def sparse_aggregate(deltas: Sequence[Union[SparseDelta, bytes, bytearray, memor
         layout = deltas[0].layout
 
     if out is not None:
-        target = _as_list(out, layout, "out")
+        target = _as_list(_arrays.inplace_dense(out, "sparse_aggregate: out"), layout, "out")
     else:
         target = None
     device = target[0].device if target else _device_of(deltas)
@@ -143,7 +162,7 @@ def sparse_aggregate(deltas: Sequence[Union[SparseDelta, bytes, bytearray, memor
         result_dense = out
     else:
         pieces = {s.name: a.to(s.dtype) if s.dtype != torch.float32 else a for s, a in zip(layout.specs, acc)}
-        result_dense = pieces if layout.is_dict else pieces[""]
+        result_dense = _arrays.dense_out(pieces if layout.is_dict else pieces[""], bool(as_numpy))
     return result_dense if result_sparse is None else result_sparse
 
 
@@ -157,14 +176,17 @@ def _materialise(d, layout: Optional[Layout], client: int, max_numel) -> SparseD
         if layout is not None and d.layout != layout:
             raise ValueError(f"sparse_aggregate: client {client}: layout {d.layout!r} differs from {layout!r}")
         return d
-    if isinstance(d, (bytes, bytearray, memoryview)):
+    if isinstance(d, (bytes, bytearray, memoryview, np.ndarray)):
         from fastlora import codec
 
         try:
             return codec.decode(d, layout=layout, **_max(max_numel))
         except codec.DecodeError as e:
             raise ValueError(f"sparse_aggregate: client {client}: cannot decode payload: {e}") from None
-    raise TypeError(f"sparse_aggregate: client {client}: expected a SparseDelta or bytes, got {type(d).__name__}")
+        except TypeError as e:    # e.g. a numpy payload that is not 1-D uint8
+            raise TypeError(f"sparse_aggregate: client {client}: {e}") from None
+    raise TypeError(f"sparse_aggregate: client {client}: expected a SparseDelta or payload bytes (bytes, bytearray, "
+                    f"memoryview, 1-D uint8 numpy array), got {type(d).__name__}")
 
 
 def _device_of(deltas):
