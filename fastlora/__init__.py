@@ -6,6 +6,7 @@ Ops live under ``torch.ops.fastlora`` and are wrapped here with docstrings:
     fastlora.lora_grouped_linear  one LoRA layer call for a batch mixing several adapters
     fastlora.topk_sparsify   top-k sparsification with error feedback -> SparseDelta
     fastlora.codec           wire format for SparseDelta (encode / decode)
+    fastlora.ErrorFeedback   client-side error-feedback compression: top-k + rounding + encode, residual kept
     fastlora.sparse_aggregate  weighted sum of many clients' sparse updates
     fastlora.rsvd            randomized SVD (dense, batched, or an implicit FactoredSum)
     fastlora.svd_factored    exact SVD of (sums of) factored products B @ A
@@ -16,6 +17,7 @@ Ops live under ``torch.ops.fastlora`` and are wrapped here with docstrings:
 from fastlora.ops import (FactoredSum, aggregate_lora, lora_grouped_linear, lora_linear, new_residual, rsvd,
                           sparse_aggregate, squeeze, stack_lora_adapters, svd_factored, topk_sparsify)
 from fastlora import codec, cpu
+from fastlora.error_feedback import ErrorFeedback
 from fastlora.cpu import cpu_isa, use_cpu_isa
 from fastlora.sparse_delta import Layout, SparseDelta
 
@@ -23,4 +25,4 @@ cpu.check_environment()
 
 __version__ = "0.1.0"
 __all__ = ["codec", "lora_linear", "lora_grouped_linear", "stack_lora_adapters", "topk_sparsify", "sparse_aggregate",
-           "new_residual", "SparseDelta", "Layout", "rsvd", "svd_factored", "squeeze", "aggregate_lora", "FactoredSum", "cpu_isa", "use_cpu_isa", "__version__"]
+           "new_residual", "ErrorFeedback", "SparseDelta", "Layout", "rsvd", "svd_factored", "squeeze", "aggregate_lora", "FactoredSum", "cpu_isa", "use_cpu_isa", "__version__"]

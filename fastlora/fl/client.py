@@ -12,7 +12,7 @@ from typing import Dict, Optional
 import torch
 
 from fastlora import codec
-from fastlora.ops.sparsify import topk_sparsify
+from fastlora.error_feedback import compress
 from fastlora.sparse_delta import Layout, SparseDelta
 from fastlora.fl.strategies import Strategy
 
@@ -36,33 +36,19 @@ def sparsify_encode(delta: Adapter, layout: Layout, *, density: float, values: s
                     residual: Optional[Adapter] = None, per_tensor: bool = False) -> bytes:
     """Top-``density`` of ``delta`` (+ ``residual``, updated in place), encoded in fingerprint
     mode. Everything the payload does not carry exactly (dropped entries, value rounding,
-    int8 quantisation) stays in the residual when there is one.
+    int8 quantisation) stays in the residual when there is one. A kept value that does not
+    fit the format (fp16 above 65504, ...) raises ValueError before anything changes.
 
     ``per_tensor``: every tensor keeps its own top-``density`` (instead of one global top-k).
     Needed when the entries of different tensors live on different scales, as in an adapter
     itself (FLASC's sparse download): a global top-k of a LoRA adapter keeps the random lora_A
-    and the head and drops the small lora_B, so clients would train a model without LoRA."""
-    vdt = VALUE_DTYPES[values]
-    if density >= 1.0:
-        sd = topk_sparsify(delta, k=layout.numel, residual=residual, value_dtype=vdt)
-    elif not per_tensor:
-        sd = topk_sparsify(delta, density=density, residual=residual, value_dtype=vdt)
-    else:
-        idx, val = [], []
-        for spec in layout.specs:
-            part = topk_sparsify(delta[spec.name], density=density, value_dtype=vdt,
-                                 residual=None if residual is None else residual[spec.name])
-            idx.append(part.indices + spec.offset)
-            val.append(part.values)
-        sd = SparseDelta._trusted(torch.cat(idx), torch.cat(val), layout)
-    sd = SparseDelta._trusted(sd.indices, sd.values, layout)
-    payload = codec.encode(sd, values=values, layout="fingerprint")
-    if residual is not None and values == "int8":
-        # int8 is coarser than the float32 values topk_sparsify rounded to: keep the difference.
-        sent = codec.decode(payload, layout=layout)
-        err = sd.values.to(torch.float32) - sent.values.to(torch.float32)
-        add_sparse(residual, SparseDelta._trusted(sd.indices, err, layout))
-    return payload
+    and the head and drops the small lora_B, so clients would train a model without LoRA.
+
+    The loop's spelling of :func:`fastlora.error_feedback.compress`, the core that
+    :class:`fastlora.ErrorFeedback` (the raw-API object) runs too."""
+    budget = dict(k=layout.numel) if density >= 1.0 else dict(density=density, per_tensor=per_tensor)
+    return compress(delta, layout, values=values, residual=residual, overflow="raise", layout_mode="fingerprint",
+                    who="sparsify_encode", **budget)
 
 
 def add_sparse(adapter: Adapter, sd: SparseDelta) -> Adapter:
