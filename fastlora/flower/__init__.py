@@ -1,0 +1,90 @@
+"""Federated LoRA on Flower (>= 1.42, Message API) with fastlora's sparse wire format.
+
+Server side, :class:`SparseLoRA` is a ``flwr.serverapp.strategy.FedAvg`` whose messages carry
+compact ``fastlora.codec`` payloads instead of dense fp32 arrays; client side,
+:func:`client_update` turns a train message into the reply for any PyTorch model whose
+trainable parameters are its LoRA adapter (plus, e.g., a head); :class:`CommTracker` counts
+the bytes of every ArrayRecord both ways and what plain FedAvg would have sent::
+
+    # server_app.py
+    strategy = SparseLoRA()            # ef-topk: sparse both ways, error feedback both ways
+    result = strategy.start(grid=grid, initial_arrays=initial_arrays(model), num_rounds=10)
+    print(strategy.tracker.format())
+
+    # client_app.py
+    @app.train()
+    def train(msg, context):
+        return client_update(msg, context, model, lambda m: my_train(m, my_data))  # -> num examples
+
+Wire contract (one fastlora message, either direction)
+------------------------------------------------------
+Every message carries exactly **one ArrayRecord** holding exactly **one Array** under the key
+``"fastlora"`` (:data:`PAYLOAD_KEY`)::
+
+    Array(dtype="uint8", shape=(len(payload),), stype="fastlora.codec/1", data=payload)
+
+``payload`` is one ``fastlora.codec`` payload in *fingerprint* mode: the 16-byte layout
+fingerprint of the adapter (names, shapes, float32, in the model's ``named_parameters``
+order of its trainable parameters), the kept entries' values (``fp32`` / ``fp16`` / ``bf16``
+/ ``int8``) and their positions, and a CRC. :func:`pack_payload` / :func:`unpack_payload`
+build and (strictly) check that record.
+
+* **Server -> client (train, and evaluate if enabled)**: ``content["arrays"]`` = the global
+  adapter, dense (every entry, ``down_values``) or, with ``down="sparse"`` (FLASC), the
+  top-``down_density`` entries of each tensor of the global adapter (zeros elsewhere: that
+  sparse adapter is what the client starts from); ``content["config"]`` = FedAvg's config plus
+  ``server-round`` and the upload settings :data:`CONFIG_UP_DENSITY`,
+  :data:`CONFIG_VALUES`, :data:`CONFIG_ERROR_FEEDBACK` (and :data:`CONFIG_DOWN`).
+  With ``down="diff"`` (stateful nodes, ``fastlora.fl.view``) each train message is the
+  node's own: the top-``down_density`` steps of the server's *view* since the version the
+  node holds, in order (one Array each, under ``"fastlora"``, ``"fastlora.1"``, ...; none when
+  it is up to date), or the whole view dense float32 (a resync: first contact, a node whose
+  last reply did not arrive, or when the missed steps would be bigger), with
+  :data:`CONFIG_DOWN_KIND`, :data:`CONFIG_VIEW_FROM`, :data:`CONFIG_VIEW_TO`; the node keeps
+  the view in ``context.state``. Evaluate messages of a diff strategy carry the global
+  adapter dense (they stand alone).
+* **Client -> server (train reply)**: exactly one ArrayRecord (the payload of the client's
+  *update* ``trained - downloaded``, top-``up_density`` of it plus the error-feedback
+  residual, in ``values``) and exactly one MetricRecord with ``"num-examples"`` (an int or a
+  finite float > 0: the aggregation weight, as in Flower's FedAvg) and, optionally, the
+  user's own metrics (averaged like FedAvg's). Nothing else: a reply with a missing or extra
+  record, a malformed payload (wrong layout, truncated, corrupted), or a bad
+  ``num-examples`` is rejected, its reason logged and counted in the round's MetricRecord
+  (``fastlora-failures``) and in the tracker; the other replies are aggregated. If no reply
+  is usable the global adapter stays unchanged.
+
+The server keeps the global adapter dense in float32, aggregates the accepted updates with
+``fastlora.ops.aggregate.sparse_aggregate`` (weights ``n_i / sum(n)``) and applies its
+server optimizer (``sgd`` with lr 1 = FedAvg, or ``adam`` = FedAdam). What
+``aggregate_train`` returns (and ``Result.arrays`` ends as) is that dense global adapter, as
+an ordinary ArrayRecord of float32 numpy arrays; the compact form exists only on the wire.
+
+Error feedback: the client's residual lives in ``context.state["fastlora.residual"]`` (an
+ArrayRecord of float32 tensors), which Flower's simulation and deployment engines keep
+between rounds for each node.
+
+Modules: ``wire`` (the records and keys), ``strategy`` (SparseLoRA, initial_arrays),
+``client`` (client_update, load_global), ``tracker`` (CommTracker), ``inprocess``
+(InProcessGrid, run_in_process: Flower without Ray, for tests).
+
+Strategies: any fastlora strategy (``fastlora.fl.strategies``) with a ``dense``, ``sparse``
+or ``diff`` download (``ef-topk``, ``fedavg``, ``flasc``, ...), with the same semantics and
+payloads as the federated loop. ``exact`` (FlexLoRA, per-client ranks) and ``fedstale``
+(per-client stale memory) are refused.
+"""
+from .client import client_update, load_global
+from .inprocess import InProcessGrid, run_in_process
+from .strategy import SparseLoRA, as_strategy, initial_arrays
+from .tracker import CommTracker, RoundBytes
+from .wire import (CONFIG_DOWN, CONFIG_DOWN_KIND, CONFIG_ERROR_FEEDBACK, CONFIG_UP_DENSITY, CONFIG_VALUES,
+                   CONFIG_VIEW_FROM, CONFIG_VIEW_TO, MAX_NUM_EXAMPLES, NUM_EXAMPLES_KEY, PAYLOAD_DTYPE, PAYLOAD_KEY,
+                   PAYLOAD_STYPE, RESIDUAL_KEY, VIEW_KEY, VIEW_VERSION_KEY, PayloadError, pack_payload, pack_payloads,
+                   unpack_payload, unpack_payloads)
+
+__all__ = [
+    "SparseLoRA", "CommTracker", "PayloadError", "client_update", "load_global", "pack_payload",
+    "unpack_payload", "pack_payloads", "unpack_payloads", "initial_arrays", "as_strategy", "InProcessGrid",
+    "run_in_process", "PAYLOAD_KEY", "PAYLOAD_DTYPE", "PAYLOAD_STYPE", "RESIDUAL_KEY", "NUM_EXAMPLES_KEY",
+    "VIEW_KEY", "VIEW_VERSION_KEY", "RoundBytes", "MAX_NUM_EXAMPLES", "CONFIG_UP_DENSITY", "CONFIG_VALUES",
+    "CONFIG_ERROR_FEEDBACK", "CONFIG_DOWN", "CONFIG_DOWN_KIND", "CONFIG_VIEW_FROM", "CONFIG_VIEW_TO",
+]
