@@ -33,7 +33,8 @@ from fastlora.fl.server import ServerOptimizer  # noqa: E402
 from fastlora.fl.view import ServerView  # noqa: E402
 from fastlora.flower import (PAYLOAD_KEY, PAYLOAD_STYPE, RESIDUAL_KEY, VIEW_KEY, InProcessGrid,  # noqa: E402
                              PayloadError, SparseLoRA, as_strategy, client_update, initial_arrays,
-                             pack_payload, pack_payloads, run_in_process, unpack_payload, unpack_payloads)
+                             load_global, pack_payload, pack_payloads, run_in_process, unpack_payload,
+                             unpack_payloads)
 from fastlora.ops.aggregate import sparse_aggregate  # noqa: E402
 from fastlora.sparse_delta import Layout  # noqa: E402
 
@@ -710,3 +711,58 @@ def test_deployment_engine_on_loopback(tmp_path):
         assert torch.equal(dep["adapter"][k], v), k
     assert math.isfinite(dep["eval_metrics"][2]["loss"])
     print(f"deployment engine: {elapsed:.1f} s")
+
+
+# --- Flower's own handlers and misconfigurations ---------------------------------------------------
+
+def test_federated_evaluate_with_flowers_own_evaluate_handler():
+    """fraction_evaluate > 0: evaluate messages carry Flower's plain ArrayRecord of the global
+    tensors, so a template-style handler (load_state_dict of to_torch_state_dict) works, and so
+    does load_global."""
+    cfg = task.config(overrides={"strategy": "ef-topk", "num-server-rounds": 2})
+    seen = []
+    example = make_client_app()
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        return example(msg, context)
+
+    @app.evaluate()
+    def evaluate(msg, context):
+        model = fresh_model(cfg)
+        tensors = msg.content["arrays"].to_torch_state_dict()
+        model.load_state_dict(tensors, strict=False)  # Flower's template handler (adapter keys only)
+        assert torch.equal(load_global(msg, fresh_model(cfg))["head.weight"], tensors["head.weight"])
+        seen.append(set(tensors))
+        return Message(RecordDict({"metrics": MetricRecord({"accuracy": 0.5, "num-examples": 4})}), reply_to=msg)
+
+    holder = {}
+    server = ServerApp()
+
+    @server.main()
+    def main(grid, context):
+        st = holder["st"] = SparseLoRA("ef-topk", fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=2,
+                                       min_evaluate_nodes=2, min_available_nodes=2)
+        holder["result"] = st.start(grid=grid, initial_arrays=initial_arrays(task.initial_adapter(cfg)),
+                                    num_rounds=2)
+
+    run_in_process(server, app, 2)
+    assert len(seen) == 4 and seen[0] == set(holder["st"].layout.names)
+    assert holder["result"].evaluate_metrics_clientapp[2]["accuracy"] == 0.5
+
+
+def test_initial_arrays_of_another_model_raise():
+    """A server whose initial arrays no node can decode (e.g. the whole state_dict of a LoRA
+    model instead of its trainable parameters) stops with the reason, not 0 updates."""
+    cfg = task.config(overrides={"strategy": "ef-topk", "num-server-rounds": 2})
+    model = fresh_model(cfg)
+    server = ServerApp()
+
+    @server.main()
+    def main(grid, context):
+        SparseLoRA(fraction_train=1.0, min_train_nodes=2, min_available_nodes=2).start(
+            grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=2)
+
+    with pytest.raises(ValueError, match="every node failed to decode"):
+        run_in_process(server, make_client_app(), 2)

@@ -29,7 +29,7 @@ order of its trainable parameters), the kept entries' values (``fp32`` / ``fp16`
 / ``int8``) and their positions, and a CRC. :func:`pack_payload` / :func:`unpack_payload`
 build and (strictly) check that record.
 
-* **Server -> client (train, and evaluate if enabled)**: ``content["arrays"]`` = the global
+* **Server -> client (train)**: ``content["arrays"]`` = the global
   adapter, dense (every entry, ``down_values``) or, with ``down="sparse"`` (FLASC), the
   top-``down_density`` entries of each tensor of the global adapter (zeros elsewhere: that
   sparse adapter is what the client starts from); ``content["config"]`` = FedAvg's config plus
@@ -41,8 +41,11 @@ build and (strictly) check that record.
   it is up to date), or the whole view dense float32 (a resync: first contact, a node whose
   last reply did not arrive, or when the missed steps would be bigger), with
   :data:`CONFIG_DOWN_KIND`, :data:`CONFIG_VIEW_FROM`, :data:`CONFIG_VIEW_TO`; the node keeps
-  the view in ``context.state``. Evaluate messages of a diff strategy carry the global
-  adapter dense (they stand alone).
+  the view in ``context.state``.
+* **Server -> client (evaluate, when ``fraction_evaluate > 0``)**: Flower's plain ArrayRecord
+  of the global tensors (dense float32, what FedAvg sends) with :data:`CONFIG_DOWN` ``"plain"``:
+  it stands alone, and Flower's own evaluate handlers (``load_state_dict`` of
+  ``to_torch_state_dict()``) or :func:`load_global` read it.
 * **Client -> server (train reply)**: exactly one ArrayRecord (the payload of the client's
   *update* ``trained - downloaded``, top-``up_density`` of it plus the error-feedback
   residual, in ``values``) and exactly one MetricRecord with ``"num-examples"`` (an int or a

@@ -69,12 +69,29 @@ def _decode_download(msg: Message, layout: Layout) -> Adapter:
             "parameters).") from None
 
 
+def _plain_arrays(msg: Message, layout: Layout) -> Adapter:
+    """The tensors of an evaluate message (Flower's plain ArrayRecord of the global tensors)."""
+    tensors = _single_array_record(msg.content, "fastlora client").to_torch_state_dict()
+    if list(tensors) != list(layout.names) or any(tuple(tensors[sp.name].shape) != tuple(sp.shape)
+                                                  for sp in layout.specs):
+        raise ValueError(f"fastlora client: the server's arrays ({len(tensors)} tensors) do not match this model's "
+                         f"trainable parameters ({len(layout.names)} tensors, {layout.numel} entries)")
+    return {n: t.to(torch.float32).contiguous() for n, t in tensors.items()}
+
+
 def load_global(msg: Message, model: torch.nn.Module) -> Adapter:
-    """Decodes the adapter a :class:`SparseLoRA` message carries into ``model`` (its trainable
-    parameters) and returns it (float32). For evaluate handlers, and used by
-    :func:`client_update`."""
+    """Loads the global tensors a :class:`SparseLoRA` train or evaluate message carries into
+    ``model`` (its trainable parameters) and returns them (float32). For evaluate handlers
+    (evaluate messages carry Flower's plain ArrayRecord of the global tensors, so
+    ``model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=False)``
+    works too), and used by :func:`client_update` for dense and sparse downloads."""
     layout, _ = _model_layout(model)
-    start = _decode_download(msg, layout)
+    if _message_config(msg).get(CONFIG_DOWN) == "plain":
+        if msg.has_error():
+            raise ValueError(f"fastlora client: the message carries an error: {msg.error.reason}")
+        start = _plain_arrays(msg, layout)
+    else:
+        start = _decode_download(msg, layout)
     set_adapter(model, start)
     return start
 

@@ -104,7 +104,8 @@ class SparseLoRA(FedAvg):
         tracker: a :class:`CommTracker` to fill (default: a new one, ``self.tracker``).
         fraction_evaluate: default 0 (no federated evaluation; use ``evaluate_fn`` in
             ``start`` for a centralised one). When enabled, evaluate messages carry the global
-            adapter exactly like train messages (decode it with :func:`load_global`).
+            tensors as Flower's plain ArrayRecord (dense float32, as FedAvg's), so Flower's
+            own evaluate handlers work unchanged (or use :func:`load_global`).
         Other keyword arguments are FedAvg's (fraction_train, min_train_nodes,
         min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key,
         train_metrics_aggr_fn, evaluate_metrics_aggr_fn).
@@ -216,9 +217,11 @@ class SparseLoRA(FedAvg):
         if self.fraction_evaluate == 0.0:
             return []
         self._sync_global(arrays)
-        record = pack_payload(self.download_payload())
-        down = "dense" if self.view is not None else None  # evaluate messages stand alone
-        messages = list(super().configure_evaluate(server_round, record, self._config(config, down), grid))
+        # Evaluate messages carry the global tensors as Flower's plain ArrayRecord (dense float32,
+        # what FedAvg sends): they stand alone, and Flower's own evaluate handlers
+        # (``model.load_state_dict(msg.content["arrays"].to_torch_state_dict())``) work on them.
+        record = ArrayRecord({n: self.global_adapter[n] for n in self.layout.names})
+        messages = list(super().configure_evaluate(server_round, record, self._config(config, "plain"), grid))
         return self._track_sent(server_round, messages, record)
 
     def check_reply(self, msg: Message):
@@ -292,6 +295,12 @@ class SparseLoRA(FedAvg):
         metrics["fastlora-up-bytes"] = rb.up_bytes
         metrics["fastlora-fedavg-bytes"] = rb.fedavg_total
         if not accepted:
+            undecodable = [r for r in reasons if "cannot decode the server's" in r]
+            if replies and len(undecodable) == len(replies):
+                # Not a transient failure: no node can read what this server sends (initial
+                # arrays of another model, or of more than its trainable parameters).
+                raise ValueError(f"SparseLoRA round {server_round}: every node failed to decode the download "
+                                 f"against its model, e.g. {undecodable[0]}")
             log(logging.WARNING, "SparseLoRA round %s: no usable update; the global adapter is unchanged",
                 server_round)
             return None, metrics
