@@ -37,7 +37,7 @@ demo: $(STAMP)
 bench-lora: $(STAMP)
 	$(VENV)/bin/fastlora bench
 
-# Full pytest-benchmark suites (slow; see README "Benchmarks"), then the README's tables.
+# Full pytest-benchmark suites (slow; see docs/benchmarks.md), then its tables.
 bench: $(STAMP)
 	mkdir -p build
 	$(PY) -m pytest benchmarks -q --benchmark-columns=median,iqr,rounds --benchmark-json=build/bench.json

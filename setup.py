@@ -28,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def cpp_sources():
     # Every op's schema/composite file in csrc/, the CPU kernels in csrc/cpu/, and the stub
-    # Python module; CUDA .cu files are compiled separately (see README, "Build").
+    # Python module (the GPU kernels are Triton, compiled at run time).
     srcs = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     return srcs
 

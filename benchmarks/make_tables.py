@@ -1,4 +1,4 @@
-"""Markdown tables for the README from pytest-benchmark JSON files.
+"""Markdown tables for docs/benchmarks.md from pytest-benchmark JSON files.
 
     .venv/bin/python -m pytest benchmarks/test_bench_sparsify.py --benchmark-json=build/bench-sparsify.json
     .venv/bin/python benchmarks/make_tables.py build/bench-sparsify.json

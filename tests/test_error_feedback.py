@@ -242,7 +242,7 @@ def test_numpy_delta_gives_the_same_bytes():
 
 
 def test_raw_api_server_side_is_plain_sparse_aggregate():
-    """The README's example: clients encode with ErrorFeedback, the server aggregates the
+    """The documented example: clients encode with ErrorFeedback, the server aggregates the
     payloads (any bytes-like form) with sparse_aggregate against the shared layout."""
     glob = {n: torch.zeros_like(t) for n, t in _delta().items()}
     layout = Layout.of(glob)

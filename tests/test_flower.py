@@ -64,10 +64,10 @@ def round_of(msg):
     return int(next(iter(msg.content.config_records.values()))["server-round"])
 
 
-# --- the ten-line example (README) -----------------------------------------------------------
+# --- the raw-API example ------------------------------------------------------------------------
 
 def test_ten_line_example_without_flower():
-    # --- README snippet: clients send sparse fp16 bytes, the server aggregates them ---
+    # --- clients send sparse fp16 bytes, the server aggregates them ---
     from fastlora import new_residual
     from fastlora.fl.client import sparsify_encode
     from fastlora.ops.aggregate import sparse_aggregate

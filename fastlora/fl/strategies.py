@@ -124,7 +124,7 @@ PRESETS: Dict[str, Dict] = {
     "fedavg": {},
     "flasc": dict(up_density=1 / 16, down="sparse", down_density=1 / 4, values="fp16", down_values="fp16"),
     # ef-topk's defaults are the best accuracy per byte measured on Flower's app-template task
-    # (benchmarks/flower_cnn_experiment.py, README): 9.7x fewer bytes than FedAvg at -0.5 point.
+    # (benchmarks/flower_cnn_experiment.py, docs/benchmarks.md): 9.7x fewer bytes than FedAvg at -0.7 point.
     "ef-topk": dict(up_density=1 / 8, error_feedback=True, down="diff", down_density=1 / 16, values="fp16",
                     down_values="fp16"),
     "exact": dict(exact=True),

@@ -97,7 +97,7 @@ class SparseLoRA(FedAvg):
     Args:
         strategy: a fastlora ``Strategy`` or spec string. Default ``"ef-topk"`` (up 1/8 with
             error feedback, the stateful ``diff`` download at 1/16 with the server's error
-            feedback, fp16 values both ways): the best accuracy per byte measured (README,
+            feedback, fp16 values both ways): the best accuracy per byte measured (docs/benchmarks.md,
             Flower section). Others: ``"fedavg"``, ``"flasc"`` (the FLASC paper's baseline,
             which loses accuracy), ``"ef-topk:up=1/16,down=1/16,values=int8"``, ...; add
             ``server_opt=adam,server_lr=...`` for FedAdam.

@@ -113,14 +113,16 @@ def rsvd(A, rank: int, *, oversample: int = 10, n_iter: int = 2, generator: Opti
 
     Mixed precision (``sketch_dtype=torch.bfloat16``, dense ``A`` only): every product with A
     is formed from a bfloat16 copy of A (float16 also accepted; it overflows above 65504),
-    everything small stays in float32. Its GEMMs are 2-2.5x faster than float32 on CPUs with
-    AVX512-BF16 and on GPU tensor cores, at the price of an error floor of about bfloat16's
-    rounding of A: on top of the randomized error, allow ~2^-8 ||A||_F. That is invisible when
+    everything small stays in float32. Its GEMMs are faster than float32 on CPUs with
+    AVX512-BF16 (and on GPU tensor cores), at the price of an error floor of about bfloat16's
+    rounding of A: on top of the randomized error, allow 2^-7 ||A||_F (bfloat16's epsilon, the
+    bound tests/test_lowrank.py checks). That is invisible when
     the optimal rank-k error is large (noisy or slowly decaying spectra: updates, gradients)
     and dominant when A is (nearly) exactly low rank — use the default there. With
     ``n_iter=1`` and ``oversample`` about rank / 2 (one power iteration fewer, paid for by
     oversampling, which is cheap in bfloat16) it is ~2.1x faster than
-    ``torch.svd_lowrank(q=rank, niter=2)`` at a lower error on 4096 x 4096 (README, Low-rank).
+    ``torch.svd_lowrank(q=rank, niter=2)`` at a lower error on 4096 x 4096 (docs/benchmarks.md,
+    Low-rank).
 
     The sketch precision follows the hardware: a half-precision ``sketch_dtype`` is used only
     where that dtype's GEMMs are native (CUDA; CPUs with AVX512-BF16 / AMX for bfloat16, AMX-FP16
