@@ -284,6 +284,47 @@ def test_resume_refuses_another_config_and_bad_files(tmp_path):
         run_strategy(prepare(cfg), parse_strategy("fedavg"), tmp_path, resume=True, progress=False)
 
 
+def test_checkpoint_detects_corruption(tmp_path):
+    """Bit flips anywhere in the tensor data, an edited metadata value, a dropped or an
+    added tensor: CheckpointError naming what is wrong, never a silent resume."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = tiny_config(rounds=2)
+    run_strategy(prepare(cfg), parse_strategy("ef-topk"), tmp_path, progress=False, stop_after=2)
+    path = tmp_path / "checkpoint.safetensors"
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    tensors, meta = checkpoint.load(path)
+    data_start = 8 + n
+    g = torch.Generator().manual_seed(0)
+    for pos in torch.randint(data_start, len(raw), (24,), generator=g).tolist():
+        flipped = bytearray(raw)
+        flipped[pos] ^= 0x10
+        path.write_bytes(bytes(flipped))
+        with pytest.raises(checkpoint.CheckpointError, match="does not match its digest"):
+            checkpoint.load(path)
+    meta_text = header["__metadata__"]["meta"]
+    edited = dict(header["__metadata__"], meta=meta_text.replace('"round": 2', '"round": 1'))
+    assert edited["meta"] != meta_text
+    save_file(tensors, str(path), metadata=edited)
+    with pytest.raises(checkpoint.CheckpointError, match="metadata does not match"):
+        checkpoint.load(path)
+    for change in ("drop", "add"):
+        t = dict(tensors)
+        if change == "drop":
+            t.pop(sorted(t)[0])
+        else:
+            t["extra"] = torch.zeros(2)
+        save_file(t, str(path), metadata=header["__metadata__"])
+        with pytest.raises(checkpoint.CheckpointError, match="missing|unexpected"):
+            checkpoint.load(path)
+    save_file(tensors, str(path), metadata={**header["__metadata__"], "format": "fastlora.fl.checkpoint/1"})
+    with pytest.raises(checkpoint.CheckpointError, match="this version"):
+        checkpoint.load(path)
+    assert load_file(str(path)).keys() == tensors.keys()
+
+
 def test_checkpoint_holds_no_pickle(tmp_path):
     cfg = tiny_config(rounds=1)
     run_strategy(prepare(cfg), parse_strategy("ef-topk"), tmp_path, progress=False)
@@ -291,7 +332,7 @@ def test_checkpoint_holds_no_pickle(tmp_path):
     n = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8:8 + n])
     assert header["__metadata__"]["format"] == checkpoint.FORMAT
-    assert all(v["dtype"] in ("F32", "F16", "I64") for k, v in header.items() if k != "__metadata__")
+    assert all(v["dtype"] in ("F32", "F16", "I64", "U8") for k, v in header.items() if k != "__metadata__")
 
 
 # --- the whole run and the CLI ----------------------------------------------------------------------
