@@ -100,7 +100,9 @@ def _fl(args) -> int:
     out = Path(args.out) if args.out else Path("fl_runs") / (preset or "custom")
     try:
         result = run(cfg, out, resume=args.resume, progress=not args.no_progress)
-    except (ModelUnavailable, CheckpointError) as e:
+    except (ModelUnavailable, CheckpointError, ValueError) as e:
+        # ValueError: what the data or the model cannot take (a split that leaves a client
+        # empty, a rank wider than a layer, training that diverged), each with its reason.
         print(f"fastlora fl: {e}", file=sys.stderr)
         return 2
     print()

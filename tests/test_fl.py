@@ -404,6 +404,35 @@ def test_cli_fl(tmp_path, capsys):
     assert "the stdlib task needs the pretrained model's tokenizer" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--participation", "1/0"], "'participation': '1/0' divides by zero"),
+    (["--strategy", "fedavg", "--strategy", "fedavg"], "the same strategy appears twice"),
+    (["--clients", "6", "--set", "num_samples=12"], "no split gave every client"),
+    (["--set", "num_samples=6"], "the test split is empty"),
+    (["--rank", "100000"], "exceeds the width of target layer"),
+    (["--set", "lora_alpha=0"], "lora_alpha must be > 0"),
+    (["--set", "target_modules=nothing_like_this"], "nothing_like_this'} not found"),
+    (["--set", "lr=1e6"], "went non-finite in round 1"),
+    (["--config", "BOOL_TOML"], "rounds must be a number, got the boolean True"),
+])
+def test_cli_bad_values_are_one_line_errors(tmp_path, capsys, args, message):
+    """Every bad value: one line on stderr, exit code 2, no traceback (a diverging run stops
+    with the reason and keeps its last good checkpoint)."""
+    from fastlora.cli import main
+
+    if args == ["--config", "BOOL_TOML"]:
+        toml = tmp_path / "bool.toml"
+        toml.write_text("[fl]\nrounds = true\n")
+        args = ["--config", str(toml)]
+    base = ["fl", "--preset", "quick", "--rounds", "1", "--clients", "3", "--strategy", "fedavg",
+            "--set", "num_samples=60", "--no-progress", "--out", str(tmp_path / "out")]
+    if args[0] == "--config":
+        base = ["fl", "--no-progress", "--out", str(tmp_path / "out")]
+    assert main(base + args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_cli_says_how_to_get_the_demo_model(monkeypatch, tmp_path, capsys):
     import importlib.util
 

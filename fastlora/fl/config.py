@@ -68,8 +68,8 @@ class FLConfig:
              f"the stdlib task needs the pretrained model's tokenizer: model must be minilm, got {self.model!r} "
              f"(or use task synthetic)")
         need(isinstance(self.strategies, list) and self.strategies, "strategies must be a non-empty list")
-        for s in self.strategies:
-            parse_strategy(s)
+        labels = [parse_strategy(s).label for s in self.strategies]
+        need(len(set(labels)) == len(labels), f"the same strategy appears twice in {self.strategies}")
         need(self.num_clients >= 1, f"num_clients must be >= 1, got {self.num_clients}")
         need(0.0 < self.participation <= 1.0, f"participation must be in (0, 1], got {self.participation}")
         need(0.0 <= self.client_dropout < 1.0, f"client_dropout must be in [0, 1), got {self.client_dropout}")
@@ -80,6 +80,8 @@ class FLConfig:
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(self.local_optimizer in ("adamw", "sgd"), f"local_optimizer must be adamw or sgd, got {self.local_optimizer!r}")
         need(self.rank >= 1, f"rank must be >= 1, got {self.rank}")
+        need(math.isfinite(self.lora_alpha) and self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
+        need(math.isfinite(self.lr), f"lr must be finite, got {self.lr}")
         need(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.client_ranks is not None:
             need(isinstance(self.client_ranks, list) and self.client_ranks
@@ -138,6 +140,8 @@ def coerce(name: str, value):
         return [str(v).strip() for v in items if str(v).strip()]
     if isinstance(proto, bool):
         return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+    if isinstance(value, bool):
+        raise ValueError(f"config: {name} must be a number, got the boolean {value}")
     if isinstance(proto, int):
         if isinstance(value, float) and not value.is_integer():
             raise ValueError(f"config: {name} must be an integer, got {value}")
@@ -173,6 +177,8 @@ def normalise(raw: dict, source: str = "config") -> dict:
             raise ValueError(f"{source}: unknown key {key!r}; valid keys: {', '.join(names)}")
         try:
             out[name] = coerce(name, value)
+        except ZeroDivisionError:
+            raise ValueError(f"{source}: bad value for {key!r}: {value!r} divides by zero") from None
         except (TypeError, ValueError) as e:
             raise ValueError(f"{source}: bad value for {key!r}: {e}") from None
     return out

@@ -105,6 +105,15 @@ def build_classifier(encoder: nn.Module, num_labels: int, *, rank: int = 8, alph
 
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"lora_alpha must be > 0, got {alpha}")
+    targets = [(n, m) for n, m in encoder.named_modules()
+               if isinstance(m, nn.Linear) and any(n == t or n.endswith("." + t) for t in target_modules)]
+    for n, m in targets:
+        if rank > min(m.in_features, m.out_features):
+            # A rank above the layer's width adds parameters without adding capacity.
+            raise ValueError(f"rank {rank} exceeds the width of target layer {n!r} ({m.in_features} -> "
+                             f"{m.out_features}); use a rank <= {min(m.in_features, m.out_features)}")
     for p in encoder.parameters():
         p.requires_grad_(False)
     torch.manual_seed(seed)

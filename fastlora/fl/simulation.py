@@ -8,6 +8,7 @@ round t does exactly what the uninterrupted run did in rounds t+1.. and ends bit
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,10 @@ from fastlora.fl.model import (build_classifier, evaluate, get_adapter, load_min
 from fastlora.fl.server import Server, pad_rank, truncate_rank
 from fastlora.fl.strategies import Strategy, parse_strategy
 from fastlora.fl.view import apply_download
+
+
+class TrainingDiverged(ValueError):
+    """Local training produced a non-finite loss or adapter (learning rate too high)."""
 
 
 def derive_seed(seed: int, *parts) -> int:
@@ -82,6 +87,9 @@ def prepare(config: FLConfig) -> Experiment:
                                            seq_len=min(config.max_length, encoder.config.max_position_embeddings),
                                            seed=config.seed)
     train_idx, test_idx = data.train_test_split(tokens.labels, config.test_fraction, config.seed)
+    if test_idx.numel() == 0:
+        raise ValueError(f"the test split is empty ({int(tokens.labels.numel())} samples, test_fraction "
+                         f"{config.test_fraction:g}): use more samples or a larger test_fraction")
     parts = data.dirichlet_split(tokens.labels[train_idx], config.num_clients, config.dirichlet_alpha, config.seed)
     client_indices = [train_idx[p] for p in parts]
     g = generator(config.seed, "eval-subset")
@@ -198,6 +206,12 @@ def run_strategy(exp: Experiment, strategy: Strategy, run_dir: Optional[Path] = 
                                             optimizer=cfg.local_optimizer,
                                             generator=generator(cfg.seed, "batches", rnd, c)))
             local = get_adapter(model)
+            if not (math.isfinite(train_losses[-1]) and all(bool(torch.isfinite(t).all()) for t in local.values())):
+                # Stop before this round's checkpoint: the last one written holds the last good round.
+                raise TrainingDiverged(
+                    f"{strategy.label}: client {c}'s local training went non-finite in round {rnd} (mean loss "
+                    f"{train_losses[-1]:.3g}); lower the learning rate (lr={cfg.lr:g}). The checkpoint of the last "
+                    "completed round is kept.")
             t_train += time.perf_counter() - t0
             t0 = time.perf_counter()
             if strategy.exact:
