@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fastlora
+from fastlora import codec
 from fastlora import reference as ref
 from fastlora.sparse_delta import Layout, SparseDelta
 
@@ -299,3 +300,21 @@ def test_numpy_out_that_cannot_be_written_is_refused_untouched():
     with pytest.raises(TypeError, match=r"out\['B'\] is a numpy array of dtype int64"):
         fastlora.sparse_aggregate(payloads, out={"A": np.zeros((16, 24), np.float32),
                                                  "B": np.zeros((24, 16), np.int64)}, layout=layout)
+
+
+def test_a_payloads_declared_layout_cannot_allocate_gigabytes():
+    """Without layout=, the first payload's declared layout is untrusted: a 71-byte payload
+    declaring 2**31 entries is refused before anything is allocated from it; with the layout
+    given (trusted) or a larger max_numel, the caller decides."""
+    from fastlora.ops.aggregate import UNTRUSTED_LAYOUT_MAX_NUMEL
+
+    huge = Layout([("w", (2 ** 31,), torch.float32)], True)
+    p = codec.encode(SparseDelta(torch.tensor([5]), torch.tensor([1.0]), huge), layout="full", values="fp32")
+    assert len(p) < 100
+    with pytest.raises(ValueError, match=f"max_numel={UNTRUSTED_LAYOUT_MAX_NUMEL}"):
+        fastlora.sparse_aggregate([p])
+    small = Layout([("w", (1000,), torch.float32)], True)
+    q = codec.encode(SparseDelta(torch.tensor([5]), torch.tensor([1.0]), small), layout="full", values="fp32")
+    assert fastlora.sparse_aggregate([q])["w"][5] == 1.0
+    with pytest.raises(ValueError, match="max_numel=100"):
+        fastlora.sparse_aggregate([q], max_numel=100)

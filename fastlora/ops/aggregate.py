@@ -54,7 +54,10 @@ def sparse_aggregate(deltas: Sequence[Union[SparseDelta, bytes, bytearray, memor
         sparse: None (dense result), ``"topk"`` (the top-k of the aggregate, with ``k`` or
             ``density``) or ``"union"`` (the aggregate on the union of the clients' supports),
             returned as a SparseDelta with values in ``value_dtype`` (FLASC's sparse download).
-        max_numel: passed to ``fastlora.codec.decode`` for payloads.
+        max_numel: passed to ``fastlora.codec.decode`` for payloads. Without ``layout=`` the
+            first payload's declared layout is untrusted and caps at ``max_numel`` (default
+            ``UNTRUSTED_LAYOUT_MAX_NUMEL`` = 2**28 entries, 1 GiB of float32) before anything
+            is allocated from it.
         as_numpy: the numpy rule (``fastlora._arrays``) for a new dense result: None / False
             give tensors (the inputs are payloads / SparseDeltas, not dense arrays), True
             numpy arrays (bfloat16 layouts come back as float32). Only for a new dense result:
@@ -111,9 +114,15 @@ def sparse_aggregate(deltas: Sequence[Union[SparseDelta, bytes, bytearray, memor
         if not deltas:
             raise ValueError("sparse_aggregate: no deltas and no layout given")
         # The first delta defines the layout; a decoded payload replaces its bytes so that it
-        # is not decoded a second time below.
-        deltas[0] = _materialise(deltas[0], None, 0, max_numel)
+        # is not decoded a second time below. A layout declared by a payload is untrusted and
+        # the dense result is allocated from it: cap it (UNTRUSTED_LAYOUT_MAX_NUMEL by default).
+        from_payload = not isinstance(deltas[0], SparseDelta)
+        cap = max_numel if max_numel is not None else (UNTRUSTED_LAYOUT_MAX_NUMEL if from_payload else None)
+        deltas[0] = _materialise(deltas[0], None, 0, cap)
         layout = deltas[0].layout
+        if from_payload and out is None and cap is not None and layout.numel > cap:
+            raise ValueError(f"sparse_aggregate: client 0: the payload declares a layout of {layout.numel} entries, "
+                             f"more than max_numel={cap}; pass layout= (the layout you expect) or a larger max_numel")
 
     if out is not None:
         target = _as_list(_arrays.inplace_dense(out, "sparse_aggregate: out"), layout, "out")
@@ -164,6 +173,10 @@ def sparse_aggregate(deltas: Sequence[Union[SparseDelta, bytes, bytearray, memor
         pieces = {s.name: a.to(s.dtype) if s.dtype != torch.float32 else a for s, a in zip(layout.specs, acc)}
         result_dense = _arrays.dense_out(pieces if layout.is_dict else pieces[""], bool(as_numpy))
     return result_dense if result_sparse is None else result_sparse
+
+
+# Largest layout a payload may declare when no layout= is given (1 GiB of float32 results).
+UNTRUSTED_LAYOUT_MAX_NUMEL = 2 ** 28
 
 
 def _max(max_numel):
