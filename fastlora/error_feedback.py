@@ -23,6 +23,8 @@ This module sits above :mod:`fastlora.ops.sparsify` and :mod:`fastlora.codec` an
 """
 from __future__ import annotations
 
+import fnmatch
+
 from typing import Dict, List, Mapping, Optional, Union
 
 import numpy as np
@@ -63,6 +65,18 @@ def _check_format(values, overflow, int8_block, layout_mode, who: str):
 def _check_budget(k, density, per_tensor, who: str):
     if (k is None) == (density is None):
         raise ValueError(f"{who}: give exactly one of k or density")
+    if isinstance(density, Mapping):
+        if not density:
+            raise ValueError(f"{who}: a per-tensor density needs at least one {{pattern: density}} entry")
+        for pattern, d in density.items():
+            if not isinstance(pattern, str):
+                raise TypeError(f"{who}: density patterns must be strings (tensor names or fnmatch patterns), "
+                                f"got {pattern!r}")
+            try:
+                k_from_density(d, 0)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{who}: density[{pattern!r}]: {e}") from None
+        return
     if k is not None:
         if isinstance(k, bool) or not isinstance(k, int):
             raise TypeError(f"{who}: k must be an int, got {type(k).__name__}")
@@ -134,17 +148,28 @@ def _strip(e: Exception) -> str:
     return str(e).removeprefix("topk_sparsify: ")
 
 
+def density_of(name: str, density: Mapping[str, float]) -> float:
+    """The density of tensor ``name`` from a per-tensor ``{name_or_fnmatch_pattern: density}``
+    mapping: the first entry (in the mapping's order) whose pattern matches."""
+    for pattern, d in density.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return float(d)
+    raise ValueError(f"tensor {name!r} matches no pattern of the per-tensor density {list(density)}; add a '*' "
+                     "entry for the rest")
+
+
 def _select(tensors, res, layout: Layout, k, density, per_tensor, vdt, as_layout):
     """The top-k (one global budget, or per tensor) with the residual update; returns the
     selection and the residual list it updated (``res`` itself, or working copies)."""
     with torch.no_grad():
-        if per_tensor and layout.is_dict and len(layout.specs) > 1:
+        if isinstance(density, Mapping) or (per_tensor and layout.is_dict and len(layout.specs) > 1):
             # One top-k per tensor, each on a working copy of its residual: a failure in a later
             # tensor (NaN, overflow) must not leave the earlier ones updated.
             work = None if res is None else [r.clone() for r in res]
             idx, val = [], []
             for i, spec in enumerate(layout.specs):
-                part = topk_sparsify(tensors[i], density=density, value_dtype=vdt,
+                d = density_of(spec.name, density) if isinstance(density, Mapping) else density
+                part = topk_sparsify(tensors[i], density=d, value_dtype=vdt,
                                      residual=None if work is None else work[i])
                 idx.append(part.indices + spec.offset)
                 val.append(part.values)
@@ -241,6 +266,9 @@ class ErrorFeedback:
             ``int8_block`` values a block).
         per_tensor: every tensor keeps its own top-``density`` instead of one global top-k
             (for tensors on different scales, e.g. an adapter itself); takes ``density``.
+            ``density`` may also be a per-tensor mapping ``{name_or_fnmatch_pattern: density}``
+            (first matching entry wins, e.g. ``{"*.lora_B.*": 1 / 4, "head.*": 1.0, "*": 1 / 32}``),
+            which implies per-tensor selection; a tensor that matches no entry is an error.
         overflow: a kept value the travel format cannot hold (|v| > 65504 in fp16, beyond
             bfloat16's max in bf16; fp32 and int8 hold every finite float32):
             ``"clamp"`` (default) sends the largest finite value of its sign (fp16: 65504;

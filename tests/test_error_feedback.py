@@ -314,3 +314,27 @@ class TestErrors:
         with pytest.raises(ValueError, match="sparsify_encode: .*overflows"):
             sparsify_encode(delta, layout, density=0.5, values="fp16", residual=res, per_tensor=True)
         assert all(torch.equal(before[n], res[n]) for n in res)
+
+
+@pytest.mark.parametrize("values", ["fp16", "int8"])
+def test_per_tensor_density_mapping(values):
+    """density={pattern: d}: each tensor keeps its own fraction (first matching pattern wins),
+    exactness as everywhere; a tensor no pattern matches is an error that changes nothing."""
+    layout = Layout.of(_delta())
+    density = {"*.lora_B": 0.5, "head": 1.0, "*": 0.1}
+    ef = ErrorFeedback(layout, density=density, values=values)
+    for rnd in range(2):
+        delta = _delta(seed=rnd)
+        old = _clone(ef.residual)
+        payload = ef.encode(delta)
+        _assert_exact(payload, layout, delta, old, ef.residual)
+        kept = {n: int(i.numel()) for n, (i, _) in codec.decode(payload, layout=layout).split().items()}
+        assert kept == {"q.lora_A": round(0.1 * 8 * 37), "q.lora_B": round(0.5 * 37 * 8), "head": 5}
+    before = _clone(ef.residual)
+    with pytest.raises(ValueError, match="'q.lora_A' matches no pattern .* add a '\\*' entry"):
+        ErrorFeedback(layout, density={"head": 1.0, "*.lora_B": 0.5}, values=values).encode(_delta())
+    with pytest.raises(ValueError, match=r"density\['head'\]"):
+        ErrorFeedback(layout, density={"head": 2.0})
+    with pytest.raises(TypeError, match="patterns must be strings"):
+        ErrorFeedback(layout, density={3: 0.5})
+    assert all(torch.equal(before[n], ef.residual[n]) for n in before)
