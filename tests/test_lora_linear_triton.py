@@ -5,6 +5,7 @@ follow flash-attention: truth is the reference in float64, and a kernel may be o
 twice the reference's own error in the test dtype plus a floor of a few ulps of the output's
 scale. The dropout keep-mask must match the reference exactly.
 """
+import importlib
 import os
 
 import pytest
@@ -168,10 +169,10 @@ def test_rejects_float64():
                          ids=str)
 @pytest.mark.parametrize("bias,lora_B_bias", [(True, True), (False, True), (False, False)])
 def test_cuda_dispatch_matches_cpu_kernel(dtype, adapter_dtype, bias, lora_B_bias):
-    # The functions registered for CUDA (fastlora/ops/lora.py) run here on CPU tensors through
+    # The functions registered for CUDA (fastlora/ops/lora_linear.py) run here on CPU tensors through
     # the interpreter: their glue (effective bias, seed, output mask, float32 adapters on a
     # half-precision x) must give what the C++ CPU kernel gives.
-    from fastlora.ops import lora as lora_ops
+    lora_ops = importlib.import_module("fastlora.ops.lora_linear")  # the module, not the function
 
     adt = adapter_dtype or dtype
     M, K, N, r, p, s = 33, 42, 23, 4, 0.25, 1.5

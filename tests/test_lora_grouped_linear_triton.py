@@ -3,6 +3,7 @@
 tests/conftest.py sets TRITON_INTERPRET=1. Same tolerance rule as the other kernel tests: at
 most twice the reference's own error in the test dtype (vs float64) plus a few ulps.
 """
+import importlib
 import os
 
 import pytest
@@ -10,10 +11,10 @@ import torch
 
 from fastlora import reference as ref
 from fastlora.kernels import lora_grouped as tg
-from fastlora.ops import lora as lora_ops
 from tolerance import assert_close_to_truth
 
-from test_lora_grouped import ARG_ORDER, FLOAT_KEYS, make_inputs
+from test_lora_grouped_linear import ARG_ORDER, FLOAT_KEYS, make_inputs
+lora_ops = importlib.import_module("fastlora.ops.lora_grouped_linear")  # the module, not the function
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DEVICE = "cuda" if os.environ.get("FASTLORA_TEST_GPU") else "cpu"
@@ -95,7 +96,7 @@ def test_rejects_float64():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
 def test_cuda_dispatch_glue(dtype):
-    # The function registered for CUDA (fastlora/ops/lora.py) on CPU tensors through the
+    # The function registered for CUDA (fastlora/ops/lora_grouped_linear.py) on CPU tensors through the
     # interpreter: value checks, then Triton (float64: the reference).
     check(dtype, (42, 24, 20, [4, 8, 2], "random"), fn=lora_ops._grouped_cuda)
     t = on_device(make_inputs(6, 8, 5, [2, 3], "random"), dtype)
