@@ -37,8 +37,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
-from fastlora.fl.strategies import format_density  # noqa: F401  (re-exported: part of the report API)
-
 __all__ = ["RECORD_FIELDS", "SUMMARY_FIELDS", "write_metrics", "results_table", "time_split_table",
            "format_density", "format_mb", "summarise", "plot_accuracy_vs_bytes"]
 
@@ -132,6 +130,24 @@ def write_metrics(records: Sequence[Mapping[str, Any]], out_dir: "str | os.PathL
 
 
 # ---------------------------------------------------------------------------------------- formatting
+
+def format_density(d: Optional[float]) -> str:
+    """Format an update density: ``1.0 -> "1"``, ``0.0625 -> "1/16"``, ``0.3 -> "0.3"``, None -> ``"-"``.
+
+    A density is written as ``1/n`` when ``1/d`` is (to within float rounding) an integer ``n > 1``,
+    otherwise with 3 significant digits.
+    """
+    if d is None:
+        return "-"
+    d = float(d)
+    if not math.isfinite(d) or d <= 0:
+        return f"{d:g}"
+    inv = 1.0 / d
+    n = round(inv)
+    if n >= 1 and abs(inv - n) <= 1e-9 * n:
+        return "1" if n == 1 else f"1/{n}"
+    return f"{d:.3g}"
+
 
 def format_mb(mb: Optional[float]) -> str:
     """Format a size in MB with about 3 significant digits: ``1234 -> "1234"``, ``12.34 -> "12.3"``,
