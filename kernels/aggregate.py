@@ -13,7 +13,8 @@ rounded to float32 and then the sum rounded to float32 (never one fused multiply
 Algorithm (no atomics in the accumulation, so the bits never depend on scheduling):
   1. ``_validate_kernel`` (validate=True only; read-only): one program per (block of
      VBLOCK entries, client) finds the block's first bad entry (index out of range, not
-     greater than its predecessor, non-finite float32(value)) and folds ``pos * 4 + kind``
+     greater than its predecessor, non-finite float32(value): NaN / inf, or a float64 beyond
+     float32's range, which the message tells apart) and folds ``pos * 4 + kind``
      into a per-client minimum (``atomic_min``: order-independent, hence deterministic). One
      host sync reads the minima; the lowest bad client raises the C++ kernel's ValueError
      before anything is written.
@@ -49,7 +50,9 @@ its chunk's window and is greater than the entry before it, and each program fla
 else (and windows that do not tile the client's entries). One host sync then raises
 "sparse_aggregate: client i: indices are unsorted or out of range" (the C++ message), after
 the valid entries have been applied, as the C++ kernel does. Non-finite values are not
-checked in this mode (they propagate, as on CPU).
+checked in this mode (they propagate, as on CPU). In either mode a sum that overflows float32
+becomes inf, as IEEE arithmetic does: fastlora.sparse_aggregate checks that, once for every
+kernel.
 
 Host syncs: one per call (the validation minima with validate=True, the error flag with
 validate=False), plus one to read the weights if they live on the GPU (the op's callers keep
@@ -323,7 +326,7 @@ def _check_args(out, indices, values, weights):
     return w
 
 
-def _validate(ctab, indices, nnz, numel, dtype_code, device):
+def _validate(ctab, indices, values, nnz, numel, dtype_code, device):
     """Step 1: raises the C++ kernel's ValueError for the lowest bad client (one host sync)."""
     n = len(nnz)
     best = torch.full((n,), _NO_BAD.value, dtype=torch.int64, device=device)
@@ -343,6 +346,10 @@ def _validate(ctab, indices, nnz, numel, dtype_code, device):
         if kind == 1:
             raise ValueError(f"sparse_aggregate: client {i}: indices must be sorted ascending and "
                              f"unique (position {pos})")
+        x = float(values[i][pos])
+        if x == x and abs(x) != float("inf"):   # a finite float64 beyond float32's range
+            raise ValueError(f"sparse_aggregate: client {i}: value {x:g} at position {pos} does not fit "
+                             "float32 (the accumulator)")
         raise ValueError(f"sparse_aggregate: client {i}: non-finite value at position {pos}")
 
 
@@ -381,7 +388,7 @@ def sparse_aggregate_(out, indices, values, weights, validate: bool = True) -> N
 
     with _on_device(device):
         if validate:
-            _validate(ctab, indices, nnz, numel, dtype_code, device)
+            _validate(ctab, indices, values, nnz, numel, dtype_code, device)
         if numel == 0:
             return
         ch = _chunk_size(numel, device)

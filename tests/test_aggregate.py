@@ -318,3 +318,165 @@ def test_a_payloads_declared_layout_cannot_allocate_gigabytes():
     assert fastlora.sparse_aggregate([q])["w"][5] == 1.0
     with pytest.raises(ValueError, match="max_numel=100"):
         fastlora.sparse_aggregate([q], max_numel=100)
+
+
+# --- overflow: an error naming the client (or the output), never a silent inf -----------------
+# Checked once in the wrapper (fastlora/ops/aggregate.py) for every kernel: these cases run on
+# the C++ kernel and the reference here, on the Triton kernel in tests/test_aggregate_triton.py.
+
+from fastlora.ops import aggregate as agg_ops  # noqa: E402
+
+OVF_LAYOUT = Layout.of({"a": torch.zeros(4, 5), "b": torch.zeros(7)})
+BIG = 3e38   # float32's largest finite is 3.4028e38
+
+
+def _sd(idx, val, dtype=torch.float32, validate=True, device="cpu"):
+    return SparseDelta(torch.tensor(idx, device=device), torch.tensor(val, dtype=dtype, device=device), OVF_LAYOUT,
+                       validate=validate)
+
+
+def ovf_out(device="cpu"):
+    g = torch.Generator().manual_seed(11)
+    return {"a": (torch.randn(4, 5, generator=g) * 100).to(device), "b": torch.randn(7, generator=g).to(device)}
+
+
+def overflow_cases(device="cpu"):
+    """id -> (deltas, weights, out or None (then a default out, or none), needs_out, match)."""
+    good = _sd([0, 3, 21], [1.0, -2.0, 0.5], device=device)
+    near_max = ovf_out(device)
+    near_max["a"][0, 3] = 3.3e38
+    payloads = [codec.encode(_sd([7, 9], [BIG if i in (0, 18) else 1.0, 2.0]), values="fp32", layout="fingerprint")
+                for i in range(20)]
+    return {
+        "f64 beyond float32, validated": (
+            [good, _sd([2, 5], [1.0, 1e300], torch.float64, device=device)], [0.5, 1e-300], None, False,
+            r"client 1: value 1e\+300 at position 1 does not fit float32"),
+        "f64 beyond float32, unvalidated": (
+            [good, _sd([2, 5], [1e300, 1.0], torch.float64, validate=False, device=device)], [0.5, 0.5], None, False,
+            r"client 1: value 1e\+300 at position 0 does not fit float32"),
+        "nan unvalidated": (
+            [good, _sd([2, 5], [1.0, float("nan")], validate=False, device=device)], [0.5, 0.5], None, False,
+            r"client 1: non-finite value at position 1"),
+        "weight x value": (
+            [good, _sd([4, 20], [1.0, BIG], device=device)], [1.0, 10.0], None, False,
+            r"client 1: the sum overflows float32 at flat index 20 \(tensor 'b', element 0\)"),
+        "two clients add up": (
+            [good, _sd([5], [BIG], device=device), _sd([5, 6], [BIG, BIG], device=device),
+             _sd([5, 6], [BIG, BIG], device=device)], [1.0, 1.0, 1.0, 1.0], None, False,
+            r"client 2: the sum overflows float32 at flat index 5 \(tensor 'a', element 5\)"),
+        "negative": (
+            [_sd([1], [-BIG], device=device), good, _sd([1], [-2e38], torch.bfloat16, device=device)], [1.0, 1.0, 1.0],
+            None, False, r"client 2: the sum overflows float32 at flat index 1"),
+        "out near the top": (
+            [good, _sd([3], [1.0], device=device), _sd([3], [1e38], device=device)], [1.0, 1.0, 1.0], near_max, True,
+            r"client 2: the sum overflows float32 at flat index 3"),
+        "payloads, second decode group": (
+            payloads, [1.0] * 20, None, False, r"client 18: the sum overflows float32 at flat index 7"),
+    }
+
+
+def overflow_case_params():
+    """(case id, with_out) pairs: into an out and into a new result (unless the case needs out)."""
+    return [(c, o) for c, case in overflow_cases().items() for o in (True, False) if o or not case[3]]
+
+
+def check_overflow_case(case, with_out, device="cpu"):
+    deltas, w, out0, needs_out, match = case
+    out = ({k: v.clone() for k, v in (out0 if out0 is not None else ovf_out(device)).items()} if with_out else None)
+    before = {k: v.clone() for k, v in out.items()} if out is not None else None
+    with pytest.raises(ValueError, match=match):
+        fastlora.sparse_aggregate(deltas, w, out=out, layout=OVF_LAYOUT)
+    if out is not None:   # all or nothing, bit for bit
+        assert all(torch.equal(out[k].view(torch.int32), before[k].view(torch.int32)) for k in out)
+
+
+@pytest.fixture(params=["cpu", "reference"])
+def backend(request, monkeypatch):
+    """The wrapper over the C++ kernel, or over fastlora.reference (the kernel of other devices)."""
+    if request.param == "reference":
+        monkeypatch.setattr(agg_ops, "_kernel", ref.sparse_aggregate_)
+    return request.param
+
+
+@pytest.mark.parametrize("case, with_out", overflow_case_params())
+def test_overflow_raises_naming_the_client(backend, case, with_out):
+    check_overflow_case(overflow_cases()[case], with_out)
+
+
+def test_large_values_that_do_not_overflow_are_summed(backend, monkeypatch):
+    """Clients past the bound (|w * v| >= 2**103) whose sums stay finite, out entries that
+    already were inf / NaN (kept, no error), a float64 value near float32's top that still
+    fits: the result is the reference's, bit for bit."""
+    deltas = [_sd([1, 2, 10], [BIG, 1.0, 2e38]), _sd([1, 10], [-BIG, 1e38]), _sd([2, 3], [1e300, 2.0], torch.float64),
+              _sd([4], [3.4e38], torch.float64)]
+    w = torch.tensor([1.0, 1.0, 1e-300, 1.0])   # 1e-300 is 0 in float32: 0 x float32(1e300) would be nan
+    deltas[2] = _sd([2, 3], [1e30, 2.0], torch.float64)
+    out = ovf_out()
+    out["b"][0], out["b"][1] = float("inf"), float("nan")
+    out["a"][0, 1] = -3.3e38
+    expected = [out["a"].clone(), out["b"].clone()]
+    ref.sparse_aggregate_(expected, [d.indices for d in deltas], [d.values for d in deltas], w)
+    got = {k: v.clone() for k, v in out.items()}
+    fastlora.sparse_aggregate(deltas, w, out=got)
+    assert torch.equal(flat(got).view(torch.int32), torch.cat([e.reshape(-1) for e in expected]).view(torch.int32))
+    assert torch.isinf(got["b"][0]) and torch.isnan(got["b"][1])
+
+
+def test_in_place_path_kept_when_no_client_can_overflow(monkeypatch):
+    """The bound keeps the fast path (the kernel adds straight into a float32 out) for every
+    client below it; a client above it sends the sum to the working copy."""
+    seen = []
+    real = agg_ops._kernel
+
+    def spy(acc, *a):
+        seen.append(acc[0])
+        return real(acc, *a)
+
+    monkeypatch.setattr(agg_ops, "_kernel", spy)
+    out = ovf_out()
+    usual = [_sd([1, 2], [1e30, -1e30]), _sd([2, 3], [5.0, 6.0], torch.float64)]
+    fastlora.sparse_aggregate(usual, [1.0, 1.0], out=out)
+    assert seen[-1] is out["a"]
+    fastlora.sparse_aggregate(usual + [_sd([4], [2e31])], [1.0, 1.0, 1.0], out=out)   # 2e31 > 2**103
+    assert seen[-1] is not out["a"]
+    fastlora.sparse_aggregate(usual + [_sd([4], [2e31])], [1.0, 1.0, 0.25], out=out)   # 5e30: below the bound
+    assert seen[-1] is out["a"]
+
+
+@pytest.mark.parametrize("case", ["fp16 out", "bf16 out", "fp16 layout", "f64 out beyond float32", "union fp16",
+                                  "topk fp16", "topk bf16"])
+def test_conversion_overflow_names_the_output(backend, case):
+    """The float32 sum converted to a narrower output dtype: an entry that becomes inf is a
+    ValueError naming the output, raised before anything is written (every entry of a dict
+    out converted and checked first)."""
+    d = _sd([2, 21], [1.0, 7e4])
+    layout, out, kw = OVF_LAYOUT, None, {}
+    if case == "fp16 out":
+        out = {"a": torch.ones(4, 5), "b": torch.ones(7, dtype=torch.float16)}
+        match = r"out\['b'\], element 1: the sum 70001 overflows float16 \(largest finite 65504\)"
+    elif case == "bf16 out":
+        out = {"a": torch.ones(4, 5, dtype=torch.bfloat16), "b": torch.full((7,), 3.3e38).bfloat16()}
+        d = _sd([2, 21], [1.0, 1e37])   # bfloat16's largest finite is 3.3895e38
+        match = r"out\['b'\], element 1: the sum .* overflows bfloat16"
+    elif case == "fp16 layout":
+        layout = Layout.of({"a": torch.zeros(4, 5), "b": torch.zeros(7, dtype=torch.float16)})
+        d = SparseDelta(d.indices, d.values, layout)
+        match = r"the result's tensor 'b' \(float16, the layout's dtype\), element 1: the sum 70000 overflows float16"
+    elif case == "f64 out beyond float32":
+        out = {"a": torch.ones(4, 5), "b": torch.ones(7, dtype=torch.float64)}
+        out["b"][4] = 1e39
+        match = r"out\['b'\] holds 1e\+39 at element 4, which does not fit float32"
+    else:
+        out = ovf_out()
+        kw = dict(sparse=case.split()[0], value_dtype=torch.float16 if "fp16" in case else torch.bfloat16)
+        if kw["sparse"] == "topk":
+            kw["k"] = 3
+        if "bf16" in case:
+            d = _sd([2, 21], [1.0, 3.4e38])
+            out["b"][0] = 1e37
+        match = rf"sparse='{kw['sparse']}': the aggregate at flat index 21 \(tensor 'b', element 1\): the sum .* overflows"
+    before = {k: v.clone() for k, v in out.items()} if out is not None else None
+    with pytest.raises(ValueError, match=match):
+        fastlora.sparse_aggregate([d], [1.0], out=out, layout=layout, **kw)
+    if out is not None:
+        assert all(torch.equal(out[k], before[k]) for k in out)

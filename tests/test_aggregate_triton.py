@@ -266,10 +266,11 @@ def _bad_case(case, numel, g):
         val[1][33] = float("-inf")
         msg = r"client 1: non-finite value at position 33"
     elif case == "fp64_overflow":
-        # finite in float64, inf once rounded to float32 (the C++ check is on float32(v))
+        # finite in float64, inf once rounded to float32 (the C++ check is on float32(v)); the
+        # message tells it from a NaN / inf
         val[1] = val[1].double()
         val[1][5] = 1e300
-        msg = r"client 1: non-finite value at position 5"
+        msg = r"client 1: value 1e\+300 at position 5 does not fit float32 \(the accumulator\)"
     elif case == "first_position_wins":
         val[1][3] = float("inf")
         idx[1][-1] = numel
@@ -386,3 +387,46 @@ def test_unvalidated_bad_indices_never_write_outside(monkeypatch, case, chunk):
     for s in guards:
         assert bool((buf[s] == 7.0).all())
     tka._CHUNKS.clear()
+
+
+# --------------------------------------------------------------------------- overflow
+# fastlora.sparse_aggregate checks overflow once, in the wrapper, for every kernel: the cases of
+# tests/test_aggregate.py (C++ and reference there) through this kernel (under the interpreter
+# the wrapper's op call is pointed at it; on a GPU the op dispatches to it by itself).
+import fastlora  # noqa: E402
+from fastlora.ops import aggregate as agg_ops  # noqa: E402
+from test_aggregate import OVF_LAYOUT, check_overflow_case, overflow_case_params, overflow_cases, ovf_out  # noqa: E402
+
+
+@pytest.fixture
+def triton_wrapper(monkeypatch):
+    calls = []
+    if DEVICE == "cpu":
+        def kernel(*a):
+            calls.append(1)
+            tka.sparse_aggregate_(*a)
+
+        monkeypatch.setattr(agg_ops, "_kernel", kernel)
+    return calls
+
+
+@pytest.mark.parametrize("case, with_out", overflow_case_params())
+# the interpreter computes with numpy, which warns where the kernel's float32 sums overflow
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_overflow_through_the_wrapper(triton_wrapper, case, with_out):
+    check_overflow_case(overflow_cases(DEVICE)[case], with_out, DEVICE)
+    assert triton_wrapper or DEVICE != "cpu"
+
+
+def test_large_sums_that_stay_finite_through_the_wrapper(triton_wrapper):
+    # past the bound (checked), no overflow: the reference's bits; inf / NaN already in out kept
+    d = [torch.tensor([1, 2, 10], device=DEVICE), torch.tensor([1, 10], device=DEVICE)]
+    v = [torch.tensor([3e38, 1.0, 2e38], device=DEVICE), torch.tensor([-3e38, 1e38], device=DEVICE)]
+    w = torch.tensor([1.0, 1.0])
+    out = ovf_out(DEVICE)
+    out["b"][0], out["b"][1] = float("inf"), float("nan")
+    exp = _expected([out["a"], out["b"]], d, v, w)
+    from fastlora.sparse_delta import SparseDelta
+    fastlora.sparse_aggregate([SparseDelta(i, x, OVF_LAYOUT) for i, x in zip(d, v)], w, out=out)
+    assert torch.equal(_bits([out["a"], out["b"]]), _bits(exp))

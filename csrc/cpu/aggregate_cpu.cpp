@@ -30,8 +30,8 @@ struct OutPiece {
   int64_t offset, numel;
 };
 
-// Validates one client's indices (sorted, unique, in range) and values (finite); raises a
-// ValueError naming the client before anything is written.
+// Validates one client's indices (sorted, unique, in range) and values (finite, and within
+// float32's range); raises a ValueError naming the client before anything is written.
 template <typename T>
 void check_client(int64_t client, const int64_t* idx, const T* val, int64_t nnz, int64_t numel) {
   for (int64_t j = 0; j < nnz; ++j) {
@@ -39,8 +39,12 @@ void check_client(int64_t client, const int64_t* idx, const T* val, int64_t nnz,
                       " at position ", j, " is out of range [0, ", numel, ")");
     TORCH_CHECK_VALUE(j == 0 || idx[j] > idx[j - 1], "sparse_aggregate: client ", client,
                       ": indices must be sorted ascending and unique (position ", j, ")");
-    TORCH_CHECK_VALUE(std::isfinite(static_cast<float>(val[j])), "sparse_aggregate: client ", client,
-                      ": non-finite value at position ", j);
+    if (!std::isfinite(static_cast<float>(val[j]))) {
+      // A finite float64 beyond float32's range would be accumulated as inf: say so.
+      TORCH_CHECK_VALUE(!std::isfinite(static_cast<double>(val[j])), "sparse_aggregate: client ", client, ": value ",
+                        static_cast<double>(val[j]), " at position ", j, " does not fit float32 (the accumulator)");
+      TORCH_CHECK_VALUE(false, "sparse_aggregate: client ", client, ": non-finite value at position ", j);
+    }
   }
 }
 
