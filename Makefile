@@ -13,7 +13,7 @@ CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
 STAMP := $(VENV)/.fastlora-installed
 
 .PHONY: setup demo bench bench-lora test test-latest test-python test-isa test-cpp check-cuda check-wheel \
-	check-entry-points gpu-check gpu-check-dry clean
+	check-entry-points gpu-check gpu-check-dry fuzz clean
 
 setup: $(STAMP)
 
@@ -110,6 +110,16 @@ gpu-check:
 # The GPU check's logic on CPU (CI): interpreter tests filtered, tiny sizes, this venv.
 gpu-check-dry: $(STAMP)
 	GPU_CHECK_DRY=1 PYTHON=$(PY) GPU_CHECK_PYTEST_K="empty" GPU_CHECK_SHARDS=2 bash benchmarks/gpu_check/gpu_check.sh
+
+# The codec's fuzzer (tests/fuzz_codec.py, the one tests/test_codec.py runs for ~3 s) for
+# FUZZ_SECONDS from FUZZ_SEED: decode must return a valid SparseDelta or raise DecodeError on
+# every input, each within a time limit; prints how many inputs it survived (docs/api/codec.md).
+# A failing input is written to build/fuzz-crashes/. Needs only the venv (no rebuild).
+FUZZ_SECONDS ?= 300
+FUZZ_SEED ?= 0
+fuzz:
+	@test -x $(PY) || $(MAKE) setup
+	$(PY) tests/fuzz_codec.py --seconds $(FUZZ_SECONDS) --seed $(FUZZ_SEED) --crash-dir build/fuzz-crashes
 
 clean:
 	rm -rf build dist *.egg-info fastlora/_C*.so
