@@ -474,7 +474,8 @@ def test_conversion_overflow_names_the_output(backend, case):
         if "bf16" in case:
             d = _sd([2, 21], [1.0, 3.4e38])
             out["b"][0] = 1e37
-        match = rf"sparse='{kw['sparse']}': the aggregate at flat index 21 \(tensor 'b', element 1\): the sum .* overflows"
+        match = (rf"sparse='{kw['sparse']}': the aggregate at flat index 21 \(tensor 'b', element 1\): "
+                 r"the sum .* overflows")
     before = {k: v.clone() for k, v in out.items()} if out is not None else None
     with pytest.raises(ValueError, match=match):
         fastlora.sparse_aggregate([d], [1.0], out=out, layout=layout, **kw)
