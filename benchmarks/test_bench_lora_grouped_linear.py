@@ -1,7 +1,7 @@
 """Mixed-adapter batches: PEFT's ``_mixed_batch_forward`` (a Python loop over adapters with
 boolean-mask gathers) vs fastlora's grouped op, for one LoRA Linear layer at inference.
 
-    .venv/bin/python -m pytest benchmarks/test_bench_lora_grouped.py -s --benchmark-columns=median,iqr,rounds
+    .venv/bin/python -m pytest benchmarks/test_bench_lora_grouped_linear.py -s --benchmark-columns=median,iqr,rounds
 
 Four timings on identical inputs and parameters (no_grad, eval): ``peft`` (PEFT's Linear
 called with ``adapter_names``), ``fastlora_layer`` (the same layer patched by ``fastlora.peft``:

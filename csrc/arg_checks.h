@@ -1,4 +1,4 @@
-// Argument checks shared by the LoRA op families (csrc/lora_linear.cpp, csrc/lora_grouped.cpp).
+// Argument checks shared by the LoRA op families (csrc/lora_linear.cpp, csrc/lora_grouped_linear.cpp).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -3,7 +3,7 @@
 // kernels, registered from Python, through the catch-all ops fastlora::_lora_linear_fwd_check,
 // _lora_linear_bwd_check, _lora_grouped_linear_fwd_check, _lora_grouped_linear_bwd_check), so a
 // raw call with mismatched shapes, dtypes or devices is a clear error, never an out-of-bounds
-// read. Defined in csrc/lora_linear.cpp and csrc/lora_grouped.cpp.
+// read. Defined in csrc/lora_linear.cpp and csrc/lora_grouped_linear.cpp.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastlora import reference as ref
-from fastlora.kernels import lora_grouped as tg
+from fastlora.kernels import lora_grouped_linear as tg
 from tolerance import assert_close_to_truth
 
 from test_lora_grouped_linear import ARG_ORDER, FLOAT_KEYS, make_inputs

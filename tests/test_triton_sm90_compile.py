@@ -16,7 +16,7 @@ COMPILE_GROUPED = r'''
 import json, sys, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from fastlora.kernels import lora_grouped as tg
+from fastlora.kernels import lora_grouped_linear as tg
 
 dtype_name, r_max = sys.argv[1], int(sys.argv[2])
 import torch

@@ -261,7 +261,7 @@ def probe_tf32_new_api():
 
 @section
 def probe_grouped_r1024():
-    """lora_grouped: R_PAD = next_pow2(r_max) is loaded whole; r_max=1024 needs >227 KB smem."""
+    """lora_grouped_linear: R_PAD = next_pow2(r_max) is loaded whole; r_max=1024 needs >227 KB smem."""
     import fastlora
     for r in (256, 512, 1024):
         for dt in (torch.bfloat16, torch.float32):

@@ -1,11 +1,11 @@
 """Grouped LoRA linear over mixed-adapter batches (PEFT's ``adapter_names``):
 ``fastlora.lora_grouped_linear``, punica SGMV-style.
 
-Ops (schemas in csrc/lora_grouped.cpp):
+Ops (schemas in csrc/lora_grouped_linear.cpp):
   fastlora::lora_grouped_linear      public op; validates shapes / dtypes / devices.
   fastlora::lora_grouped_linear_fwd  2-D kernel op; per device: CPU -> C++
-                                     (csrc/cpu/lora_grouped_cpu.cpp), CUDA -> Triton
-                                     (kernels/lora_grouped.py), else -> fastlora.reference.
+                                     (csrc/cpu/lora_grouped_linear_cpu.cpp), CUDA -> Triton
+                                     (kernels/lora_grouped_linear.py), else -> fastlora.reference.
   fastlora::lora_grouped_linear_bwd  its gradients, one composite kernel for every device
                                      (fastlora.reference: index ops, small GEMMs per adapter).
 The forward is the fast part (mixed batches are an inference feature); the backward makes the
@@ -133,7 +133,7 @@ def _grouped_cuda(x, weight, bias, lora_A, lora_B, scalings, ranks, row_adapter)
     if not use_triton(x):
         return _grouped_reference(x, weight, bias, lora_A, lora_B, scalings, ranks, row_adapter)
     torch.ops.fastlora._lora_grouped_linear_fwd_check(x, weight, bias, lora_A, lora_B, scalings, ranks, row_adapter)
-    from fastlora.kernels import lora_grouped as tg
+    from fastlora.kernels import lora_grouped_linear as tg
     reference.check_grouped_values(ranks, row_adapter, lora_A.shape[1])
     return tg.grouped_forward(x, weight, bias, lora_A, lora_B, scalings, ranks, row_adapter)
 
