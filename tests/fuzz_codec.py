@@ -256,7 +256,7 @@ def build_corpus(seed: int) -> List[Seed]:
     out: List[Seed] = []
     for lay in layouts:
         choices = _nnz_choices(lay.numel)
-        # the 2**20-entry layout: sparse only (raw / rice) and full (all), to stay fast
+        # the 2**20-entry layout: sparse only (raw / rice), to stay fast
         if lay.numel >= 1 << 20:
             choices = [0, 1, 3, 1000, 20000]
         # the 5000-entry layout gets every value format x layout mode at every density (which
@@ -287,7 +287,8 @@ def build_corpus(seed: int) -> List[Seed]:
 
 
 # ---------------------------------------------------------------------------------------------
-# mutations: (data, seed, rng) -> (bytes, fix the CRC afterwards?)
+# mutations: (payload, its Seed, rng) -> (a body to which the caller appends its CRC, True)
+# or (the input as it is, False)
 # ---------------------------------------------------------------------------------------------
 def _body(data: bytes) -> bytes:
     return data[:-4]
