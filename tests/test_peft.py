@@ -77,6 +77,20 @@ def logits(model, ids, **kw):
 
 # --- numerics: forward logits and every LoRA gradient -------------------------------------------
 
+def truth_peft_fastlora(truth_model, ref_model):
+    """(logits, LoRA gradients) of the float64 truth, of PEFT's ``ref_model`` and of its patched
+    copy, on the same batch; every layer of the copy must take the fused path, without a
+    fallback warning."""
+    fast_model = patched_copy(ref_model)
+    ids = inputs()
+    results = [fwd_bwd(truth_model, ids), fwd_bwd(ref_model, ids)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fast path must not fall back
+        results.append(fwd_bwd(fast_model, ids))
+    assert fp.fast_path_calls(fast_model) == N_LAYERS
+    return results
+
+
 FEATURES = {
     "plain": dict(kw={}),
     "rslora": dict(kw={"use_rslora": True, "r": 16, "lora_alpha": 8}),
@@ -93,15 +107,8 @@ def test_forward_and_gradients_match_peft(feature):
     if spec.get("adapters"):
         names = ["default"] + [n for n, _ in spec["adapters"]]
         truth_model.base_model.set_adapter(names)
-    ref_model = copy.deepcopy(truth_model).float()
-    fast_model = patched_copy(ref_model)
-    ids = inputs()
-    truth_y, truth_g = fwd_bwd(truth_model, ids)
-    ref_y, ref_g = fwd_bwd(ref_model, ids)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the fast path must not fall back
-        out_y, out_g = fwd_bwd(fast_model, ids)
-    assert fp.fast_path_calls(fast_model) == N_LAYERS
+    (truth_y, truth_g), (ref_y, ref_g), (out_y, out_g) = truth_peft_fastlora(
+        truth_model, copy.deepcopy(truth_model).float())
     assert_close_to_truth(out_y, ref_y, truth_y, "logits")
     n_adapters = 1 + len(spec.get("adapters", ()))
     n_lora_bias = n_adapters if spec["kw"].get("lora_bias") else 0
@@ -161,15 +168,8 @@ def test_half_model_with_float32_adapters_runs_the_fast_path_like_peft(dtype, fe
     truth_model = peft_model(torch.float64, spec.get("adapters", ()), **spec["kw"])
     if spec.get("adapters"):
         truth_model.base_model.set_adapter(["default"] + [n for n, _ in spec["adapters"]])
-    ref_model = half_model_with_float32_adapters(truth_model, dtype)
-    fast_model = patched_copy(ref_model)
-    ids = inputs()
-    truth_y, truth_g = fwd_bwd(truth_model, ids)
-    ref_y, ref_g = fwd_bwd(ref_model, ids)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the fast path must not fall back
-        out_y, out_g = fwd_bwd(fast_model, ids)
-    assert fp.fast_path_calls(fast_model) == N_LAYERS
+    (truth_y, truth_g), (ref_y, ref_g), (out_y, out_g) = truth_peft_fastlora(
+        truth_model, half_model_with_float32_adapters(truth_model, dtype))
     assert out_y.dtype == ref_y.dtype == dtype
     assert all(g.dtype == torch.float32 for g in out_g.values())
     assert_close_to_truth(out_y, ref_y, truth_y, "logits")
