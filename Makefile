@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
 STAMP := $(VENV)/.fastlora-installed
 
-.PHONY: setup demo bench bench-lora test test-latest test-python test-isa test-cpp check-cuda check-wheel \
+.PHONY: setup demo bench bench-lora test test-latest test-python test-isa test-cpp test-cpp-sanitize check-cuda check-wheel \
 	check-entry-points gpu-check gpu-check-dry fuzz clean
 
 setup: $(STAMP)
@@ -70,6 +70,15 @@ test-cpp: $(STAMP)
 	cmake --build build/cmake -j2 >> build-cmake.log 2>&1 || (cat build-cmake.log; exit 1)
 	rm -f build-cmake.log
 	ctest --test-dir build/cmake --output-on-failure
+
+# The same C++ tests with AddressSanitizer + UndefinedBehaviorSanitizer (an out-of-bounds
+# read or undefined behaviour in a kernel fails them). Leaks are not checked: libtorch's own
+# static allocations would be reported.
+test-cpp-sanitize: $(STAMP)
+	cmake -S . -B build/cmake-sanitize -DFASTLORA_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" > build-cmake-sanitize.log 2>&1 || (cat build-cmake-sanitize.log; exit 1)
+	cmake --build build/cmake-sanitize -j2 >> build-cmake-sanitize.log 2>&1 || (cat build-cmake-sanitize.log; exit 1)
+	rm -f build-cmake-sanitize.log
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 ctest --test-dir build/cmake-sanitize --output-on-failure
 
 # CUDA sources must compile with the machine's nvcc even where torch has no CUDA.
 check-cuda:
