@@ -8,12 +8,11 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from fastlora import codec
 from fastlora.ops.aggregate import sparse_aggregate
 from fastlora.ops.lowrank import aggregate_lora
 from fastlora.sparse_delta import Layout
 from fastlora.staleness import StaleUpdates
-from fastlora.fl.client import add_sparse, decode_dense, sparsify_encode
+from fastlora.fl.client import decode_dense, sparsify_encode
 from fastlora.fl.model import lora_pairs
 from fastlora.fl.strategies import Strategy
 from fastlora.fl.view import ServerView

@@ -153,11 +153,10 @@ class SparseLoRA(FedAvg):
         self._returned = None
 
     def download_payload(self) -> bytes:
-        """The download of a dense / sparse strategy (and of evaluate messages): the global
-        adapter, dense (also for ``diff`` strategies' evaluate messages, which must stand
-        alone), or (FLASC) the top ``down_density`` of each of its tensors (per tensor, as
-        ``fastlora.fl``'s server: a global top-k would keep the random lora_A and drop the
-        still tiny lora_B)."""
+        """The train download of a dense / sparse strategy (a diff strategy's are per node,
+        from its view): the global adapter, dense, or (FLASC) the top ``down_density`` of each
+        of its tensors (per tensor, as ``fastlora.fl``'s server: a global top-k would keep the
+        random lora_A and drop the still tiny lora_B)."""
         s = self.fl_strategy
         adapter = {n: self.global_adapter[n] for n in self.layout.names}
         if s.down != "sparse":
