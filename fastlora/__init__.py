@@ -4,6 +4,8 @@ Ops live under ``torch.ops.fastlora`` and are wrapped here with docstrings:
 
     fastlora.lora_linear     fused LoRA linear layer (forward + backward)
     fastlora.lora_grouped_linear  one LoRA layer call for a batch mixing several adapters
+    fastlora.lora_quantized_linear  fused LoRA linear over a 4-bit (NF4 / FP4) or int8 base (QLoRA)
+    fastlora.quantize        quantize a weight to NF4 / FP4 / int8 (bitsandbytes' layout) -> QuantizedWeight
     fastlora.topk_sparsify   top-k sparsification with error feedback -> SparseDelta
     fastlora.codec           wire format for SparseDelta (encode / decode)
     fastlora.ErrorFeedback   client-side error-feedback compression: top-k + rounding + encode, residual kept
@@ -14,8 +16,10 @@ Ops live under ``torch.ops.fastlora`` and are wrapped here with docstrings:
     fastlora.aggregate_lora  exact aggregation of clients' LoRA pairs, cut to a rank
     fastlora.cpu_isa         the CPU kernels' instruction-set build (FASTLORA_CPU_ISA caps it)
 """
-from fastlora.ops import (FactoredSum, aggregate_lora, lora_grouped_linear, lora_linear, new_residual, rsvd,
-                          sparse_aggregate, squeeze, stack_lora_adapters, svd_factored, topk_sparsify)
+from fastlora.ops import (FactoredSum, aggregate_lora, lora_grouped_linear, lora_linear, lora_quantized_linear,
+                          new_residual, rsvd, sparse_aggregate, squeeze, stack_lora_adapters, svd_factored,
+                          topk_sparsify)
+from fastlora.quantize import QuantizedWeight, quantize
 from fastlora import codec, cpu
 from fastlora.error_feedback import ErrorFeedback
 from fastlora.cpu import cpu_isa, use_cpu_isa
@@ -24,5 +28,6 @@ from fastlora.sparse_delta import Layout, SparseDelta
 cpu.check_environment()
 
 __version__ = "0.1.0"
-__all__ = ["codec", "lora_linear", "lora_grouped_linear", "stack_lora_adapters", "topk_sparsify", "sparse_aggregate",
+__all__ = ["codec", "lora_linear", "lora_grouped_linear", "lora_quantized_linear", "quantize", "QuantizedWeight",
+           "stack_lora_adapters", "topk_sparsify", "sparse_aggregate",
            "new_residual", "ErrorFeedback", "SparseDelta", "Layout", "rsvd", "svd_factored", "squeeze", "aggregate_lora", "FactoredSum", "cpu_isa", "use_cpu_isa", "__version__"]

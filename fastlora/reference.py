@@ -326,3 +326,42 @@ def _hmt(apply, apply_t, omega, rank, n_iter):
         Q = torch.linalg.qr(apply(torch.linalg.qr(apply_t(Q)).Q)).Q
     Ub, S, Vh = torch.linalg.svd(apply_t(Q).mT, full_matrices=False)
     return Q @ Ub[..., :rank], S[..., :rank], Vh[..., :rank, :]
+
+
+# --- LoRA over a quantized base weight ---------------------------------------------------------
+
+def dequantize(qweight, absmax, code, blocksize, weight_shape, dtype=torch.float32):
+    """Reference of ``fastlora::dequantize``: ``W.flat[f] = code[q(f)] * absmax[f // blocksize]``
+    (the float32 product, then dtype); 4-bit codes two per byte, the even element high."""
+    n_out, n_in = weight_shape
+    n = n_out * n_in
+    q = qweight.reshape(-1)
+    if code.numel() == 16:
+        q = torch.stack([q >> 4, q & 0xF], dim=1).reshape(-1)[:n]
+    scales = absmax.repeat_interleave(blocksize)[:n]
+    return (code[q.long()] * scales).reshape(n_out, n_in).to(dtype)
+
+
+def lora_quantized_linear_with_shrink(x2d, qweight, absmax, code, blocksize, weight_shape, bias, lora_A, lora_B,
+                                      scaling, dropout_p, seed, lora_B_bias=None):
+    """Reference of ``fastlora::lora_quantized_linear_fwd``: (y, xa). Everything is computed in
+    float32 (float64 for a float64 x) on the dequantized weight and rounded once: y to x's
+    dtype, xa to the adapters' dtype."""
+    ct = _compute_dtype(x2d.dtype)
+    w = dequantize(qweight, absmax, code, blocksize, weight_shape, ct)
+    cast = lambda t: None if t is None else t.to(ct)  # noqa: E731
+    y, xa = lora_linear_with_shrink(x2d.to(ct), w, cast(bias), cast(lora_A), cast(lora_B), scaling, dropout_p,
+                                    seed, cast(lora_B_bias))
+    return y.to(x2d.dtype), xa.to(lora_A.dtype)
+
+
+def lora_quantized_linear_backward(grad_y, x2d, qweight, absmax, code, blocksize, weight_shape, lora_A, lora_B, xa,
+                                   scaling, dropout_p, seed, need_x=True, need_bias=False):
+    """Reference of ``fastlora::lora_quantized_linear_bwd``: (grad_x, grad_bias, grad_lora_A,
+    grad_lora_B), computed as the forward is (float32 / float64, rounded once); entries not
+    requested are empty tensors. The base weight is frozen: no gradient."""
+    ct = _compute_dtype(x2d.dtype)
+    w = dequantize(qweight, absmax, code, blocksize, weight_shape, ct)
+    gx, _, gb, gA, gB = lora_linear_backward(grad_y.to(ct), x2d.to(ct), w, lora_A.to(ct), lora_B.to(ct), xa.to(ct),
+                                             scaling, dropout_p, seed, need_x, False, need_bias)
+    return gx.to(x2d.dtype), gb.to(x2d.dtype), gA.to(lora_A.dtype), gB.to(lora_A.dtype)

@@ -183,5 +183,9 @@ inline std::optional<Tensor> to_float(const std::optional<Tensor>& t) {
   return t ? std::optional<Tensor>(t->to(at::kFloat)) : std::nullopt;
 }
 
+// xa = dropout(x) @ lora_A^T, x and lora_A of one dtype (lora_linear_fwd_cpu.cpp): small_gemm on
+// blocks of rows when every thread gets blocks, otherwise the BLAS (on dropped blocks).
+Tensor shrink(const Tensor& x, const Tensor& lora_A, const DropoutParams& d);
+
 }  // namespace lora_cpu
 }  // namespace fastlora

@@ -115,7 +115,10 @@ Tensor base_few_rows(const Tensor& x, const Tensor& weight, const Tensor& bias_e
   return y;
 }
 
-// xa = dropout(x) @ lora_A^T (x and lora_A of one dtype).
+}  // namespace
+
+// xa = dropout(x) @ lora_A^T (x and lora_A of one dtype). Also the shrink of the quantized-base
+// family (lora_quantized_linear_cpu.cpp).
 Tensor shrink(const Tensor& x, const Tensor& lora_A, const DropoutParams& d) {
   const int64_t M = x.size(0), K = x.size(1), r = lora_A.size(0);
   // small_gemm when there are blocks for every thread; a decode-sized batch instead gets the
@@ -144,6 +147,8 @@ Tensor shrink(const Tensor& x, const Tensor& lora_A, const DropoutParams& d) {
   run_blocks(nblocks, body);
   return xa;
 }
+
+namespace {
 
 // Half-precision x / weight with float32 adapters where the half-precision GEMM is used (bfloat16
 // on a CPU with native bf16 GEMMs, float16 batches too small to convert the weight), PEFT's way:

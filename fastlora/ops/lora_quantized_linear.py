@@ -1,0 +1,140 @@
+"""LoRA over a quantized, frozen base weight (QLoRA):
+``y = x @ dequant(W)^T + bias + scaling * (dropout(x) @ A^T @ B^T + lora_B_bias)``.
+
+Ops (schemas and the weight format in csrc/lora_quantized_linear.cpp):
+  fastlora::lora_quantized_linear      public op; validates, flattens leading dims, draws the
+                                       dropout seed.
+  fastlora::lora_quantized_linear_fwd  2-D forward, returns (y, xa) with xa = dropout(x) @ A^T.
+  fastlora::lora_quantized_linear_bwd  2-D backward: grad_x through dequant(W), grad_bias,
+                                       grad_lora_A, grad_lora_B (the base weight is frozen).
+  fastlora::dequantize                 the full-precision weight.
+
+Dispatch: CPU -> C++ (csrc/cpu/lora_quantized_linear_cpu.cpp: the weight dequantized panel by
+panel into the GEMM, never in full); any other device -> fastlora.reference. The weight's
+container and the quantizers are in fastlora.quantize.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastlora import _library  # noqa: F401  (registers the C++ schemas and CPU kernels)
+from fastlora import reference
+from fastlora.ops._autocast import register_autocast
+from fastlora.ops.lora_linear import _seed_tensor
+from fastlora.quantize import QuantizedWeight
+
+_FWD = "fastlora::lora_quantized_linear_fwd"
+_BWD = "fastlora::lora_quantized_linear_bwd"
+_DEQ = "fastlora::dequantize"
+
+
+def lora_quantized_linear(x, weight: QuantizedWeight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True,
+                          lora_B_bias=None, seed=None):
+    """:func:`fastlora.lora_linear` over a quantized base weight (a :class:`fastlora.QuantizedWeight`:
+    NF4 / FP4 / int8, e.g. from :func:`fastlora.quantize` or ``QuantizedWeight.from_bnb``).
+
+    The base product, the LoRA branch and every gradient are computed in float32 (float64 for a
+    float64 x) on the dequantized weight and rounded once: y and grad_x to x's dtype (float32,
+    float64, float16 or bfloat16), xa and the adapters' gradients to theirs (x's dtype, or
+    float32 for a half-precision x, PEFT's default). The weight gets no gradient; ``bias`` may
+    be trainable. The full-precision weight is never materialised."""
+    if not isinstance(weight, QuantizedWeight):
+        raise TypeError(f"fastlora.lora_quantized_linear: weight must be a fastlora.QuantizedWeight, "
+                        f"got {type(weight).__name__} (quantize it with fastlora.quantize)")
+    seed = _seed_tensor(seed, "fastlora.lora_quantized_linear")
+    return torch.ops.fastlora.lora_quantized_linear(
+        x, weight.data, weight.scales(), weight.code, weight.blocksize, list(weight.shape), bias, lora_A, lora_B,
+        float(scaling), float(dropout_p), bool(training), lora_B_bias, seed)
+
+
+# --- fake (meta) implementations ------------------------------------------------------------
+
+@torch.library.register_fake(_FWD)
+def _fwd_fake(x, qweight, absmax, code, blocksize, weight_shape, bias, lora_A, lora_B, scaling, dropout_p, seed,
+              lora_B_bias):
+    return x.new_empty(x.shape[0], weight_shape[0]), lora_A.new_empty(x.shape[0], lora_A.shape[0])
+
+
+@torch.library.register_fake(_BWD)
+def _bwd_fake(grad_y, x, qweight, absmax, code, blocksize, weight_shape, lora_A, lora_B, xa, scaling, dropout_p,
+              seed, output_mask):
+    need_x, need_b = output_mask
+    return (x.new_empty(x.shape if need_x else 0), x.new_empty(weight_shape[0] if need_b else 0),
+            lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape))
+
+
+@torch.library.register_fake(_DEQ)
+def _dequantize_fake(qweight, absmax, code, blocksize, weight_shape, dtype):
+    return qweight.new_empty(tuple(weight_shape), dtype=dtype)
+
+
+# --- autograd -------------------------------------------------------------------------------
+
+def _setup_context(ctx, inputs, output):
+    (x, qweight, absmax, code, blocksize, weight_shape, bias, lora_A, lora_B, scaling, dropout_p, seed,
+     lora_B_bias) = inputs
+    _, xa = output
+    ctx.mark_non_differentiable(xa)
+    ctx.blocksize, ctx.weight_shape = blocksize, weight_shape
+    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+    ctx.lora_B_bias_dtype = None if lora_B_bias is None else lora_B_bias.dtype
+    # Activations: x and the M x r shrink; the codes and scales are the frozen weight itself.
+    ctx.save_for_backward(x, qweight, absmax, code, lora_A, lora_B, xa, seed)
+
+
+def _backward(ctx, grad_y, _grad_xa):
+    x, qweight, absmax, code, lora_A, lora_B, xa, seed = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    nx, nb, nA, nB, nBb = needs[0], needs[6], needs[7], needs[8], needs[12]
+    if any(needs[i] for i in (1, 2, 3)):
+        raise RuntimeError("fastlora.lora_quantized_linear: the quantized weight (codes, scales, code book) "
+                           "has no gradient; it is frozen")
+    if grad_y is None:
+        return (None,) * 13
+    gx, gb, gA, gB = torch.ops.fastlora.lora_quantized_linear_bwd(
+        grad_y, x, qweight, absmax, code, ctx.blocksize, ctx.weight_shape, lora_A, lora_B, xa, ctx.scaling,
+        ctx.dropout_p, seed, [nx, nb or nBb])
+    gBb = None
+    if nBb:
+        gBb = grad_y.sum(0, dtype=ctx.lora_B_bias_dtype) * ctx.scaling
+    return (gx if nx else None, None, None, None, None, None, gb if nb else None, gA if nA else None,
+            gB if nB else None, None, None, None, gBb)
+
+
+torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
+
+
+# --- any device without a kernel: the pure-PyTorch reference ----------------------------------
+
+def _fwd_reference(x, qweight, absmax, code, blocksize, weight_shape, bias, lora_A, lora_B, scaling, dropout_p, seed,
+                   lora_B_bias):
+    torch.ops.fastlora._lora_quantized_linear_fwd_check(x, qweight, absmax, code, blocksize, weight_shape, bias,
+                                                        lora_A, lora_B, scaling, dropout_p, seed, lora_B_bias)
+    return reference.lora_quantized_linear_with_shrink(x, qweight, absmax, code, blocksize, weight_shape, bias,
+                                                       lora_A, lora_B, scaling, dropout_p, int(seed.item()),
+                                                       lora_B_bias)
+
+
+def _bwd_reference(grad_y, x, qweight, absmax, code, blocksize, weight_shape, lora_A, lora_B, xa, scaling, dropout_p,
+                   seed, output_mask):
+    torch.ops.fastlora._lora_quantized_linear_bwd_check(grad_y, x, qweight, absmax, code, blocksize, weight_shape,
+                                                        lora_A, lora_B, xa, scaling, dropout_p, seed)
+    return reference.lora_quantized_linear_backward(grad_y, x, qweight, absmax, code, blocksize, weight_shape,
+                                                    lora_A, lora_B, xa, scaling, dropout_p, int(seed.item()),
+                                                    *output_mask)
+
+
+def _dequantize_reference(qweight, absmax, code, blocksize, weight_shape, dtype):
+    torch.ops.fastlora._dequantize_check(qweight, absmax, code, blocksize, weight_shape)
+    return reference.dequantize(qweight, absmax, code, blocksize, weight_shape, dtype)
+
+
+torch.library.impl(_FWD, "default", _fwd_reference)
+torch.library.impl(_BWD, "default", _bwd_reference)
+torch.library.impl(_DEQ, "default", _dequantize_reference)
+
+# --- autocast: the floating-point activations and adapters (never the codes or scales) ----------
+# lora_quantized_linear(x, qweight, absmax, code, blocksize, weight_shape, bias, lora_A, lora_B, ...,
+#                       lora_B_bias (12), seed)
+register_autocast("lora_quantized_linear", {0, 6, 7, 8, 12})
+register_autocast("lora_quantized_linear_fwd", {0, 6, 7, 8, 12})
