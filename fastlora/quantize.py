@@ -166,10 +166,15 @@ class QuantizedWeight:
                 f"nested={self.nested}, {self.nbytes()} bytes)")
 
     @classmethod
-    def from_bnb(cls, weight) -> "QuantizedWeight":
-        """Wraps a bitsandbytes weight as it is stored (no copy of the codes): a ``Params4bit``
-        (nf4 / fp4, nested or not, any quant_storage) or an ``Int8Params`` that holds int8 codes
-        (``CB`` / ``SCB``). Raises ValueError for what it cannot read."""
+    def from_bnb(cls, layer_or_weight) -> "QuantizedWeight":
+        """Wraps a bitsandbytes layer's weight as it is stored (no copy of the codes): a
+        ``Linear4bit`` / ``Params4bit`` (nf4 / fp4, nested or not, any quant_storage) or a
+        ``Linear8bitLt`` / ``Int8Params`` holding int8 codes (its row scales live on the weight
+        until the layer's first forward, then in ``layer.state``: pass the layer). Raises
+        ValueError for what it cannot read."""
+        weight, state = layer_or_weight, None
+        if isinstance(layer_or_weight, torch.nn.Module):
+            weight, state = layer_or_weight.weight, getattr(layer_or_weight, "state", None)
         qs = getattr(weight, "quant_state", None)
         if qs is not None:
             if getattr(qs, "packing_format_for_cpu", False):
@@ -190,6 +195,8 @@ class QuantizedWeight:
                            offset=float(qs.offset))
             return cls(qs.quant_type, data, qs.absmax.float(), qs.blocksize, shape, qs.dtype)
         cb, scb = getattr(weight, "CB", None), getattr(weight, "SCB", None)
+        if scb is None and state is not None:
+            scb = getattr(state, "SCB", None)
         if cb is None and isinstance(weight, torch.Tensor) and weight.dtype == torch.int8:
             cb = weight.data
         if cb is None or scb is None:

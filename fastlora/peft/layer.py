@@ -62,8 +62,9 @@ reason naming the layer's class, adapter and reason):
 - merged adapters (``merge_adapter()``: the base layer alone is the right computation);
 - mixed-adapter batches using DoRA / variants, ``lora_bias=True`` or active dropout (see
   above), and any other extra forward argument;
-- a base layer that is not exactly ``torch.nn.Linear`` (bitsandbytes ``Linear4bit`` /
-  ``Linear8bitLt`` and other subclasses), or any module of the layer with hooks;
+- a base layer that is not exactly ``torch.nn.Linear``, or any module of the layer with hooks
+  (PEFT's bitsandbytes LoRA layers are other classes, swapped by ``patch`` to
+  ``fastlora.peft.bnb``'s, which run ``fastlora.lora_quantized_linear``);
 - ``fan_in_fan_out=True``;
 - dtypes or devices that differ between x, the base layer and the adapters other than the
   float32 adapters above (and, in mixed-adapter batches, those too);
@@ -135,10 +136,99 @@ def _dtype_reason(x, base_tensors, adapter_tensors, float32_adapters=True):
     return None
 
 
-class LoraLinear(PeftLinear):
+class FastLoraLayerMixin:
+    """The fast-path decision shared by fastlora's PEFT layers (``LoraLinear`` here, the
+    bitsandbytes layers in ``fastlora.peft.bnb``): which adapters run, with which dropout, or
+    why the layer falls back. A layer class supplies ``_fastlora_base_reason`` (can its base
+    layer run on the fused op at all) and ``_fastlora_base_tensors`` (the base tensors that must
+    match x's dtype and device)."""
+
+    _fastlora_public_name = "fastlora.peft layer"  # how warnings name the class
+
+    def _fastlora_plan(self, x, args, kwargs):
+        """[(adapter, dropout_p, training), ...] for the fast path, a reason string for a
+        warned fallback, or None for a silent one (nothing LoRA to compute)."""
+        if self.disable_adapters:
+            return None
+        if args or any(v is not None for v in kwargs.values()):
+            return f"extra forward arguments {sorted(kwargs)}" if kwargs else "extra positional forward arguments"
+        if self.merged:
+            return "adapters are merged into the base weight (the base layer alone is computed)"
+        reason = self._fastlora_base_reason()
+        if reason:
+            return reason
+        names = [a for a in self.active_adapters if a in self.lora_A]
+        if not names:
+            return None
+        plan = []
+        for name in names:
+            dropout = self._fastlora_adapter_check(name)
+            if isinstance(dropout, str):
+                return dropout
+            plan.append((name, *dropout))
+        if _has_hooks(self.base_layer) or _global_hooks():
+            return "module hooks on the base layer (or global module hooks)"
+        if len(plan) > 1 and any(p > 0 and training for _, p, training in plan):
+            return "several active adapters with dropout in training mode"
+        adapters = []
+        for name in names:
+            adapters += [self.lora_A[name].weight, self.lora_B[name].weight, self.lora_B[name].bias]
+        return _dtype_reason(x, self._fastlora_base_tensors(), adapters) or plan
+
+    def _fastlora_base_tensors(self):
+        return [self.base_layer.weight, self.base_layer.bias]
+
+    def _fastlora_adapters(self, plan):
+        """(lora_A, lora_B, scaling, dropout_p, training, lora_B_bias) of the fused call: the
+        adapter itself, or several without dropout concatenated: sum_i s_i (x A_i^T B_i^T + b_i)
+        = x A^T B^T + sum_i s_i b_i with A = cat(A_i) and B = cat(s_i B_i); autograd flows back
+        to every adapter."""
+        if len(plan) == 1:
+            name, p, training = plan[0]
+            lora_B = self.lora_B[name]
+            return self.lora_A[name].weight, lora_B.weight, self.scaling[name], p, training, lora_B.bias
+        names = [name for name, _, _ in plan]
+        lora_A = torch.cat([self.lora_A[n].weight for n in names], dim=0)
+        lora_B = torch.cat([self.lora_B[n].weight * self.scaling[n] for n in names], dim=1)
+        lora_B_bias = None
+        for n in names:
+            b = self.lora_B[n].bias
+            if b is not None:
+                lora_B_bias = b * self.scaling[n] if lora_B_bias is None else lora_B_bias + b * self.scaling[n]
+        return lora_A, lora_B, 1.0, 0.0, False, lora_B_bias
+
+    def _fastlora_adapter_check(self, name):
+        """(dropout_p, training) of adapter ``name`` if its modules suit the fused ops (plain
+        LoRA, standard modules, no hooks), else the reason it does not, as a string."""
+        variants = getattr(self, "lora_variant", {})
+        if name in variants:
+            what = "DoRA (use_dora=True)" if self.use_dora.get(name, False) else \
+                f"LoRA variant {type(variants[name]).__name__}"
+            return f"adapter {name!r} uses {what}"
+        A, B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        dropout = _dropout_of(drop)
+        if type(A) is not nn.Linear or type(B) is not nn.Linear or A.bias is not None or dropout is None:
+            return f"adapter {name!r} has non-standard lora_A / lora_B / lora_dropout modules"
+        if any(_has_hooks(m) for m in (A, B, drop)):
+            return f"adapter {name!r} has hooks on its lora_A / lora_B / lora_dropout modules"
+        return dropout
+
+    def _fastlora_warn(self, reason: str) -> None:
+        warned = self.__dict__.setdefault("_fastlora_warned", set())
+        if reason in warned:
+            return
+        warned.add(reason)
+        warnings.warn(f"{self._fastlora_public_name} (adapters {list(self.active_adapters)}, "
+                      f"{self.in_features}->{self.out_features}): falling back to PEFT's forward: "
+                      f"{reason}", UserWarning, stacklevel=3)
+
+
+class LoraLinear(FastLoraLayerMixin, PeftLinear):
     """PEFT's LoRA ``Linear`` whose forward runs ``fastlora.lora_linear`` (see the module
     docstring for the fast path and the fallbacks). Constructed exactly like PEFT's class, or
     obtained from one with ``fastlora.peft.patch``."""
+
+    _fastlora_public_name = "fastlora.peft.LoraLinear"
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if kwargs.get("adapter_names") is not None:
@@ -150,23 +240,11 @@ class LoraLinear(PeftLinear):
             return super().forward(x, *args, **kwargs)
         self.fastlora_calls = getattr(self, "fastlora_calls", 0) + 1
         base = self.base_layer
-        if len(plan) == 1:
-            name, p, training = plan[0]
-            lora_B = self.lora_B[name]
-            return fastlora.lora_linear(x, base.weight, base.bias, self.lora_A[name].weight,
-                                        lora_B.weight, self.scaling[name], p, training,
-                                        lora_B_bias=lora_B.bias)
-        # Several adapters, no dropout: sum_i s_i (x A_i^T B_i^T + b_i) = x A^T B^T + sum_i s_i b_i
-        # with A = cat(A_i) and B = cat(s_i B_i); autograd flows back to every adapter.
-        names = [name for name, _, _ in plan]
-        lora_A = torch.cat([self.lora_A[n].weight for n in names], dim=0)
-        lora_B = torch.cat([self.lora_B[n].weight * self.scaling[n] for n in names], dim=1)
-        lora_B_bias = None
-        for n in names:
-            b = self.lora_B[n].bias
-            if b is not None:
-                lora_B_bias = b * self.scaling[n] if lora_B_bias is None else lora_B_bias + b * self.scaling[n]
-        return fastlora.lora_linear(x, base.weight, base.bias, lora_A, lora_B, 1.0, 0.0, False,
+        if type(base) is not nn.Linear:  # a bitsandbytes layer (_fastlora_base_reason let it through)
+            from fastlora.peft import bnb
+            return bnb.quantized_forward(self, x, plan)
+        lora_A, lora_B, scaling, p, training, lora_B_bias = self._fastlora_adapters(plan)
+        return fastlora.lora_linear(x, base.weight, base.bias, lora_A, lora_B, scaling, p, training,
                                     lora_B_bias=lora_B_bias)
 
     # -- mixed-adapter batches ---------------------------------------------------------------
@@ -256,72 +334,24 @@ class LoraLinear(PeftLinear):
             cache.popitem(last=False)
         return value
 
-    # -- decision ---------------------------------------------------------------------------
-
-    def _fastlora_plan(self, x, args, kwargs):
-        """[(adapter, dropout_p, training), ...] for the fast path, a reason string for a
-        warned fallback, or None for a silent one (nothing LoRA to compute)."""
-        if self.disable_adapters:
-            return None
-        if args or any(v is not None for v in kwargs.values()):
-            return f"extra forward arguments {sorted(kwargs)}" if kwargs else "extra positional forward arguments"
-        if self.merged:
-            return "adapters are merged into the base weight (the base layer alone is computed)"
-        reason = self._fastlora_base_reason()
-        if reason:
-            return reason
-        base = self.base_layer
-        names = [a for a in self.active_adapters if a in self.lora_A]
-        if not names:
-            return None
-        plan = []
-        for name in names:
-            dropout = self._fastlora_adapter_check(name)
-            if isinstance(dropout, str):
-                return dropout
-            plan.append((name, *dropout))
-        if _has_hooks(base) or _global_hooks():
-            return "module hooks on the base layer (or global module hooks)"
-        if len(plan) > 1 and any(p > 0 and training for _, p, training in plan):
-            return "several active adapters with dropout in training mode"
-        adapters = []
-        for name in names:
-            adapters += [self.lora_A[name].weight, self.lora_B[name].weight, self.lora_B[name].bias]
-        return _dtype_reason(x, [base.weight, base.bias], adapters) or plan
+    # -- decision (the rest is FastLoraLayerMixin's) ----------------------------------------
 
     def _fastlora_base_reason(self):
         """Why the base layer rules the fused ops out (None if it does not)."""
         base = self.base_layer
-        if type(base) is not nn.Linear:
-            return f"base layer is {type(base).__module__}.{type(base).__qualname__}, not torch.nn.Linear"
         if self.fan_in_fan_out:
             return "fan_in_fan_out=True"
-        return None
+        if type(base) is nn.Linear:
+            return None
+        from fastlora.peft import bnb
+        if bnb.is_quantized_base(base):
+            return bnb.quantized_base_reason(base)
+        return f"base layer is {type(base).__module__}.{type(base).__qualname__}, not torch.nn.Linear"
 
-    def _fastlora_adapter_check(self, name):
-        """(dropout_p, training) of adapter ``name`` if its modules suit the fused ops (plain
-        LoRA, standard modules, no hooks), else the reason it does not, as a string."""
-        variants = getattr(self, "lora_variant", {})
-        if name in variants:
-            what = "DoRA (use_dora=True)" if self.use_dora.get(name, False) else \
-                f"LoRA variant {type(variants[name]).__name__}"
-            return f"adapter {name!r} uses {what}"
-        A, B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-        dropout = _dropout_of(drop)
-        if type(A) is not nn.Linear or type(B) is not nn.Linear or A.bias is not None or dropout is None:
-            return f"adapter {name!r} has non-standard lora_A / lora_B / lora_dropout modules"
-        if any(_has_hooks(m) for m in (A, B, drop)):
-            return f"adapter {name!r} has hooks on its lora_A / lora_B / lora_dropout modules"
-        return dropout
-
-    def _fastlora_warn(self, reason: str) -> None:
-        warned = self.__dict__.setdefault("_fastlora_warned", set())
-        if reason in warned:
-            return
-        warned.add(reason)
-        warnings.warn(f"fastlora.peft.LoraLinear (adapters {list(self.active_adapters)}, "
-                      f"{self.in_features}->{self.out_features}): falling back to PEFT's forward: "
-                      f"{reason}", UserWarning, stacklevel=3)
+    def _fastlora_base_tensors(self):
+        if type(self.base_layer) is not nn.Linear:
+            return []  # a bitsandbytes layer: its codes are uint8 / int8, its bias is cast to x's dtype
+        return [self.base_layer.weight, self.base_layer.bias]
 
     def _get_name(self) -> str:
         # The name nn.Module's repr prints: a patched model prints exactly as PEFT's
@@ -331,26 +361,38 @@ class LoraLinear(PeftLinear):
 
 # --- ways in ------------------------------------------------------------------------------------
 
+def _swaps():
+    """{PEFT's LoRA class: fastlora's}: Linear, and the bitsandbytes layers when installed."""
+    from fastlora.peft import bnb
+
+    return {PeftLinear: LoraLinear, **bnb.patch_classes()}
+
+
 def patch(model: nn.Module) -> int:
-    """Swap every PEFT LoRA ``Linear`` (exact class) in ``model`` to ``LoraLinear`` in place, by
-    reassigning ``__class__``: same module objects, same Parameter objects, no copies. Returns
-    the number of layers swapped (already patched layers are not counted)."""
+    """Swap every PEFT LoRA ``Linear`` (exact class) in ``model`` to ``LoraLinear``, and PEFT's
+    bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` LoRA layers to ``fastlora.peft.bnb``'s, in
+    place, by reassigning ``__class__``: same module objects, same Parameter objects, no copies.
+    Returns the number of layers swapped (already patched layers are not counted)."""
+    swaps = _swaps()
     n = 0
     for module in model.modules():
-        if type(module) is PeftLinear:
-            module.__class__ = LoraLinear
+        new_class = swaps.get(type(module))
+        if new_class is not None:
+            module.__class__ = new_class
             module.fastlora_calls = 0
             n += 1
     return n
 
 
 def unpatch(model: nn.Module) -> int:
-    """Undo ``patch``: every ``LoraLinear`` in ``model`` becomes PEFT's ``Linear`` again (also
+    """Undo ``patch``: every fastlora layer in ``model`` becomes PEFT's class again (also
     layers built through ``register``). Returns the number of layers swapped back."""
+    back = {new: old for old, new in _swaps().items()}
     n = 0
     for module in model.modules():
-        if type(module) is LoraLinear:
-            module.__class__ = PeftLinear
+        old_class = back.get(type(module))
+        if old_class is not None:
+            module.__class__ = old_class
             module.__dict__.pop("fastlora_calls", None)
             module.__dict__.pop("_fastlora_warned", None)
             module.__dict__.pop("_fastlora_stack_cache", None)
@@ -385,5 +427,6 @@ def from_pretrained(model: nn.Module, model_id, **kwargs):
 
 
 def fast_path_calls(model: nn.Module) -> int:
-    """Total number of fast-path forward calls of the ``LoraLinear`` layers in ``model``."""
-    return sum(getattr(m, "fastlora_calls", 0) for m in model.modules() if isinstance(m, LoraLinear))
+    """Total number of fast-path forward calls of fastlora's layers in ``model`` (``LoraLinear``
+    and the bitsandbytes layers of ``fastlora.peft.bnb``)."""
+    return sum(getattr(m, "fastlora_calls", 0) for m in model.modules() if isinstance(m, FastLoraLayerMixin))

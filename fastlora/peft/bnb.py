@@ -1,0 +1,166 @@
+"""PEFT's bitsandbytes LoRA layers (QLoRA) on ``fastlora.lora_quantized_linear``.
+
+``LoraLinear4bit`` / ``LoraLinear8bitLt`` subclass PEFT's ``peft.tuners.lora.bnb.Linear4bit`` /
+``Linear8bitLt`` and change only ``forward``: the base product runs on bitsandbytes' stored
+codes and scales as they are (``fastlora.QuantizedWeight.from_bnb``: no copy, no dequantized
+weight) in the same fused op as the LoRA branch, forward and backward. ``fastlora.peft.patch``
+swaps them in (it also swaps ``LoraLinear``); state-dict keys, ``save_pretrained``, merge
+(bitsandbytes' dequantize / requantize) and the rest of PEFT's API are PEFT's own.
+
+Numerics: the base product and the LoRA branch are computed in float32 on x (float32 copies
+of a half-precision x) and the dequantized weight, and rounded once to x's dtype, which is
+bitsandbytes' output dtype. bitsandbytes computes the base product in its ``compute_dtype``
+(often bfloat16) and, for 8-bit layers, on int8-quantized activations (LLM.int8()): fastlora's
+result is at least as close to the exact product. The 8-bit layers' outlier threshold is
+therefore irrelevant here (it keeps activation outliers out of int8, and activations are never
+quantized).
+
+Fast path: the conditions of ``fastlora.peft.LoraLinear`` (plain LoRA adapters, not merged,
+no hooks, adapters in x's dtype or float32 on a half-precision x, one adapter or several
+without dropout), with a base layer that is exactly ``bnb.nn.Linear4bit`` (or its
+``LinearNF4`` / ``LinearFP4``) holding an NF4 / FP4 weight, or exactly ``bnb.nn.Linear8bitLt``
+holding int8 codes (``has_fp16_weights=False``), on x's device. Falls back to PEFT's forward,
+with a warning naming the reason, otherwise: weights not quantized yet, mixed-adapter batches (``adapter_names``), DoRA and other variants. PEFT's plain
+``lora.Linear`` over a bitsandbytes layer (what ``get_peft_model`` builds on a hand-made model
+that transformers did not load in 4 / 8 bits) takes the same path through
+``fastlora.peft.LoraLinear``. A 4-bit weight that bitsandbytes repacked for its CPU
+inference kernel (its own forward does so in eval mode without gradients) is restored to the
+storage layout in place first, as bitsandbytes does before saving.
+"""
+from __future__ import annotations
+
+import torch
+
+import fastlora
+from fastlora.peft.layer import FastLoraLayerMixin
+from fastlora.quantize import QuantizedWeight
+
+try:  # optional: pip install "fastlora[bnb]"
+    import bitsandbytes as bnb
+    from peft.tuners.lora import bnb as _peft_bnb
+except ImportError:  # pragma: no cover - exercised only without bitsandbytes
+    bnb = None
+    _peft_bnb = None
+
+# bitsandbytes' inverse of its CPU inference repacking (private; absent in older versions).
+_unpack_for_cpu = getattr(getattr(bnb, "functional", None), "_convert_weight_packed_for_cpu_inverse", None)
+
+PeftLinear4bit = getattr(_peft_bnb, "Linear4bit", None)
+PeftLinear8bitLt = getattr(_peft_bnb, "Linear8bitLt", None)
+
+__all__ = ["LoraLinear4bit", "LoraLinear8bitLt", "available", "patch_classes"]
+
+
+def available() -> bool:
+    """Whether bitsandbytes and PEFT's bitsandbytes LoRA layers are importable."""
+    return PeftLinear4bit is not None or PeftLinear8bitLt is not None
+
+
+def is_quantized_base(base) -> bool:
+    """Whether ``base`` is a bitsandbytes quantized linear layer (4-bit or 8-bit)."""
+    return bnb is not None and type(base) in (bnb.nn.Linear4bit, bnb.nn.LinearNF4, bnb.nn.LinearFP4,
+                                              bnb.nn.Linear8bitLt)
+
+
+def quantized_base_reason(base):
+    """Why ``fastlora.lora_quantized_linear`` cannot run on this bitsandbytes layer's stored
+    weight (None if it can)."""
+    w = base.weight
+    if type(base) is bnb.nn.Linear8bitLt:
+        scb = getattr(w, "SCB", None)
+        if scb is None:
+            scb = getattr(base.state, "SCB", None)  # after the layer's first forward
+        if getattr(base.state, "has_fp16_weights", False) or w.dtype != torch.int8 or scb is None:
+            return "the 8-bit layer holds no int8 codes (has_fp16_weights=True, or not quantized yet)"
+    else:
+        qs = getattr(w, "quant_state", None)
+        if qs is None:
+            return "the 4-bit weight is not quantized yet (bitsandbytes quantizes when the layer moves to a device)"
+        if getattr(qs, "packing_format_for_cpu", False) and _unpack_for_cpu is None:
+            return ("the 4-bit weight is repacked for bitsandbytes' CPU inference kernel "
+                    "(packing_format_for_cpu; bitsandbytes does this in eval mode without gradients)")
+        if qs.quant_type not in ("nf4", "fp4") or len(qs.shape) != 2:
+            return f"unsupported 4-bit weight ({qs.quant_type}, shape {tuple(qs.shape)})"
+    if w.device.type not in ("cpu", "cuda"):
+        return f"the quantized weight is on {w.device}"
+    return None
+
+
+def quantized_forward(layer, x, plan):
+    """The fused call of a LoRA layer over a bitsandbytes base, for the fast-path plan."""
+    base = layer.base_layer
+    w = base.weight
+    if getattr(getattr(w, "quant_state", None), "packing_format_for_cpu", False):
+        # bitsandbytes repacked the weight for its CPU inference kernel (its forward does this
+        # in eval mode without gradients, e.g. in one of PEFT's fallbacks): back to its storage
+        # layout, in place, as bitsandbytes itself does before saving.
+        w.data, w.quant_state = _unpack_for_cpu(w.data, w.quant_state)
+    weight = QuantizedWeight.from_bnb(base)
+    bias = base.bias
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)  # bitsandbytes casts its bias to the compute dtype as well
+    lora_A, lora_B, scaling, p, training, lora_B_bias = layer._fastlora_adapters(plan)
+    return fastlora.lora_quantized_linear(x, weight, bias, lora_A, lora_B, scaling, p, training,
+                                          lora_B_bias=lora_B_bias)
+
+
+class _QuantizedBaseForward(FastLoraLayerMixin):
+    """forward() of the bitsandbytes LoRA layers."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if kwargs.get("adapter_names") is not None:
+            plan = "mixed-adapter batch (adapter_names)" if not self.disable_adapters else None
+        else:
+            plan = self._fastlora_plan(x, args, kwargs)
+        if isinstance(plan, str) or plan is None:
+            if plan is not None:
+                self._fastlora_warn(plan)
+            return super().forward(x, *args, **kwargs)
+        self.fastlora_calls = getattr(self, "fastlora_calls", 0) + 1
+        return quantized_forward(self, x, plan)
+
+    def _fastlora_base_reason(self):
+        base = self.base_layer
+        if not is_quantized_base(base):
+            return f"base layer is {type(base).__module__}.{type(base).__qualname__}, not a bitsandbytes layer"
+        return quantized_base_reason(base)
+
+    def _fastlora_base_tensors(self):
+        # The codes are uint8 / int8 by design; bias is cast to x's dtype (quantized_forward).
+        return []
+
+    def _get_name(self) -> str:
+        # nn.Module's repr: print exactly as PEFT's class (PEFT prefixes "lora.").
+        return self._peft_class.__name__
+
+
+if PeftLinear4bit is not None:
+    class LoraLinear4bit(_QuantizedBaseForward, PeftLinear4bit):
+        """PEFT's ``lora.bnb.Linear4bit`` (QLoRA over an NF4 / FP4 base) on
+        ``fastlora.lora_quantized_linear``; see the module docstring."""
+
+        _fastlora_public_name = "fastlora.peft.LoraLinear4bit"
+        _peft_class = PeftLinear4bit
+else:  # pragma: no cover
+    LoraLinear4bit = None
+
+
+if PeftLinear8bitLt is not None:
+    class LoraLinear8bitLt(_QuantizedBaseForward, PeftLinear8bitLt):
+        """PEFT's ``lora.bnb.Linear8bitLt`` (LoRA over an LLM.int8() base) on
+        ``fastlora.lora_quantized_linear``; see the module docstring."""
+
+        _fastlora_public_name = "fastlora.peft.LoraLinear8bitLt"
+        _peft_class = PeftLinear8bitLt
+else:  # pragma: no cover
+    LoraLinear8bitLt = None
+
+
+def patch_classes():
+    """{PEFT's class: fastlora's} for the bitsandbytes layers available here."""
+    pairs = {}
+    if LoraLinear4bit is not None:
+        pairs[PeftLinear4bit] = LoraLinear4bit
+    if LoraLinear8bitLt is not None:
+        pairs[PeftLinear8bitLt] = LoraLinear8bitLt
+    return pairs
