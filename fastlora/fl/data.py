@@ -6,7 +6,9 @@
 * :func:`train_test_split` - stratified, seeded split into train and test indices.
 * :func:`dirichlet_split` - the usual non-IID label split across clients (Hsu, Qi & Brown,
   "Measuring the effects of non-identical data distribution for federated visual
-  classification", 2019); :func:`iid_split` is the IID baseline.
+  classification", 2019); :func:`iid_split` is the IID baseline; :func:`column_split` is a
+  natural partition (one client per value of a column: a user, a site, a hospital).
+* :func:`split_summary` / :func:`split_lines` - clients, sizes and label skew of a split.
 * :func:`synthetic_token_task` - a small learnable token-classification task for unit tests
   with tiny randomly initialised transformers.
 * :func:`tokenize` / :meth:`TokenData.from_texts` - Hugging Face tokenization of a
@@ -35,8 +37,11 @@ __all__ = [
     "TEST_DIR_NAMES",
     "TextDataset",
     "TokenData",
+    "column_split",
     "dirichlet_split",
     "iid_split",
+    "split_lines",
+    "split_summary",
     "stdlib_docstrings",
     "synthetic_token_task",
     "tokenize",
@@ -482,6 +487,73 @@ def iid_split(n: int, num_clients: int, seed: int) -> list[torch.Tensor]:
         raise ValueError(f"iid_split: {n} samples cannot give each of {num_clients} clients one")
     perm = np.random.default_rng(seed).permutation(n)
     return _index_tensors(np.array_split(perm, num_clients))
+
+
+def column_split(values: Sequence) -> tuple[list, list[torch.Tensor]]:
+    """Natural split of ``range(len(values))``: one client per distinct value.
+
+    Returns:
+        ``(client values, index tensors)``: the distinct values sorted (numbers numerically,
+        anything else by its string) and, for each, the sorted int64 indices of its rows.
+
+    Raises:
+        ValueError: a missing value (None or ``""``); every row needs a client.
+    """
+    values = list(values)
+    missing = [i for i, v in enumerate(values) if v is None or v == ""]
+    if missing:
+        raise ValueError(f"column_split: {len(missing)} row(s) have no value (first: row {missing[0]}); "
+                         "every row needs a client")
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    keys = sorted(set(values), key=(lambda v: v) if numeric else (lambda v: str(v)))
+    rows: dict = {k: [] for k in keys}
+    for i, v in enumerate(values):
+        rows[v].append(i)
+    return keys, _index_tensors([np.asarray(rows[k], dtype=np.int64) for k in keys])
+
+
+def split_summary(parts: Sequence[torch.Tensor], labels: torch.Tensor | None = None,
+                  label_names: Sequence[str] | None = None, names: Sequence | None = None) -> list[dict]:
+    """One dict per client: ``client`` (its number), ``samples``, with ``names`` its ``value``
+    (a column split), and with ``labels`` (indexed by the parts' indices) the label skew:
+    ``label_counts`` (``{label name: count}``, nonzero ones), ``majority_label`` and
+    ``majority_share`` (the fraction of its samples with that label)."""
+    out = []
+    for c, idx in enumerate(parts):
+        row: dict = {"client": c}
+        if names is not None:
+            row["value"] = names[c]
+        row["samples"] = int(idx.numel())
+        if labels is not None and idx.numel():
+            counts = torch.bincount(labels[idx], minlength=len(label_names or ())).tolist()
+            name = (lambda k: label_names[k]) if label_names is not None else str
+            row["label_counts"] = {name(k): n for k, n in enumerate(counts) if n}
+            top = max(range(len(counts)), key=lambda k: counts[k])
+            row["majority_label"] = name(top)
+            row["majority_share"] = counts[top] / idx.numel()
+        out.append(row)
+    return out
+
+
+def split_lines(clients: Sequence[dict], column: str | None = None, max_clients: int = 12) -> list[str]:
+    """Printable lines of a :func:`split_summary` (at most ``max_clients`` clients listed;
+    ``column``: the name of the column whose values the clients are)."""
+    sizes = [c["samples"] for c in clients]
+    span = f"{min(sizes)}" if min(sizes) == max(sizes) else f"{min(sizes)}-{max(sizes)}"
+    head = f"{len(clients)} client{'s' if len(clients) != 1 else ''}, {span} training samples each"
+    shares = [c["majority_share"] for c in clients if "majority_share" in c]
+    if shares:
+        head += f"; majority-label share {100 * min(shares):.0f}%-{100 * max(shares):.0f}%"
+    lines = [head]
+    for c in clients[:max_clients]:
+        who = f"client {c['client']}" + (f" ({column or 'value'}={c['value']})" if "value" in c else "")
+        line = f"  {who}: {c['samples']} samples"
+        if "majority_label" in c:
+            line += f", majority label {c['majority_label']} ({100 * c['majority_share']:.0f}%)"
+        lines.append(line)
+    if len(clients) > max_clients:
+        lines.append(f"  ... and {len(clients) - max_clients} more (all in split.json)")
+    return lines
 
 
 # --------------------------------------------------------------------------- token tasks
