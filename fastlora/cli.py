@@ -44,8 +44,26 @@ def _bench(args) -> int:
 _FL_FLAGS = [
     ("--strategy", "strategies", "strategy spec, repeatable or comma-separated: NAME[:key=value,...], e.g. "
                                  "fedavg, flasc:up=1/16,down=1/4, ef-topk:up=1/64, exact, fedstale:beta=0.5"),
-    ("--model", "model", "minilm (pretrained all-MiniLM-L6-v2) or tiny (random, for quick looks)"),
-    ("--task", "task", "stdlib (docstrings labelled by package) or synthetic"),
+    ("--model", "model", "minilm (pretrained all-MiniLM-L6-v2), tiny (random, for quick looks), or PATH: a Hugging "
+                         "Face model folder (a hub id only from the local cache: nothing is downloaded)"),
+    ("--task", "task", "stdlib (docstrings labelled by package) or synthetic; --data replaces it"),
+    ("--task-type", "task_type", "auto (from the model's config, then the columns), classify or causal-lm"),
+    ("--data", "data", "your data: a .jsonl / .json / .csv / .parquet file or a datasets.save_to_disk folder"),
+    ("--eval-file", "eval_file", "evaluation data (same formats); default: test_fraction of --data held out"),
+    ("--text-column", "text_column", "column of the texts (default: text)"),
+    ("--label-column", "label_column", "classification: column of the labels, strings or ints (default: label)"),
+    ("--prompt-column", "prompt_column", "causal LM: column of the prompts (with --response-column: loss on the "
+                                         "response tokens only)"),
+    ("--response-column", "response_column", "causal LM: column of the responses"),
+    ("--split", "split", "client split: auto (dirichlet for classification, iid for a causal LM), iid, "
+                         "dirichlet[:ALPHA], column:NAME (one client per value of a data column)"),
+    ("--min-client-size", "min_client_size", "clients with fewer training samples are dropped (with a note)"),
+    ("--target-modules", "target_modules", "LoRA targets: module names, comma-separated, or all-linear (default: "
+                                           "query,value for minilm / tiny, all-linear for a model folder)"),
+    ("--lora-alpha", "lora_alpha", "LoRA alpha (scaling alpha / rank)"),
+    ("--dtype", "dtype", "base weights of a model folder: float32 or bfloat16 (LoRA and head stay float32)"),
+    ("--max-length", "max_length", "tokens per sample (longer ones are cut)"),
+    ("--test-fraction", "test_fraction", "fraction of the data held out for evaluation (without --eval-file)"),
     ("--rounds", "rounds", "federated rounds"),
     ("--clients", "num_clients", "number of clients"),
     ("--participation", "participation", "fraction of clients selected per round"),
@@ -97,7 +115,8 @@ def _fl(args) -> int:
     except (ValueError, OSError) as e:
         print(f"fastlora fl: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else Path("fl_runs") / (preset or "custom")
+    default_out = (preset or "custom") if cfg.builtin_model else Path(cfg.model).name
+    out = Path(args.out) if args.out else Path("fl_runs") / default_out
     try:
         result = run(cfg, out, resume=args.resume, progress=not args.no_progress)
     except (ModelUnavailable, CheckpointError, ValueError) as e:
@@ -159,7 +178,7 @@ def main(argv=None) -> int:
         else:
             f.add_argument(flag, dest=dest, default=None, metavar=flag.lstrip("-").upper().replace("-", "_"), help=help_)
     f.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other config key")
-    f.add_argument("--out", help="output folder (default: fl_runs/<preset>)")
+    f.add_argument("--out", help="output folder (default: fl_runs/<preset>, or fl_runs/<model folder name>)")
     f.add_argument("--resume", action="store_true",
                    help="continue from the checkpoints in --out (finished runs are not redone)")
     f.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -10,9 +10,12 @@ from typing import List, Optional, Tuple, Union
 
 from fastlora.fl.strategies import parse_strategy
 
-MODELS = ("minilm", "tiny")
+MODELS = ("minilm", "tiny")             # built in; any other value is a Hugging Face model folder or hub id
 TASKS = ("stdlib", "synthetic")
 INITIAL_MODES = ("seed", "download")
+TASK_TYPES = ("auto", "classify", "causal-lm")
+MODEL_DTYPES = ("float32", "bfloat16")
+SPLIT_FORMS = "auto, iid, dirichlet, dirichlet:ALPHA or column:NAME"
 
 
 @dataclass
@@ -20,14 +23,29 @@ class FLConfig:
     """Every knob of ``fastlora fl`` (flags and TOML keys have the same names, ``-`` or ``_``)."""
     # what runs
     strategies: List[str] = field(default_factory=lambda: ["fedavg", "flasc", "ef-topk"])
-    model: str = "minilm"                 # minilm (pretrained, pip package) | tiny (random, tests)
-    task: str = "stdlib"                  # stdlib docstrings by package | synthetic tokens
+    # minilm (pretrained, pip package) | tiny (random, tests) | a Hugging Face model folder, or a
+    # hub id already in the local cache (never downloaded)
+    model: str = "minilm"
+    task: str = "stdlib"                  # stdlib docstrings by package | synthetic tokens (unused with data)
+    task_type: str = "auto"               # auto (from the model's config, then the columns) | classify | causal-lm
+    # your own data (replaces task): a JSONL / CSV / Parquet file or a datasets.save_to_disk folder
+    data: Optional[str] = None
+    eval_file: Optional[str] = None       # evaluation data (same format); default: a test_fraction held out
+    text_column: Optional[str] = None     # default "text" (a causal LM with a prompt/response pair takes none)
+    label_column: Optional[str] = None    # classification; default "label"
+    prompt_column: Optional[str] = None   # causal LM: loss on the response tokens only
+    response_column: Optional[str] = None
+    dtype: str = "float32"                # base weights of a Hugging Face model: float32 | bfloat16
     # federation
     num_clients: int = 10
     participation: float = 0.5            # fraction of clients selected per round (seeded)
     client_dropout: float = 0.0           # fraction of the selected that fail mid-round
     rounds: int = 10
     dirichlet_alpha: float = 0.5          # non-IID label split; large = IID
+    # auto (dirichlet for classification, iid for a causal LM) | iid | dirichlet | dirichlet:ALPHA
+    # (= dirichlet with dirichlet_alpha ALPHA) | column:NAME (one client per value of a data column)
+    split: str = "auto"
+    min_client_size: int = 1              # clients with fewer training samples are dropped (with a note)
     client_ranks: Optional[List[int]] = None   # per client, cycled (exact strategy only)
     # local training
     local_steps: int = 5
@@ -38,7 +56,9 @@ class FLConfig:
     rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    target_modules: List[str] = field(default_factory=lambda: ["query", "value"])
+    # module names (a name matches every module whose path ends with it) or all-linear; default
+    # query,value for minilm / tiny, all-linear for a Hugging Face model
+    target_modules: Optional[List[str]] = None
     # data
     max_length: int = 32
     max_per_class: int = 400              # stdlib task: docstrings per package
@@ -56,17 +76,39 @@ class FLConfig:
     threads: int = 0                      # torch CPU threads (0: torch's default)
 
     def __post_init__(self):
+        if self.target_modules is None:
+            self.target_modules = ["query", "value"] if self.model in MODELS else ["all-linear"]
+        if isinstance(self.split, str) and self.split.startswith("dirichlet:"):
+            # one spelling for one split: dirichlet:ALPHA is dirichlet with dirichlet_alpha ALPHA
+            from fractions import Fraction
+            try:
+                self.dirichlet_alpha = float(Fraction(self.split.partition(":")[2]))
+            except (ValueError, ZeroDivisionError):
+                raise ValueError(f"config: split {self.split!r}: ALPHA must be a number > 0") from None
+            self.split = "dirichlet"
         self.validate()
+
+    @property
+    def builtin_model(self) -> bool:
+        """minilm or tiny (else the model is a Hugging Face model folder or hub id)."""
+        return self.model in MODELS
+
+    @property
+    def split_column(self) -> Optional[str]:
+        """NAME of a column:NAME split, else None."""
+        return self.split.partition(":")[2] if self.split.startswith("column:") else None
 
     def validate(self) -> "FLConfig":
         def need(cond, msg):
             if not cond:
                 raise ValueError(f"config: {msg}")
-        need(self.model in MODELS, f"model must be one of {MODELS}, got {self.model!r}")
+        need(isinstance(self.model, str) and self.model.strip(),
+             f"model must be one of {MODELS} or a Hugging Face model folder, got {self.model!r}")
         need(self.task in TASKS, f"task must be one of {TASKS}, got {self.task!r}")
-        need(self.task != "stdlib" or self.model == "minilm",
-             f"the stdlib task needs the pretrained model's tokenizer: model must be minilm, got {self.model!r} "
-             f"(or use task synthetic)")
+        need(self.data is not None or self.task != "stdlib" or self.model != "tiny",
+             f"the stdlib task needs the pretrained model's tokenizer: model must be minilm (or a Hugging Face "
+             f"model folder), got {self.model!r} (or use task synthetic)")
+        self._validate_data()
         need(isinstance(self.strategies, list) and self.strategies, "strategies must be a non-empty list")
         labels = [parse_strategy(s).label for s in self.strategies]
         need(len(set(labels)) == len(labels), f"the same strategy appears twice in {self.strategies}")
@@ -96,6 +138,63 @@ class FLConfig:
         need(self.initial in INITIAL_MODES, f"initial must be one of {INITIAL_MODES}, got {self.initial!r}")
         return self
 
+    def _validate_data(self) -> None:
+        """The keys of your own model and data: what each needs and what excludes what."""
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(f"config: {msg}")
+        columns = ("text_column", "label_column", "prompt_column", "response_column")
+        for name in ("data", "eval_file") + columns:
+            v = getattr(self, name)
+            need(v is None or (isinstance(v, str) and v.strip()), f"{name} must be a non-empty string, got {v!r}")
+        need(self.task_type in TASK_TYPES, f"task_type must be one of {TASK_TYPES}, got {self.task_type!r}")
+        need(self.dtype in MODEL_DTYPES, f"dtype must be one of {MODEL_DTYPES}, got {self.dtype!r}")
+        need(isinstance(self.target_modules, list) and self.target_modules
+             and all(isinstance(t, str) and t.strip() for t in self.target_modules),
+             f"target_modules must be a non-empty list of module names, got {self.target_modules!r}")
+        need("all-linear" not in self.target_modules or self.target_modules == ["all-linear"],
+             f"target_modules: all-linear stands alone, got {self.target_modules}")
+        need(isinstance(self.min_client_size, int) and self.min_client_size >= 1,
+             f"min_client_size must be an int >= 1, got {self.min_client_size!r}")
+        need(isinstance(self.split, str) and (self.split in ("auto", "iid", "dirichlet")
+                                              or (self.split_column or "").strip()),
+             f"split must be one of {SPLIT_FORMS}, got {self.split!r}")
+        if self.data is None:
+            given = [n for n in ("eval_file",) + columns if getattr(self, n) is not None]
+            need(not given, f"{', '.join(given)} describe(s) your data: set data (--data FILE_OR_DIR) too")
+            need(self.split_column is None, f"split {self.split!r} splits by a column of your data: set data too")
+            need(self.task_type != "causal-lm", "a causal LM trains on your data: set data (--data FILE_OR_DIR); "
+                                                "the stdlib and synthetic tasks are classification tasks")
+        if self.builtin_model:
+            need(self.task_type in ("auto", "classify"),
+                 f"model {self.model} is a classifier; a causal LM needs a Hugging Face model folder")
+            need(self.dtype == "float32", f"model {self.model} runs in float32; dtype applies to a Hugging Face "
+                                          f"model folder")
+            need(self.data is None or self.model == "minilm",
+                 "model tiny has no tokenizer to read your data with: use minilm or a Hugging Face model folder")
+            need(self.prompt_column is None, f"prompt_column / response_column are for a causal LM; model "
+                                             f"{self.model} is a classifier")
+        pair = (self.prompt_column, self.response_column)
+        need((pair[0] is None) == (pair[1] is None),
+             "prompt_column and response_column go together (loss on the response tokens of each prompt)")
+        if pair[0] is not None:
+            need(self.text_column is None, "give either text_column or a prompt_column + response_column pair")
+            need(self.label_column is None, "label_column is for classification; prompt_column + response_column "
+                                            "are for a causal LM")
+            need(self.task_type != "classify", "prompt_column + response_column are for task_type causal-lm")
+        need(self.label_column is None or self.task_type != "causal-lm",
+             "label_column is for classification, not task_type causal-lm")
+
+    def identity(self) -> dict:
+        """What determines a run's results, as a checkpoint records it (not: which strategies run,
+        thread count). Keys added after the first checkpoints were written are left out while
+        they hold their defaults, so those checkpoints still resume."""
+        out = {k: v for k, v in self.to_dict().items() if k not in ("strategies", "threads")}
+        for k, default in LATER_DEFAULTS.items():
+            if out.get(k) == default:
+                del out[k]
+        return out
+
     def ranks(self) -> Optional[List[int]]:
         """Rank of each client (client_ranks cycled), or None when all train at ``rank``."""
         if not self.client_ranks:
@@ -108,6 +207,9 @@ class FLConfig:
     def replace(self, **changes) -> "FLConfig":
         return FLConfig(**{**self.to_dict(), **changes})
 
+
+LATER_DEFAULTS = dict(task_type="auto", data=None, eval_file=None, text_column=None, label_column=None,
+                      prompt_column=None, response_column=None, dtype="float32", split="auto", min_client_size=1)
 
 PRESETS = {
     # The README's first command: a pretrained MiniLM, real text, dense vs sparse side by side,
@@ -135,6 +237,10 @@ def coerce(name: str, value):
             return None
         items = value.split(",") if isinstance(value, str) else list(value)
         return [int(v) for v in items]
+    if name == "target_modules":
+        proto = []
+    elif proto is None:  # the optional strings (data, columns): empty unsets
+        return None if value == "" else value
     if isinstance(proto, list):
         items = value.split(",") if isinstance(value, str) else list(value)
         return [str(v).strip() for v in items if str(v).strip()]

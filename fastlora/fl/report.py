@@ -8,6 +8,7 @@ imported lazily inside :func:`plot_accuracy_vs_bytes` (without it the plot is sk
     run, strategy        str: the run's label (e.g. "flasc up=1/16 down=1/4") and its strategy name
     round                int, 1-based
     accuracy, loss       float, or None in rounds without evaluation (accuracy is a fraction in [0, 1])
+    perplexity           float (a causal LM only: exp of its token-weighted eval loss; accuracy is None)
     up_bytes, down_bytes int: this round's actual encoded payload bytes
     cum_bytes            int: cumulative up + down bytes so far
     dense_up_bytes, dense_down_bytes  int: what dense fp32 would have cost this round
@@ -37,14 +38,17 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
-__all__ = ["RECORD_FIELDS", "SUMMARY_FIELDS", "write_metrics", "results_table", "time_split_table",
-           "format_density", "format_mb", "summarise", "plot_accuracy_vs_bytes"]
+__all__ = ["RECORD_FIELDS", "SUMMARY_FIELDS", "METRICS", "write_metrics", "write_json", "results_table",
+           "time_split_table", "format_density", "format_mb", "summarise", "plot_accuracy_vs_bytes"]
 
 RECORD_FIELDS = ("run", "strategy", "round", "accuracy", "loss", "up_bytes", "down_bytes", "cum_bytes",
                  "dense_up_bytes", "dense_down_bytes", "clients", "failed", "train_s", "comm_s", "agg_s")
 
-SUMMARY_FIELDS = ("run", "strategy", "up_density", "down", "values", "final_accuracy", "best_accuracy", "mb_up",
-                  "mb_down", "dense_mb", "reduction", "rounds", "seconds", "comm_share")
+SUMMARY_FIELDS = ("run", "strategy", "up_density", "down", "values", "final_accuracy", "best_accuracy",
+                  "final_perplexity", "best_perplexity", "mb_up", "mb_down", "dense_mb", "reduction", "rounds",
+                  "seconds", "comm_share")
+
+METRICS = ("accuracy", "perplexity")   # what a table and a plot show: a classifier's, a causal LM's
 
 MB = 1e6
 
@@ -129,6 +133,14 @@ def write_metrics(records: Sequence[Mapping[str, Any]], out_dir: "str | os.PathL
     return {"csv": csv_path, "json": json_path}
 
 
+def write_json(obj: Any, path: "str | os.PathLike[str]") -> Path:
+    """Write ``obj`` as strict, indented JSON to ``path`` atomically (parent folders created)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(out, json.dumps(_json_safe(obj), indent=1, allow_nan=False) + "\n")
+    return out
+
+
 # ---------------------------------------------------------------------------------------- formatting
 
 def format_density(d: Optional[float]) -> str:
@@ -200,20 +212,31 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence
     return "\n".join([line(head), sep] + [line(r) for r in body])
 
 
-def results_table(summaries: Sequence[Mapping[str, Any]]) -> str:
+def _format_perplexity(p: Optional[float]) -> str:
+    return "-" if p is None else f"{p:.2f}" if p < 1000 else f"{p:.4g}"
+
+
+def results_table(summaries: Sequence[Mapping[str, Any]], metric: str = "accuracy") -> str:
     """The results table: one row per run summary (as built by :func:`summarise`).
 
-    Columns: run, up density (:func:`format_density`), down, values, final acc (percent, 1 decimal),
-    MB up, MB down (:func:`format_mb`), reduction vs fedavg (``"31.2x"``, ``"-"`` when None). Missing or
-    None values show as ``"-"``. Raises ValueError when ``summaries`` is empty.
+    Columns: run, up density (:func:`format_density`), down, values, final acc (percent, 1 decimal;
+    ``metric="perplexity"``: final ppl, 2 decimals), MB up, MB down (:func:`format_mb`), reduction vs
+    fedavg (``"31.2x"``, ``"-"`` when None). Missing or None values show as ``"-"``. Raises ValueError
+    when ``summaries`` is empty.
     """
     summaries = list(summaries)
     if not summaries:
         raise ValueError("results_table: no run summaries to tabulate (summaries is empty)")
-    header = ["run", "up density", "down", "values", "final acc", "MB up", "MB down", "reduction vs fedavg"]
+    if metric not in METRICS:
+        raise ValueError(f"results_table: metric must be one of {METRICS}, got {metric!r}")
+    if metric == "accuracy":
+        name, key, fmt = "final acc", "final_accuracy", _format_percent
+    else:
+        name, key, fmt = "final ppl", "final_perplexity", _format_perplexity
+    header = ["run", "up density", "down", "values", name, "MB up", "MB down", "reduction vs fedavg"]
     right = [False, True, False, False, True, True, True, True]
     rows = [[s.get("run"), format_density(s.get("up_density")), s.get("down"), s.get("values"),
-             _format_percent(s.get("final_accuracy")), format_mb(s.get("mb_up")), format_mb(s.get("mb_down")),
+             fmt(s.get(key)), format_mb(s.get("mb_up")), format_mb(s.get("mb_down")),
              _format_reduction(s.get("reduction"))] for s in summaries]
     return _table(header, rows, right)
 
@@ -256,11 +279,12 @@ def summarise(records: Sequence[Mapping[str, Any]], run_info: Optional[Mapping[s
     missing from its entry) gets None for those keys.
 
     Per run: ``final_accuracy`` = last non-None accuracy by round, ``best_accuracy`` = the highest (both
-    None if never evaluated); ``mb_up``/``mb_down`` = summed up/down bytes / 1e6; ``dense_mb`` = summed
-    dense fp32 bytes, both directions, / 1e6; ``reduction`` = total (up + down) bytes of ``baseline_run``
-    / this run's total (None without a baseline or when this run sent nothing); ``rounds`` = the highest
-    round; ``seconds`` = sum of train_s + comm_s + agg_s; ``comm_share`` = comm_s total / seconds (None if
-    seconds is 0).
+    None if never evaluated); ``final_perplexity`` / ``best_perplexity`` (the lowest) likewise from the
+    records' ``perplexity`` (None for a classifier's records, which have none); ``mb_up``/``mb_down`` =
+    summed up/down bytes / 1e6; ``dense_mb`` = summed dense fp32 bytes, both directions, / 1e6;
+    ``reduction`` = total (up + down) bytes of ``baseline_run`` / this run's total (None without a
+    baseline or when this run sent nothing); ``rounds`` = the highest round; ``seconds`` = sum of
+    train_s + comm_s + agg_s; ``comm_share`` = comm_s total / seconds (None if seconds is 0).
 
     Raises ValueError for empty records, records lacking keys, accuracies outside [0, 1], or a
     ``baseline_run`` that is not among the records.
@@ -277,6 +301,7 @@ def summarise(records: Sequence[Mapping[str, Any]], run_info: Optional[Mapping[s
     for run, rs in groups.items():
         info = run_info.get(run, {})
         accs = [r["accuracy"] for r in rs if r["accuracy"] is not None]
+        ppls = [r["perplexity"] for r in rs if r.get("perplexity") is not None]
         seconds = _total(rs, "train_s") + _total(rs, "comm_s") + _total(rs, "agg_s")
         reduction = None
         if baseline_run is not None and totals[run] > 0:
@@ -289,6 +314,8 @@ def summarise(records: Sequence[Mapping[str, Any]], run_info: Optional[Mapping[s
             "values": info.get("values"),
             "final_accuracy": accs[-1] if accs else None,
             "best_accuracy": max(accs) if accs else None,
+            "final_perplexity": ppls[-1] if ppls else None,
+            "best_perplexity": min(ppls) if ppls else None,
             "mb_up": _total(rs, "up_bytes") / MB,
             "mb_down": _total(rs, "down_bytes") / MB,
             "dense_mb": (_total(rs, "dense_up_bytes") + _total(rs, "dense_down_bytes")) / MB,
@@ -323,26 +350,31 @@ _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*", "h", "p")
 
 
 def plot_accuracy_vs_bytes(records: Sequence[Mapping[str, Any]], path: "str | os.PathLike[str]", *,
-                           title: Optional[str] = None) -> Optional[Path]:
-    """Plot accuracy (%) against cumulative MB communicated (up + down, log x axis), one line per run.
+                           title: Optional[str] = None, metric: str = "accuracy") -> Optional[Path]:
+    """Plot accuracy (%) against cumulative MB communicated (up + down, log x axis), one line per run
+    (``metric="perplexity"``: a causal LM's eval perplexity, log y axis, lower is better).
 
-    Only rounds with an accuracy are plotted (rounds with ``cum_bytes <= 0`` cannot sit on a log axis and
+    Only rounds with the metric are plotted (rounds with ``cum_bytes <= 0`` cannot sit on a log axis and
     are skipped). The PNG is rendered with matplotlib's Agg canvas directly (no pyplot, no window, global
     matplotlib state untouched) and written atomically to ``path`` (parent directories are created).
 
     Returns the path written, or None (with a warning saying ``pip install matplotlib`` enables the
     plot) when matplotlib is not installed. Raises ValueError for empty records or when no record has
-    an accuracy to plot -- checked before matplotlib is needed.
+    the metric to plot -- checked before matplotlib is needed.
     """
-    records = _check_records(records, ("run", "round", "accuracy", "cum_bytes"), "plot_accuracy_vs_bytes")
+    if metric not in METRICS:
+        raise ValueError(f"plot_accuracy_vs_bytes: metric must be one of {METRICS}, got {metric!r}")
+    records = _check_records(records, ("run", "round", metric, "cum_bytes"), "plot_accuracy_vs_bytes")
+    scale = 100.0 if metric == "accuracy" else 1.0
     series = []
     for run, rs in _by_run(records).items():
-        pts = [(r["cum_bytes"] / MB, 100.0 * r["accuracy"]) for r in rs
-               if r["accuracy"] is not None and r["cum_bytes"] is not None and r["cum_bytes"] > 0]
+        pts = [(r["cum_bytes"] / MB, scale * r[metric]) for r in rs
+               if r[metric] is not None and r["cum_bytes"] is not None and r["cum_bytes"] > 0
+               and math.isfinite(r[metric])]
         if pts:
             series.append((run, pts))
     if not series:
-        raise ValueError("plot_accuracy_vs_bytes: no record has both an accuracy and a positive cum_bytes; "
+        raise ValueError(f"plot_accuracy_vs_bytes: no record has both a finite {metric} and a positive cum_bytes; "
                          "nothing to plot (was evaluation ever run?)")
 
     try:
@@ -365,7 +397,11 @@ def plot_accuracy_vs_bytes(records: Sequence[Mapping[str, Any]], path: "str | os
         ax.plot(xs, ys, marker=_MARKERS[i % len(_MARKERS)], markersize=4, linewidth=1.4, label=run)
     ax.set_xscale("log")
     ax.set_xlabel("cumulative communication, up + down (MB, log scale)")
-    ax.set_ylabel("accuracy (%)")
+    if metric == "accuracy":
+        ax.set_ylabel("accuracy (%)")
+    else:
+        ax.set_yscale("log")
+        ax.set_ylabel("eval perplexity (log scale, lower is better)")
     if title:
         ax.set_title(title)
     ax.grid(True, which="major", alpha=0.4)
