@@ -342,26 +342,54 @@ def dequantize(qweight, absmax, code, blocksize, weight_shape, dtype=torch.float
     return (code[q.long()] * scales).reshape(n_out, n_in).to(dtype)
 
 
+def _quantized_base(x2d, qweight, absmax, code, blocksize, weight_shape, ct):
+    """x @ dequant(W)^T in the compute dtype ct: for a float16 / bfloat16 x, the product in x's
+    dtype on the weight rounded to it (bitsandbytes' compute dtype), then ct."""
+    if x2d.dtype in (torch.float16, torch.bfloat16):
+        w = dequantize(qweight, absmax, code, blocksize, weight_shape, x2d.dtype)
+        return (x2d @ w.t()).to(ct)
+    return x2d.to(ct) @ dequantize(qweight, absmax, code, blocksize, weight_shape, ct).t()
+
+
 def lora_quantized_linear_with_shrink(x2d, qweight, absmax, code, blocksize, weight_shape, bias, lora_A, lora_B,
                                       scaling, dropout_p, seed, lora_B_bias=None):
-    """Reference of ``fastlora::lora_quantized_linear_fwd``: (y, xa). Everything is computed in
-    float32 (float64 for a float64 x) on the dequantized weight and rounded once: y to x's
-    dtype, xa to the adapters' dtype."""
+    """Reference of ``fastlora::lora_quantized_linear_fwd``: (y, xa). The base product as
+    ``_quantized_base`` (in x's dtype for a half-precision x, as bitsandbytes computes it;
+    float32 / float64 otherwise); the bias and the LoRA branch in float32 (float64 for a float64
+    x) on x cast to it, added to the base product and rounded once: y to x's dtype, xa to the
+    adapters'. (Kernels may compute a half-precision x's base product in float32, which is
+    closer to the exact result.)"""
     ct = _compute_dtype(x2d.dtype)
-    w = dequantize(qweight, absmax, code, blocksize, weight_shape, ct)
-    cast = lambda t: None if t is None else t.to(ct)  # noqa: E731
-    y, xa = lora_linear_with_shrink(x2d.to(ct), w, cast(bias), cast(lora_A), cast(lora_B), scaling, dropout_p,
-                                    seed, cast(lora_B_bias))
+    xa = dropout(x2d.to(ct), dropout_p, seed) @ lora_A.to(ct).t()
+    y = _quantized_base(x2d, qweight, absmax, code, blocksize, weight_shape, ct) + (xa @ lora_B.to(ct).t()) * scaling
+    if bias is not None:
+        y = y + bias.to(ct)
+    if lora_B_bias is not None:
+        y = y + lora_B_bias.to(ct) * scaling
     return y.to(x2d.dtype), xa.to(lora_A.dtype)
 
 
 def lora_quantized_linear_backward(grad_y, x2d, qweight, absmax, code, blocksize, weight_shape, lora_A, lora_B, xa,
                                    scaling, dropout_p, seed, need_x=True, need_bias=False):
     """Reference of ``fastlora::lora_quantized_linear_bwd``: (grad_x, grad_bias, grad_lora_A,
-    grad_lora_B), computed as the forward is (float32 / float64, rounded once); entries not
-    requested are empty tensors. The base weight is frozen: no gradient."""
+    grad_lora_B), computed as the forward is (the base term of grad_x as ``_quantized_base``,
+    the rest in float32 / float64, rounded once); entries not requested are empty tensors. The
+    base weight is frozen: no gradient."""
     ct = _compute_dtype(x2d.dtype)
-    w = dequantize(qweight, absmax, code, blocksize, weight_shape, ct)
-    gx, _, gb, gA, gB = lora_linear_backward(grad_y.to(ct), x2d.to(ct), w, lora_A.to(ct), lora_B.to(ct), xa.to(ct),
-                                             scaling, dropout_p, seed, need_x, False, need_bias)
-    return gx.to(x2d.dtype), gb.to(x2d.dtype), gA.to(lora_A.dtype), gB.to(lora_A.dtype)
+    gy = grad_y.to(ct)
+    g = (gy @ lora_B.to(ct)) * scaling
+    grad_A = g.t() @ dropout(x2d.to(ct), dropout_p, seed)
+    grad_B = (gy.t() @ xa.to(ct)) * scaling
+    grad_x = grad_y.new_empty(0)
+    if need_x:
+        lora_in = g @ lora_A.to(ct)
+        if dropout_p > 0.0:
+            lora_in = dropout(lora_in, dropout_p, seed)
+        n_out, n_in = weight_shape
+        # dY @ W = (W^T @ dY^T)^T: the same product as the forward's with the weight transposed
+        w_t = dequantize(qweight, absmax, code, blocksize, weight_shape,
+                         grad_y.dtype if grad_y.dtype in (torch.float16, torch.bfloat16) else ct)
+        base = (grad_y.to(w_t.dtype) @ w_t).to(ct)
+        grad_x = (base + lora_in).to(x2d.dtype)
+    grad_b = gy.sum(0).to(x2d.dtype) if need_bias else grad_y.new_empty(0)
+    return grad_x, grad_b, grad_A.to(lora_A.dtype), grad_B.to(lora_A.dtype)
