@@ -142,3 +142,102 @@ def test_lora_linear_launches_compile_for_sm90(dtype, adapter_dtype, fp32_precis
     assert shared
     for config, nbytes in shared.items():
         assert 0 < nbytes <= SM90_MAX_SHARED, f"{config}: {nbytes} bytes of shared memory on sm_90"
+
+
+COMPILE_QLORA = r"""
+import json, sys, torch, triton
+from triton.backends.compiler import BaseBackend, GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import native_specialize_impl
+from fastlora.kernels import lora_quantized_linear as tk
+
+# As COMPILE_LORA_LINEAR: the real QLoRA launchers on meta tensors of a prefill-sized and a
+# decode-sized layer, the kernel replaced by a recorder, then every distinct launch compiled for
+# sm_90 with the specialisation a launch would get (argv: x dtype, adapter dtype, float32 dot
+# precision, format, the layer's row counts).
+xd, ad, fmt = getattr(torch, sys.argv[1]), getattr(torch, sys.argv[2]), sys.argv[4]
+rows = [int(m) for m in sys.argv[5].split(",")]
+if sys.argv[3] == "tf32":
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        matmul.fp32_precision = "tf32"
+    else:
+        matmul.allow_tf32 = True
+K, N, r, p = 4096, 4096, 64, 0.1
+# nf4: 4-bit codes, blocks of 64 (a shift); int8: per-row scales (blocksize K, a shift); u8:
+# 8-bit codes in blocks of 100 (an integer division).
+blocksize = {"nf4": 64, "int8": K, "u8": 100}[fmt]
+t = lambda *shape, dtype: torch.empty(*shape, dtype=dtype, device="meta")
+code = t(16 if fmt == "nf4" else 256, dtype=torch.float32)  # the code book: its length picks 4 or 8 bits
+nbytes = N * K // 2 if fmt == "nf4" else N * K
+kernel, launches = tk._qlora_gemm_kernel, []
+class Recorder:
+    def __getitem__(self, grid):
+        return lambda *args, **kw: launches.append((grid, args, kw))
+tk._qlora_gemm_kernel = Recorder()
+qa = (t(nbytes, dtype=torch.uint8), t(-(-N * K // blocksize), dtype=torch.float32), code, blocksize, [N, K])
+A, B = t(r, K, dtype=ad), t(N, r, dtype=ad)
+for M in rows:
+    x, gy = t(M, K, dtype=xd), t(M, N, dtype=xd)
+    for split in (1, 2):  # split-K writes float32 partial planes (GPU: the r-sized GEMMs)
+        tk._choose_split = lambda tiles, K_, block_k, device: split
+        for bias, bb in ((None, None), (t(N, dtype=xd), t(N, dtype=ad))):
+            _, xa = tk.lora_quantized_forward(x, *qa, bias, A, B, 2.0, p, 1, bb)
+        tk.lora_quantized_backward(gy, x, *qa, A, B, xa, 2.0, p, 1, True, True)
+if fmt == "int8":  # the int64 flat indices of weights with >= 2**31 elements
+    tk._FLAT32_LIMIT = 0
+    _, xa = tk.lora_quantized_forward(x, *qa, None, A, B, 2.0, p, 1)
+    tk.lora_quantized_backward(gy, x, *qa, A, B, xa, 2.0, p, 1, True, False)
+
+out, seen = {}, set()
+for grid, args, kw in launches:
+    opts = {"num_warps": kw.pop("num_warps"), "num_stages": kw.pop("num_stages")}
+    sig, const, attrs = {}, {}, {}
+    for i, prm in enumerate(kernel.params):
+        v = kw[prm.name] if prm.name in kw else args[i]
+        if prm.is_constexpr:
+            sig[prm.name], const[prm.name] = "constexpr", v
+            continue
+        ty, spec = native_specialize_impl(BaseBackend, v, False, not prm.do_not_specialize,
+                                          not prm.do_not_specialize_on_alignment)
+        if ty == "constexpr":
+            sig[prm.name], const[prm.name] = "constexpr", spec
+        else:
+            sig[prm.name] = ty
+            if spec and "D" in spec:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    key = json.dumps([sig, {k: str(v) for k, v in const.items()}, sorted(attrs), opts, grid[1] > 1])
+    if key in seen:
+        continue
+    seen.add(key)
+    name = " ".join([sig["a_ptr"], sig["b_ptr"], "->", sig["c_ptr"]]
+                    + [f"{const['BLOCK_M']}x{const['BLOCK_N']}x{const['BLOCK_K']}"]
+                    + [f for f in ("QUANT_B", "FOUR_BIT", "FLAT64", "DROP_A", "DROP_B", "DROP_LORA", "HAS_BIAS",
+                                   "HAS_LORA") if const[f]]
+                    + ([f"shift {const['BS_SHIFT']}"] if const["QUANT_B"] else [])
+                    + [f"dot {const['DOT_PRECISION']}", f"split {grid[1]}"])
+    name += f" #{len(out)}" if name in out else ""
+    k = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options=opts)
+    out[name] = k.metadata.shared
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("dtype,adapter_dtype,fp32_precision,fmt,rows", [
+    ("bfloat16", "float32", "ieee", "nf4", "2048,16"), ("float32", "float32", "tf32", "int8", "2048"),
+    ("float16", "float16", "ieee", "u8", "2048")])
+def test_lora_quantized_linear_launches_compile_for_sm90(dtype, adapter_dtype, fp32_precision, fmt, rows):
+    # Every GEMM the QLoRA launchers start (the dequantizing base GEMMs of the forward and of
+    # grad_x, and the rank-sized ones), for 4-bit and 8-bit codes, a shift and a division for the
+    # block index, IEEE and TF32 float32 dots, split-K planes, prefill-sized tiles (and decode-sized
+    # ones once: 16 rows); each within sm_90's shared memory.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    res = subprocess.run([sys.executable, "-c", COMPILE_QLORA, dtype, adapter_dtype, fp32_precision, fmt, rows],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    shared = json.loads(res.stdout.strip().splitlines()[-1])
+    assert any("QUANT_B" in config for config in shared)
+    for config, nbytes in shared.items():
+        assert 0 < nbytes <= SM90_MAX_SHARED, f"{config}: {nbytes} bytes of shared memory on sm_90"

@@ -10,8 +10,9 @@ Ops (schemas and the weight format in csrc/lora_quantized_linear.cpp):
   fastlora::dequantize                 the full-precision weight.
 
 Dispatch: CPU -> C++ (csrc/cpu/lora_quantized_linear_cpu.cpp: the weight dequantized panel by
-panel into the GEMM, never in full); any other device -> fastlora.reference. The weight's
-container and the quantizers are in fastlora.quantize.
+panel into the GEMM, never in full); CUDA -> Triton (kernels/lora_quantized_linear.py: the weight
+dequantized tile by tile inside the GEMMs' K loops; float64 to the reference); any other device
+-> fastlora.reference. The weight's container and the quantizers are in fastlora.quantize.
 """
 from __future__ import annotations
 
@@ -102,6 +103,43 @@ def _backward(ctx, grad_y, _grad_xa):
 
 
 torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
+
+
+# --- CUDA: Triton kernels (float64 goes to the reference: Triton has no fast fp64 dot) ------
+
+def use_triton(x):
+    return x.dtype != torch.float64
+
+
+def _fwd_cuda(x, qweight, absmax, code, blocksize, weight_shape, bias, lora_A, lora_B, scaling, dropout_p, seed,
+              lora_B_bias):
+    if not use_triton(x):
+        return _fwd_reference(x, qweight, absmax, code, blocksize, weight_shape, bias, lora_A, lora_B, scaling,
+                              dropout_p, seed, lora_B_bias)
+    # The C++ checks first: the kernels trust the codes' and scales' sizes against weight_shape.
+    torch.ops.fastlora._lora_quantized_linear_fwd_check(x, qweight, absmax, code, blocksize, weight_shape, bias,
+                                                        lora_A, lora_B, scaling, dropout_p, seed, lora_B_bias)
+    from fastlora.kernels import lora_quantized_linear as tk
+    return tk.lora_quantized_forward(x, qweight, absmax, code, blocksize, weight_shape, bias, lora_A, lora_B,
+                                     scaling, dropout_p, int(seed.item()), lora_B_bias)
+
+
+def _bwd_cuda(grad_y, x, qweight, absmax, code, blocksize, weight_shape, lora_A, lora_B, xa, scaling, dropout_p,
+              seed, output_mask):
+    if not use_triton(x):
+        return _bwd_reference(grad_y, x, qweight, absmax, code, blocksize, weight_shape, lora_A, lora_B, xa,
+                              scaling, dropout_p, seed, output_mask)
+    torch.ops.fastlora._lora_quantized_linear_bwd_check(grad_y, x, qweight, absmax, code, blocksize, weight_shape,
+                                                        lora_A, lora_B, xa, scaling, dropout_p, seed)
+    from fastlora.kernels import lora_quantized_linear as tk
+    return tk.lora_quantized_backward(grad_y, x, qweight, absmax, code, blocksize, weight_shape, lora_A, lora_B,
+                                      xa, scaling, dropout_p, int(seed.item()), *output_mask)
+
+
+# Registered here rather than with decorators so the functions stay importable (the tests run
+# the CUDA dispatch path on CPU tensors under the Triton interpreter).
+torch.library.register_kernel(_FWD, "cuda", _fwd_cuda)
+torch.library.register_kernel(_BWD, "cuda", _bwd_cuda)
 
 
 # --- any device without a kernel: the pure-PyTorch reference ----------------------------------
