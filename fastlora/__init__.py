@@ -6,6 +6,7 @@ Ops live under ``torch.ops.fastlora`` and are wrapped here with docstrings:
     fastlora.lora_grouped_linear  one LoRA layer call for a batch mixing several adapters
     fastlora.lora_quantized_linear  fused LoRA linear over a 4-bit (NF4 / FP4) or int8 base (QLoRA)
     fastlora.quantize        quantize a weight to NF4 / FP4 / int8 (bitsandbytes' layout) -> QuantizedWeight
+    fastlora.QuantizedLinear a frozen quantized linear layer (fastlora.quantize_model swaps a model's in)
     fastlora.topk_sparsify   top-k sparsification with error feedback -> SparseDelta
     fastlora.codec           wire format for SparseDelta (encode / decode)
     fastlora.ErrorFeedback   client-side error-feedback compression: top-k + rounding + encode, residual kept
@@ -20,6 +21,7 @@ from fastlora.ops import (FactoredSum, aggregate_lora, lora_grouped_linear, lora
                           new_residual, rsvd, sparse_aggregate, squeeze, stack_lora_adapters, svd_factored,
                           topk_sparsify)
 from fastlora.quantize import QuantizedWeight, quantize
+from fastlora.quantized_linear import QuantizedLinear, quantize_model
 from fastlora import codec, cpu
 from fastlora.error_feedback import ErrorFeedback
 from fastlora.cpu import cpu_isa, use_cpu_isa
@@ -29,5 +31,6 @@ cpu.check_environment()
 
 __version__ = "0.1.0"
 __all__ = ["codec", "lora_linear", "lora_grouped_linear", "lora_quantized_linear", "quantize", "QuantizedWeight",
+           "QuantizedLinear", "quantize_model",
            "stack_lora_adapters", "topk_sparsify", "sparse_aggregate",
            "new_residual", "ErrorFeedback", "SparseDelta", "Layout", "rsvd", "svd_factored", "squeeze", "aggregate_lora", "FactoredSum", "cpu_isa", "use_cpu_isa", "__version__"]

@@ -34,6 +34,7 @@ import torch
 import fastlora
 from fastlora.peft.layer import FastLoraLayerMixin
 from fastlora.quantize import QuantizedWeight
+from fastlora.quantized_linear import QuantizedLinear
 
 try:  # optional: pip install "fastlora[bnb]"
     import bitsandbytes as bnb
@@ -87,16 +88,21 @@ def quantized_base_reason(base):
 
 
 def quantized_forward(layer, x, plan):
-    """The fused call of a LoRA layer over a bitsandbytes base, for the fast-path plan."""
+    """The fused call of a LoRA layer over a quantized base (bitsandbytes' or a
+    ``fastlora.QuantizedLinear``), for the fast-path plan."""
     base = layer.base_layer
+    if isinstance(base, QuantizedLinear):
+        return _fused(layer, x, plan, base.quantized_weight(), base.bias)
     w = base.weight
     if getattr(getattr(w, "quant_state", None), "packing_format_for_cpu", False):
         # bitsandbytes repacked the weight for its CPU inference kernel (its forward does this
         # in eval mode without gradients, e.g. in one of PEFT's fallbacks): back to its storage
         # layout, in place, as bitsandbytes itself does before saving.
         w.data, w.quant_state = _unpack_for_cpu(w.data, w.quant_state)
-    weight = QuantizedWeight.from_bnb(base)
-    bias = base.bias
+    return _fused(layer, x, plan, QuantizedWeight.from_bnb(base), base.bias)
+
+
+def _fused(layer, x, plan, weight, bias):
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)  # bitsandbytes casts its bias to the compute dtype as well
     lora_A, lora_B, scaling, p, training, lora_B_bias = layer._fastlora_adapters(plan)

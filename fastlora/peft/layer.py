@@ -85,6 +85,7 @@ from torch import nn
 from peft.tuners.lora.layer import Linear as PeftLinear
 
 import fastlora
+from fastlora.quantized_linear import QuantizedLinear
 
 __all__ = ["LoraLinear", "patch", "unpatch", "register", "from_pretrained", "fast_path_calls", "clear_stacked_cache"]
 
@@ -240,7 +241,7 @@ class LoraLinear(FastLoraLayerMixin, PeftLinear):
             return super().forward(x, *args, **kwargs)
         self.fastlora_calls = getattr(self, "fastlora_calls", 0) + 1
         base = self.base_layer
-        if type(base) is not nn.Linear:  # a bitsandbytes layer (_fastlora_base_reason let it through)
+        if type(base) is not nn.Linear:  # a quantized base (_fastlora_base_reason let it through)
             from fastlora.peft import bnb
             return bnb.quantized_forward(self, x, plan)
         lora_A, lora_B, scaling, p, training, lora_B_bias = self._fastlora_adapters(plan)
@@ -341,7 +342,7 @@ class LoraLinear(FastLoraLayerMixin, PeftLinear):
         base = self.base_layer
         if self.fan_in_fan_out:
             return "fan_in_fan_out=True"
-        if type(base) is nn.Linear:
+        if type(base) is nn.Linear or type(base) is QuantizedLinear:
             return None
         from fastlora.peft import bnb
         if bnb.is_quantized_base(base):
@@ -350,8 +351,15 @@ class LoraLinear(FastLoraLayerMixin, PeftLinear):
 
     def _fastlora_base_tensors(self):
         if type(self.base_layer) is not nn.Linear:
-            return []  # a bitsandbytes layer: its codes are uint8 / int8, its bias is cast to x's dtype
+            return []  # a quantized base: its codes are uint8 / int8, its bias is cast to x's dtype
         return [self.base_layer.weight, self.base_layer.bias]
+
+    def merge(self, *args, **kwargs):
+        if isinstance(self.get_base_layer(), QuantizedLinear):
+            raise ValueError("fastlora.peft.LoraLinear: merging an adapter into a fastlora.QuantizedLinear base "
+                             "is not supported (its weight is codes); keep the adapter separate, or merge into "
+                             "the unquantized model")
+        return super().merge(*args, **kwargs)
 
     def _get_name(self) -> str:
         # The name nn.Module's repr prints: a patched model prints exactly as PEFT's
