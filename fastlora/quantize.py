@@ -232,10 +232,13 @@ def quantize(weight: torch.Tensor, fmt: str = "nf4", *, blocksize: Optional[int]
             raise ValueError("fastlora.quantize: int8 uses one scale per row; blocksize must be None")
         # bitsandbytes quantizes the float16 weight: scales = row absmax, codes = round(w * 127 / absmax).
         w16 = w.to(torch.float16).float()
-        absmax = w16.abs().amax(dim=1) if k else w16.new_zeros(n)
+        if k == 0:  # no elements: no codes and no scales (blocksize 1: zero blocks)
+            return QuantizedWeight("int8", torch.zeros(0, dtype=torch.uint8, device=w.device),
+                                   torch.zeros(0, device=w.device), 1, (n, k), weight.dtype)
+        absmax = w16.abs().amax(dim=1)
         q = torch.round(w16 * (127.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-127, 127)
         q = torch.where(absmax[:, None] == 0, torch.zeros_like(q), q)
-        return QuantizedWeight("int8", q.to(torch.int8).view(torch.uint8).reshape(-1), absmax, max(k, 1), (n, k),
+        return QuantizedWeight("int8", q.to(torch.int8).view(torch.uint8).reshape(-1), absmax, k, (n, k),
                                weight.dtype)
     if fmt not in ("nf4", "fp4"):
         raise ValueError(f"fastlora.quantize: unknown format {fmt!r}; expected one of {FORMATS}")

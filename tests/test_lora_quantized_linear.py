@@ -149,7 +149,7 @@ def test_quantize_rejects_bad_input():
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
 def test_dequantize_kernel_matches_reference(fmt, dtype):
-    for shape in [(13, 27), (64, 64), (1, 3), (0, 5)]:
+    for shape in [(13, 27), (64, 64), (1, 3), (0, 5), (4, 0)]:
         qw = fastlora.quantize(torch.randn(*shape), fmt, **({} if fmt == "int8" else {"blocksize": 64}))
         args = (qw.data, qw.scales(), qw.code, qw.blocksize, list(qw.shape))
         assert torch.equal(torch.ops.fastlora.dequantize(*args, dtype), ref.dequantize(*args, dtype))

@@ -68,7 +68,7 @@ step env 60 $PY "$HERE/gpu_micro.py" env
 
 # ---------------------------------------------------------------- 2. GPU tests
 TL=$(( $(remaining) - 200 )); [ "$TL" -gt 170 ] && TL=170; [ "$TL" -lt 20 ] && TL=20
-TEST_PATHS="tests/test_lora_linear_triton.py tests/test_lora_grouped_linear_triton.py tests/test_sparsify_triton.py tests/test_aggregate_triton.py tests/test_lowrank.py::test_family_on_device"
+TEST_PATHS="tests/test_lora_linear_triton.py tests/test_lora_quantized_linear_triton.py tests/test_lora_grouped_linear_triton.py tests/test_sparsify_triton.py tests/test_aggregate_triton.py tests/test_lowrank.py::test_family_on_device"
 if [ "$DRY" = "1" ]; then
   step tests $((TL + 10)) env TRITON_INTERPRET=1 $PY "$HERE/run_shards.py" "$OUT" "$NSHARDS" "$TL" $TEST_PATHS
 else

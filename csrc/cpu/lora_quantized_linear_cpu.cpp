@@ -269,7 +269,10 @@ std::tuple<Tensor, Tensor> lora_quantized_linear_fwd_cpu(const Tensor& x_in, con
   if (half_base) {
     Tensor base = at::empty({x.size(0), w.N}, x_half.options());
     base_forward<at::BFloat16, /*kAccumulate=*/false>(x_half, w, base);
-    y.add_(base);  // float32 sum of the rounded base product and the branch, rounded once below
+    // The branch added to the rounded base product in float32 and rounded once, in place (no
+    // float32 M x N output and no second conversion pass).
+    base.add_(y);
+    return {base, xa.to(adapter_dtype)};
   } else if (ct == at::kDouble) {
     base_forward<double>(x, w, y);
   } else {
@@ -308,10 +311,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lora_quantized_linear_bwd_cpu(
     grad_x = at::mm(g, A);
     if (d.active) dropout_rows_(grad_x, grad_x, 0, d);
     const QuantView w = QuantView::of(qweight, absmax, code, blocksize, weight_shape);
-    if (half_base) {  // the base term in bfloat16 (see native_half_base), added in float32
+    if (half_base) {  // the base term in bfloat16 (see native_half_base), the LoRA term added in float32
       Tensor base = at::empty({x.size(0), w.K}, grad_y.options());
       base_backward<at::BFloat16, /*kAccumulate=*/false>(row_major(grad_y), w, base);
-      grad_x.add_(base);
+      grad_x = base.add_(grad_x);
     } else if (ct == at::kDouble) {
       base_backward<double>(dy, w, grad_x);
     } else {
