@@ -62,6 +62,8 @@ _FL_FLAGS = [
                                            "query,value for minilm / tiny, all-linear for a model folder)"),
     ("--lora-alpha", "lora_alpha", "LoRA alpha (scaling alpha / rank)"),
     ("--dtype", "dtype", "base weights of a model folder: float32 or bfloat16 (LoRA and head stay float32)"),
+    ("--base", "base", "the frozen base's linear layers on each client: fp32 (as loaded), nf4 or int8 "
+                       "(QLoRA: quantized with fastlora.quantize_model)"),
     ("--max-length", "max_length", "tokens per sample (longer ones are cut)"),
     ("--test-fraction", "test_fraction", "fraction of the data held out for evaluation (without --eval-file)"),
     ("--rounds", "rounds", "federated rounds"),

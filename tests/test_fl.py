@@ -596,3 +596,28 @@ def test_initial_seed_config_errors():
         tiny_config(initial="broadcast")
     with pytest.raises(ValueError, match="seed must be an int"):
         tiny_config(seed=-1)
+
+
+@pytest.mark.parametrize("base", ["nf4", "int8"])
+def test_quantized_base_clients(base, tmp_path, capsys):
+    """--base nf4 | int8: every frozen linear layer of each client's base is a
+    fastlora.QuantizedLinear, the LoRA layers over it run the fused quantized op, the run
+    trains and the split file records what a client holds."""
+    import fastlora
+    import fastlora.peft
+
+    cfg = tiny_config(base=base, rounds=2)
+    exp_q = prepare(cfg)
+    quantized = [m for m in exp_q.model.modules() if isinstance(m, fastlora.QuantizedLinear)]
+    assert quantized and not any(type(m) is torch.nn.Linear and not m.weight.requires_grad
+                                 for m in exp_q.model.modules())
+    held = exp_q.split_info["base"]
+    assert held["format"] == base and held["linear_weight_bytes"] < held["linear_weight_bytes_fp32"] / 2
+    before = fastlora.peft.fast_path_calls(exp_q.model)
+    exp_q.model(exp_q.input_ids[:4], exp_q.attention_mask[:4]).sum().backward()
+    assert fastlora.peft.fast_path_calls(exp_q.model) > before
+    result = run(cfg, tmp_path)
+    assert result["summaries"][0]["final_accuracy"] is not None
+    assert f"base {base}: each client holds" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="base must be one of"):
+        tiny_config(base="nf3")

@@ -427,3 +427,24 @@ def test_errors(models, files, tmp_path, capsys, case):
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     if case == "missing column":
         assert "its columns are: 'text', 'label', 'stars', 'user'" in err
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_quantized_base_of_a_model_folder(models, files, tmp_path, dtype):
+    """--base nf4 on a causal LM folder: the frozen linear layers are quantized (the output layer
+    is not), LoRA runs over them on the fused op, and the run trains to a finite perplexity."""
+    import fastlora
+    import fastlora.peft
+
+    cfg = config(models["llama"], files["lm"], text_column="text", task_type="causal-lm", split="iid",
+                 base="nf4", dtype=dtype)
+    exp = prepare(cfg)
+    inner = exp.model.model
+    assert isinstance(inner.model.layers[0].self_attn.q_proj.base_layer, fastlora.QuantizedLinear)
+    assert type(inner.lm_head) is torch.nn.Linear
+    assert exp.split_info["base"]["format"] == "nf4"
+    before = fastlora.peft.fast_path_calls(exp.model)
+    exp.model(exp.input_ids[:2], exp.attention_mask[:2]).float().sum().backward()
+    assert fastlora.peft.fast_path_calls(exp.model) > before
+    recs = run(cfg, tmp_path)["records"]
+    assert all(math.isfinite(r["perplexity"]) for r in recs)

@@ -13,6 +13,8 @@ from fastlora.fl.strategies import parse_strategy
 MODELS = ("minilm", "tiny")             # built in; any other value is a Hugging Face model folder or hub id
 TASKS = ("stdlib", "synthetic")
 INITIAL_MODES = ("seed", "download")
+# The frozen base's linear layers: as loaded, or quantized on each client (fastlora.quantize_model).
+BASES = ("fp32", "nf4", "int8")
 TASK_TYPES = ("auto", "classify", "causal-lm")
 MODEL_DTYPES = ("float32", "bfloat16")
 SPLIT_FORMS = "auto, iid, dirichlet, dirichlet:ALPHA or column:NAME"
@@ -36,6 +38,7 @@ class FLConfig:
     prompt_column: Optional[str] = None   # causal LM: loss on the response tokens only
     response_column: Optional[str] = None
     dtype: str = "float32"                # base weights of a Hugging Face model: float32 | bfloat16
+    base: str = "fp32"                    # the frozen base's linear layers: fp32 (as loaded) | nf4 | int8 (QLoRA)
     # federation
     num_clients: int = 10
     participation: float = 0.5            # fraction of clients selected per round (seeded)
@@ -149,6 +152,7 @@ class FLConfig:
             need(v is None or (isinstance(v, str) and v.strip()), f"{name} must be a non-empty string, got {v!r}")
         need(self.task_type in TASK_TYPES, f"task_type must be one of {TASK_TYPES}, got {self.task_type!r}")
         need(self.dtype in MODEL_DTYPES, f"dtype must be one of {MODEL_DTYPES}, got {self.dtype!r}")
+        need(self.base in BASES, f"base must be one of {BASES}, got {self.base!r}")
         need(isinstance(self.target_modules, list) and self.target_modules
              and all(isinstance(t, str) and t.strip() for t in self.target_modules),
              f"target_modules must be a non-empty list of module names, got {self.target_modules!r}")
@@ -209,7 +213,8 @@ class FLConfig:
 
 
 LATER_DEFAULTS = dict(task_type="auto", data=None, eval_file=None, text_column=None, label_column=None,
-                      prompt_column=None, response_column=None, dtype="float32", split="auto", min_client_size=1)
+                      prompt_column=None, response_column=None, dtype="float32", split="auto", min_client_size=1,
+                      base="fp32")
 
 PRESETS = {
     # The README's first command: a pretrained MiniLM, real text, dense vs sparse side by side,

@@ -113,12 +113,46 @@ def tiny_encoder(vocab_size: int = 128, hidden_size: int = 32, num_layers: int =
     return BertModel(cfg, add_pooling_layer=False)
 
 
+def quantize_base(model: nn.Module, base: str, exclude=()) -> int:
+    """QLoRA's frozen base: every ``nn.Linear`` of ``model`` outside the module names in
+    ``exclude`` (trained whole, or the output layer) quantized in place to ``base`` (nf4 | int8)
+    with ``fastlora.quantize_model``; "fp32" leaves the model as loaded. Returns the number of
+    layers quantized."""
+    if base == "fp32":
+        return 0
+    import fastlora
+
+    def excluded(name, _layer):
+        return any(name == e or name.startswith(e + ".") for e in exclude)
+
+    return fastlora.quantize_model(model, base, skip=excluded)
+
+
+def base_summary(model: nn.Module, base: str) -> dict:
+    """What each client holds of the frozen base: the format, and the bytes of its linear layers'
+    weights (codes and scales when quantized) against those weights in float32."""
+    import fastlora
+
+    held = fp32 = 0
+    for name, m in model.named_modules():
+        if ".lora_" in name or name.endswith(("lora_A", "lora_B")):
+            continue
+        if isinstance(m, fastlora.QuantizedLinear):
+            held += m.quantized_weight().nbytes()
+            fp32 += 4 * m.in_features * m.out_features
+        elif type(m) is nn.Linear and not m.weight.requires_grad:
+            held += m.weight.numel() * m.weight.element_size()
+            fp32 += 4 * m.weight.numel()
+    return {"format": base, "linear_weight_bytes": held, "linear_weight_bytes_fp32": fp32}
+
+
 def build_classifier(encoder: nn.Module, num_labels: int, *, rank: int = 8, alpha: float = 16.0,
                      dropout: float = 0.0, target_modules: Sequence[str] = ("query", "value"),
-                     seed: int = 0) -> SequenceClassifier:
+                     seed: int = 0, base: str = "fp32") -> SequenceClassifier:
     """Wraps ``encoder`` with LoRA adapters on ``target_modules`` (PEFT's LoRA, patched to
     fastlora's fused layers) and a new head; only the adapters and the head are trainable.
-    The initial adapter (random A, zero B, random head) is a function of ``seed``."""
+    The initial adapter (random A, zero B, random head) is a function of ``seed``. ``base``:
+    the encoder's linear layers quantized (nf4 | int8, see :func:`quantize_base`) or not."""
     from peft import LoraConfig, inject_adapter_in_model
 
     import fastlora.peft
@@ -137,6 +171,7 @@ def build_classifier(encoder: nn.Module, num_labels: int, *, rank: int = 8, alph
                              f"{m.out_features}); use a rank <= {min(m.in_features, m.out_features)}")
     for p in encoder.parameters():
         p.requires_grad_(False)
+    quantize_base(encoder, base)
     torch.manual_seed(seed)
     # "all-linear" as a string is PEFT's shorthand (every Linear of the encoder; the head is outside it)
     peft_targets = "all-linear" if everything else list(target_modules)
@@ -343,6 +378,7 @@ def build_hf_model(config, source: str, task_type: str, label_names: Optional[Se
     for p in model.parameters():
         p.requires_grad_(False)
     whole_params = {id(p) for m in whole.values() for p in m.parameters()}
+    quantize_base(model, config.base, exclude=excluded)
     torch.manual_seed(config.seed)
     lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=[n for n, _ in chosen])
@@ -353,7 +389,7 @@ def build_hf_model(config, source: str, task_type: str, label_names: Optional[Se
     for n, p in wrapped.named_parameters():
         train = ".lora_" in n or id(p) in whole_params
         p.requires_grad_(train)
-        if train and p.dtype != torch.float32:
+        if train and p.dtype != torch.float32 and p.is_floating_point():
             p.data = p.data.to(torch.float32)
     return wrapped, tokenizer, {"lora_layers": len(chosen), "trained_whole": sorted(whole)}
 

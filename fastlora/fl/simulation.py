@@ -21,7 +21,7 @@ from fastlora.fl import checkpoint
 from fastlora.fl.client import ClientState, decode_dense, sparsify_encode, upload
 from fastlora.fl.config import FLConfig
 from fastlora.fl.data import split_lines
-from fastlora.fl.model import (build_classifier, build_hf_model, evaluate, evaluate_lm, get_adapter, hf_task_type,
+from fastlora.fl.model import (base_summary, build_classifier, build_hf_model, evaluate, evaluate_lm, get_adapter, hf_task_type,
                                load_hf_config, load_minilm, local_train, set_adapter, tiny_encoder)
 from fastlora.fl.server import Server, pad_rank, truncate_rank
 from fastlora.fl.strategies import Strategy, parse_strategy
@@ -164,7 +164,8 @@ def prepare(config: FLConfig) -> Experiment:
     eval_idx = test_idx[torch.randperm(test_idx.numel(), generator=g)[:config.eval_samples]].sort().values
     if config.builtin_model:
         model = build_classifier(encoder, num_labels, rank=config.rank, alpha=config.lora_alpha,
-                                 dropout=config.lora_dropout, target_modules=config.target_modules, seed=config.seed)
+                                 dropout=config.lora_dropout, target_modules=config.target_modules, seed=config.seed,
+                                 base=config.base)
     else:
         model = hf_model
     clients = data.split_summary(parts, class_labels, label_names if task_type == "classify" else None, names)
@@ -183,6 +184,7 @@ def prepare(config: FLConfig) -> Experiment:
             info["label_column"] = rows["label_column"]
     if model_info is not None:
         info["model"] = model_info
+    info["base"] = base_summary(model, config.base)
     fp = None
     if config.data is not None:
         from fastlora.fl.custom_data import fingerprint
@@ -525,6 +527,10 @@ def run(config: FLConfig, out_dir: Optional[Path] = None, *, resume: bool = Fals
         f"{sum(t.numel() for t in exp.initial_adapter.values())} parameters; prepared in "
         f"{time.perf_counter() - t0:.1f} s")
     split = exp.split_info
+    base = split.get("base")
+    if base and base["linear_weight_bytes_fp32"]:
+        log(f"# base {base['format']}: each client holds {base['linear_weight_bytes'] / 2 ** 20:.2f} MiB of frozen "
+            f"linear weights ({base['linear_weight_bytes_fp32'] / 2 ** 20:.2f} MiB in float32)")
     for note in split["notes"]:
         log(f"# note: {note}")
     lines = split_lines(split["clients"], column=exp.config.split_column)
