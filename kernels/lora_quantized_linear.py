@@ -1,8 +1,10 @@
 """Triton kernels of fastlora's LoRA over a quantized, frozen base weight (QLoRA).
 
 A leaf module: it imports only torch, triton and ``_common``, never fastlora. Semantics are
-those of ``fastlora.reference.lora_quantized_linear_with_shrink`` / ``..._backward``: every
-product in float32 on the dequantized weight, each output rounded once (y and grad_x to x's
+those of ``fastlora.reference.lora_quantized_linear_with_shrink`` / ``..._backward``: for a
+float32 x every product in float32 on the dequantized weight; for a float16 / bfloat16 x the
+base products (x @ W^T and grad_y @ W) in x's dtype on the weight rounded to it (bitsandbytes'
+compute dtype), the LoRA products in float32; each output rounded once (y and grad_x to x's
 dtype, xa and the adapters' gradients to the adapters' dtype). float64 is not taken here (the
 op sends it to the reference).
 
@@ -40,12 +42,24 @@ masks the epilogue at the output index. The launchers map the op onto it:
               grad_x = grad_y @ dequant(W) + dropE(g @ lora_A)     dequant over N, LoRA in the epilogue
               grad_bias = grad_y.sum(0)                            (ATen, float32 accumulation)
 
-Numerics: every tile is upcast to float32 right after its load, whatever its dtype (float32,
-float16, bfloat16 x; adapters in x's dtype or float32), so the dots are float32 ones (IEEE, or
-TF32 when torch allows TF32 in float32 matmuls, as torch.mm on the reference's float32 tensors
-would), accumulation is float32, dropped values are the float32 products ``x * keep * scale``
-and each output is rounded once. xa is kept in float32 between the shrink and the expand, as
-the reference does, and rounded to the adapters' dtype only as the returned activation.
+Numerics:
+  * The base GEMMs (forward, grad_x) of a float16 / bfloat16 x (HALF_BASE): the x / grad_y
+    tiles stay in their half dtype and each dequantized W tile (float32 products code * absmax,
+    as always) is rounded to that dtype to nearest even, exactly the reference's
+    ``dequantize(..., x.dtype)``; tl.dot then runs on half-precision tensor cores with a
+    float32 accumulator (a float32 base GEMM would run on FMA units, or TF32 at best: several
+    times slower than bitsandbytes' bfloat16 path). The float32 base accumulator is NOT
+    rounded to x's dtype before the float32 LoRA / bias epilogue is added (the reference, like
+    bitsandbytes, rounds the base product there): one rounding fewer, closer to the exact
+    result; the tests' bound (2x the reference's own error) holds either way.
+  * Everything else is float32: the base GEMMs of a float32 x, and every LoRA GEMM (shrink,
+    g, grad_A, grad_B, the epilogue's expand) whatever the dtypes (adapters in x's dtype or
+    float32): their tiles are upcast to float32 right after the load, so the dots are float32
+    ones (IEEE, or TF32 when torch allows TF32 in float32 matmuls, as torch.mm on the
+    reference's float32 tensors would), dropped values are the float32 products
+    ``x * keep * scale``. Accumulation is always float32 and each output is rounded once. xa is
+    kept in float32 between the shrink and the expand, as the reference does, and rounded to
+    the adapters' dtype only as the returned activation.
 """
 from __future__ import annotations
 
@@ -122,11 +136,12 @@ def _qlora_gemm_kernel(
     stride_em, stride_er, stride_fr, stride_fn,
     alpha, lora_scale, drop_scale, seed_lo, seed_hi, threshold,
     QUANT_B: tl.constexpr, FOUR_BIT: tl.constexpr, BS_SHIFT: tl.constexpr, FLAT64: tl.constexpr,
+    HALF_BASE: tl.constexpr,
     DROP_A: tl.constexpr, DROP_B: tl.constexpr, DROP_LORA: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EPI_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     # Program -> (pid_m, pid_n) in GROUP_M-tall column bands so that consecutive programs
     # reuse the same B tiles (here: the same weight codes) from L2.
@@ -157,12 +172,19 @@ def _qlora_gemm_kernel(
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_hi
-        # Every operand is upcast to float32 on load: the reference computes in float32.
         a = tl.load(a_rows + offs_k.to(tl.int64)[None, :] * stride_ak,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if not HALF_BASE:
+            # A float32 GEMM (the reference's float32 products): upcast on load.
+            a = a.to(tl.float32)
         if QUANT_B:
             b = _dequant_tile(b_ptr, absmax_ptr, code_ptr, offs_k, offs_n, stride_bk, stride_bn, blocksize,
                               mask_k[:, None] & mask_n[None, :], FOUR_BIT, BS_SHIFT, FLAT64)
+            if HALF_BASE:
+                # The float32 products code * absmax rounded to x's dtype to nearest even (the
+                # reference's dequantize(..., x.dtype), bitsandbytes' compute-dtype weight), so
+                # that the dot is a half-precision tensor-core one on a's own tile.
+                b = _round_to(b, a_ptr.dtype.element_ty, INTERPRET)
         else:
             b = tl.load(b_cols + offs_k.to(tl.int64)[:, None] * stride_bk,
                         mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
@@ -173,8 +195,10 @@ def _qlora_gemm_kernel(
         acc = _mma(a, b, acc, DOT_PRECISION, INTERPRET)
     acc = acc * alpha
 
-    # Epilogue: the rank-r LoRA expand (E @ F in BLOCK_R chunks, float32), its optional dropout
-    # at the output index, then the bias; all on the float32 accumulator before one rounding.
+    # Epilogue: the rank-r LoRA expand (E @ F in BLOCK_R chunks, float32, EPI_PRECISION: a
+    # float32 dot even under a half-precision main loop), its optional dropout at the output
+    # index, then the bias; all on the float32 accumulator before one rounding. Under HALF_BASE
+    # the base accumulator is deliberately not rounded to x's dtype first (see the module doc).
     if HAS_LORA:
         e_rows = e_ptr + offs_m.to(tl.int64)[:, None] * stride_em
         f_cols = f_ptr + offs_n.to(tl.int64)[None, :] * stride_fn
@@ -186,7 +210,7 @@ def _qlora_gemm_kernel(
                         mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
             f = tl.load(f_cols + offs_r.to(tl.int64)[:, None] * stride_fr,
                         mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-            lora = _mma(e, f, lora, DOT_PRECISION, INTERPRET)
+            lora = _mma(e, f, lora, EPI_PRECISION, INTERPRET)
         lora = lora * lora_scale
         if DROP_LORA:
             keep = _keep_mask(offs_m, offs_n, seed_lo, seed_hi, threshold)
@@ -229,7 +253,8 @@ class _QuantB:
 
 
 def _blocks(M: int, N: int, K: int, R: int, quant: bool):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, num_warps, num_stages); every main loop is float32.
+    """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, num_warps, num_stages); the same tiles whether the
+    dequantizing GEMM's main loop is float32 or half precision (HALF_BASE).
 
     GPU (H100): the GEMMs over the quantized weight (the forward and grad_x, the heavy ones)
     take 128x128x32 tiles, 8 warps, 3 stages: the dequantization of a B tile is paid once per
@@ -237,8 +262,13 @@ def _blocks(M: int, N: int, K: int, R: int, quant: bool):
     take lora_linear's float32 tiles, 64x64x32, 4 warps. Dims smaller than a tile shrink to the
     next power of two, never below 16 (tl.dot's minimum). The epilogue's rank chunk is 32 wide
     under a 128x128 tile so its float32 (BLOCK_M + BLOCK_N) x BLOCK_R chunks stay the main
-    loop's size per stage. Shared memory compiled for sm_90 (tests/test_triton_sm90_compile.py):
-    76-112 KiB for the dequantizing GEMMs, 16-48 KiB for the others, of 227 KiB.
+    loop's size per stage. Shared memory compiled for sm_90 (tests/test_triton_sm90_compile.py),
+    of 227 KiB: the dequantizing GEMMs 96 KiB with a float32 x (TF32); with half-precision main
+    loops 96 KiB for bfloat16 x and 4-bit codes (72 KiB at 16 rows), 64-80 KiB for 8-bit codes
+    (float16 / bfloat16 x); 16-48 KiB for the rank-sized ones: two programs fit on an SM. A
+    64-deep K tile for the half main loops (lora_linear's bf16 tile) took 192 KiB with 4-bit
+    codes at 3 stages (the pipelined float32 code-book and scale gathers grow with it), 112 KiB
+    at 2: not taken without a GPU measurement showing it faster.
     Interpreter: one large tile per program so that the small test shapes run in one program
     and one loop trip (the interpreter costs milliseconds per program per loop iteration)."""
     if _INTERPRET:
@@ -264,8 +294,10 @@ def _choose_split(tiles: int, K: int, block_k: int, device: torch.device) -> int
 
 def _gemm(a: torch.Tensor, b, out: torch.Tensor, *, alpha: float = 1.0, drop_a=None, drop_b=None, bias=None,
           lora=None) -> torch.Tensor:
-    """out (M, N) = alpha * dropA(a) (M, K) @ dropB(b) (K, N) [+ bias] [+ LoRA epilogue], in float32,
-    rounded once to out's dtype.
+    """out (M, N) = alpha * dropA(a) (M, K) @ dropB(b) (K, N) [+ bias] [+ LoRA epilogue], float32
+    accumulation, rounded once to out's dtype. The main loop is float32, except for a _QuantB b
+    under a float16 / bfloat16 a (HALF_BASE: a's tiles as they are, W's rounded to a's dtype);
+    the LoRA epilogue is float32.
 
     b: a strided (K, N) tensor or a _QuantB (then N = out.shape[1]). drop_a / drop_b: (p, seed)
     or None. lora: (e (M, R), f (R, N), lora_scale, drop) with drop (p, seed) or None. Operands
@@ -286,6 +318,11 @@ def _gemm(a: torch.Tensor, b, out: torch.Tensor, *, alpha: float = 1.0, drop_a=N
         e, f, lora_scale, _ = lora
         R = e.shape[1]
 
+    # A dequantizing GEMM over a half-precision x / grad_y runs its main loop in that dtype (see
+    # the module doc); the LoRA GEMMs (never QUANT_B) stay float32. Operand dropout belongs to
+    # the LoRA GEMMs only: on a half tile its float32 products would be rounded to half.
+    half_base = quant and a.dtype in _HALF
+    assert not (half_base and drop_on in ("a", "b")), "operand dropout on a half-precision main loop"
     bm, bn, bk, br, num_warps, num_stages = _blocks(M, N, K, R, quant)
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     split = 1
@@ -332,11 +369,12 @@ def _gemm(a: torch.Tensor, b, out: torch.Tensor, *, alpha: float = 1.0, drop_a=N
             stride_cs, stride_cm, stride_cn,
             e_t.stride(0), e_t.stride(1), f_t.stride(0), f_t.stride(1),
             float(alpha), float(lora_scale), float(drop_scale), seed_lo, seed_hi, threshold,
-            QUANT_B=quant, FOUR_BIT=four_bit, BS_SHIFT=bs_shift, FLAT64=flat64,
+            QUANT_B=quant, FOUR_BIT=four_bit, BS_SHIFT=bs_shift, FLAT64=flat64, HALF_BASE=half_base,
             DROP_A=drop_on == "a", DROP_B=drop_on == "b", DROP_LORA=drop_on == "e",
             HAS_BIAS=bias is not None, HAS_LORA=lora is not None,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, GROUP_M=8,
-            DOT_PRECISION=_dot_precision(torch.float32), INTERPRET=_INTERPRET,
+            DOT_PRECISION=_dot_precision(a.dtype if half_base else torch.float32),
+            EPI_PRECISION=_dot_precision(torch.float32), INTERPRET=_INTERPRET,
             num_warps=num_warps, num_stages=num_stages,
         )
     if split > 1:

@@ -3,8 +3,11 @@ interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1), or on a GPU with
 
 Tolerances follow flash-attention (tests/tolerance.py): truth is the reference in float64 on the
 same inputs, and a kernel may be off by at most twice the reference's own error in the test dtype
-plus a floor of a few ulps. The in-kernel dequantization and the dropout keep-mask are checked
-bit for bit.
+plus a floor of a few ulps. The truth runs the reference on float64 copies (the exact
+dequantized weight), the reference in the test dtype is fastlora.reference's own (for a float16 /
+bfloat16 x: base products in x's dtype on the weight rounded to it), which the kernels follow.
+The in-kernel dequantization, the half-precision base products on the rounded weight and the
+dropout keep-mask are checked bit for bit.
 """
 import importlib
 import os
@@ -142,6 +145,66 @@ def test_in_kernel_dequantization_is_exact(monkeypatch, fmt, blocksize, tiles):
     gx, _, _, _ = tk.lora_quantized_backward(torch.eye(N, device=DEVICE), torch.zeros(N, K, device=DEVICE), *qa,
                                              A, B, xa, 1.0, 0.0, 0, True, False)
     assert torch.equal(gx, w)
+
+
+def _half_weight(fmt, N, K, blocksize, dtype):
+    """(qweight, absmax, code, blocksize, weight_shape) whose float32 dequantized values are
+    not representable in ``dtype``, half of the code book exactly halfway between two ``dtype``
+    neighbours (ties, kept as ties by every other block's scale of 1), magnitudes in [0.25, 1]."""
+    n_codes = 16 if fmt == "nf4" else 256
+    ulp = 2.0 ** -(8 if dtype == torch.bfloat16 else 11)  # dtype's spacing in [0.5, 1)
+    mag = 0.5 + torch.rand(n_codes, dtype=torch.float64) * 0.5
+    ties = 0.5 + (2 * torch.randint(0, int(0.5 / ulp), (n_codes,), dtype=torch.float64) + 1) * (ulp / 2)
+    mag = torch.where(torch.arange(n_codes) % 2 == 0, ties, mag)
+    sign = torch.where(torch.rand(n_codes) < 0.5, -1.0, 1.0).double()
+    code = (mag * sign).float()
+    nblocks = -(-N * K // blocksize)
+    absmax = torch.rand(nblocks) * 0.5 + 0.5
+    absmax[::2] = 1.0
+    q = torch.randint(0, 256, ((N * K + 1) // 2 if n_codes == 16 else N * K,), dtype=torch.uint8)
+    return tuple(t.to(DEVICE) for t in (q, absmax, code)) + (blocksize, [N, K])
+
+
+@pytest.mark.parametrize("fmt,blocksize", [("nf4", 64), ("u8", 50)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("tiles", ["big", "small"])
+def test_half_base_products_use_the_half_rounded_weight(monkeypatch, fmt, blocksize, dtype, tiles):
+    # A float16 / bfloat16 x runs the base GEMMs (forward and grad_x) in its own dtype on the
+    # weight rounded to it to nearest even (fastlora.reference's and bitsandbytes' semantics),
+    # not in float32 on the float32 dequantized weight. x and grad_y in {-1, 0, 1} and weights
+    # of magnitude in [0.25, 1] make every product and every sum (K, N < 128 terms) exact in
+    # float32, so both outputs are the exact x @ W_half^T / grad_y @ W_half rounded once: bit
+    # for bit, whatever the summation order, and different from the float32 path's results.
+    # The LoRA branch is zero (the kernel adds it to the unrounded base accumulator, the
+    # reference to the rounded base product: equal only when it is zero). The reference runs on
+    # CPU copies (a GPU's half GEMM may reduce in half precision: cuBLAS's reduced-precision
+    # reductions).
+    if tiles == "small":
+        _small_tiles(monkeypatch, split=1)
+    M, N, K = 37, 42, 75
+    qa = _half_weight(fmt, N, K, blocksize, dtype)
+    w32 = ref.dequantize(*qa, torch.float32)
+    w_half = ref.dequantize(*qa, dtype)
+    assert (w_half.float() != w32).float().mean() > 0.9  # the rounding matters
+    ternary = lambda *shape: torch.randint(-1, 2, shape).to(dtype).to(DEVICE)  # noqa: E731
+    cpu = lambda *ts: [t.cpu() if isinstance(t, torch.Tensor) else t for t in ts]  # noqa: E731
+    A, B, xa = torch.zeros(1, K, device=DEVICE), torch.zeros(N, 1, device=DEVICE), torch.zeros(M, 1, device=DEVICE)
+
+    x = ternary(M, K)
+    y, _ = tk.lora_quantized_forward(x, *qa, None, A, B, 1.0, 0.0, 0)
+    expected = (x.double() @ w_half.double().t()).to(dtype)
+    ref_y, _ = ref.lora_quantized_linear_with_shrink(*cpu(x, *qa, None, A, B), 1.0, 0.0, 0)
+    assert torch.equal(ref_y, expected.cpu())  # the reference's semantics, computed exactly
+    assert ((x.double() @ w32.double().t()).to(dtype) != expected).sum() >= 20, "float32 products give the same"
+    assert y.dtype == dtype and torch.equal(y, expected)
+
+    gy = ternary(M, N)
+    gx, _, _, _ = tk.lora_quantized_backward(gy, x, *qa, A, B, xa, 1.0, 0.0, 0, True, False)
+    expected = (gy.double() @ w_half.double()).to(dtype)
+    ref_gx = ref.lora_quantized_linear_backward(*cpu(gy, x, *qa, A, B, xa), 1.0, 0.0, 0, True, False)[0]
+    assert torch.equal(ref_gx, expected.cpu())
+    assert ((gy.double() @ w32.double()).to(dtype) != expected).sum() >= 20, "float32 products give the same"
+    assert gx.dtype == dtype and torch.equal(gx, expected)
 
 
 @pytest.mark.parametrize("dtype,adtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),

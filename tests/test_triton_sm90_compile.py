@@ -212,10 +212,11 @@ for grid, args, kw in launches:
     seen.add(key)
     name = " ".join([sig["a_ptr"], sig["b_ptr"], "->", sig["c_ptr"]]
                     + [f"{const['BLOCK_M']}x{const['BLOCK_N']}x{const['BLOCK_K']}"]
-                    + [f for f in ("QUANT_B", "FOUR_BIT", "FLAT64", "DROP_A", "DROP_B", "DROP_LORA", "HAS_BIAS",
-                                   "HAS_LORA") if const[f]]
+                    + [f for f in ("QUANT_B", "HALF_BASE", "FOUR_BIT", "FLAT64", "DROP_A", "DROP_B", "DROP_LORA",
+                                   "HAS_BIAS", "HAS_LORA") if const[f]]
                     + ([f"shift {const['BS_SHIFT']}"] if const["QUANT_B"] else [])
-                    + [f"dot {const['DOT_PRECISION']}", f"split {grid[1]}"])
+                    + [f"dot {const['DOT_PRECISION']}"]
+                    + ([f"epilogue {const['EPI_PRECISION']}"] if const["HAS_LORA"] else []) + [f"split {grid[1]}"])
     name += f" #{len(out)}" if name in out else ""
     k = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options=opts)
@@ -226,18 +227,31 @@ print(json.dumps(out))
 
 @pytest.mark.parametrize("dtype,adapter_dtype,fp32_precision,fmt,rows", [
     ("bfloat16", "float32", "ieee", "nf4", "2048,16"), ("float32", "float32", "tf32", "int8", "2048"),
-    ("float16", "float16", "ieee", "u8", "2048")])
+    ("float16", "float16", "ieee", "u8", "2048"), ("bfloat16", "bfloat16", "tf32", "u8", "2048")])
 def test_lora_quantized_linear_launches_compile_for_sm90(dtype, adapter_dtype, fp32_precision, fmt, rows):
     # Every GEMM the QLoRA launchers start (the dequantizing base GEMMs of the forward and of
     # grad_x, and the rank-sized ones), for 4-bit and 8-bit codes, a shift and a division for the
     # block index, IEEE and TF32 float32 dots, split-K planes, prefill-sized tiles (and decode-sized
-    # ones once: 16 rows); each within sm_90's shared memory.
+    # ones once: 16 rows); each within sm_90's shared memory. A float16 / bfloat16 x runs the
+    # dequantizing GEMMs' main loop in its own dtype (HALF_BASE: W tiles rounded to it, half
+    # tensor-core dots) under a float32 LoRA epilogue (IEEE or TF32): those must fit twice on an
+    # SM. Measured (triton 3.9, 128x128x32 tiles, 8 warps, 3 stages; 16x128x32 at 16 rows):
+    #   bf16 x, nf4, fp32 adapters       96 KiB (72 KiB at 16 rows)
+    #   fp16 x, u8 (8-bit, division)     64 KiB
+    #   bf16 x, u8, bf16 adapters, TF32  80 KiB
+    #   fp32 x (float32 main loop)       96 KiB (TF32, int8)
+    #   rank-sized float32 GEMMs      16-48 KiB
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     res = subprocess.run([sys.executable, "-c", COMPILE_QLORA, dtype, adapter_dtype, fp32_precision, fmt, rows],
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     shared = json.loads(res.stdout.strip().splitlines()[-1])
-    assert any("QUANT_B" in config for config in shared)
+    base = [config for config in shared if "QUANT_B" in config]
+    assert base
+    half = dtype != "float32"
+    assert all(("HALF_BASE" in config) == half for config in base), base
+    assert all(f"epilogue {fp32_precision}" in config for config in base if "HAS_LORA" in config), base
     for config, nbytes in shared.items():
-        assert 0 < nbytes <= SM90_MAX_SHARED, f"{config}: {nbytes} bytes of shared memory on sm_90"
+        limit = SM90_MAX_SHARED // 2 if "HALF_BASE" in config else SM90_MAX_SHARED
+        assert 0 < nbytes <= limit, f"{config}: {nbytes} bytes of shared memory on sm_90 (limit {limit})"
