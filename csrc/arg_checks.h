@@ -3,7 +3,10 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <initializer_list>
+#include <limits>
+#include <optional>
 #include <utility>
 
 namespace fastlora {
@@ -42,6 +45,60 @@ inline void check_adapter_dtypes(const char* fn, const at::Tensor& x,
                      adapters.begin()->first, " has ", adt, " (the LoRA weights share one dtype)");
     TORCH_CHECK_VALUE(t->device() == x.device(), fn, ": ", name, " is on ", t->device(), " but x is on ", x.device());
   }
+}
+
+// The LoRA branch's arguments against the base's (out_features, in_features): lora_A (r, in),
+// lora_B (out, r), bias and lora_B_bias (out,), dropout_p in [0, 1], a finite scaling. Shared by
+// the dense and the quantized-base LoRA families.
+inline void check_lora_branch_shapes(const char* fn, int64_t in, int64_t out, const at::Tensor& lora_A,
+                                     const at::Tensor& lora_B, const std::optional<at::Tensor>& bias,
+                                     const std::optional<at::Tensor>& lora_B_bias, double dropout_p,
+                                     double scaling) {
+  TORCH_CHECK_VALUE(lora_A.dim() == 2 && lora_A.size(1) == in, fn,
+                    ": lora_A must have shape (r, in_features=", in, "), got ", lora_A.sizes());
+  const int64_t r = lora_A.size(0);
+  TORCH_CHECK_VALUE(lora_B.dim() == 2 && lora_B.size(0) == out && lora_B.size(1) == r, fn,
+                    ": lora_B must have shape (out_features=", out, ", r=", r, "), got ", lora_B.sizes());
+  if (bias) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out, fn, ": bias must have shape (", out, ",), got ",
+                      bias->sizes());
+  }
+  if (lora_B_bias) {
+    TORCH_CHECK_VALUE(lora_B_bias->dim() == 1 && lora_B_bias->size(0) == out, fn,
+                      ": lora_B_bias must have shape (", out, ",), got ", lora_B_bias->sizes());
+  }
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p <= 1.0, fn, ": dropout_p must be in [0, 1], got ", dropout_p);
+  TORCH_CHECK_VALUE(std::isfinite(scaling), fn, ": scaling must be finite, got ", scaling);
+}
+
+// An explicit dropout seed is a one-element int64 CPU tensor.
+inline void check_seed(const char* fn, const std::optional<at::Tensor>& seed) {
+  if (!seed) return;
+  TORCH_CHECK_VALUE(seed->sym_numel() == 1 && seed->scalar_type() == at::kLong && seed->device().is_cpu(), fn,
+                    ": seed must be a one-element int64 CPU tensor, got ", seed->scalar_type(), " ", seed->sizes(),
+                    " on ", seed->device());
+}
+
+// The public LoRA ops' dropout seed: the given one (a one-element int64 CPU tensor, checked by
+// the caller), else drawn from torch's default generator when dropout is active (so
+// torch.manual_seed makes runs reproducible), else 0.
+inline at::Tensor dropout_seed(const std::optional<at::Tensor>& seed, double p) {
+  if (seed) return seed->reshape({});
+  if (p > 0.0) {
+    return at::randint(std::numeric_limits<int64_t>::max(), {}, at::TensorOptions().dtype(at::kLong));
+  }
+  return at::zeros({}, at::TensorOptions().dtype(at::kLong));
+}
+
+// x (..., in_features) as (rows, in_features). reshape({-1, 0}) is ambiguous when in_features
+// is 0: the row count is given then (symbolic sizes, so torch.compile's dynamic shapes trace it).
+inline at::Tensor rows_2d(const at::Tensor& x) {
+  if (x.sym_size(-1) == 0) {
+    c10::SymInt rows = 1;
+    for (int64_t d = 0; d + 1 < x.dim(); ++d) rows = rows * x.sym_size(d);
+    return x.reshape_symint({rows, 0});
+  }
+  return x.reshape({-1, x.size(-1)});
 }
 
 }  // namespace fastlora

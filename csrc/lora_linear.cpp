@@ -30,29 +30,12 @@ void check_lora_linear_args(const char* fn, const Tensor& x, const Tensor& weigh
   TORCH_CHECK_VALUE(weight.dim() == 2, fn, ": weight must be 2-D (out_features, in_features), got shape ", weight.sizes());
   const int64_t in = weight.size(1), out = weight.size(0);
   TORCH_CHECK_VALUE(x.size(-1) == in, fn, ": x has ", x.size(-1), " features in its last dim but weight expects in_features=", in);
-  TORCH_CHECK_VALUE(lora_A.dim() == 2 && lora_A.size(1) == in, fn,
-                    ": lora_A must have shape (r, in_features=", in, "), got ", lora_A.sizes());
-  const int64_t r = lora_A.size(0);
-  TORCH_CHECK_VALUE(lora_B.dim() == 2 && lora_B.size(0) == out && lora_B.size(1) == r, fn,
-                    ": lora_B must have shape (out_features=", out, ", r=", r, "), got ", lora_B.sizes());
-  if (bias) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out, fn, ": bias must have shape (", out, ",), got ", bias->sizes());
-  }
-  if (lora_B_bias) {
-    TORCH_CHECK_VALUE(lora_B_bias->dim() == 1 && lora_B_bias->size(0) == out, fn,
-                      ": lora_B_bias must have shape (", out, ",), got ", lora_B_bias->sizes());
-  }
-  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p <= 1.0, fn, ": dropout_p must be in [0, 1], got ", dropout_p);
-  TORCH_CHECK_VALUE(std::isfinite(scaling), fn, ": scaling must be finite, got ", scaling);
+  check_lora_branch_shapes(fn, in, out, lora_A, lora_B, bias, lora_B_bias, dropout_p, scaling);
 
   check_float_like_x(fn, x, {{"weight", &weight}, {"bias", bias ? &*bias : nullptr}});
   check_adapter_dtypes(fn, x, {{"lora_A", &lora_A}, {"lora_B", &lora_B},
                                {"lora_B_bias", lora_B_bias ? &*lora_B_bias : nullptr}});
-  if (seed) {
-    TORCH_CHECK_VALUE(seed->numel() == 1 && seed->scalar_type() == at::kLong && seed->device().is_cpu(), fn,
-                      ": seed must be a one-element int64 CPU tensor, got ", seed->scalar_type(), " ", seed->sizes(),
-                      " on ", seed->device());
-  }
+  check_seed(fn, seed);
 }
 
 Tensor lora_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
@@ -62,25 +45,8 @@ Tensor lora_linear(const Tensor& x, const Tensor& weight, const std::optional<Te
   check_lora_linear_args("fastlora.lora_linear", x, weight, bias, lora_A, lora_B, scaling, dropout_p, lora_B_bias,
                          seed);
   const double p = training ? dropout_p : 0.0;
-  Tensor seed_t;
-  if (seed) {
-    seed_t = seed->reshape({});
-  } else if (p > 0.0) {
-    // Drawn from torch's default generator, so torch.manual_seed makes runs reproducible.
-    seed_t = at::randint(std::numeric_limits<int64_t>::max(), {}, at::TensorOptions().dtype(at::kLong));
-  } else {
-    seed_t = at::zeros({}, at::TensorOptions().dtype(at::kLong));
-  }
-  // reshape({-1, 0}) is ambiguous when in_features is 0: give the row count then (symbolic
-  // sizes, so torch.compile's dynamic shapes trace it).
-  Tensor x2d;
-  if (x.sym_size(-1) == 0) {
-    c10::SymInt rows = 1;
-    for (int64_t d = 0; d + 1 < x.dim(); ++d) rows = rows * x.sym_size(d);
-    x2d = x.reshape_symint({rows, 0});
-  } else {
-    x2d = x.reshape({-1, x.size(-1)});
-  }
+  const Tensor seed_t = dropout_seed(seed, p);
+  const Tensor x2d = rows_2d(x);
   static auto fwd = c10::Dispatcher::singleton()
                         .findSchemaOrThrow("fastlora::lora_linear_fwd", "")
                         .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const std::optional<Tensor>&,

@@ -357,8 +357,10 @@ def lora_quantized_linear_with_shrink(x2d, qweight, absmax, code, blocksize, wei
     ``_quantized_base`` (in x's dtype for a half-precision x, as bitsandbytes computes it;
     float32 / float64 otherwise); the bias and the LoRA branch in float32 (float64 for a float64
     x) on x cast to it, added to the base product and rounded once: y to x's dtype, xa to the
-    adapters'. (Kernels may compute a half-precision x's base product in float32, which is
-    closer to the exact result.)"""
+    adapters'. (A kernel may keep a half-precision x's base product in float32, before or after
+    the half-precision products: closer to the exact result. The CPU kernel computes it in
+    float32 where half GEMMs are slow; the Triton kernel multiplies in half precision and adds
+    the epilogue to the float32 accumulator without rounding it first.)"""
     ct = _compute_dtype(x2d.dtype)
     xa = dropout(x2d.to(ct), dropout_p, seed) @ lora_A.to(ct).t()
     y = _quantized_base(x2d, qweight, absmax, code, blocksize, weight_shape, ct) + (xa @ lora_B.to(ct).t()) * scaling

@@ -34,11 +34,13 @@ def lora_quantized_linear(x, weight: QuantizedWeight, bias, lora_A, lora_B, scal
     """:func:`fastlora.lora_linear` over a quantized base weight (a :class:`fastlora.QuantizedWeight`:
     NF4 / FP4 / int8, e.g. from :func:`fastlora.quantize` or ``QuantizedWeight.from_bnb``).
 
-    The base product, the LoRA branch and every gradient are computed in float32 (float64 for a
-    float64 x) on the dequantized weight and rounded once: y and grad_x to x's dtype (float32,
-    float64, float16 or bfloat16), xa and the adapters' gradients to theirs (x's dtype, or
-    float32 for a half-precision x, PEFT's default). The weight gets no gradient; ``bias`` may
-    be trainable. The full-precision weight is never materialised."""
+    float32 / float64 x: everything in x's dtype. A float16 / bfloat16 x: the base product (and
+    grad_x's base term) in x's dtype on the weight rounded to it, as bitsandbytes computes with
+    its compute dtype (kernels may keep it in float32: the CPU kernel does where half GEMMs are
+    slow), the LoRA branch, bias and adapter gradients in float32; y and grad_x rounded once to
+    x's dtype, xa and the adapters' gradients to theirs (x's dtype, or float32 for a
+    half-precision x, PEFT's default). The weight gets no gradient; ``bias`` may be trainable.
+    The full-precision weight is never materialised."""
     if not isinstance(weight, QuantizedWeight):
         raise TypeError(f"fastlora.lora_quantized_linear: weight must be a fastlora.QuantizedWeight, "
                         f"got {type(weight).__name__} (quantize it with fastlora.quantize)")

@@ -29,6 +29,8 @@ storage layout in place first, as bitsandbytes does before saving.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
 import fastlora
@@ -36,29 +38,71 @@ from fastlora.peft.layer import FastLoraLayerMixin
 from fastlora.quantize import QuantizedWeight
 from fastlora.quantized_linear import QuantizedLinear
 
-try:  # optional: pip install "fastlora[bnb]"
-    import bitsandbytes as bnb
-    from peft.tuners.lora import bnb as _peft_bnb
-except ImportError:  # pragma: no cover - exercised only without bitsandbytes
-    bnb = None
-    _peft_bnb = None
-
-# bitsandbytes' inverse of its CPU inference repacking (private; absent in older versions).
-_unpack_for_cpu = getattr(getattr(bnb, "functional", None), "_convert_weight_packed_for_cpu_inverse", None)
-
-PeftLinear4bit = getattr(_peft_bnb, "Linear4bit", None)
-PeftLinear8bitLt = getattr(_peft_bnb, "Linear8bitLt", None)
-
 __all__ = ["LoraLinear4bit", "LoraLinear8bitLt", "available", "patch_classes"]
 
 
+def _bnb():
+    """bitsandbytes, if the program imported it; else None. fastlora never imports it itself: a
+    model with bitsandbytes layers has imported it already, and importing it costs a second or
+    more and prints backend messages on machines without its optional kernels."""
+    return sys.modules.get("bitsandbytes")
+
+
 def available() -> bool:
-    """Whether bitsandbytes and PEFT's bitsandbytes LoRA layers are importable."""
-    return PeftLinear4bit is not None or PeftLinear8bitLt is not None
+    """Whether bitsandbytes is imported and PEFT has its bitsandbytes LoRA layers."""
+    return bool(_classes())
+
+
+_CLASSES = None
+
+
+def _classes() -> dict:
+    """{"PeftLinear4bit", "LoraLinear4bit", ...}: PEFT's bitsandbytes LoRA classes and fastlora's
+    subclasses, built once bitsandbytes is imported (empty until then)."""
+    global _CLASSES
+    if _CLASSES is not None:
+        return _CLASSES
+    if _bnb() is None:
+        return {}
+    try:
+        from peft.tuners.lora import bnb as peft_bnb
+    except ImportError:  # pragma: no cover - a PEFT without bitsandbytes support
+        _CLASSES = {}
+        return _CLASSES
+    found = {}
+    peft4 = getattr(peft_bnb, "Linear4bit", None)
+    if peft4 is not None:
+        found["PeftLinear4bit"] = peft4
+        found["LoraLinear4bit"] = type("LoraLinear4bit", (_QuantizedBaseForward, peft4), {
+            "__doc__": "PEFT's ``lora.bnb.Linear4bit`` (QLoRA over an NF4 / FP4 base) on "
+                       "``fastlora.lora_quantized_linear``; see the module docstring.",
+            "__module__": __name__, "_fastlora_public_name": "fastlora.peft.LoraLinear4bit", "_peft_class": peft4})
+    peft8 = getattr(peft_bnb, "Linear8bitLt", None)
+    if peft8 is not None:
+        found["PeftLinear8bitLt"] = peft8
+        found["LoraLinear8bitLt"] = type("LoraLinear8bitLt", (_QuantizedBaseForward, peft8), {
+            "__doc__": "PEFT's ``lora.bnb.Linear8bitLt`` (LoRA over an LLM.int8() base) on "
+                       "``fastlora.lora_quantized_linear``; see the module docstring.",
+            "__module__": __name__, "_fastlora_public_name": "fastlora.peft.LoraLinear8bitLt", "_peft_class": peft8})
+    _CLASSES = found
+    return _CLASSES
+
+
+def __getattr__(name):
+    # LoraLinear4bit / LoraLinear8bitLt / PeftLinear4bit / PeftLinear8bitLt: None until bitsandbytes is imported
+    if name in ("LoraLinear4bit", "LoraLinear8bitLt", "PeftLinear4bit", "PeftLinear8bitLt"):
+        return _classes().get(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _unpack_for_cpu():
+    """bitsandbytes' inverse of its CPU inference repacking (private; absent in older versions)."""
+    return getattr(getattr(_bnb(), "functional", None), "_convert_weight_packed_for_cpu_inverse", None)
 
 
 def is_quantized_base(base) -> bool:
     """Whether ``base`` is a bitsandbytes quantized linear layer (4-bit or 8-bit)."""
+    bnb = _bnb()
     return bnb is not None and type(base) in (bnb.nn.Linear4bit, bnb.nn.LinearNF4, bnb.nn.LinearFP4,
                                               bnb.nn.Linear8bitLt)
 
@@ -67,7 +111,7 @@ def quantized_base_reason(base):
     """Why ``fastlora.lora_quantized_linear`` cannot run on this bitsandbytes layer's stored
     weight (None if it can)."""
     w = base.weight
-    if type(base) is bnb.nn.Linear8bitLt:
+    if type(base) is _bnb().nn.Linear8bitLt:
         scb = getattr(w, "SCB", None)
         if scb is None:
             scb = getattr(base.state, "SCB", None)  # after the layer's first forward
@@ -77,7 +121,7 @@ def quantized_base_reason(base):
         qs = getattr(w, "quant_state", None)
         if qs is None:
             return "the 4-bit weight is not quantized yet (bitsandbytes quantizes when the layer moves to a device)"
-        if getattr(qs, "packing_format_for_cpu", False) and _unpack_for_cpu is None:
+        if getattr(qs, "packing_format_for_cpu", False) and _unpack_for_cpu() is None:
             return ("the 4-bit weight is repacked for bitsandbytes' CPU inference kernel "
                     "(packing_format_for_cpu; bitsandbytes does this in eval mode without gradients)")
         if qs.quant_type not in ("nf4", "fp4") or len(qs.shape) != 2:
@@ -98,7 +142,7 @@ def quantized_forward(layer, x, plan):
         # bitsandbytes repacked the weight for its CPU inference kernel (its forward does this
         # in eval mode without gradients, e.g. in one of PEFT's fallbacks): back to its storage
         # layout, in place, as bitsandbytes itself does before saving.
-        w.data, w.quant_state = _unpack_for_cpu(w.data, w.quant_state)
+        w.data, w.quant_state = _unpack_for_cpu()(w.data, w.quant_state)
     return _fused(layer, x, plan, QuantizedWeight.from_bnb(base), base.bias)
 
 
@@ -140,33 +184,7 @@ class _QuantizedBaseForward(FastLoraLayerMixin):
         return self._peft_class.__name__
 
 
-if PeftLinear4bit is not None:
-    class LoraLinear4bit(_QuantizedBaseForward, PeftLinear4bit):
-        """PEFT's ``lora.bnb.Linear4bit`` (QLoRA over an NF4 / FP4 base) on
-        ``fastlora.lora_quantized_linear``; see the module docstring."""
-
-        _fastlora_public_name = "fastlora.peft.LoraLinear4bit"
-        _peft_class = PeftLinear4bit
-else:  # pragma: no cover
-    LoraLinear4bit = None
-
-
-if PeftLinear8bitLt is not None:
-    class LoraLinear8bitLt(_QuantizedBaseForward, PeftLinear8bitLt):
-        """PEFT's ``lora.bnb.Linear8bitLt`` (LoRA over an LLM.int8() base) on
-        ``fastlora.lora_quantized_linear``; see the module docstring."""
-
-        _fastlora_public_name = "fastlora.peft.LoraLinear8bitLt"
-        _peft_class = PeftLinear8bitLt
-else:  # pragma: no cover
-    LoraLinear8bitLt = None
-
-
 def patch_classes():
-    """{PEFT's class: fastlora's} for the bitsandbytes layers available here."""
-    pairs = {}
-    if LoraLinear4bit is not None:
-        pairs[PeftLinear4bit] = LoraLinear4bit
-    if LoraLinear8bitLt is not None:
-        pairs[PeftLinear8bitLt] = LoraLinear8bitLt
-    return pairs
+    """{PEFT's class: fastlora's} for the bitsandbytes layers (empty until bitsandbytes is imported)."""
+    c = _classes()
+    return {c[f"Peft{k}"]: c[f"Lora{k}"] for k in ("Linear4bit", "Linear8bitLt") if f"Lora{k}" in c}
