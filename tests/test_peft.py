@@ -97,6 +97,7 @@ FEATURES = {
     "lora_bias": dict(kw={"lora_bias": True}),
     "two_adapters": dict(kw={"lora_bias": True},
                          adapters=[("other", {"r": 4, "lora_alpha": 4, "use_rslora": True, "lora_bias": True})]),
+    "dora": dict(kw={"use_dora": True}),
 }
 
 
@@ -112,7 +113,8 @@ def test_forward_and_gradients_match_peft(feature):
     assert_close_to_truth(out_y, ref_y, truth_y, "logits")
     n_adapters = 1 + len(spec.get("adapters", ()))
     n_lora_bias = n_adapters if spec["kw"].get("lora_bias") else 0
-    assert len(truth_g) == N_LAYERS * (2 * n_adapters + n_lora_bias)
+    n_magnitude = n_adapters if spec["kw"].get("use_dora") else 0  # DoRA's magnitude vectors
+    assert len(truth_g) == N_LAYERS * (2 * n_adapters + n_lora_bias + n_magnitude)
     assert out_g.keys() == truth_g.keys()
     assert_grads_close_to_truth(out_g, ref_g, truth_g)
 
@@ -159,7 +161,7 @@ def test_peft_keeps_float32_adapters_on_a_bfloat16_model():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("feature", ["plain", "lora_bias", "two_adapters"])
+@pytest.mark.parametrize("feature", ["plain", "lora_bias", "two_adapters", "dora"])
 def test_half_model_with_float32_adapters_runs_the_fast_path_like_peft(dtype, feature):
     """PEFT's defaults on a half-precision model (float32 adapters): every layer takes the fused
     path, computing the LoRA branch in float32 as PEFT does; logits and float32 gradients
@@ -416,17 +418,38 @@ def test_disable_adapter_set_adapter_delete_and_weighted():
 
 # --- fallbacks -----------------------------------------------------------------------------------
 
-def test_dora_falls_back_with_one_warning_and_same_result():
-    stock = peft_model(use_dora=True)
+def test_dora_weight_norm_is_the_norm_of_w_plus_sba():
+    g = torch.Generator().manual_seed(0)
+    W, A, B = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((37, 50), (6, 50), (37, 6)))
+    expected = torch.linalg.norm(W + 0.7 * B @ A, dim=1)
+    torch.testing.assert_close(fp.layer.dora_weight_norm(W, A, B, 0.7), expected, rtol=1e-12, atol=0)
+    got32 = fp.layer.dora_weight_norm(W.float(), A.float(), B.float(), 0.7)
+    assert got32.dtype == torch.float32
+    torch.testing.assert_close(got32.double(), expected, rtol=1e-5, atol=0)
+
+
+def test_dora_with_active_dropout_falls_back_with_one_warning_and_same_result():
+    stock = peft_model(use_dora=True, lora_dropout=0.1)
     fast = patched_copy(stock)
-    with pytest.warns(UserWarning, match=r"DoRA \(use_dora=True\)") as record:
-        assert_same(stock, fast)
-    n = len([w for w in record if "fastlora" in str(w.message)])
-    assert n >= 1
+    stock.train()
+    fast.train()
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match=r"DoRA with dropout in training mode") as record:
+        ids = inputs()
+        torch.manual_seed(3)
+        a = stock(ids).logits
+        torch.manual_seed(3)
+        b = fast(ids).logits
+    torch.testing.assert_close(a, b)
+    assert len([w for w in record if "fastlora" in str(w.message)]) >= 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per layer and reason
-        assert_same(stock, fast)
+        fast(ids)
     assert fp.fast_path_calls(fast) == 0
+    fast.eval()  # dropout inactive: the fused DoRA path (float64 model: the same logits)
+    stock.eval()
+    torch.testing.assert_close(logits(fast, ids), logits(stock, ids))
+    assert fp.fast_path_calls(fast) == N_LAYERS
 
 
 def test_mixed_batch_adapter_names_runs_grouped_fast_path():

@@ -114,6 +114,18 @@ def _dropout_of(module):
     return None
 
 
+def dora_weight_norm(weight, lora_A, lora_B, scaling):
+    """DoRA's ||W + scaling * B @ A|| over each output row (W: out x in), in float32 (float64 for
+    float64), from ||W_n||^2 + 2 s B_n . (A W_n^T) + s^2 B_n (A A^T) B_n^T: O(out x in x r) work
+    and out x r memory, never the out x in matrix B @ A."""
+    ct = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    A, B = lora_A.to(ct), lora_B.to(ct)
+    WAt = (weight @ lora_A.to(weight.dtype).t()).to(ct)  # out x r, in W's dtype (the BLAS accumulates in float32)
+    sq = torch.linalg.vector_norm(weight, dim=1, dtype=ct).square()
+    sq = sq + 2.0 * scaling * (B * WAt).sum(1) + scaling * scaling * ((B @ (A @ A.t())) * B).sum(1)
+    return sq.clamp_min(0).sqrt()
+
+
 def _dtype_reason(x, base_tensors, adapter_tensors, float32_adapters=True):
     """Why the fused ops cannot take these tensors (None if they can): one supported dtype and
     one device for the input and the base layer; the adapters in that dtype or, with
@@ -145,6 +157,7 @@ class FastLoraLayerMixin:
     match x's dtype and device)."""
 
     _fastlora_public_name = "fastlora.peft layer"  # how warnings name the class
+    _fastlora_dora_ok = False  # whether forward() runs DoRA adapters (LoraLinear does)
 
     def _fastlora_plan(self, x, args, kwargs):
         """[(adapter, dropout_p, training), ...] for the fast path, a reason string for a
@@ -163,7 +176,7 @@ class FastLoraLayerMixin:
             return None
         plan = []
         for name in names:
-            dropout = self._fastlora_adapter_check(name)
+            dropout = self._fastlora_adapter_check(name, allow_dora=self._fastlora_dora_ok and len(names) == 1)
             if isinstance(dropout, str):
                 return dropout
             plan.append((name, *dropout))
@@ -174,6 +187,8 @@ class FastLoraLayerMixin:
         adapters = []
         for name in names:
             adapters += [self.lora_A[name].weight, self.lora_B[name].weight, self.lora_B[name].bias]
+            if name in getattr(self, "lora_variant", {}):
+                adapters.append(self.lora_magnitude_vector[name].weight)
         return _dtype_reason(x, self._fastlora_base_tensors(), adapters) or plan
 
     def _fastlora_base_tensors(self):
@@ -198,21 +213,47 @@ class FastLoraLayerMixin:
                 lora_B_bias = b * self.scaling[n] if lora_B_bias is None else lora_B_bias + b * self.scaling[n]
         return lora_A, lora_B, 1.0, 0.0, False, lora_B_bias
 
-    def _fastlora_adapter_check(self, name):
+    def _fastlora_adapter_check(self, name, allow_dora=False):
         """(dropout_p, training) of adapter ``name`` if its modules suit the fused ops (plain
-        LoRA, standard modules, no hooks), else the reason it does not, as a string."""
+        LoRA, standard modules, no hooks; with ``allow_dora``, also DoRA as
+        ``_fastlora_dora_reason`` allows), else the reason it does not, as a string."""
         variants = getattr(self, "lora_variant", {})
         if name in variants:
-            what = "DoRA (use_dora=True)" if self.use_dora.get(name, False) else \
-                f"LoRA variant {type(variants[name]).__name__}"
-            return f"adapter {name!r} uses {what}"
+            if self._fastlora_is_dora(name):
+                if not allow_dora:
+                    return f"adapter {name!r} uses DoRA (use_dora=True)"
+                reason = self._fastlora_dora_reason(name)
+                if reason:
+                    return reason
+            else:
+                return f"adapter {name!r} uses LoRA variant {type(variants[name]).__name__}"
         A, B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
         dropout = _dropout_of(drop)
         if type(A) is not nn.Linear or type(B) is not nn.Linear or A.bias is not None or dropout is None:
             return f"adapter {name!r} has non-standard lora_A / lora_B / lora_dropout modules"
         if any(_has_hooks(m) for m in (A, B, drop)):
             return f"adapter {name!r} has hooks on its lora_A / lora_B / lora_dropout modules"
+        if name in variants and dropout[0] > 0 and dropout[1]:
+            # PEFT's DoRA then computes the magnitude-scaled base product on the dropped input: one
+            # more product with W than the fused op gives
+            return f"adapter {name!r} uses DoRA with dropout in training mode"
         return dropout
+
+    def _fastlora_is_dora(self, name) -> bool:
+        return bool(getattr(self, "use_dora", {}).get(name, False)) and \
+            type(self.lora_variant[name]).__name__ == "DoraLinearVariant"
+
+    def _fastlora_dora_reason(self, name):
+        """Why adapter ``name``'s DoRA cannot take the fused path (None if it can): it needs a
+        dense ``nn.Linear`` base (the weight norm reads W) and no lora_bias."""
+        if type(self.base_layer) is not nn.Linear:
+            return f"adapter {name!r} uses DoRA over a {type(self.base_layer).__name__} base"
+        if self.lora_B[name].bias is not None:
+            return f"adapter {name!r} uses DoRA with lora_bias=True"
+        magnitude = self.lora_magnitude_vector[name]
+        if _has_hooks(magnitude):
+            return f"adapter {name!r} has hooks on its DoRA magnitude module"
+        return None
 
     def _fastlora_warn(self, reason: str) -> None:
         warned = self.__dict__.setdefault("_fastlora_warned", set())
@@ -230,6 +271,7 @@ class LoraLinear(FastLoraLayerMixin, PeftLinear):
     obtained from one with ``fastlora.peft.patch``."""
 
     _fastlora_public_name = "fastlora.peft.LoraLinear"
+    _fastlora_dora_ok = True
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if kwargs.get("adapter_names") is not None:
@@ -244,9 +286,30 @@ class LoraLinear(FastLoraLayerMixin, PeftLinear):
         if type(base) is not nn.Linear:  # a quantized base (_fastlora_base_reason let it through)
             from fastlora.peft import bnb
             return bnb.quantized_forward(self, x, plan)
+        if len(plan) == 1 and plan[0][0] in getattr(self, "lora_variant", {}):
+            return self._fastlora_dora_forward(x, plan[0][0])
         lora_A, lora_B, scaling, p, training, lora_B_bias = self._fastlora_adapters(plan)
         return fastlora.lora_linear(x, base.weight, base.bias, lora_A, lora_B, scaling, p, training,
                                     lora_B_bias=lora_B_bias)
+
+    def _fastlora_dora_forward(self, x, name):
+        """PEFT's DoRA without dropout in one fused call: with m the magnitude vector and the
+        per-output-row norm ||W + s B A|| treated as a constant (DoRA's section 4.3, as PEFT does),
+        PEFT's ``result + (m / norm - 1) * x W^T + (m / norm) * s * x A^T B^T`` is
+        ``(m / norm) * lora_linear(x, W, None, A, B, s) + bias``. The norm comes from W, A, B
+        without building B @ A (see dora_weight_norm); PEFT builds it (out x in) every call."""
+        base = self.base_layer
+        A, B, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+        magnitude = self.lora_magnitude_vector[name].weight
+        with torch.no_grad():
+            norm = dora_weight_norm(base.weight, A, B, s)
+        y = fastlora.lora_linear(x, base.weight, None, A, B, s, 0.0, False)
+        ct = torch.float64 if y.dtype == torch.float64 else torch.float32
+        scale = magnitude.to(ct) / norm.to(ct)
+        out = y.to(ct) * scale
+        if base.bias is not None:
+            out = out + base.bias.to(ct)
+        return out.to(y.dtype)
 
     # -- mixed-adapter batches ---------------------------------------------------------------
 
