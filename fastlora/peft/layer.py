@@ -27,7 +27,8 @@ Three ways in:
    class (unless the config went through ``register``): call ``patch`` again.
 
 Fast path (one fused op per layer call, forward and backward): plain LoRA adapters (rsLoRA
-scaling, ``lora_bias=True`` and dropout included), not merged, adapters enabled, a base layer
+scaling, ``lora_bias=True`` and dropout included), DoRA adapters without active dropout (one
+active adapter, dense base, no lora_bias: see ``_fastlora_dora_forward``), not merged, adapters enabled, a base layer
 that is exactly ``torch.nn.Linear`` without hooks, ``fan_in_fan_out=False``, x and the base
 layer of one dtype and device, the LoRA weights in that dtype or, on a float16 / bfloat16
 model, in float32 (PEFT's default, ``autocast_adapter_dtype=True``: the LoRA branch then runs
@@ -58,7 +59,8 @@ grad mode with parameters requiring grad the stack is rebuilt each call (differe
 Fallback to PEFT's own ``forward`` (identical results, a ``UserWarning`` once per layer and
 reason naming the layer's class, adapter and reason):
 
-- LoRA variants: DoRA (``use_dora=True``) and PEFT's other variants (aLoRA, ...);
+- LoRA variants: DoRA (``use_dora=True``) with dropout in training mode, with lora_bias, over
+  a quantized base or with other adapters active; PEFT's other variants (aLoRA, ...);
 - merged adapters (``merge_adapter()``: the base layer alone is the right computation);
 - mixed-adapter batches using DoRA / variants, ``lora_bias=True`` or active dropout (see
   above), and any other extra forward argument;
