@@ -448,3 +448,18 @@ def test_quantized_base_of_a_model_folder(models, files, tmp_path, dtype):
     assert fastlora.peft.fast_path_calls(exp.model) > before
     recs = run(cfg, tmp_path)["records"]
     assert all(math.isfinite(r["perplexity"]) for r in recs)
+
+
+def test_target_modules_regex_as_peft(models, files):
+    """One target with regular-expression characters is matched against the full module path
+    (PEFT's string form); one that matches nothing or does not compile is a clear error."""
+    exp = prepare(config(models["llama"], files["lm"], text_column="text", task_type="causal-lm", split="iid",
+                         target_modules=[r"model\.layers\.0\.self_attn\.(q|v)_proj"]))
+    lora = sorted({n.split(".lora_")[0] for n in exp.initial_adapter})
+    assert lora == ["model.model.layers.0.self_attn.q_proj", "model.model.layers.0.self_attn.v_proj"]
+    with pytest.raises(ValueError, match="match no linear layer"):
+        prepare(config(models["llama"], files["lm"], text_column="text", task_type="causal-lm", split="iid",
+                       target_modules=[r".*\.nothing_(a|b)"]))
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        prepare(config(models["llama"], files["lm"], text_column="text", task_type="causal-lm", split="iid",
+                       target_modules=[r"model\.(q"]))

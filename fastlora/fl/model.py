@@ -128,6 +128,32 @@ def quantize_base(model: nn.Module, base: str, exclude=()) -> int:
     return fastlora.quantize_model(model, base, skip=excluded)
 
 
+_REGEX_CHARS = set(".*+?[](){}|^$\\")
+
+
+def target_pattern(target_modules: Sequence[str]):
+    """PEFT's target_modules syntax: one entry with regex characters is a regular expression
+    matched against the full module name (``re.fullmatch``, as PEFT does with a string); returns
+    it compiled, or None for a list of names."""
+    if len(target_modules) == 1 and _REGEX_CHARS & set(target_modules[0]) and target_modules[0] != "all-linear":
+        try:
+            return re.compile(target_modules[0])
+        except re.error as e:
+            raise ValueError(f"target_modules: {target_modules[0]!r} is not a valid regular expression ({e})") from None
+    return None
+
+
+def is_target(name: str, target_modules: Sequence[str]) -> bool:
+    """Whether module ``name`` is a LoRA target: ``all-linear``, a regular expression (see
+    :func:`target_pattern`), or names that equal the module's name or end it after a dot."""
+    if list(target_modules) == ["all-linear"]:
+        return True
+    pattern = target_pattern(target_modules)
+    if pattern is not None:
+        return pattern.fullmatch(name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
 def base_summary(model: nn.Module, base: str) -> dict:
     """What each client holds of the frozen base: the format, and the bytes of its linear layers'
     weights (codes and scales when quantized) against those weights in float32."""
@@ -162,8 +188,11 @@ def build_classifier(encoder: nn.Module, num_labels: int, *, rank: int = 8, alph
     if not (math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"lora_alpha must be > 0, got {alpha}")
     everything = list(target_modules) == ["all-linear"]
-    targets = [(n, m) for n, m in encoder.named_modules() if isinstance(m, nn.Linear)
-               and (everything or any(n == t or n.endswith("." + t) for t in target_modules))]
+    targets = [(n, m) for n, m in encoder.named_modules() if isinstance(m, nn.Linear) and is_target(n, target_modules)]
+    if not targets:
+        names = sorted({n.rpartition(".")[2] for n, m in encoder.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(f"target_modules {set(target_modules)!r} not found in the model; its linear layers are "
+                         f"named: {', '.join(names)}")
     for n, m in targets:
         if rank > min(m.in_features, m.out_features):
             # A rank above the layer's width adds parameters without adding capacity.
@@ -174,7 +203,7 @@ def build_classifier(encoder: nn.Module, num_labels: int, *, rank: int = 8, alph
     quantize_base(encoder, base)
     torch.manual_seed(seed)
     # "all-linear" as a string is PEFT's shorthand (every Linear of the encoder; the head is outside it)
-    peft_targets = "all-linear" if everything else list(target_modules)
+    peft_targets = "all-linear" if everything else [n for n, _ in targets]
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=peft_targets)
     inject_adapter_in_model(config, encoder)
     if fastlora.peft.patch(encoder) == 0:
@@ -362,8 +391,9 @@ def build_hf_model(config, source: str, task_type: str, label_names: Optional[Se
     if wanted == ["all-linear"]:
         chosen = linear
     else:
-        chosen = [(n, m) for n, m in linear if any(n == t or n.endswith("." + t) for t in wanted)]
-        unmatched = [t for t in wanted if not any(n == t or n.endswith("." + t) for n, _ in chosen)]
+        chosen = [(n, m) for n, m in linear if is_target(n, wanted)]
+        unmatched = ([] if target_pattern(wanted) is not None and chosen else
+                     [t for t in wanted if not any(is_target(n, [t]) for n, _ in chosen)])
         if unmatched:
             names = sorted({n.rpartition(".")[2] for n, _ in linear})
             raise ValueError(f"target_modules {unmatched} match no linear layer of {name} (its head and output layer "
