@@ -98,7 +98,9 @@ __attribute__((target("avx2,fma"))) void nibbles_f32_avx2(const uint8_t* q, int6
   const __m256i seven = _mm256_set1_epi32(7);
   int64_t i = 0;
   for (; i + 4 <= nbytes; i += 4) {
-    const __m128i b = _mm_cvtsi32_si128(*reinterpret_cast<const int32_t*>(q + i));
+    int32_t four;
+    std::memcpy(&four, q + i, sizeof(four));  // an unaligned load without undefined behaviour
+    const __m128i b = _mm_cvtsi32_si128(four);
     const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4), lo = _mm_and_si128(b, low4);
     const __m256i idx = _mm256_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo));
     const __m256 from_lo = _mm256_permutevar8x32_ps(lo_table, idx), from_hi = _mm256_permutevar8x32_ps(hi_table, idx);
