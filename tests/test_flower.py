@@ -766,3 +766,19 @@ def test_initial_arrays_of_another_model_raise():
 
     with pytest.raises(ValueError, match="every node failed to decode"):
         run_in_process(server, make_client_app(), 2)
+
+
+def test_nodes_with_a_4bit_base():
+    """QLoRA on Flower: each node's frozen base in NF4 (fastlora.quantize_model through the
+    app's `base` key); only the adapter travels, so the round runs as with a float32 base."""
+    import fastlora
+    import fastlora.peft
+
+    cfg = task.config(overrides={"strategy": "ef-topk", "base": "nf4"})
+    grid = run_in_process(make_server_app(**cfg), make_client_app(), 2)
+    assert len(grid.sent) == 4 and all(not r.has_error() for r in grid.received)
+    model = task.get_model(cfg)
+    assert any(isinstance(m, fastlora.QuantizedLinear) for m in model.modules())
+    assert fastlora.peft.fast_path_calls(model) > 0
+    with pytest.raises(ValueError, match="base must be"):
+        task.config(overrides={"base": "nf3"})

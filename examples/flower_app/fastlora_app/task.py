@@ -28,6 +28,7 @@ DEFAULTS = {
     "num-classes": 4,
     "seq-len": 12,
     "rank": 4,
+    "base": "fp32",             # the frozen base on each node: fp32 | nf4 | int8 (QLoRA, fastlora.quantize_model)
     "local-steps": 2,
     "batch-size": 8,
     "lr": 0.01,
@@ -50,6 +51,8 @@ def config(run_config: Optional[Mapping] = None, overrides: Optional[Mapping] = 
         raise ValueError(f"unknown config keys {unknown}; known: {sorted(DEFAULTS)}")
     if cfg["model"] not in ("tiny", "minilm"):
         raise ValueError(f"model must be 'tiny' or 'minilm', got {cfg['model']!r}")
+    if cfg["base"] not in ("fp32", "nf4", "int8"):
+        raise ValueError(f"base must be 'fp32', 'nf4' or 'int8', got {cfg['base']!r}")
     if cfg["model"] == "minilm":   # the demo task decides the classes
         cfg["num-classes"] = len(fl_data.STDLIB_PACKAGES)
     return cfg
@@ -62,14 +65,14 @@ def _encoder(model: str, seed: int):
 
 
 @functools.lru_cache(maxsize=4)
-def _model(seed: int, num_classes: int, rank: int, model: str) -> torch.nn.Module:
-    return build_classifier(_encoder(model, seed), num_classes, rank=rank, seed=seed)
+def _model(seed: int, num_classes: int, rank: int, model: str, base: str = "fp32") -> torch.nn.Module:
+    return build_classifier(_encoder(model, seed), num_classes, rank=rank, seed=seed, base=base)
 
 
 def get_model(cfg: Mapping) -> torch.nn.Module:
     """The LoRA classifier (cached per process; every round loads the adapter it receives, so
     its adapter is whatever was loaded last: use :func:`initial_adapter` for the start)."""
-    return _model(int(cfg["seed"]), int(cfg["num-classes"]), int(cfg["rank"]), cfg["model"])
+    return _model(int(cfg["seed"]), int(cfg["num-classes"]), int(cfg["rank"]), cfg["model"], cfg["base"])
 
 
 @functools.lru_cache(maxsize=4)
