@@ -694,7 +694,7 @@ def decode(data: Union[bytes, bytearray, memoryview, np.ndarray], *, layout: Opt
     idx = _decode_indices(buf, h, voff + h.value_len)
     val = _decode_values(buf, h, voff, idx)
     # Every invariant was checked while parsing (sorted unique in-range indices, finite values).
-    return SparseDelta._trusted(torch.from_numpy(idx), val, h.layout)
+    return SparseDelta.from_valid(torch.from_numpy(idx), val, h.layout)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -137,7 +137,7 @@ def _round_clamped(v: torch.Tensor, values: str) -> torch.Tensor:
 
 def _add_at(residuals: List[torch.Tensor], sd: SparseDelta, err: torch.Tensor):
     """``residuals[kept] += err`` (float32), per tensor of the layout."""
-    parts = SparseDelta._trusted(sd.indices, err, sd.layout).split()
+    parts = SparseDelta.from_valid(sd.indices, err, sd.layout).split()
     for r, spec in zip(residuals, sd.layout.specs):
         idx, e = parts[spec.name]
         if idx.numel():
@@ -173,11 +173,11 @@ def _select(tensors, res, layout: Layout, k, density, per_tensor, vdt, as_layout
                                      residual=None if work is None else work[i])
                 idx.append(part.indices + spec.offset)
                 val.append(part.values)
-            return SparseDelta._trusted(torch.cat(idx), torch.cat(val), layout), work
+            return SparseDelta.from_valid(torch.cat(idx), torch.cat(val), layout), work
         if k is None:
             k = k_from_density(density, layout.numel)
         sd = topk_sparsify(as_layout(tensors), k=k, value_dtype=vdt, residual=None if res is None else as_layout(res))
-        return SparseDelta._trusted(sd.indices, sd.values, layout), res
+        return SparseDelta.from_valid(sd.indices, sd.values, layout), res
 
 
 def compress(delta: Dense, layout: Layout, *, k: Optional[int] = None, density: Optional[float] = None,
@@ -232,7 +232,7 @@ def compress(delta: Dense, layout: Layout, *, k: Optional[int] = None, density: 
                 _add_at(work, sd, sd.values.to(torch.float32) - sent.values.to(torch.float32))
         elif values in ("fp16", "bf16") and overflow == "clamp":
             sent = _round_clamped(sd.values, values)
-            payload = codec.encode(SparseDelta._trusted(sd.indices, sent, layout), values=values, layout=layout_mode)
+            payload = codec.encode(SparseDelta.from_valid(sd.indices, sent, layout), values=values, layout=layout_mode)
             if work is not None:
                 _add_at(work, sd, sd.values - sent.to(torch.float32))
         else:   # fp32, or fp16 / bf16 already rounded (and range-checked) by topk_sparsify

@@ -189,8 +189,11 @@ class SparseDelta:
             self.validate()
 
     @classmethod
-    def _trusted(cls, indices: torch.Tensor, values: torch.Tensor, layout: Layout) -> "SparseDelta":
-        """For fastlora's own producers, whose outputs satisfy the invariants by construction."""
+    def from_valid(cls, indices: torch.Tensor, values: torch.Tensor, layout: Layout) -> "SparseDelta":
+        """A SparseDelta from indices and values that already satisfy its invariants (sorted,
+        unique, in range, finite), without checking them again: what fastlora's kernels and
+        its decoder produce (each validates its input once). Anything else should use the
+        constructor, which checks."""
         sd = cls(indices, values, layout, validate=False)
         sd.validated = True
         return sd

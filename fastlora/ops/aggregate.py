@@ -219,7 +219,7 @@ def sparse_aggregate(deltas: Sequence[Union[SparseDelta, bytes, bytearray, memor
         vals = _convert(vals, value_dtype, lambda j: f"sparse={sparse!r}: the aggregate at flat index {int(idx[j])} "
                         f"({_where(layout, int(idx[j]))})")
         result_sparse = (SparseDelta(idx, vals, layout) if sparse == "union"
-                         else SparseDelta._trusted(idx, vals, layout))
+                         else SparseDelta.from_valid(idx, vals, layout))
 
     if target is not None:  # every client went in: now out changes
         with torch.no_grad():

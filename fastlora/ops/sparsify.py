@@ -154,7 +154,7 @@ def topk_sparsify(delta: Delta, *, k: Optional[int] = None, density: Optional[fl
                                                                bool(approx), value_dtype)
         except ValueError as e:
             raise ValueError(_rename(str(e), names, layout)) from None
-    return SparseDelta._trusted(indices, values, layout)
+    return SparseDelta.from_valid(indices, values, layout)
 
 
 def _label(kind: str, name: str, layout: Layout) -> str:
