@@ -2,11 +2,13 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include "small_gemm.h"
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 namespace fastlora {
@@ -60,6 +62,25 @@ inline at::Tensor transposed_copy(const at::Tensor& t) {
                    out.mutable_data_ptr<scalar_t>(), src.size(0));
   });
   return out;
+}
+
+// out = bfloat16(float(out) + add), elementwise, both contiguous and of one shape: the float32
+// branch added to the rounded bf16 base product and rounded once (round to nearest even, as
+// torch rounds; NaN stays NaN). ATen's mixed-dtype add_ took 3.5 ms for 1024 x 1376 on 2 threads
+// (Zen 4), as long as the base GEMM itself; this loop vectorizes (integer ops only).
+inline void add_float_into_bf16(at::Tensor& out, const at::Tensor& add) {
+  uint16_t* o = reinterpret_cast<uint16_t*>(out.mutable_data_ptr<at::BFloat16>());
+  const float* a = add.const_data_ptr<float>();
+  at::parallel_for(0, out.numel(), int64_t{1} << 15, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      uint32_t bits;
+      const float base = at::BFloat16(o[i], at::BFloat16::from_bits());
+      const float sum = base + a[i];
+      std::memcpy(&bits, &sum, sizeof(bits));
+      const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+      o[i] = sum != sum ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
+    }
+  });
 }
 
 }  // namespace fastlora

@@ -164,7 +164,12 @@ std::tuple<Tensor, Tensor> fwd_mixed_half(const Tensor& x, const Tensor& weight,
   const Tensor Bt = transposed_copy(lora_B);  // see the BLAS note in lora_linear_fwd_cpu
   const Tensor lora = lora_B_bias ? at::addmm(*lora_B_bias, xa, Bt, scaling, scaling) : at::mm(xa, Bt).mul_(scaling);
   Tensor y = bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
-  y.add_(lora);  // float32 add of the bf16 base output and the branch, rounded once
+  // float32 add of the half-precision base output and the branch, rounded once
+  if (y.scalar_type() == at::kBFloat16 && y.is_contiguous() && lora.is_contiguous()) {
+    add_float_into_bf16(y, lora);  // ATen's mixed-dtype add_ is as slow as the GEMM (cpu_utils.h)
+  } else {
+    y.add_(lora);
+  }
   return {y, xa};
 }
 

@@ -273,7 +273,7 @@ std::tuple<Tensor, Tensor> lora_quantized_linear_fwd_cpu(const Tensor& x_in, con
     base_forward<at::BFloat16, /*kAccumulate=*/false>(x_half, w, base);
     // The branch added to the rounded base product in float32 and rounded once, in place (no
     // float32 M x N output and no second conversion pass).
-    base.add_(y);
+    add_float_into_bf16(base, y);
     return {base, xa.to(adapter_dtype)};
   } else if (ct == at::kDouble) {
     base_forward<double>(x, w, y);
@@ -316,7 +316,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lora_quantized_linear_bwd_cpu(
     if (half_base) {  // the base term in bfloat16 (see native_half_base), the LoRA term added in float32
       Tensor base = at::empty({x.size(0), w.K}, grad_y.options());
       base_backward<at::BFloat16, /*kAccumulate=*/false>(row_major(grad_y), w, base);
-      grad_x = base.add_(grad_x);
+      add_float_into_bf16(base, grad_x);
+      grad_x = base;
     } else if (ct == at::kDouble) {
       base_backward<double>(dy, w, grad_x);
     } else {
