@@ -70,20 +70,15 @@ def _classes() -> dict:
         _CLASSES = {}
         return _CLASSES
     found = {}
-    peft4 = getattr(peft_bnb, "Linear4bit", None)
-    if peft4 is not None:
-        found["PeftLinear4bit"] = peft4
-        found["LoraLinear4bit"] = type("LoraLinear4bit", (_QuantizedBaseForward, peft4), {
-            "__doc__": "PEFT's ``lora.bnb.Linear4bit`` (QLoRA over an NF4 / FP4 base) on "
-                       "``fastlora.lora_quantized_linear``; see the module docstring.",
-            "__module__": __name__, "_fastlora_public_name": "fastlora.peft.LoraLinear4bit", "_peft_class": peft4})
-    peft8 = getattr(peft_bnb, "Linear8bitLt", None)
-    if peft8 is not None:
-        found["PeftLinear8bitLt"] = peft8
-        found["LoraLinear8bitLt"] = type("LoraLinear8bitLt", (_QuantizedBaseForward, peft8), {
-            "__doc__": "PEFT's ``lora.bnb.Linear8bitLt`` (LoRA over an LLM.int8() base) on "
-                       "``fastlora.lora_quantized_linear``; see the module docstring.",
-            "__module__": __name__, "_fastlora_public_name": "fastlora.peft.LoraLinear8bitLt", "_peft_class": peft8})
+    for kind, what in (("Linear4bit", "QLoRA over an NF4 / FP4 base"), ("Linear8bitLt", "LoRA over an LLM.int8() base")):
+        peft_class = getattr(peft_bnb, kind, None)
+        if peft_class is None:
+            continue
+        found[f"Peft{kind}"] = peft_class
+        found[f"Lora{kind}"] = type(f"Lora{kind}", (_QuantizedBaseForward, peft_class), {
+            "__doc__": f"PEFT's ``lora.bnb.{kind}`` ({what}) on ``fastlora.lora_quantized_linear``; see the "
+                       "module docstring.",
+            "__module__": __name__, "_fastlora_public_name": f"fastlora.peft.Lora{kind}", "_peft_class": peft_class})
     _CLASSES = found
     return _CLASSES
 
