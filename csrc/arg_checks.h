@@ -71,6 +71,19 @@ inline void check_lora_branch_shapes(const char* fn, int64_t in, int64_t out, co
   TORCH_CHECK_VALUE(std::isfinite(scaling), fn, ": scaling must be finite, got ", scaling);
 }
 
+// The LoRA backward ops' grad_y (rows, out_features) and xa (rows, r), against x's rows: the
+// shapes, grad_y in x's dtype, xa in the adapters'.
+inline void check_lora_backward_inputs(const char* fn, const at::Tensor& x, const at::Tensor& grad_y,
+                                       const at::Tensor& xa, const at::Tensor& lora_A, int64_t out) {
+  const int64_t M = x.size(0), r = lora_A.size(0);
+  TORCH_CHECK_VALUE(grad_y.dim() == 2 && grad_y.size(0) == M && grad_y.size(1) == out, fn,
+                    ": grad_y must have shape (rows=", M, ", out_features=", out, "), got ", grad_y.sizes());
+  TORCH_CHECK_VALUE(xa.dim() == 2 && xa.size(0) == M && xa.size(1) == r, fn, ": xa must have shape (rows=", M,
+                    ", r=", r, "), got ", xa.sizes());
+  check_float_like_x(fn, x, {{"grad_y", &grad_y}});
+  check_adapter_dtypes(fn, x, {{"lora_A", &lora_A}, {"xa", &xa}});
+}
+
 // An explicit dropout seed is a one-element int64 CPU tensor.
 inline void check_seed(const char* fn, const std::optional<at::Tensor>& seed) {
   if (!seed) return;

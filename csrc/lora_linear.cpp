@@ -85,13 +85,7 @@ void check_lora_linear_bwd_args(const Tensor& grad_y, const Tensor& x, const Ten
   constexpr const char* fn = "fastlora::lora_linear_bwd";
   TORCH_CHECK_VALUE(x.dim() == 2, fn, ": x must be 2-D (rows, in_features), got shape ", x.sizes());
   check_lora_linear_args(fn, x, weight, std::nullopt, lora_A, lora_B, scaling, dropout_p, std::nullopt, seed);
-  const int64_t M = x.size(0), out = weight.size(0), r = lora_A.size(0);
-  TORCH_CHECK_VALUE(grad_y.dim() == 2 && grad_y.size(0) == M && grad_y.size(1) == out, fn,
-                    ": grad_y must have shape (rows=", M, ", out_features=", out, "), got ", grad_y.sizes());
-  TORCH_CHECK_VALUE(xa.dim() == 2 && xa.size(0) == M && xa.size(1) == r, fn, ": xa must have shape (rows=", M,
-                    ", r=", r, "), got ", xa.sizes());
-  check_float_like_x(fn, x, {{"grad_y", &grad_y}});
-  check_adapter_dtypes(fn, x, {{"lora_A", &lora_A}, {"xa", &xa}});
+  check_lora_backward_inputs(fn, x, grad_y, xa, lora_A, weight.size(0));
 }
 
 TORCH_LIBRARY_FRAGMENT(fastlora, m) {

@@ -39,8 +39,21 @@ _FP4 = (0.0, 0.0052083334885537624, 0.6666666865348816, 1.0, 0.3333333432674408,
 NESTED_BLOCKSIZE = 256
 
 
+_CODE_CACHE = {}
+
+
 def code(fmt: str, device=None) -> torch.Tensor:
-    """The float32 code book of a format: 16 entries (nf4, fp4) or 256 (int8: ``int8(u) / 127``)."""
+    """The float32 code book of a format: 16 entries (nf4, fp4) or 256 (int8: ``int8(u) / 127``).
+    One tensor per (format, device), shared: every layer call wraps its weight anew
+    (``QuantizedWeight.from_bnb``), so building it each time would sit on the hot path."""
+    key = (fmt, torch.device(device) if device is not None else torch.device("cpu"))
+    cached = _CODE_CACHE.get(key)
+    if cached is None:
+        cached = _CODE_CACHE[key] = _make_code(fmt, key[1])
+    return cached
+
+
+def _make_code(fmt: str, device) -> torch.Tensor:
     if fmt == "nf4":
         return torch.tensor(_NF4, dtype=torch.float32, device=device)
     if fmt == "fp4":
