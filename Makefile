@@ -9,10 +9,10 @@ CONSTRAINTS ?= constraints.txt
 PIP_CONSTRAINTS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 VENV ?= .venv
 PY := $(VENV)/bin/python
-CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h')
 STAMP := $(VENV)/.fastlora-installed
 
-.PHONY: setup demo bench bench-lora test test-latest test-python test-isa test-cpp test-cpp-sanitize check-cuda check-wheel \
+.PHONY: setup demo bench bench-lora test test-latest test-python test-isa test-cpp test-cpp-sanitize check-wheel \
 	check-entry-points gpu-check gpu-check-dry fuzz clean
 
 setup: $(STAMP)
@@ -43,7 +43,7 @@ bench: $(STAMP)
 	$(PY) -m pytest benchmarks -q --benchmark-columns=median,iqr,rounds --benchmark-json=build/bench.json
 	$(PY) benchmarks/make_tables.py build/bench.json
 
-test: test-python test-isa test-cpp check-cuda
+test: test-python test-isa test-cpp
 
 # The same tests with the newest package versions pyproject.toml allows, in their own venv.
 test-latest:
@@ -80,13 +80,6 @@ test-cpp-sanitize: $(STAMP)
 	cmake --build build/cmake-sanitize -j2 >> build-cmake-sanitize.log 2>&1 || (cat build-cmake-sanitize.log; exit 1)
 	rm -f build-cmake-sanitize.log
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 ctest --test-dir build/cmake-sanitize --output-on-failure
-
-# CUDA sources must compile with the machine's nvcc even where torch has no CUDA.
-check-cuda:
-	@srcs="$$(find csrc -name '*.cu')"; \
-	if [ -z "$$srcs" ]; then echo "check-cuda: no .cu sources"; \
-	elif ! command -v nvcc >/dev/null; then echo "check-cuda: nvcc not found" >&2; exit 1; \
-	else for f in $$srcs; do echo "nvcc -c $$f"; nvcc -c -std=c++17 -arch=sm_80 -Icsrc "$$f" -o /tmp/$$(basename $$f).o || exit 1; done; fi
 
 # Build a wheel and import it in a fresh venv: catches packaging mistakes editable installs hide.
 check-wheel: $(STAMP)

@@ -13,12 +13,13 @@ Ops live under ``torch.ops.fastlora`` and are wrapped here with docstrings:
     fastlora.sparse_aggregate  weighted sum of many clients' sparse updates
     fastlora.rsvd            randomized SVD (dense, batched, or an implicit FactoredSum)
     fastlora.svd_factored    exact SVD of (sums of) factored products B @ A
+    fastlora.lowrank_truncate best rank-r factors of (sums of) factored products B @ A
     fastlora.squeeze         LoRA-Squeeze: re-factorise a LoRA pair at a new rank
     fastlora.aggregate_lora  exact aggregation of clients' LoRA pairs, cut to a rank
     fastlora.cpu_isa         the CPU kernels' instruction-set build (FASTLORA_CPU_ISA caps it)
 """
 from fastlora.ops import (FactoredSum, aggregate_lora, lora_grouped_linear, lora_linear, lora_quantized_linear,
-                          new_residual, rsvd, sparse_aggregate, squeeze, stack_lora_adapters, svd_factored,
+                          lowrank_truncate, new_residual, rsvd, sparse_aggregate, squeeze, stack_lora_adapters, svd_factored,
                           topk_sparsify)
 from fastlora.quantize import QuantizedWeight, quantize
 from fastlora.quantized_linear import QuantizedLinear, quantize_model
@@ -33,4 +34,4 @@ __version__ = "0.1.0"
 __all__ = ["codec", "lora_linear", "lora_grouped_linear", "lora_quantized_linear", "quantize", "QuantizedWeight",
            "QuantizedLinear", "quantize_model",
            "stack_lora_adapters", "topk_sparsify", "sparse_aggregate",
-           "new_residual", "ErrorFeedback", "SparseDelta", "Layout", "rsvd", "svd_factored", "squeeze", "aggregate_lora", "FactoredSum", "cpu_isa", "use_cpu_isa", "__version__"]
+           "new_residual", "ErrorFeedback", "SparseDelta", "Layout", "rsvd", "svd_factored", "lowrank_truncate", "squeeze", "aggregate_lora", "FactoredSum", "cpu_isa", "use_cpu_isa", "__version__"]

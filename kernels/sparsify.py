@@ -333,8 +333,7 @@ def _raise_nonfinite(pos: int, plan: _Plan, deltas) -> None:
     i = max(j for j, off in enumerate(plan.offsets) if off <= pos and plan.sizes[j] > 0)
     local = pos - plan.offsets[i]
     delta_bad = not bool(torch.isfinite(deltas[i].reshape(-1)[local].float()))
-    # The message format "<delta|residual>[i]" is the C++ kernel's (rewritten to the tensor's
-    # name by the Python op).
+    # The C++ kernel's message (positions only; the Python op names the tensor by its key).
     raise ValueError(f"topk_sparsify: non-finite value in {'delta' if delta_bad else 'residual'}"
                      f"[{i}] at flat position {local}")
 

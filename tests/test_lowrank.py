@@ -373,6 +373,32 @@ def test_aggregate_lora_best_rank_r_with_different_client_ranks():
     assert (naive - exact).norm() > 0.1 * exact.norm()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lowrank_truncate_is_the_best_rank_r_factors(dtype):
+    """The op's own Python function: the best rank-r factors of a weighted factored sum
+    (clients of different ranks, a 1-row product, rank beyond the total rank), balanced, with
+    rel_error from the singular values; squeeze / aggregate_lora are it in LoRA's terms."""
+    g = torch.Generator().manual_seed(5)
+    for m, n, ranks in ((64, 96, [4, 8, 2]), (1, 50, [3]), (33, 17, [5, 7])):
+        facs = clients(m, n, ranks, g, dtype)
+        w = [0.5, 0.3, 0.2][:len(facs)]
+        Bs, As = [b for _, b in facs], [a for a, _ in facs]
+        M = sum(wi * b.double() @ a.double() for wi, (a, b) in zip(w, facs))
+        S = torch.linalg.svdvals(M)
+        for rank in sorted({1, min(m, n, 4), min(m, n)}):
+            A2, B2, rel = fastlora.lowrank_truncate(Bs, As, w, rank=rank)
+            assert A2.shape == (rank, n) and B2.shape == (m, rank) and A2.dtype == dtype and rel.dtype == dtype
+            eA, eB, erel = ref.lowrank_truncate(Bs, As, torch.tensor(w, dtype=torch.float64), rank)
+            tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close((B2 @ A2).double(), (eB @ eA).double(), **tol)
+            torch.testing.assert_close(rel.double(), S[rank:].norm() / S.norm(), **tol)
+            torch.testing.assert_close(B2.norm(dim=0), A2.norm(dim=1), **tol)   # sqrt(S) on each side
+    a, b = torch.randn(4, 6, dtype=dtype, generator=g), torch.randn(10, 4, dtype=dtype, generator=g)
+    A2, B2, _ = fastlora.lowrank_truncate(b, a, rank=3)
+    A3, B3, _ = fastlora.squeeze(a, b, 3)
+    assert torch.equal(A2, A3) and torch.equal(B2, B3)
+
+
 def test_aggregate_lora_one_client_full_rank_reproduces_it():
     g = torch.Generator().manual_seed(10)
     a, b = torch.randn(16, 128, generator=g), torch.randn(256, 16, generator=g)
@@ -447,7 +473,7 @@ def test_errors():
         fastlora.svd_factored(b, a, [float("nan")])
     a_bad = a.clone()
     a_bad[0, 0] = float("inf")
-    with pytest.raises(ValueError, match="svd_factored: factor 0: A contains non-finite"):
+    with pytest.raises(ValueError, match=r"svd_factored: B/A\[0\]: A contains non-finite"):
         fastlora.svd_factored(b, a_bad)
     with pytest.raises(ValueError, match=r"squeeze: rank must be in \[1, min\(out, in\)\] = \[1, 6\], got 7"):
         fastlora.squeeze(a, b, 7)
@@ -459,12 +485,22 @@ def test_errors():
         fastlora.squeeze(a, b, 2, scaling=float("inf"))
     with pytest.raises(ValueError, match="aggregate_lora: client 1: product is 10 x 7"):
         fastlora.aggregate_lora([(a, b), (torch.randn(4, 7), b)], None, 2)
-    with pytest.raises(ValueError, match="aggregate_lora: client 1: B contains non-finite"):
+    with pytest.raises(ValueError, match="aggregate_lora: client 1: lora_B contains non-finite"):
         fastlora.aggregate_lora([(a, b), (a, torch.full((10, 4), float("nan")))], None, 2)
     with pytest.raises(ValueError, match="aggregate_lora: factors must not be empty"):
         fastlora.aggregate_lora([], None, 2)
     with pytest.raises(ValueError, match="aggregate_lora: rank must be"):
         fastlora.aggregate_lora([(a, b)], None, 11)
+    with pytest.raises(ValueError, match=r"lowrank_truncate: rank must be in \[1, min\(m, n\)\] = \[1, 6\], got 7"):
+        fastlora.lowrank_truncate(b, a, rank=7)
+    with pytest.raises(ValueError, match=r"lowrank_truncate: 2 B factors but 1 A factors"):
+        fastlora.lowrank_truncate([b, b], [a], rank=2)
+    with pytest.raises(ValueError, match=r"lowrank_truncate: B/A\[0\]: B contains non-finite"):
+        fastlora.lowrank_truncate(torch.full((10, 4), float("inf")), a, rank=2)
+    with pytest.raises(ValueError, match="aggregate_lora: weights contain non-finite"):
+        fastlora.aggregate_lora([(a, b)], [float("nan")], 2)
+    with pytest.raises(ValueError, match="squeeze: lora_A/lora_B: lora_A contains non-finite"):
+        fastlora.squeeze(a_bad, b, 2)
     with pytest.raises(ValueError, match="sparse has shape"):
         fastlora.FactoredSum([(a, b)], sparse=SparseDelta(torch.tensor([0]), torch.ones(1),
                                                           Layout([("", (5, 5), torch.float32)], False)))

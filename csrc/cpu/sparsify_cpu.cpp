@@ -169,7 +169,7 @@ class Sparsifier {
     const Source& s = src_[si];
     bool delta_bad = false;
     with_delta(s, [&](auto* d) { delta_bad = !std::isfinite(static_cast<float>(d[local])); });
-    // The message format "<delta|residual>[i]" is rewritten to the tensor's name in Python.
+    // Positions only: fastlora.topk_sparsify, on this error path, names the tensor by its key.
     TORCH_CHECK_VALUE(false, "topk_sparsify: non-finite value in ", delta_bad ? "delta" : "residual", "[", si,
                       "] at flat position ", local);
   }

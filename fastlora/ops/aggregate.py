@@ -427,7 +427,7 @@ def _fake(out, indices, values, weights, validate=True):
     return None
 
 
-torch.library.impl(_OP, "default", reference.sparse_aggregate_)
+torch.library.register_kernel(_OP, None, reference.sparse_aggregate_)
 
 
 def _cuda_kernel(out, indices, values, weights, validate=True):

@@ -6,8 +6,9 @@ Ops (schemas in csrc/lora_grouped_linear.cpp):
   fastlora::lora_grouped_linear_fwd  2-D kernel op; per device: CPU -> C++
                                      (csrc/cpu/lora_grouped_linear_cpu.cpp), CUDA -> Triton
                                      (kernels/lora_grouped_linear.py), else -> fastlora.reference.
-  fastlora::lora_grouped_linear_bwd  its gradients, one composite kernel for every device
-                                     (fastlora.reference: index ops, small GEMMs per adapter).
+  fastlora::lora_grouped_linear_bwd  its gradients: fastlora.reference (index ops, small GEMMs
+                                     per adapter) on every device; on CPU, float16 is computed in
+                                     float32 (torch's float16 CPU GEMMs are slow).
 The forward is the fast part (mixed batches are an inference feature); the backward makes the
 op usable under autograd and torch.compile (an op, so that data-dependent code stays opaque).
 """
@@ -143,22 +144,28 @@ def _grouped_reference(x, weight, bias, lora_A, lora_B, scalings, ranks, row_ada
     return reference.lora_grouped_linear(x, weight, bias, lora_A, lora_B, scalings, ranks, row_adapter)
 
 
-def _grouped_bwd(grad_y, x, weight, lora_A, lora_B, scalings, ranks, row_adapter, output_mask):
+def _grouped_bwd_reference(grad_y, x, weight, lora_A, lora_B, scalings, ranks, row_adapter, output_mask):
     torch.ops.fastlora._lora_grouped_linear_bwd_check(grad_y, x, weight, lora_A, lora_B, scalings, ranks, row_adapter)
-    if x.device.type == "cpu" and x.dtype == torch.float16:
-        # torch's float16 CPU GEMMs have no fast kernel (grad_y @ weight: seconds at 512 x 2048^2,
-        # as for lora_linear, whose C++ backward goes through float32 the same way): compute in
-        # float32 and round the gradients once.
-        f = [t.float() for t in (grad_y, x, weight, lora_A, lora_B)]
-        grads = reference.lora_grouped_linear_backward(*f, scalings, ranks, row_adapter, *output_mask)
-        return tuple(g.half() for g in grads)
     return reference.lora_grouped_linear_backward(grad_y, x, weight, lora_A, lora_B, scalings, ranks, row_adapter,
                                                   *output_mask)
 
 
+def _grouped_bwd_cpu(grad_y, x, weight, lora_A, lora_B, scalings, ranks, row_adapter, output_mask):
+    if x.dtype != torch.float16:
+        return _grouped_bwd_reference(grad_y, x, weight, lora_A, lora_B, scalings, ranks, row_adapter, output_mask)
+    # torch's float16 CPU GEMMs have no fast kernel (grad_y @ weight: seconds at 512 x 2048^2,
+    # as for lora_linear, whose C++ backward goes through float32 the same way): compute in
+    # float32 and round the gradients once.
+    torch.ops.fastlora._lora_grouped_linear_bwd_check(grad_y, x, weight, lora_A, lora_B, scalings, ranks, row_adapter)
+    f = [t.float() for t in (grad_y, x, weight, lora_A, lora_B)]
+    grads = reference.lora_grouped_linear_backward(*f, scalings, ranks, row_adapter, *output_mask)
+    return tuple(g.half() for g in grads)
+
+
 torch.library.register_kernel(_GFWD, "cuda", _grouped_cuda)
-torch.library.impl(_GFWD, "default", _grouped_reference)
-torch.library.impl(_GBWD, "default", _grouped_bwd)
+torch.library.register_kernel(_GFWD, None, _grouped_reference)
+torch.library.register_kernel(_GBWD, "cpu", _grouped_bwd_cpu)
+torch.library.register_kernel(_GBWD, None, _grouped_bwd_reference)
 
 
 # --- autocast: the public op and its forward op ---------------------------------------------------

@@ -173,8 +173,8 @@ def _bwd_reference(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, se
 # the CUDA dispatch path on CPU tensors under the Triton interpreter).
 torch.library.register_kernel(_FWD, "cuda", _fwd_cuda)
 torch.library.register_kernel(_BWD, "cuda", _bwd_cuda)
-torch.library.impl(_FWD, "default", _fwd_reference)
-torch.library.impl(_BWD, "default", _bwd_reference)
+torch.library.register_kernel(_FWD, None, _fwd_reference)
+torch.library.register_kernel(_BWD, None, _bwd_reference)
 
 
 # --- autocast: the public op (its argument checks want one dtype) and the forward op it calls --

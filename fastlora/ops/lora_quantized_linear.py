@@ -169,9 +169,9 @@ def _dequantize_reference(qweight, absmax, code, blocksize, weight_shape, dtype)
     return reference.dequantize(qweight, absmax, code, blocksize, weight_shape, dtype)
 
 
-torch.library.impl(_FWD, "default", _fwd_reference)
-torch.library.impl(_BWD, "default", _bwd_reference)
-torch.library.impl(_DEQ, "default", _dequantize_reference)
+torch.library.register_kernel(_FWD, None, _fwd_reference)
+torch.library.register_kernel(_BWD, None, _bwd_reference)
+torch.library.register_kernel(_DEQ, None, _dequantize_reference)
 
 # --- autocast: the floating-point activations and adapters (never the codes or scales) ----------
 # lora_quantized_linear(x, qweight, absmax, code, blocksize, weight_shape, bias, lora_A, lora_B, ...,

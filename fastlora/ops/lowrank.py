@@ -1,10 +1,14 @@
 """Low-rank re-factorisation: randomized SVD, exact SVD of factored products, LoRA-Squeeze
 rank compression and exact LoRA aggregation.
 
-Ops (schemas in csrc/lowrank.cpp): ``fastlora::svd_factored``, ``fastlora::lowrank_truncate``,
-``fastlora::rsvd``, ``fastlora::rsvd_implicit``. Dispatch: one C++ implementation
+Ops (schemas in csrc/lowrank.cpp) and their Python functions: ``fastlora::svd_factored``
+(``svd_factored``), ``fastlora::lowrank_truncate`` (``lowrank_truncate``; ``squeeze`` and
+``aggregate_lora`` are it in LoRA's terms), ``fastlora::rsvd`` and ``fastlora::rsvd_implicit``
+(``rsvd`` of a tensor / of a ``FactoredSum``). Dispatch: one C++ implementation
 (csrc/cpu/lowrank_cpu.cpp) that only calls ATen ops (matmul, linalg_qr, linalg_svd) and is
-registered as CompositeExplicitAutograd, i.e. for every device; fastlora.reference holds the
+registered as CompositeExplicitAutograd, i.e. for every device (on a GPU its products, QR and
+SVD are cuBLAS / cuSOLVER's: the work is dense linear algebra that a custom kernel would not
+beat, so the family has no Triton kernel); fastlora.reference holds the
 pure-PyTorch semantics the tests compare against. No autograd: these ops re-factorise updates
 (data); the wrappers detach their inputs.
 
@@ -15,7 +19,6 @@ the new factors back to the adapter's dtype.
 from __future__ import annotations
 
 import math
-import re
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -81,18 +84,43 @@ def svd_factored(B, A, weights=None):
     in float64 if any input is float64, else float32. ``U @ diag(S) @ Vh`` equals the sum to
     rounding. Shape mismatches, empty or non-finite inputs raise ValueError.
     """
+    Bs, As, w = _factored_args("svd_factored", B, A, weights)
+    with torch.no_grad():
+        out = torch.ops.fastlora.svd_factored([b.detach() for b in Bs], [a.detach() for a in As],
+                                              w.to(Bs[0].device))
+    return _finite_or_raise("svd_factored", "the (weighted sum of the) product(s) B @ A", out)
+
+
+def lowrank_truncate(B, A, weights=None, *, rank: int):
+    """Best rank-``rank`` approximation (Frobenius and spectral) of ``B @ A``, or of
+    ``sum_i weights[i] B_i @ A_i`` when B and A are lists (ranks may differ), as balanced
+    factors from the exact factored SVD (the m x n product is never formed):
+    ``B' = U sqrt(S)`` (m x rank), ``A' = sqrt(S) Vh`` (rank x n).
+
+    Returns ``(A', B', rel_error)`` in float64 if any input is float64, else float32, with
+    ``rel_error = ||sum - B' @ A'||_F / ||sum||_F`` (0-dim; 0 for a zero sum). ``rank`` is in
+    [1, min(m, n)]; beyond the total rank the extra rows / columns are zero. :func:`squeeze`
+    (one LoRA pair, scaling folded in) and :func:`aggregate_lora` (clients' pairs, FedAvg
+    weights) are this op in LoRA's terms, with PEFT's shapes and the adapter's dtype.
+    """
+    Bs, As, w = _factored_args("lowrank_truncate", B, A, weights)
+    _check_rank(rank, Bs[0].shape[0], As[0].shape[1], "lowrank_truncate", "(m, n)")
+    with torch.no_grad():
+        out = torch.ops.fastlora.lowrank_truncate([b.detach() for b in Bs], [a.detach() for a in As],
+                                                  w.to(Bs[0].device), rank)
+    return _finite_or_raise("lowrank_truncate", "the (weighted sum of the) product(s) B @ A", out)
+
+
+def _factored_args(op, B, A, weights):
+    """(Bs, As, float64 weights) of svd_factored / lowrank_truncate's B, A (tensors or lists)."""
     Bs = list(B) if isinstance(B, (list, tuple)) else [B]
     As = list(A) if isinstance(A, (list, tuple)) else [A]
     if len(Bs) != len(As):
-        raise ValueError(f"svd_factored: {len(Bs)} B factors but {len(As)} A factors")
+        raise ValueError(f"{op}: {len(Bs)} B factors but {len(As)} A factors")
     if not Bs:
-        raise ValueError("svd_factored: B and A must not be empty lists")
-    _check_pairs(list(zip(As, Bs)), "svd_factored", "B/A", math_order=True)
-    w = _weights(weights, len(Bs), "svd_factored")
-    with torch.no_grad():
-        out = _call(torch.ops.fastlora.svd_factored, "svd_factored", [b.detach() for b in Bs],
-                    [a.detach() for a in As], w.to(Bs[0].device))
-    return _finite_or_raise("svd_factored", "the (weighted sum of the) product(s) B @ A", out)
+        raise ValueError(f"{op}: B and A must not be empty lists")
+    _check_pairs(list(zip(As, Bs)), op, "B/A", math_order=True)
+    return Bs, As, _weights(weights, len(Bs), op)
 
 
 def rsvd(A, rank: int, *, oversample: int = 10, n_iter: int = 2, generator: Optional[torch.Generator] = None,
@@ -175,13 +203,13 @@ def rsvd(A, rank: int, *, oversample: int = 10, n_iter: int = 2, generator: Opti
     with torch.no_grad():
         if isinstance(A, torch.Tensor):
             sketch_dtype = _sketch_dtype_for(sketch_dtype, device)
-            return _call(torch.ops.fastlora.rsvd, "rsvd", A.detach(), omega, rank, n_iter, sketch_dtype)
+            return torch.ops.fastlora.rsvd(A.detach(), omega, rank, n_iter, sketch_dtype)
         if A.sparse is not None:
             idx, val = A.sparse.indices.to(device), A.sparse.values.to(device)
         else:
             idx, val = torch.zeros(0, dtype=torch.int64, device=device), torch.zeros(0, dtype=dtype, device=device)
-        return _call(torch.ops.fastlora.rsvd_implicit, "rsvd", [b.detach() for _, b in A.factors],
-                     [a.detach() for a, _ in A.factors], A.weights.to(device), idx, val, omega, m, rank, n_iter)
+        return torch.ops.fastlora.rsvd_implicit([b.detach() for _, b in A.factors], [a.detach() for a, _ in A.factors],
+                                                A.weights.to(device), idx, val, omega, m, rank, n_iter)
 
 
 def _sketch_dtype_for(sketch_dtype, device: torch.device):
@@ -225,8 +253,8 @@ def squeeze(lora_A: torch.Tensor, lora_B: torch.Tensor, rank: int, *, scaling: f
     _check_rank(rank, lora_B.shape[0], lora_A.shape[1], "squeeze")
     w = torch.tensor([float(scaling)], dtype=torch.float64)
     with torch.no_grad():
-        A2, B2, rel = _call(torch.ops.fastlora.lowrank_truncate, "squeeze", [lora_B.detach()], [lora_A.detach()],
-                            w.to(lora_A.device), rank)
+        A2, B2, rel = torch.ops.fastlora.lowrank_truncate([lora_B.detach()], [lora_A.detach()], w.to(lora_A.device),
+                                                          rank)
     _finite_or_raise("squeeze", "scaling * lora_B @ lora_A", (A2, B2, rel))
     return A2.to(lora_A.dtype), B2.to(lora_B.dtype), rel
 
@@ -256,43 +284,54 @@ def aggregate_lora(factors: Sequence[Tuple[torch.Tensor, torch.Tensor]], weights
     w = _weights(weights, len(factors), "aggregate_lora", default_mean=True)
     dev = factors[0][0].device
     with torch.no_grad():
-        A2, B2, _ = _call(torch.ops.fastlora.lowrank_truncate, "aggregate_lora", [b.detach() for _, b in factors],
-                          [a.detach() for a, _ in factors], w.to(dev), rank)
+        A2, B2, _ = torch.ops.fastlora.lowrank_truncate([b.detach() for _, b in factors],
+                                                        [a.detach() for a, _ in factors], w.to(dev), rank)
     _finite_or_raise("aggregate_lora", "the weighted sum of the clients' lora_B @ lora_A", (A2, B2))
     return A2.to(factors[0][0].dtype), B2.to(factors[0][1].dtype)
 
 
 # --- argument checks ------------------------------------------------------------------------
 
-def _check_rank(rank, m, n, op):
+def _check_rank(rank, m, n, op, dims="(out, in)"):
     if isinstance(rank, bool) or not isinstance(rank, int):
         raise TypeError(f"{op}: rank must be an int, got {type(rank).__name__}")
     if not 1 <= rank <= min(m, n):
-        raise ValueError(f"{op}: rank must be in [1, min(out, in)] = [1, {min(m, n)}], got {rank}")
+        raise ValueError(f"{op}: rank must be in [1, min{dims}] = [1, {min(m, n)}], got {rank}")
 
 
 def _check_pairs(pairs, op, what, math_order=False, single=False):
     an, bn = ("A", "B") if math_order else ("lora_A", "lora_B")
+
+    def label(i):
+        return f"{what}" if single else f"{what}[{i}]" if math_order else f"client {i}"
+
     for i, (a, b) in enumerate(pairs):
-        label = f"{what}" if single else f"{what}[{i}]" if math_order else f"client {i}"
         for name, t in ((an, a), (bn, b)):
             if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{op}: {label}: {name} must be a tensor, got {type(t).__name__}")
+                raise TypeError(f"{op}: {label(i)}: {name} must be a tensor, got {type(t).__name__}")
             if t.dtype not in _FLOAT:
-                raise TypeError(f"{op}: {label}: {name} must be floating point, got {t.dtype}")
+                raise TypeError(f"{op}: {label(i)}: {name} must be floating point, got {t.dtype}")
             if t.dim() != 2:
-                raise ValueError(f"{op}: {label}: {name} must be 2-D, got shape {tuple(t.shape)}")
+                raise ValueError(f"{op}: {label(i)}: {name} must be 2-D, got shape {tuple(t.shape)}")
         if b.shape[1] != a.shape[0]:
-            raise ValueError(f"{op}: {label}: {bn} is {tuple(b.shape)} and {an} is {tuple(a.shape)}; "
+            raise ValueError(f"{op}: {label(i)}: {bn} is {tuple(b.shape)} and {an} is {tuple(a.shape)}; "
                              f"{bn}'s columns must equal {an}'s rows (the rank)")
         if b.shape[0] == 0 or a.shape[1] == 0:
-            raise ValueError(f"{op}: {label}: the product is empty ({b.shape[0]} x {a.shape[1]})")
+            raise ValueError(f"{op}: {label(i)}: the product is empty ({b.shape[0]} x {a.shape[1]})")
         a0, b0 = pairs[0]
         if (b.shape[0], a.shape[1]) != (b0.shape[0], a0.shape[1]):
-            raise ValueError(f"{op}: {label}: product is {b.shape[0]} x {a.shape[1]}, the first one's is "
+            raise ValueError(f"{op}: {label(i)}: product is {b.shape[0]} x {a.shape[1]}, the first one's is "
                              f"{b0.shape[0]} x {a0.shape[1]}")
     if sum(a.shape[0] for a, _ in pairs) == 0:
         raise ValueError(f"{op}: every factor has rank 0 (empty input)")
+    # Checked here, where the factors have the caller's names (the kernels check again, naming
+    # positions). Data-dependent: not under torch.compile, where the kernels' checks apply.
+    if not torch.compiler.is_compiling():
+        dev = pairs[0][0].device
+        finite = torch.stack([torch.isfinite(t).all().to(dev) for pair in pairs for t in pair]).tolist()  # one sync
+        if not all(finite):
+            i = finite.index(False)
+            raise ValueError(f"{op}: {label(i // 2)}: {(an, bn)[i % 2]} contains non-finite values (NaN/Inf)")
 
 
 def _weights(weights, count, op, default_mean=False):
@@ -305,7 +344,9 @@ def _weights(weights, count, op, default_mean=False):
          else torch.as_tensor(weights, dtype=torch.float64)).reshape(-1)
     if w.numel() != count:
         raise ValueError(f"{op}: {w.numel()} weights for {count} products")
-    return w  # finiteness is checked by the kernel (a data-dependent check here would break compile)
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(w).all()):  # (the kernels check under compile)
+        raise ValueError(f"{op}: weights contain non-finite values (NaN/Inf)")
+    return w
 
 
 def _finite_or_raise(name: str, what: str, tensors):
@@ -319,18 +360,6 @@ def _finite_or_raise(name: str, what: str, tensors):
         raise ValueError(f"{name}: {what} overflows {dtype} (its singular values are not finite); "
                          f"scale the factors down (e.g. by the same factor on each side)")
     return tensors
-
-
-def _call(op, name, *args):
-    # The kernels name the op and the factor by position; users know the wrapper and clients.
-    try:
-        return op(*args)
-    except (ValueError, TypeError) as e:
-        msg = str(e).split("\n")[0]
-        msg = re.sub(r"^(svd_factored|lowrank_truncate|rsvd_implicit|rsvd)\b", name, msg)
-        if name == "aggregate_lora":
-            msg = msg.replace("factor ", "client ")
-        raise type(e)(msg) from None
 
 
 # --- fakes ----------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ activations (inputs may be Parameters; the result never carries history).
 """
 from __future__ import annotations
 
-import re
 from typing import Mapping, Optional, Union
 
 import numpy as np
@@ -153,7 +152,7 @@ def topk_sparsify(delta: Delta, *, k: Optional[int] = None, density: Optional[fl
             indices, values = torch.ops.fastlora.topk_sparsify(deltas, residuals, min(k, layout.numel),
                                                                bool(approx), value_dtype)
         except ValueError as e:
-            raise ValueError(_rename(str(e), names, layout)) from None
+            raise ValueError(_nonfinite_message(names, layout, deltas, residuals) or str(e)) from None
     return SparseDelta.from_valid(indices, values, layout)
 
 
@@ -161,12 +160,18 @@ def _label(kind: str, name: str, layout: Layout) -> str:
     return kind if not layout.is_dict else f"{kind}[{name!r}]"
 
 
-def _rename(msg: str, names, layout: Layout) -> str:
-    # The kernels name tensors by position ("delta[3]"); users know them by key.
-    m = re.search(r"(delta|residual)\[(\d+)\]", msg)
-    if m and int(m.group(2)) < len(names):
-        msg = msg.replace(m.group(0), _label(m.group(1), names[int(m.group(2))], layout))
-    return msg.split("\n")[0]
+def _nonfinite_message(names, layout: Layout, deltas, residuals) -> str:
+    """The error for non-finite input, naming the tensor by its key, or "" when every entry is
+    finite (the op raised for another reason). The kernels find non-finite values inside their
+    selection pass for free but know tensors only by position; this second scan runs only on
+    the error path."""
+    for kind, tensors in (("delta", deltas), ("residual", residuals)):
+        for name, t in zip(names, tensors):
+            bad = (~torch.isfinite(t.reshape(-1))).nonzero()
+            if bad.numel():
+                return (f"topk_sparsify: non-finite value in {_label(kind, name, layout)} at flat position "
+                        f"{int(bad[0])}")
+    return ""
 
 
 def _check_residual(residual, layout: Layout, tensors):
@@ -221,7 +226,7 @@ def _reference_kernel(deltas, residuals, k, approx, value_dtype):
     return idx.to(deltas[0].device if deltas else "cpu"), values
 
 
-torch.library.impl(_OP, "default", _reference_kernel)
+torch.library.register_kernel(_OP, None, _reference_kernel)
 
 
 def _cuda_kernel(deltas, residuals, k, approx, value_dtype):
