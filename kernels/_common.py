@@ -20,6 +20,63 @@ def fmix32(h):
     return h
 
 
+@triton.jit
+def keep_mask(rows, cols, seed_lo, seed_hi, threshold):
+    """fastlora's dropout keep-mask for the tile rows x cols (1-D global int32 indices): the
+    hash of csrc/dropout_hash.h, so that every backend drops the same entries."""
+    # The row hash depends on the row only: one fmix32 per row, one per element.
+    h = fmix32(rows.to(tl.uint32) ^ seed_lo.to(tl.uint32))
+    u = fmix32((h[:, None] + cols.to(tl.uint32)[None, :] * 0x9E3779B9) ^ seed_hi.to(tl.uint32))
+    return (u >> 8) >= threshold.to(tl.uint32)
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program ``pid`` in GROUP_M-tall column bands, so that consecutive
+    programs reuse the same B tiles from L2 (the standard grouped ordering)."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+_M32 = 0xFFFFFFFF
+
+
+def dropout_args(p: float, seed: int):
+    """(seed_lo, seed_hi, threshold, scale): a dropout (p > 0) as kernel arguments.
+
+    The seed halves are passed as *signed* int32 bit patterns so that the kernel argument is
+    always i32 (Triton types a Python int >= 2**31 as u32/i64); the kernel reinterprets them
+    as uint32, which is a no-op on the bits."""
+    seed = int(seed)
+    lo, hi = seed & _M32, (seed >> 32) & _M32
+    to_i32 = lambda v: v - (1 << 32) if v >= (1 << 31) else v  # noqa: E731
+    threshold = min(int(p * 16777216.0 + 0.5), 1 << 24)
+    # 1 / (1 - p) computed in float64 and rounded once to float32 (as the reference does);
+    # a Python float kernel argument is passed as fp32, which is then exact.
+    scale = 0.0 if p >= 1.0 else float(torch.tensor(1.0 / (1.0 - p), dtype=torch.float64)
+                                           .to(torch.float32).item())
+    return to_i32(lo), to_i32(hi), threshold, scale
+
+
+def choose_split(tiles: int, K: int, block_k: int, device: torch.device) -> int:
+    """Split-K factor for epilogue-free GEMMs with few output tiles and a long reduction
+    (LoRA's grad_A: r x K output reduced over all M tokens; grad_B: N x r; g: M x r over N):
+    ~2 waves of programs on the GPU, >= 4 K-blocks per split. 1 under the interpreter (tests
+    force other values by monkeypatching the kernel module's ``_choose_split``)."""
+    if INTERPRET or device.type != "cuda":
+        return 1
+    target = 2 * num_sms(device)
+    if tiles >= target:
+        return 1
+    return max(1, min(triton.cdiv(target, tiles), triton.cdiv(K, 4 * block_k)))
+
+
 def on_device(device: torch.device):
     """Context to launch on the tensors' GPU even if it is not the current one (no-op on CPU,
     where the interpreter runs)."""

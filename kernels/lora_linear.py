@@ -59,25 +59,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET as _INTERPRET, check_dtype as _check_dtype, dot_precision as _dot_precision
-from ._common import fmix32 as _fmix32, mma as _mma, num_sms as _num_sms, on_device as _on_device, pow2 as _pow2
+from ._common import INTERPRET as _INTERPRET, check_dtype as _check_dtype, choose_split as _choose_split
+from ._common import dot_precision as _dot_precision, dropout_args as _dropout_args, grouped_tile as _grouped_tile
+from ._common import keep_mask as _keep_mask, mma as _mma, on_device as _on_device, pow2 as _pow2
 from ._common import round_to as _round_to
-
-_M32 = 0xFFFFFFFF
 
 
 # ----------------------------------------------------------------------------------------------
 # device helpers
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _keep_mask(rows, cols, seed_lo, seed_hi, threshold):
-    """fastlora's keep-mask for the tile rows x cols (1-D global int32 indices)."""
-    # The row hash depends on the row only: one fmix32 per row, one per element.
-    h = _fmix32(rows.to(tl.uint32) ^ seed_lo.to(tl.uint32))
-    u = _fmix32((h[:, None] + cols.to(tl.uint32)[None, :] * 0x9E3779B9) ^ seed_hi.to(tl.uint32))
-    return (u >> 8) >= threshold.to(tl.uint32)
-
-
 @triton.jit
 def _dropout_tile(t, rows, cols, drop_scale, seed_lo, seed_hi, threshold, INTERPRET: tl.constexpr):
     """fastlora dropout of a loaded tile: float32(t) * keep * scale, rounded once to t's dtype
@@ -105,17 +95,7 @@ def _lora_gemm_kernel(
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EPI_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    # Program -> (pid_m, pid_n) in GROUP_M-tall column bands so that consecutive programs
-    # reuse the same B tiles from L2 (standard grouped ordering).
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     # Split-K: program_id(1) owns reduction range [k_lo, k_lo + k_per_split) (a multiple of
     # BLOCK_K, so splits never overlap) and writes its own fp32 partial plane of C.
     pid_s = tl.program_id(1)
@@ -187,25 +167,6 @@ def _lora_gemm_kernel(
 # ----------------------------------------------------------------------------------------------
 # host side
 # ----------------------------------------------------------------------------------------------
-def _dropout_args(p: float, seed: int):
-    """(seed_lo, seed_hi, threshold, scale) as kernel arguments, or None when p <= 0.
-
-    The seed halves are passed as *signed* int32 bit patterns so that the kernel argument is
-    always i32 (Triton types a Python int >= 2**31 as u32/i64); the kernel reinterprets them
-    as uint32, which is a no-op on the bits."""
-    if p <= 0.0:
-        return None
-    seed = int(seed)
-    lo, hi = seed & _M32, (seed >> 32) & _M32
-    to_i32 = lambda v: v - (1 << 32) if v >= (1 << 31) else v
-    threshold = min(int(p * 16777216.0 + 0.5), 1 << 24)
-    # 1 / (1 - p) computed in float64 and rounded once to float32 (as the reference does);
-    # a Python float kernel argument is passed as fp32, which is then exact.
-    scale = 0.0 if p >= 1.0 else float(torch.tensor(1.0 / (1.0 - p), dtype=torch.float64)
-                                           .to(torch.float32).item())
-    return to_i32(lo), to_i32(hi), threshold, scale
-
-
 def _blocks(M: int, N: int, K: int, R: int, dtype: torch.dtype):
     """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, num_warps, num_stages) for a main loop in ``dtype``
     (float32 when either operand is float32, the other then being upcast in registers).
@@ -227,19 +188,6 @@ def _blocks(M: int, N: int, K: int, R: int, dtype: torch.dtype):
     br = _pow2(R, 16, 64)  # epilogue chunk of the rank (r <= 256 -> at most 4 trips)
     num_warps = 8 if bm * bn >= 128 * 128 else 4
     return bm, bn, bk, br, num_warps, 3
-
-
-def _choose_split(tiles: int, K: int, block_k: int, device: torch.device) -> int:
-    """Split-K factor for epilogue-free GEMMs with few output tiles and a long reduction
-    (grad_A: r x K output reduced over all M tokens; grad_B: N x r; g: M x r over N).
-    Aim for ~2 waves of programs on the GPU, keep >= 4 K-blocks per split. 1 under the
-    interpreter (tests force other values by monkeypatching this function)."""
-    if _INTERPRET or device.type != "cuda":
-        return 1
-    target = 2 * _num_sms(device)
-    if tiles >= target:
-        return 1
-    return max(1, min(triton.cdiv(target, tiles), triton.cdiv(K, 4 * block_k)))
 
 
 def _gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, alpha: float = 1.0,

@@ -67,11 +67,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET as _INTERPRET, check_dtype as _check_dtype, dot_precision as _dot_precision
-from ._common import fmix32 as _fmix32, mma as _mma, num_sms as _num_sms, on_device as _on_device, pow2 as _pow2
+from ._common import INTERPRET as _INTERPRET, check_dtype as _check_dtype, choose_split as _choose_split
+from ._common import dot_precision as _dot_precision, dropout_args as _dropout_args, grouped_tile as _grouped_tile
+from ._common import keep_mask as _keep_mask, mma as _mma, on_device as _on_device, pow2 as _pow2
 from ._common import round_to as _round_to
-
-_M32 = 0xFFFFFFFF
 # Weights whose flat indices (padded by a tile) reach this take int64 index arithmetic in the
 # dequantization; below it int32 (cheaper). A module constant so tests can force the int64 path.
 _FLAT32_LIMIT = 2 ** 31
@@ -80,14 +79,6 @@ _FLAT32_LIMIT = 2 ** 31
 # ----------------------------------------------------------------------------------------------
 # device helpers
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _keep_mask(rows, cols, seed_lo, seed_hi, threshold):
-    """fastlora's keep-mask for the tile rows x cols (1-D global int32 indices)."""
-    h = _fmix32(rows.to(tl.uint32) ^ seed_lo.to(tl.uint32))
-    u = _fmix32((h[:, None] + cols.to(tl.uint32)[None, :] * 0x9E3779B9) ^ seed_hi.to(tl.uint32))
-    return (u >> 8) >= threshold.to(tl.uint32)
-
-
 @triton.jit
 def _dropout_tile(t, rows, cols, drop_scale, seed_lo, seed_hi, threshold):
     """fastlora dropout of a float32 tile: t * keep * scale in float32, the reference's own
@@ -143,17 +134,7 @@ def _qlora_gemm_kernel(
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EPI_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    # Program -> (pid_m, pid_n) in GROUP_M-tall column bands so that consecutive programs
-    # reuse the same B tiles (here: the same weight codes) from L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     # Split-K (epilogue-free GEMMs only): program_id(1) owns [k_lo, k_lo + k_per_split), a
     # multiple of BLOCK_K, and writes its own float32 partial plane of C.
     pid_s = tl.program_id(1)
@@ -226,22 +207,24 @@ def _qlora_gemm_kernel(
              mask=mask_m[:, None] & mask_n[None, :])
 
 
+@triton.jit
+def _dequantize_kernel(q_ptr, absmax_ptr, code_ptr, out_ptr, N, K, blocksize,
+                       FOUR_BIT: tl.constexpr, BS_SHIFT: tl.constexpr, FLAT64: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INTERPRET: tl.constexpr):
+    """out (N, K) = W, one BLOCK_R x BLOCK_C tile per program: the GEMMs' tile decoder, stored
+    (rounded once from the float32 product to out's dtype)."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (offs_r < N)[:, None] & (offs_c < K)[None, :]
+    w = _dequant_tile(q_ptr, absmax_ptr, code_ptr, offs_r, offs_c, K, 1, blocksize, mask, FOUR_BIT, BS_SHIFT,
+                      FLAT64)
+    out = out_ptr + offs_r.to(tl.int64)[:, None] * K + offs_c.to(tl.int64)[None, :]
+    tl.store(out, _round_to(w, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
 # ----------------------------------------------------------------------------------------------
 # host side
 # ----------------------------------------------------------------------------------------------
-def _dropout_args(p: float, seed: int):
-    """(seed_lo, seed_hi, threshold, scale) as kernel arguments (see kernels/lora_linear.py:
-    the seed halves as signed int32 bit patterns so the argument is always i32; the scale
-    1 / (1 - p) computed in float64 and rounded once to float32, as the reference does)."""
-    seed = int(seed)
-    lo, hi = seed & _M32, (seed >> 32) & _M32
-    to_i32 = lambda v: v - (1 << 32) if v >= (1 << 31) else v  # noqa: E731
-    threshold = min(int(p * 16777216.0 + 0.5), 1 << 24)
-    scale = 0.0 if p >= 1.0 else float(torch.tensor(1.0 / (1.0 - p), dtype=torch.float64)
-                                           .to(torch.float32).item())
-    return to_i32(lo), to_i32(hi), threshold, scale
-
-
 class _QuantB:
     """The dequantized weight as a GEMM's (K, N) B operand: B[k, n] = W.flat[k * sk + n * sn]."""
 
@@ -250,6 +233,14 @@ class _QuantB:
         self.blocksize = int(blocksize)
         self.numel = int(weight_shape[0]) * int(weight_shape[1])
         self.sk, self.sn = int(sk), int(sn)
+
+
+def _format_args(code: torch.Tensor, blocksize: int, flat_bound: int):
+    """(FOUR_BIT, BS_SHIFT, FLAT64) of a weight: 16-entry code book = two codes per byte; the
+    block index by a shift when blocksize is a power of two (-1: a division); int64 flat
+    indices when a tile's (padded) flat indices, below ``flat_bound``, may reach 2**31."""
+    bs_shift = blocksize.bit_length() - 1 if blocksize & (blocksize - 1) == 0 else -1
+    return code.numel() == 16, bs_shift, flat_bound >= _FLAT32_LIMIT
 
 
 def _blocks(M: int, N: int, K: int, R: int, quant: bool):
@@ -278,18 +269,6 @@ def _blocks(M: int, N: int, K: int, R: int, quant: bool):
     big = bm * bn >= 128 * 128
     br = _pow2(R, 16, 32 if big else 64)
     return bm, bn, bk, br, 8 if big else 4, 3
-
-
-def _choose_split(tiles: int, K: int, block_k: int, device: torch.device) -> int:
-    """Split-K factor for epilogue-free GEMMs with few output tiles and a long reduction
-    (g: M x r over N; grad_A: r x K over M; grad_B: N x r over M): ~2 waves of programs on the
-    GPU, >= 4 K-blocks per split. 1 under the interpreter (tests monkeypatch other values)."""
-    if _INTERPRET or device.type != "cuda":
-        return 1
-    target = 2 * _num_sms(device)
-    if tiles >= target:
-        return 1
-    return max(1, min(triton.cdiv(target, tiles), triton.cdiv(K, 4 * block_k)))
 
 
 def _gemm(a: torch.Tensor, b, out: torch.Tensor, *, alpha: float = 1.0, drop_a=None, drop_b=None, bias=None,
@@ -348,11 +327,9 @@ def _gemm(a: torch.Tensor, b, out: torch.Tensor, *, alpha: float = 1.0, drop_a=N
             b_t, absmax_t = b.qweight, b.absmax
         code_t = b.code
         stride_bk, stride_bn = b.sk, b.sn
-        four_bit = b.code.numel() == 16
         bs = b.blocksize
-        bs_shift = bs.bit_length() - 1 if bs & (bs - 1) == 0 else -1
         # Flat indices of a tile may run a tile past the weight's last row and column (masked).
-        flat64 = (b.numel + (bm + bn + bk) * (b.sk + b.sn)) >= _FLAT32_LIMIT
+        four_bit, bs_shift, flat64 = _format_args(b.code, bs, b.numel + (bm + bn + bk) * (b.sk + b.sn))
     else:
         b_t, absmax_t, code_t = b, a, a  # dummies: never dereferenced when QUANT_B is off
         stride_bk, stride_bn = b.stride()
@@ -452,3 +429,21 @@ def lora_quantized_backward(grad_y, x, qweight, absmax, code, blocksize, weight_
         grad_x = _gemm(grad_y, w, torch.empty((M, K), dtype=x.dtype, device=dev), lora=(g, lora_A, 1.0, drop))
     grad_b = grad_y.sum(0, dtype=torch.float32).to(x.dtype) if need_bias else x.new_empty(0)
     return grad_x, grad_b, grad_A, grad_B
+
+
+def dequantize(qweight, absmax, code, blocksize, weight_shape, dtype):
+    """``fastlora::dequantize``: the (N, K) weight in ``dtype`` (float32, float16, bfloat16 or
+    float64), each element the float32 product ``code[q] * absmax[block]`` rounded once, as the
+    reference. One launch of 32 x 128 tiles (64 x 128 under the interpreter: fewer programs)."""
+    N, K = int(weight_shape[0]), int(weight_shape[1])
+    out = torch.empty((N, K), dtype=dtype, device=qweight.device)
+    if out.numel() == 0:
+        return out
+    br, bc = (64, 128) if _INTERPRET else (32, 128)
+    four_bit, bs_shift, flat64 = _format_args(code, int(blocksize), N * K + (br + bc) * (K + 1))
+    with _on_device(qweight.device):
+        _dequantize_kernel[(triton.cdiv(N, br), triton.cdiv(K, bc))](
+            qweight, absmax, code, out, N, K, int(blocksize),
+            FOUR_BIT=four_bit, BS_SHIFT=bs_shift, FLAT64=flat64, BLOCK_R=br, BLOCK_C=bc, INTERPRET=_INTERPRET,
+            num_warps=4)
+    return out

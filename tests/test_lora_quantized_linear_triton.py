@@ -322,3 +322,27 @@ def test_op_runs_the_kernels_on_cuda(dtype, adtype):
                                                  _d(B.detach()), _d(ref_xa), 2.0, 0.1, 7, True, False)
     for name, o, i in (("grad_x", grads[0].reshape(-1, 40), 0), ("grad_A", grads[1], 2), ("grad_B", grads[2], 3)):
         assert_close_to_truth(o, ref_g[i], truth_g[i], name)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("N,K,blocksize", [(1, 6, 64), (37, 123, 64), (70, 130, 16), (5, 300, 256), (0, 7, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+                         ids=lambda d: str(d).replace("torch.", ""))
+def test_dequantize_kernel_is_exact(fmt, N, K, blocksize, dtype):
+    """``fastlora::dequantize``'s GPU kernel: every element the reference's float32 product
+    code[q] * absmax rounded once to dtype, bit for bit (odd K: rows at odd nibbles, blocks
+    straddling rows and tiles, one row, no rows); through the op's CUDA glue (checks first)."""
+    qa = _weight(fmt, N, K, blocksize)
+    got = ops._dequantize_cuda(*qa, dtype)
+    want = ref.dequantize(*qa, dtype)
+    assert got.shape == (N, K) and got.dtype == dtype
+    assert torch.equal(got, want)
+
+
+def test_dequantize_kernel_int64_indices_and_checks(monkeypatch):
+    # The int64 flat-index path (taken by weights near 2**31 elements), forced on a small one.
+    monkeypatch.setattr(tk, "_FLAT32_LIMIT", 0)
+    qa = _weight("nf4", 9, 77, 64)
+    assert torch.equal(tk.dequantize(*qa, torch.bfloat16), ref.dequantize(*qa, torch.bfloat16))
+    with pytest.raises(ValueError, match="qweight has"):
+        ops._dequantize_cuda(qa[0][:-1], *qa[1:], torch.float32)

@@ -255,3 +255,35 @@ def test_lora_quantized_linear_launches_compile_for_sm90(dtype, adapter_dtype, f
     for config, nbytes in shared.items():
         limit = SM90_MAX_SHARED // 2 if "HALF_BASE" in config else SM90_MAX_SHARED
         assert 0 < nbytes <= limit, f"{config}: {nbytes} bytes of shared memory on sm_90 (limit {limit})"
+
+
+COMPILE_DEQUANTIZE = r"""
+import json, sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastlora.kernels import lora_quantized_linear as tk
+
+out = {}
+for ty in ("fp32", "bf16", "fp16", "fp64"):
+    for four_bit, shift, flat64 in ((True, 6, False), (False, -1, False), (True, 6, True)):
+        sig = {"q_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32", "out_ptr": "*" + ty, "N": "i32",
+               "K": "i32", "blocksize": "i32", **{c: "constexpr" for c in (
+                   "FOUR_BIT", "BS_SHIFT", "FLAT64", "BLOCK_R", "BLOCK_C", "INTERPRET")}}
+        const = {"FOUR_BIT": four_bit, "BS_SHIFT": shift, "FLAT64": flat64, "BLOCK_R": 32, "BLOCK_C": 128,
+                 "INTERPRET": False}
+        k = triton.compile(ASTSource(fn=tk._dequantize_kernel, signature=sig, constexprs=const),
+                           target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        out[f"{ty} four_bit={four_bit} shift={shift} flat64={flat64}"] = k.metadata.shared
+print(json.dumps(out))
+"""
+
+
+def test_dequantize_kernel_compiles_for_sm90():
+    # fastlora::dequantize's GPU kernel for every output dtype, 4-bit / 8-bit codes, a shift and
+    # a division for the block index, int32 and int64 flat indices (the launcher's 32 x 128 tile).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", COMPILE_DEQUANTIZE], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    shared = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(shared) == 12 and all(nbytes <= SM90_MAX_SHARED for nbytes in shared.values()), shared

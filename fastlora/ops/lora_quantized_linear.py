@@ -11,7 +11,8 @@ Ops (schemas and the weight format in csrc/lora_quantized_linear.cpp):
 
 Dispatch: CPU -> C++ (csrc/cpu/lora_quantized_linear_cpu.cpp: the weight dequantized panel by
 panel into the GEMM, never in full); CUDA -> Triton (kernels/lora_quantized_linear.py: the weight
-dequantized tile by tile inside the GEMMs' K loops; float64 to the reference); any other device
+dequantized tile by tile inside the GEMMs' K loops, and tile by tile into the output for
+dequantize; float64 activations to the reference); any other device
 -> fastlora.reference. The weight's container and the quantizers are in fastlora.quantize.
 """
 from __future__ import annotations
@@ -138,10 +139,17 @@ def _bwd_cuda(grad_y, x, qweight, absmax, code, blocksize, weight_shape, lora_A,
                                       xa, scaling, dropout_p, int(seed.item()), *output_mask)
 
 
+def _dequantize_cuda(qweight, absmax, code, blocksize, weight_shape, dtype):
+    torch.ops.fastlora._dequantize_check(qweight, absmax, code, blocksize, weight_shape)
+    from fastlora.kernels import lora_quantized_linear as tk
+    return tk.dequantize(qweight, absmax, code, blocksize, weight_shape, dtype)
+
+
 # Registered here rather than with decorators so the functions stay importable (the tests run
 # the CUDA dispatch path on CPU tensors under the Triton interpreter).
 torch.library.register_kernel(_FWD, "cuda", _fwd_cuda)
 torch.library.register_kernel(_BWD, "cuda", _bwd_cuda)
+torch.library.register_kernel(_DEQ, "cuda", _dequantize_cuda)
 
 
 # --- any device without a kernel: the pure-PyTorch reference ----------------------------------
