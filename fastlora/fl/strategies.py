@@ -45,13 +45,30 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Dict
-
-from fastlora.fl.report import format_density
+from typing import Dict, Optional
 
 VALUE_FORMATS = ("fp32", "bf16", "fp16", "int8")
 DOWNLOAD_MODES = ("dense", "sparse", "diff")
 SERVER_OPTIMIZERS = ("sgd", "adam")
+
+
+
+def format_density(d: Optional[float]) -> str:
+    """Format an update density: ``1.0 -> "1"``, ``0.0625 -> "1/16"``, ``0.3 -> "0.3"``, None -> ``"-"``.
+
+    A density is written as ``1/n`` when ``1/d`` is (to within float rounding) an integer ``n > 1``,
+    otherwise with 3 significant digits.
+    """
+    if d is None:
+        return "-"
+    d = float(d)
+    if not math.isfinite(d) or d <= 0:
+        return f"{d:g}"
+    inv = 1.0 / d
+    n = round(inv)
+    if n >= 1 and abs(inv - n) <= 1e-9 * n:
+        return "1" if n == 1 else f"1/{n}"
+    return f"{d:.3g}"
 
 
 @dataclass(frozen=True)
