@@ -31,10 +31,10 @@ from fastlora.fl.client import decode_dense, sparsify_encode  # noqa: E402
 from fastlora.fl.model import build_classifier, get_adapter, set_adapter, tiny_encoder  # noqa: E402
 from fastlora.fl.server import ServerOptimizer  # noqa: E402
 from fastlora.fl.view import ServerView  # noqa: E402
-from fastlora.flower import (PAYLOAD_KEY, PAYLOAD_STYPE, RESIDUAL_KEY, VIEW_KEY, InProcessGrid,  # noqa: E402
-                             PayloadError, SparseLoRA, as_strategy, client_update, initial_arrays,
-                             load_global, pack_payload, pack_payloads, run_in_process, unpack_payload,
-                             unpack_payloads)
+from fastlora.flower import (BUFFERS_KEY, PAYLOAD_KEY, PAYLOAD_STYPE, RESIDUAL_KEY, VIEW_KEY,  # noqa: E402
+                             InProcessGrid, PayloadError, SparseLoRA, as_strategy, client_update, initial_arrays,
+                             load_global, model_buffers, pack_payload, pack_payloads, run_in_process,
+                             unpack_payload, unpack_payloads)
 from fastlora.ops.aggregate import sparse_aggregate  # noqa: E402
 from fastlora.sparse_delta import Layout  # noqa: E402
 
@@ -336,6 +336,8 @@ def test_tracker_counts_bytes_and_matches_real_fedavg():
 
     tot = strategies["ours"].tracker.summary()["total"]
     assert (tot["down_bytes"], tot["up_bytes"]) == measured(ours)
+    # a LoRA model has no persistent buffers: one ArrayRecord per message, as before buffers federated
+    assert all(list(m.content.array_records) == ["arrays"] for m in ours.sent + ours.received)
     # what the tracker says FedAvg would have sent is what Flower's FedAvg did send
     assert (tot["fedavg_down_bytes"], tot["fedavg_up_bytes"]) == measured(theirs)
     assert tot["fedavg_down_bytes"] == 4 * ArrayRecord(get_adapter(fresh_model(cfg))).count_bytes()
@@ -777,8 +779,229 @@ def test_nodes_with_a_4bit_base():
     cfg = task.config(overrides={"strategy": "ef-topk", "base": "nf4"})
     grid = run_in_process(make_server_app(**cfg), make_client_app(), 2)
     assert len(grid.sent) == 4 and all(not r.has_error() for r in grid.received)
+    # the 4-bit layers' scales are buffers of the frozen base: they do not travel
+    assert all(BUFFERS_KEY not in m.content.array_records for m in grid.sent + grid.received)
     model = task.get_model(cfg)
     assert any(isinstance(m, fastlora.QuantizedLinear) for m in model.modules())
     assert fastlora.peft.fast_path_calls(model) > 0
     with pytest.raises(ValueError, match="base must be"):
         task.config(overrides={"base": "nf3"})
+
+
+# --- non-trainable buffers (BatchNorm statistics) ------------------------------------------------
+
+class BNNet(torch.nn.Module):
+    """conv + BatchNorm + linear: every parameter trainable; BatchNorm's running statistics
+    (float32) and step count (int64) are persistent buffers, as in Flower's CNN templates."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def bn_net(seed=0):
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return BNNet()
+
+
+BN_SIZES = (16, 24, 40)   # examples per node: FedAvg weights 0.2, 0.3, 0.5
+
+
+def bn_train(model, pid, rnd):
+    """2 + pid SGD steps in train mode on the node's own data (its own BatchNorm statistics)."""
+    g = torch.Generator().manual_seed(100 * pid + rnd)
+    n = BN_SIZES[pid]
+    x = torch.randn(n, 1, 8, 8, generator=g) * (1 + pid) + pid
+    y = torch.randint(0, 3, (n,), generator=g)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    model.train()
+    for xb, yb in zip(x.chunk(2 + pid), y.chunk(2 + pid)):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(xb), yb).backward()
+        opt.step()
+    return n
+
+
+def fedavg_buffers(replies):
+    """The FedAvg of the buffers the replies carry, computed here independently."""
+    counts = [rep.content["metrics"]["num-examples"] for rep in replies]
+    sets = [rep.content[BUFFERS_KEY].to_torch_state_dict() for rep in replies]
+    out = {}
+    for k, v in sets[0].items():
+        mean = sum(c * s[k].double() for c, s in zip(counts, sets)) / sum(counts)
+        out[k] = mean.to(v.dtype) if v.is_floating_point() else mean.round().to(v.dtype)
+    return out
+
+
+def assert_buffers_equal(got, expected):
+    assert list(got) == list(expected)
+    for k, v in expected.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(got[k], v, rtol=1e-6, atol=1e-7)
+        else:
+            assert torch.equal(got[k], v), (k, got[k], v)
+
+
+@pytest.mark.parametrize("spec", ["ef-topk", "flasc"])   # diff download, sparse download
+def test_batchnorm_buffers_federate_like_fedavg(spec):
+    models = {pid: bn_net(seed=10 + pid) for pid in range(3)}   # one model per node: nothing shared
+    started, evaluated, globals_, holder = {}, [], {}, {}
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        pid, rnd = int(context.node_config["partition-id"]), round_of(msg)
+
+        def train_fn(model):
+            started[pid, rnd] = {k: v.clone() for k, v in model_buffers(model).items()}   # after the download
+            return bn_train(model, pid, rnd)
+        return client_update(msg, context, models[pid], train_fn)
+
+    @app.evaluate()
+    def evaluate(msg, context):
+        model = bn_net(seed=99)
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())   # Flower's template handler: strict
+        evaluated.append((round_of(msg), {k: v.clone() for k, v in model_buffers(model).items()}))
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1, "accuracy": 0.0})}), reply_to=msg)
+
+    server = ServerApp()
+
+    @server.main()
+    def main(grid, context):
+        def keep(rnd, arrays):   # Flower's centralised evaluation hook sees the global arrays of every round
+            globals_[rnd] = {k: v.clone() for k, v in arrays.to_torch_state_dict().items()}
+
+        st = holder["st"] = SparseLoRA(spec, fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=3,
+                                       min_evaluate_nodes=3, min_available_nodes=3)
+        holder["result"] = st.start(grid=grid, initial_arrays=initial_arrays(bn_net()), num_rounds=2,
+                                    evaluate_fn=keep)
+
+    grid = run_in_process(server, app, 3)
+    st, result = holder["st"], holder["result"]
+    buffer_names = list(model_buffers(bn_net()))
+    assert buffer_names == ["bn.running_mean", "bn.running_var", "bn.num_batches_tracked"]
+    assert st.buffer_spec is not None and [n for n, _, _ in st.buffer_spec] == buffer_names
+    train_msgs = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert len(train_msgs) == 6 and all(not r.has_error() for r in grid.received)
+    assert all(BUFFERS_KEY in m.content.array_records for m in train_msgs)
+    init = model_buffers(bn_net())
+    for rnd in (1, 2):
+        replies = sorted((grid.received[grid.sent.index(m)] for m in train_msgs if round_of(m) == rnd),
+                         key=lambda rep: rep.metadata.src_node_id)
+        assert all(BUFFERS_KEY in rep.content.array_records for rep in replies)
+        expected = fedavg_buffers(replies)
+        assert_buffers_equal({n: globals_[rnd][n] for n in buffer_names}, expected)
+        # what each node started round rnd from: the initial model's buffers, then round 1's FedAvg
+        start = init if rnd == 1 else {n: globals_[1][n] for n in buffer_names}
+        for pid in range(3):
+            for n in buffer_names:
+                assert torch.equal(started[pid, rnd][n], start[n]), (pid, rnd, n)
+        # the evaluate handler's strict load got the same global buffers
+        for r, got in evaluated:
+            if r == rnd:
+                assert_buffers_equal(got, {n: globals_[rnd][n] for n in buffer_names})
+    # num_batches_tracked: 2, 3, 4 steps from 0 -> 3.3 rounds to 3; then 5, 6, 7 -> 6.3 -> 6
+    assert int(globals_[1]["bn.num_batches_tracked"]) == 3 and int(globals_[2]["bn.num_batches_tracked"]) == 6
+    assert len(evaluated) == 6
+    # Result.arrays is the whole state_dict: a strict load gives the global tensors and buffers
+    final = bn_net(seed=5)
+    final.load_state_dict(result.arrays.to_torch_state_dict())
+    for n, p in final.named_parameters():
+        assert torch.equal(p.detach(), st.global_adapter[n]), n
+    assert_buffers_equal(model_buffers(final), st.global_buffers)
+    # bytes: both ways, every ArrayRecord (payloads + buffers); FedAvg's figure is the state_dict's
+    tot = st.tracker.summary()["total"]
+    down = sum(r.count_bytes() for m in grid.sent for r in m.content.array_records.values())
+    up = sum(r.count_bytes() for m in grid.received for r in m.content.array_records.values())
+    assert (tot["down_bytes"], tot["up_bytes"]) == (down, up)
+    state_bytes = ArrayRecord(bn_net().state_dict()).count_bytes()
+    assert tot["fedavg_down_bytes"] == 12 * state_bytes and tot["fedavg_up_bytes"] == 6 * state_bytes
+
+
+def test_bad_buffers_are_rejected_and_the_round_continues(task_identity):
+    """Initial arrays of the trainable tensors only: the first accepted reply fixes the run's
+    buffers; a reply whose buffers differ (names, shape, dtype) or hold NaN / Inf is rejected
+    with its reason, the others are FedAvg'd."""
+    model = bn_net()
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    layout = Layout.of(params)
+    st = SparseLoRA("fedavg")
+    grid = InProcessGrid(None, 3)
+    # node-id order (the order the server checks replies in): the first accepted reply is ins[0]'s
+    ins = sorted(st.configure_train(1, initial_arrays(params), ConfigRecord(), grid),
+                 key=lambda m: m.metadata.dst_node_id)
+    assert st.buffer_spec is None and all(BUFFERS_KEY not in m.content.array_records for m in ins)
+    g = torch.Generator().manual_seed(3)
+    payloads = [sparsify_encode({k: 0.01 * torch.randn(v.shape, generator=g) for k, v in params.items()}, layout,
+                                density=1.0, values="fp32") for _ in range(2)]
+    own = [{"bn.running_mean": torch.randn(4, generator=g), "bn.running_var": torch.rand(4, generator=g) + 0.5,
+            "bn.num_batches_tracked": torch.tensor(k, dtype=torch.int64)} for k in (2, 5)]
+
+    def with_buffers(ins_msg, payload, n, buffers):
+        rep = reply(ins_msg, payload, n)
+        if buffers is not None:
+            rep.content[BUFFERS_KEY] = ArrayRecord(buffers)
+        return rep
+
+    nan = dict(own[1], **{"bn.running_var": torch.tensor([1.0, float("nan"), 1.0, 1.0])})
+    bad = {
+        "shape": with_buffers(ins[2], payloads[1], 5, dict(own[1], **{"bn.running_mean": torch.zeros(5)})),
+        "nan": with_buffers(ins[2], payloads[1], 5, nan),
+        "inf": with_buffers(ins[2], payloads[1], 5, dict(own[1], **{"bn.running_mean": torch.full((4,), math.inf)})),
+        "dtype": with_buffers(ins[2], payloads[1], 5, dict(own[1], **{"bn.running_mean": torch.zeros(4).double()})),
+        "extra": with_buffers(ins[2], payloads[1], 5, dict(own[1], **{"bn.other": torch.zeros(1)})),
+        "missing": with_buffers(ins[2], payloads[1], 5, None),
+    }
+    replies = [with_buffers(ins[0], payloads[0], 10, own[0]), *bad.values(),
+               with_buffers(ins[1], payloads[1], 30, own[1])]
+    arrays, metrics = st.aggregate_train(1, replies)
+    assert metrics["fastlora-accepted"] == 2 and metrics["fastlora-failures"] == len(bad)
+    reasons = st.tracker.rounds[1].reasons
+    for why in ("buffer 'bn.running_mean' is torch.float32 (5,), expected torch.float32 (4,)",
+                "buffer 'bn.running_var' holds NaN or Inf", "buffer 'bn.running_mean' holds NaN or Inf",
+                "is torch.float64 (4,), expected torch.float32", "unexpected ['bn.other']", "carries none"):
+        assert any(why in r for r in reasons), (why, reasons)
+    expected = {"bn.running_mean": (0.25 * own[0]["bn.running_mean"].double()
+                                    + 0.75 * own[1]["bn.running_mean"].double()).float(),
+                "bn.running_var": (0.25 * own[0]["bn.running_var"].double()
+                                   + 0.75 * own[1]["bn.running_var"].double()).float(),
+                "bn.num_batches_tracked": torch.tensor(4)}     # 0.25 * 2 + 0.75 * 5 = 4.25
+    assert_buffers_equal(st.global_buffers, expected)
+    # what aggregate_train returns (Result.arrays): the tensors and the buffers, a strict state_dict
+    assert set(arrays.buffer_names) == set(expected)
+    bn_net(seed=1).load_state_dict(arrays.to_torch_state_dict())
+    # the next round's train messages carry the global buffers
+    msgs = list(st.configure_train(2, arrays, ConfigRecord(), grid))
+    assert_buffers_equal(msgs[0].content[BUFFERS_KEY].to_torch_state_dict(), expected)
+
+
+def test_model_buffers_rules():
+    """Persistent buffers federate (bfloat16 as float32, exactly); non-persistent buffers and a
+    4-bit base's scales (fastlora.QuantizedLinear) do not."""
+    import fastlora
+    from fastlora.flower.buffers import buffers_record, load_buffers, record_buffers
+
+    bn = torch.nn.BatchNorm1d(3).to(torch.bfloat16)
+    bn.running_mean.copy_(torch.tensor([0.1, -2.5, 3.0]))
+    bn.register_buffer("scratch", torch.zeros(2), persistent=False)
+    assert list(model_buffers(bn)) == ["running_mean", "running_var", "num_batches_tracked"]
+    record = buffers_record(model_buffers(bn))
+    assert record["running_mean"].dtype == "float32" and record["num_batches_tracked"].dtype == "int64"
+    other = torch.nn.BatchNorm1d(3).to(torch.bfloat16)
+    load_buffers(other, record_buffers(record))
+    assert torch.equal(other.running_mean, bn.running_mean) and other.running_mean.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="missing"):
+        load_buffers(torch.nn.BatchNorm1d(3), {"running_mean": torch.zeros(3)})
+    with pytest.raises(ValueError, match="shape"):
+        load_buffers(torch.nn.BatchNorm1d(3), dict(model_buffers(torch.nn.BatchNorm1d(4))))
+    net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.BatchNorm1d(64))
+    fastlora.quantize_model(net, "nf4")
+    assert isinstance(net[0], fastlora.QuantizedLinear) and list(model_buffers(net)) == [
+        "1.running_mean", "1.running_var", "1.num_batches_tracked"]
+

@@ -18,8 +18,8 @@ the bytes of every ArrayRecord both ways and what plain FedAvg would have sent::
 
 Wire contract (one fastlora message, either direction)
 ------------------------------------------------------
-Every message carries exactly **one ArrayRecord** holding exactly **one Array** under the key
-``"fastlora"`` (:data:`PAYLOAD_KEY`)::
+Every message carries exactly **one payload ArrayRecord** holding exactly **one Array** under
+the key ``"fastlora"`` (:data:`PAYLOAD_KEY`)::
 
     Array(dtype="uint8", shape=(len(payload),), stype="fastlora.codec/1", data=payload)
 
@@ -28,6 +28,12 @@ fingerprint of the adapter (names, shapes, float32, in the model's ``named_param
 order of its trainable parameters), the kept entries' values (``fp32`` / ``fp16`` / ``bf16``
 / ``int8``) and their positions, and a CRC. :func:`pack_payload` / :func:`unpack_payload`
 build and (strictly) check that record.
+
+For a model with persistent buffers (BatchNorm's running statistics and step count: the
+``state_dict`` entries that are not parameters, :func:`model_buffers`), train messages and
+replies carry a **second ArrayRecord** under ``"fastlora.buffers"`` (:data:`BUFFERS_KEY`): one
+plain Array per buffer, dense, in its own dtype (bfloat16 as float32). A model without
+buffers (a LoRA model) never has one: its messages are exactly the single payload record.
 
 * **Server -> client (train)**: ``content["arrays"]`` = the global
   adapter, dense (every entry, ``down_values``) or, with ``down="sparse"`` (FLASC), the
@@ -41,34 +47,45 @@ build and (strictly) check that record.
   it is up to date), or the whole view dense float32 (a resync: first contact, a node whose
   last reply did not arrive, or when the missed steps would be bigger), with
   :data:`CONFIG_DOWN_KIND`, :data:`CONFIG_VIEW_FROM`, :data:`CONFIG_VIEW_TO`; the node keeps
-  the view in ``context.state``.
+  the view in ``context.state``. Whatever the download, once the server knows the global
+  buffers every train message carries them (:data:`BUFFERS_KEY`); the node loads them into
+  its model before training.
 * **Server -> client (evaluate, when ``fraction_evaluate > 0``)**: Flower's plain ArrayRecord
-  of the global tensors (dense float32, what FedAvg sends) with :data:`CONFIG_DOWN` ``"plain"``:
-  it stands alone, and Flower's own evaluate handlers (``load_state_dict`` of
-  ``to_torch_state_dict()``) or :func:`load_global` read it.
-* **Client -> server (train reply)**: exactly one ArrayRecord (the payload of the client's
-  *update* ``trained - downloaded``, top-``up_density`` of it plus the error-feedback
-  residual, in ``values``) and exactly one MetricRecord with ``"num-examples"`` (an int or a
-  finite float > 0: the aggregation weight, as in Flower's FedAvg) and, optionally, the
-  user's own metrics (averaged like FedAvg's). Nothing else: a reply with a missing or extra
-  record, a malformed payload (wrong layout, truncated, corrupted), or a bad
-  ``num-examples`` is rejected, its reason logged and counted in the round's MetricRecord
-  (``fastlora-failures``) and in the tracker; the other replies are aggregated. If no reply
-  is usable the global adapter stays unchanged.
+  of the global tensors (dense float32, what FedAvg sends) and the global buffers with
+  :data:`CONFIG_DOWN` ``"plain"``: it stands alone, and Flower's own evaluate handlers
+  (``load_state_dict`` of ``to_torch_state_dict()``, strict when the trainable parameters
+  are all the model's parameters) or :func:`load_global` read it.
+* **Client -> server (train reply)**: exactly one payload ArrayRecord (the payload of the
+  client's *update* ``trained - downloaded``, top-``up_density`` of it plus the
+  error-feedback residual, in ``values``), the buffers' ArrayRecord (the node's buffers after
+  training) for a model with buffers, and exactly one MetricRecord with ``"num-examples"`` (an
+  int or a finite float > 0: the aggregation weight, as in Flower's FedAvg) and, optionally,
+  the user's own metrics (averaged like FedAvg's). Nothing else: a reply with a missing or
+  extra record, a malformed payload (wrong layout, truncated, corrupted), buffers that are not
+  the run's (other names, shapes or dtypes than the initial arrays' or, without those, the
+  first accepted reply's), NaN or Inf in a floating buffer, or a bad ``num-examples`` is
+  rejected, its reason logged and counted in the round's MetricRecord (``fastlora-failures``)
+  and in the tracker; the other replies are aggregated. If no reply is usable the global
+  adapter and buffers stay unchanged.
 
 The server keeps the global adapter dense in float32, aggregates the accepted updates with
 ``fastlora.ops.aggregate.sparse_aggregate`` (weights ``n_i / sum(n)``) and applies its
-server optimizer (``sgd`` with lr 1 = FedAvg, or ``adam`` = FedAdam). What
-``aggregate_train`` returns (and ``Result.arrays`` ends as) is that dense global adapter, as
-an ordinary ArrayRecord of float32 numpy arrays; the compact form exists only on the wire.
+server optimizer (``sgd`` with lr 1 = FedAvg, or ``adam`` = FedAdam). The global buffers are
+the weighted mean of the accepted replies' buffers with the same weights (float64 sums cast
+back to each dtype, integer buffers rounded to the nearest), as Flower's FedAvg. What
+``aggregate_train`` returns (and ``Result.arrays`` ends as) is a :class:`GlobalArrays`: an
+ordinary ArrayRecord of the dense global adapter (float32 numpy arrays) followed by the
+global buffers, whose ``buffer_names`` say which are which; :func:`initial_arrays` of a model
+builds one too. The compact form exists only on the wire.
 
 Error feedback: the client's residual lives in ``context.state["fastlora.residual"]`` (an
 ArrayRecord of float32 tensors), which Flower's simulation and deployment engines keep
 between rounds for each node.
 
-Modules: ``wire`` (the records and keys), ``strategy`` (SparseLoRA, initial_arrays),
-``client`` (client_update, load_global), ``tracker`` (CommTracker), ``inprocess``
-(InProcessGrid, run_in_process: Flower without Ray, for tests).
+Modules: ``wire`` (the records and keys), ``strategy`` (SparseLoRA, GlobalArrays,
+initial_arrays), ``client`` (client_update, load_global), ``buffers`` (which buffers federate,
+their record, check and mean), ``tracker`` (CommTracker), ``inprocess`` (InProcessGrid,
+run_in_process: Flower without Ray, for tests).
 
 Strategies: any fastlora strategy (``fastlora.fl.strategies``) with a ``dense``, ``sparse``
 or ``diff`` download (``ef-topk``, ``fedavg``, ``flasc``, ...), with the same semantics and
@@ -77,17 +94,19 @@ payloads as the federated loop. ``exact`` (FlexLoRA, per-client ranks) and ``fed
 """
 from .client import client_update, load_global
 from .inprocess import InProcessGrid, run_in_process
-from .strategy import SparseLoRA, as_strategy, initial_arrays
+from .buffers import model_buffers
+from .strategy import GlobalArrays, SparseLoRA, as_strategy, initial_arrays
 from .tracker import CommTracker, RoundBytes
-from .wire import (CONFIG_DOWN, CONFIG_DOWN_KIND, CONFIG_ERROR_FEEDBACK, CONFIG_UP_DENSITY, CONFIG_VALUES,
-                   CONFIG_VIEW_FROM, CONFIG_VIEW_TO, MAX_NUM_EXAMPLES, NUM_EXAMPLES_KEY, PAYLOAD_DTYPE, PAYLOAD_KEY,
-                   PAYLOAD_STYPE, RESIDUAL_KEY, VIEW_KEY, VIEW_VERSION_KEY, PayloadError, pack_payload, pack_payloads,
-                   unpack_payload, unpack_payloads)
+from .wire import (BUFFERS_KEY, CONFIG_DOWN, CONFIG_DOWN_KIND, CONFIG_ERROR_FEEDBACK, CONFIG_UP_DENSITY,
+                   CONFIG_VALUES, CONFIG_VIEW_FROM, CONFIG_VIEW_TO, MAX_NUM_EXAMPLES, NUM_EXAMPLES_KEY, PAYLOAD_DTYPE,
+                   PAYLOAD_KEY, PAYLOAD_STYPE, RESIDUAL_KEY, VIEW_KEY, VIEW_VERSION_KEY, PayloadError, pack_payload,
+                   pack_payloads, unpack_payload, unpack_payloads)
 
 __all__ = [
     "SparseLoRA", "CommTracker", "PayloadError", "client_update", "load_global", "pack_payload",
     "unpack_payload", "pack_payloads", "unpack_payloads", "initial_arrays", "as_strategy", "InProcessGrid",
-    "run_in_process", "PAYLOAD_KEY", "PAYLOAD_DTYPE", "PAYLOAD_STYPE", "RESIDUAL_KEY", "NUM_EXAMPLES_KEY",
-    "VIEW_KEY", "VIEW_VERSION_KEY", "RoundBytes", "MAX_NUM_EXAMPLES", "CONFIG_UP_DENSITY", "CONFIG_VALUES",
-    "CONFIG_ERROR_FEEDBACK", "CONFIG_DOWN", "CONFIG_DOWN_KIND", "CONFIG_VIEW_FROM", "CONFIG_VIEW_TO",
+    "run_in_process", "GlobalArrays", "model_buffers", "PAYLOAD_KEY", "PAYLOAD_DTYPE", "PAYLOAD_STYPE",
+    "RESIDUAL_KEY", "NUM_EXAMPLES_KEY", "VIEW_KEY", "VIEW_VERSION_KEY", "BUFFERS_KEY",
+    "RoundBytes", "MAX_NUM_EXAMPLES", "CONFIG_UP_DENSITY", "CONFIG_VALUES", "CONFIG_ERROR_FEEDBACK", "CONFIG_DOWN",
+    "CONFIG_DOWN_KIND", "CONFIG_VIEW_FROM", "CONFIG_VIEW_TO",
 ]

@@ -1,6 +1,7 @@
 """Client side: :func:`client_update` turns a train message into the reply for any PyTorch
-model whose trainable parameters are the federated ones; :func:`load_global` decodes a
-download (e.g. in an evaluate handler)."""
+model whose trainable parameters are the federated ones (its persistent buffers federate too,
+dense: :mod:`fastlora.flower.buffers`); :func:`load_global` decodes a download (e.g. in an
+evaluate handler)."""
 from __future__ import annotations
 
 import math
@@ -18,10 +19,11 @@ from fastlora.fl.view import apply_download
 from fastlora.ops.sparsify import new_residual
 from fastlora.sparse_delta import Layout
 
-from .wire import (CONFIG_DOWN, CONFIG_DOWN_KIND, CONFIG_ERROR_FEEDBACK, CONFIG_UP_DENSITY, CONFIG_VALUES,
-                   CONFIG_VIEW_FROM, CONFIG_VIEW_TO, NUM_EXAMPLES_KEY, REPLY_ARRAYS_KEY, REPLY_METRICS_KEY,
-                   RESIDUAL_KEY, VIEW_KEY, VIEW_VERSION_KEY, _single_array_record, pack_payload, unpack_payload,
-                   unpack_payloads)
+from .buffers import Buffers, buffers_record, load_buffers, model_buffers, record_buffers
+from .wire import (BUFFERS_KEY, CONFIG_DOWN, CONFIG_DOWN_KIND, CONFIG_ERROR_FEEDBACK, CONFIG_UP_DENSITY,
+                   CONFIG_VALUES, CONFIG_VIEW_FROM, CONFIG_VIEW_TO, NUM_EXAMPLES_KEY, REPLY_ARRAYS_KEY,
+                   REPLY_METRICS_KEY, RESIDUAL_KEY, VIEW_KEY, VIEW_VERSION_KEY, _single_array_record, pack_payload,
+                   unpack_payload, unpack_payloads)
 
 Adapter = Dict[str, torch.Tensor]
 
@@ -69,29 +71,48 @@ def _decode_download(msg: Message, layout: Layout) -> Adapter:
             "parameters).") from None
 
 
-def _plain_arrays(msg: Message, layout: Layout) -> Adapter:
-    """The tensors of an evaluate message (Flower's plain ArrayRecord of the global tensors)."""
+def _plain_arrays(msg: Message, layout: Layout) -> Tuple[Adapter, Buffers]:
+    """The global tensors and buffers of an evaluate message (Flower's plain ArrayRecord of
+    both: what the model's ``state_dict`` holds when its trainable parameters are all its
+    parameters)."""
     tensors = _single_array_record(msg.content, "fastlora client").to_torch_state_dict()
-    if list(tensors) != list(layout.names) or any(tuple(tensors[sp.name].shape) != tuple(sp.shape)
-                                                  for sp in layout.specs):
+    if any(sp.name not in tensors or tuple(tensors[sp.name].shape) != tuple(sp.shape) for sp in layout.specs):
         raise ValueError(f"fastlora client: the server's arrays ({len(tensors)} tensors) do not match this model's "
                          f"trainable parameters ({len(layout.names)} tensors, {layout.numel} entries)")
-    return {n: t.to(torch.float32).contiguous() for n, t in tensors.items()}
+    adapter = {n: tensors[n].to(torch.float32).contiguous() for n in layout.names}
+    return adapter, {n: t for n, t in tensors.items() if n not in adapter}
+
+
+def _sent_buffers(msg: Message, model: torch.nn.Module) -> None:
+    """Loads the global buffers a train message carries (under :data:`BUFFERS_KEY`) into
+    ``model``. None (the server does not know them yet): the node keeps its own."""
+    record = msg.content.array_records.get(BUFFERS_KEY)
+    if record is not None:
+        try:
+            buffers = record_buffers(record)
+        except ValueError as e:
+            raise ValueError(f"fastlora client: the server's buffers: {e}") from None
+        load_buffers(model, buffers)
 
 
 def load_global(msg: Message, model: torch.nn.Module) -> Adapter:
     """Loads the global tensors a :class:`SparseLoRA` train or evaluate message carries into
-    ``model`` (its trainable parameters) and returns them (float32). For evaluate handlers
-    (evaluate messages carry Flower's plain ArrayRecord of the global tensors, so
-    ``model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=False)``
-    works too), and used by :func:`client_update` for dense and sparse downloads."""
+    ``model`` (its trainable parameters), and the global buffers when it carries them (into
+    its persistent buffers), and returns the tensors (float32). For evaluate handlers
+    (evaluate messages carry Flower's plain ArrayRecord of the global tensors and buffers, so
+    ``model.load_state_dict(msg.content["arrays"].to_torch_state_dict())`` works too,
+    strictly when the trainable parameters are all the model's parameters), and used by
+    :func:`client_update` for dense and sparse downloads."""
     layout, _ = _model_layout(model)
     if _message_config(msg).get(CONFIG_DOWN) == "plain":
         if msg.has_error():
             raise ValueError(f"fastlora client: the message carries an error: {msg.error.reason}")
-        start = _plain_arrays(msg, layout)
+        start, buffers = _plain_arrays(msg, layout)
+        if buffers:  # none: the server does not know them yet, and the node keeps its own
+            load_buffers(model, buffers)
     else:
         start = _decode_download(msg, layout)
+        _sent_buffers(msg, model)
     set_adapter(model, start)
     return start
 
@@ -127,6 +148,7 @@ def _load_view(msg: Message, context: Context, model: torch.nn.Module) -> Adapte
     except codec.DecodeError as e:
         raise ValueError(f"fastlora client: cannot decode the server's download against this model's trainable "
                          f"parameters ({len(layout.names)} tensors, {layout.numel} entries): {e}") from None
+    _sent_buffers(msg, model)
     context.state[VIEW_KEY] = ArrayRecord(view)
     context.state[VIEW_VERSION_KEY] = ConfigRecord({"version": int(version)})
     set_adapter(model, view)
@@ -154,14 +176,18 @@ def client_update(msg: Message, context: Context, model: torch.nn.Module,
     1. The message's single payload ArrayRecord is decoded against ``model``'s trainable
        parameters (the adapter, float32, ``named_parameters`` order) and loaded into them. A
        ``diff`` download applies its steps to the view this node keeps in
-       ``context.state[VIEW_KEY]`` (or replaces it with a resynced view) and loads that.
+       ``context.state[VIEW_KEY]`` (or replaces it with a resynced view) and loads that. The
+       global buffers, when the message carries them (``BUFFERS_KEY``), are loaded into the
+       model's persistent buffers (:func:`fastlora.flower.buffers.model_buffers`).
     2. ``train_fn(model)`` trains in place and returns the number of examples (the FedAvg
        weight), or ``(num_examples, {metric: value})``.
     3. The update ``trained - downloaded`` is sparsified (top ``up_density`` of update +
        residual when error feedback is on; the residual, i.e. what was not sent, is kept in
        ``context.state[residual_key]`` as an ArrayRecord) and encoded.
     4. Returns ``Message(RecordDict({"arrays": pack_payload(payload), "metrics":
-       MetricRecord({"num-examples": n, ...})}), reply_to=msg)``.
+       MetricRecord({"num-examples": n, ...})}), reply_to=msg)``, plus, for a model with
+       persistent buffers, their values after training, dense in their own dtype, as an
+       ArrayRecord under ``BUFFERS_KEY`` (``"fastlora.buffers"``).
 
     Upload settings come from the message's ConfigRecord (sent by :class:`SparseLoRA`) unless
     ``strategy`` (a fastlora Strategy or spec) is given. Errors (a model that does not match
@@ -199,4 +225,7 @@ def client_update(msg: Message, context: Context, model: torch.nn.Module,
             raise ValueError(f"train_fn metrics must not contain {NUM_EXAMPLES_KEY!r}")
         metrics[k] = v
     content = RecordDict({REPLY_ARRAYS_KEY: pack_payload(payload), REPLY_METRICS_KEY: metrics})
+    buffers = model_buffers(model)
+    if buffers:  # a model without buffers replies exactly as before: one ArrayRecord
+        content[BUFFERS_KEY] = buffers_record(buffers)
     return Message(content, reply_to=msg)

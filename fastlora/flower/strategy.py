@@ -1,6 +1,6 @@
 """Server side: the :class:`SparseLoRA` strategy (Flower's FedAvg with fastlora payloads both
-ways; dense, sparse or diff downloads) and the helpers that turn a model or adapter into its
-initial arrays."""
+ways; dense, sparse or diff downloads; the buffers FedAvg'd dense) and the helpers that turn a
+model or adapter into its initial arrays."""
 from __future__ import annotations
 
 import logging
@@ -23,10 +23,12 @@ from fastlora.fl.view import ServerView
 from fastlora.ops.aggregate import sparse_aggregate
 from fastlora.sparse_delta import Layout
 
+from .buffers import (Buffers, BufferSpec, buffers_record, check_buffers, model_buffers, record_buffers, spec_of,
+                      weighted_mean, wire_tensor)
 from .tracker import CommTracker
-from .wire import (CONFIG_DOWN, CONFIG_DOWN_KIND, CONFIG_ERROR_FEEDBACK, CONFIG_UP_DENSITY, CONFIG_VALUES,
-                   CONFIG_VIEW_FROM, CONFIG_VIEW_TO, MAX_NUM_EXAMPLES, PAYLOAD_KEY, PAYLOAD_STYPE, PayloadError,
-                   pack_payload, pack_payloads, unpack_payload)
+from .wire import (BUFFERS_KEY, CONFIG_DOWN, CONFIG_DOWN_KIND, CONFIG_ERROR_FEEDBACK, CONFIG_UP_DENSITY,
+                   CONFIG_VALUES, CONFIG_VIEW_FROM, CONFIG_VIEW_TO, MAX_NUM_EXAMPLES, PAYLOAD_KEY, PAYLOAD_STYPE,
+                   PayloadError, pack_payload, pack_payloads, unpack_payload)
 
 Adapter = Dict[str, torch.Tensor]
 
@@ -52,41 +54,72 @@ def _float32_adapter(tensors: Mapping[str, torch.Tensor]) -> Adapter:
     return {n: t.detach().to(device="cpu", dtype=torch.float32).contiguous().clone() for n, t in tensors.items()}
 
 
+class GlobalArrays(ArrayRecord):
+    """The global model as :class:`SparseLoRA` takes and returns it (``initial_arrays``,
+    ``Result.arrays``, :meth:`SparseLoRA.global_arrays`): one plain ArrayRecord of the global
+    tensors (float32, ``named_parameters`` order of the trainable parameters) followed by the
+    global buffers (their own dtype; bfloat16 as float32), so that ``to_torch_state_dict()`` is
+    the model's ``state_dict`` when its trainable parameters are all its parameters.
+    ``buffer_names`` says which keys are buffers (FedAvg'd, not part of the sparse payloads);
+    a plain ArrayRecord given to the strategy holds tensors only."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor]):
+        clash = sorted(set(tensors) & set(buffers))
+        if clash:
+            raise ValueError(f"GlobalArrays: {clash[:3]} named both a tensor and a buffer")
+        super().__init__({**tensors, **{n: wire_tensor(t) for n, t in buffers.items()}})
+        self.buffer_names = tuple(buffers)
+
+
 def initial_arrays(model_or_adapter) -> ArrayRecord:
-    """The ``initial_arrays`` for :meth:`SparseLoRA.start`: the model's adapter (its trainable
-    parameters, float32, ``named_parameters`` order) as a plain ArrayRecord, or a given
-    ``{name: tensor}`` adapter."""
+    """The ``initial_arrays`` for :meth:`SparseLoRA.start`. Of a model: its trainable
+    parameters (float32, ``named_parameters`` order) and its persistent buffers
+    (:func:`fastlora.flower.buffers.model_buffers`) as :class:`GlobalArrays`, so the first
+    round already sends the buffers down and the strategy knows the model's set of buffers
+    (none, for a LoRA model). Of a ``{name: tensor}`` adapter: a plain ArrayRecord of it (the
+    buffers' set is then the first accepted reply's)."""
     if isinstance(model_or_adapter, torch.nn.Module):
-        adapter = get_adapter(model_or_adapter)
+        adapter, buffers = get_adapter(model_or_adapter), model_buffers(model_or_adapter)
     else:
-        adapter = _float32_adapter(model_or_adapter)
+        adapter, buffers = _float32_adapter(model_or_adapter), None
     if not adapter:
         raise ValueError("the model has no trainable parameters: inject LoRA adapters (and freeze the base) first")
-    return ArrayRecord(adapter)
+    return ArrayRecord(adapter) if buffers is None else GlobalArrays(adapter, buffers)
 
 
-def _adapter_from_arrays(arrays: ArrayRecord) -> Adapter:
+def _split_arrays(arrays: ArrayRecord) -> Tuple[Adapter, Optional[Buffers]]:
+    """The global tensors (float32) and buffers of ``arrays``; buffers None for a plain
+    ArrayRecord (tensors only)."""
     if not isinstance(arrays, ArrayRecord) or not len(arrays):
         raise ValueError("SparseLoRA: the global arrays must be a non-empty ArrayRecord of the adapter's tensors "
                          "(fastlora.flower.initial_arrays(model))")
     if PAYLOAD_KEY in arrays and arrays[PAYLOAD_KEY].stype == PAYLOAD_STYPE:
         raise ValueError("SparseLoRA: the global arrays hold a fastlora payload, not the dense adapter; pass "
                          "fastlora.flower.initial_arrays(model)")
-    out = {}
+    buffer_names = set(arrays.buffer_names) if isinstance(arrays, GlobalArrays) else set()
+    adapter, buffers = {}, {}
     for name, arr in arrays.items():
         try:
             t = torch.from_numpy(arr.numpy().copy())
         except TypeError as e:
             raise ValueError(f"SparseLoRA: global array {name!r}: {e}") from None
-        if not t.is_floating_point():
-            raise ValueError(f"SparseLoRA: global array {name!r} has dtype {t.dtype}, expected floating point")
-        out[name] = t.to(torch.float32).contiguous()
-    return out
+        if name in buffer_names:
+            buffers[name] = t
+        elif not t.is_floating_point():
+            raise ValueError(f"SparseLoRA: global array {name!r} has dtype {t.dtype}, expected floating point (a "
+                             "buffer? pass fastlora.flower.initial_arrays(model), which tells the strategy which "
+                             "arrays are buffers)")
+        else:
+            adapter[name] = t.to(torch.float32).contiguous()
+    if not adapter:
+        raise ValueError("SparseLoRA: the global arrays hold no trainable tensors")
+    return adapter, (buffers if isinstance(arrays, GlobalArrays) else None)
 
 
 def _dense_fp32_record_bytes(adapter: Adapter) -> int:
-    """What Flower's FedAvg sends per message for this adapter: ``ArrayRecord(state_dict)``
-    of float32 numpy arrays (``.npy`` bytes with their headers, plus the keys)."""
+    """What Flower's FedAvg sends per message for these tensors: ``ArrayRecord(state_dict)``
+    of float32 numpy arrays (``.npy`` bytes with their headers, plus the keys). The buffers
+    add what their own dense record counts (``count_bytes`` sums over the Arrays)."""
     return ArrayRecord({n: t for n, t in adapter.items()}).count_bytes()
 
 
@@ -104,11 +137,16 @@ class SparseLoRA(FedAvg):
         tracker: a :class:`CommTracker` to fill (default: a new one, ``self.tracker``).
         fraction_evaluate: default 0 (no federated evaluation; use ``evaluate_fn`` in
             ``start`` for a centralised one). When enabled, evaluate messages carry the global
-            tensors as Flower's plain ArrayRecord (dense float32, as FedAvg's), so Flower's
+            tensors and buffers as Flower's plain ArrayRecord (dense, as FedAvg's), so Flower's
             own evaluate handlers work unchanged (or use :func:`load_global`).
         Other keyword arguments are FedAvg's (fraction_train, min_train_nodes,
         min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key,
         train_metrics_aggr_fn, evaluate_metrics_aggr_fn).
+
+    Buffers (BatchNorm statistics, ...) are FedAvg'd dense beside the sparse payloads: the
+    weighted mean of the nodes' buffers after training (float64 sums, cast back; integer
+    buffers rounded), with the same weights as the update and no server optimizer; see
+    ``global_buffers``.
     """
 
     def __init__(self, strategy: Union[Strategy, str] = "ef-topk", *, tracker: Optional[CommTracker] = None,
@@ -119,8 +157,13 @@ class SparseLoRA(FedAvg):
         self.optimizer = ServerOptimizer(self.fl_strategy.server_optimizer, self.fl_strategy.server_lr)
         self.layout: Optional[Layout] = None
         self.global_adapter: Optional[Adapter] = None
+        # The global buffers and their names/shapes/dtypes: None until known (from
+        # initial_arrays(model), else the first accepted reply), () for a model without any.
+        self.global_buffers: Buffers = {}
+        self.buffer_spec: Optional[BufferSpec] = None
+        self._buffers_out: Optional[ArrayRecord] = None   # the dense record of global_buffers sent down
         self._returned: Optional[ArrayRecord] = None      # the ArrayRecord we last returned
-        self._fedavg_bytes = 0
+        self._fedavg_tensor_bytes = 0
         # diff download: the view up-to-date nodes hold, and which version each node holds (set
         # when its train reply is accepted: it applied the download before training)
         self.view: Optional[ServerView] = None
@@ -134,23 +177,47 @@ class SparseLoRA(FedAvg):
             ", error feedback" if s.error_feedback else "", s.down_label, s.down_values)
 
     # -- state ------------------------------------------------------------------------------
+    @property
+    def _fedavg_bytes(self) -> int:
+        """What Flower's FedAvg sends per message: the tensors in float32 and the buffers."""
+        return self._fedavg_tensor_bytes + self._buffer_bytes()
+
+    def _buffer_bytes(self) -> int:
+        return self._buffers_out.count_bytes() if self._buffers_out is not None else 0
+
+    def _set_buffers(self, buffers: Buffers) -> None:
+        self.global_buffers = buffers
+        self.buffer_spec = spec_of(buffers)
+        self._buffers_out = buffers_record(buffers) if buffers else None
+
     def _sync_global(self, arrays: ArrayRecord) -> None:
         """Takes ``arrays`` (what Strategy.start passes: the initial arrays, then what
-        aggregate_train returned) as the global adapter."""
+        aggregate_train returned) as the global tensors (and buffers, from GlobalArrays)."""
         if arrays is self._returned and self.global_adapter is not None:
             return
-        adapter = _adapter_from_arrays(arrays)
+        adapter, buffers = _split_arrays(arrays)
         layout = Layout.of(adapter)
         if self.layout is None:
             self.layout = layout
-            self._fedavg_bytes = _dense_fp32_record_bytes(adapter)
+            self._fedavg_tensor_bytes = _dense_fp32_record_bytes(adapter)
             if self.fl_strategy.down == "diff":
                 self.view = ServerView(layout, self.fl_strategy.down_density, self.fl_strategy.down_values)
         elif layout != self.layout:
             raise ValueError(f"SparseLoRA: the global arrays changed layout between rounds: {layout!r} vs "
                              f"{self.layout!r}")
+        if buffers is not None and self.buffer_spec is not None and spec_of(buffers) != self.buffer_spec:
+            raise ValueError(f"SparseLoRA: the global arrays' buffers {spec_of(buffers)} are not this run's "
+                             f"{self.buffer_spec}")
         self.global_adapter = adapter
+        if buffers is not None:
+            self._set_buffers(buffers)
         self._returned = None
+
+    def global_arrays(self) -> "GlobalArrays":
+        """The global model now: its tensors and buffers."""
+        if self.global_adapter is None:
+            raise RuntimeError("SparseLoRA.global_arrays: no global model yet (start the strategy)")
+        return GlobalArrays({n: self.global_adapter[n] for n in self.layout.names}, self.global_buffers)
 
     def download_payload(self) -> bytes:
         """The train download of a dense / sparse strategy (a diff strategy's are per node,
@@ -172,6 +239,11 @@ class SparseLoRA(FedAvg):
         out[CONFIG_DOWN] = down or s.down
         return out
 
+    def _add_buffers(self, content: RecordDict) -> None:
+        """Every train message carries the global buffers, dense (they are small), once known."""
+        if self._buffers_out is not None:
+            content[BUFFERS_KEY] = self._buffers_out
+
     def _diff_messages(self, server_round: int, messages: List[Message]) -> List[Message]:
         """One message per sampled node with its own download: the view's steps since the
         version it holds, or the whole view (fastlora.fl.view)."""
@@ -187,15 +259,16 @@ class SparseLoRA(FedAvg):
             config[CONFIG_VIEW_FROM] = int(held) if kind == "diff" else -1
             config[CONFIG_VIEW_TO] = self.view.version
             record = pack_payloads(payloads)
-            out.append(Message(RecordDict({self.arrayrecord_key: record, self.configrecord_key: config}),
-                               message_type=msg.metadata.message_type, dst_node_id=node))
-            self.tracker.sent(server_round, record, 1, self._fedavg_bytes)
+            content = RecordDict({self.arrayrecord_key: record, self.configrecord_key: config})
+            self._add_buffers(content)
+            out.append(Message(content, message_type=msg.metadata.message_type, dst_node_id=node))
+            self.tracker.sent(server_round, record.count_bytes() + self._buffer_bytes(), 1, self._fedavg_bytes)
             self._sent_versions[node] = self.view.version
         return out
 
-    def _track_sent(self, server_round: int, messages: list, record: ArrayRecord) -> list:
+    def _track_sent(self, server_round: int, messages: list, nbytes: int) -> list:
         if messages:
-            self.tracker.sent(server_round, record, len(messages), self._fedavg_bytes)
+            self.tracker.sent(server_round, nbytes, len(messages), self._fedavg_bytes)
         return messages
 
     # -- Strategy API ---------------------------------------------------------------------------
@@ -209,32 +282,35 @@ class SparseLoRA(FedAvg):
             return self._diff_messages(server_round, messages)
         record = pack_payload(self.download_payload())
         messages = list(super().configure_train(server_round, record, self._config(config), grid))
-        return self._track_sent(server_round, messages, record)
+        for msg in messages:
+            self._add_buffers(msg.content)
+        return self._track_sent(server_round, messages, record.count_bytes() + self._buffer_bytes())
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         if self.fraction_evaluate == 0.0:
             return []
         self._sync_global(arrays)
-        # Evaluate messages carry the global tensors as Flower's plain ArrayRecord (dense float32,
-        # what FedAvg sends): they stand alone, and Flower's own evaluate handlers
+        # Evaluate messages carry the global tensors and buffers as Flower's plain ArrayRecord
+        # (dense, what FedAvg sends): they stand alone, and Flower's own evaluate handlers
         # (``model.load_state_dict(msg.content["arrays"].to_torch_state_dict())``) work on them.
-        record = ArrayRecord({n: self.global_adapter[n] for n in self.layout.names})
+        record = ArrayRecord({**{n: self.global_adapter[n] for n in self.layout.names}, **self.global_buffers})
         messages = list(super().configure_evaluate(server_round, record, self._config(config, "plain"), grid))
-        return self._track_sent(server_round, messages, record)
+        return self._track_sent(server_round, messages, record.count_bytes())
 
     def check_reply(self, msg: Message):
-        """``(SparseDelta, num_examples)`` of a train reply, or raises ValueError with the
-        reason it is rejected."""
+        """``(SparseDelta, num_examples, buffers)`` of a train reply (``buffers``: ``{}`` when
+        it carries none), or raises ValueError with the reason it is rejected."""
         if msg.has_error():
             raise ValueError(f"client error (code {msg.error.code}): {msg.error.reason}")
         content = msg.content
-        arrays = list(content.array_records.values())
+        arrays = [r for k, r in content.array_records.items() if k != BUFFERS_KEY]
         metrics = list(content.metric_records.values())
         configs = list(content.config_records.values())
         if len(arrays) != 1 or len(metrics) != 1 or configs:
-            raise ValueError(f"expected exactly one ArrayRecord and one MetricRecord, got {len(arrays)} "
-                             f"ArrayRecord(s), {len(metrics)} MetricRecord(s), {len(configs)} ConfigRecord(s)")
+            raise ValueError(f"expected exactly one ArrayRecord and one MetricRecord (besides the buffers under "
+                             f"{BUFFERS_KEY!r}), got {len(arrays)} ArrayRecord(s), {len(metrics)} MetricRecord(s), "
+                             f"{len(configs)} ConfigRecord(s)")
         n = metrics[0].get(self.weighted_by_key)
         if (n is None or isinstance(n, bool) or not isinstance(n, (int, float))
                 or not math.isfinite(n) or not 0 < n <= MAX_NUM_EXAMPLES):
@@ -245,7 +321,22 @@ class SparseLoRA(FedAvg):
             sd = codec.decode(payload, layout=self.layout, max_numel=self.layout.numel)
         except (PayloadError, codec.DecodeError) as e:
             raise ValueError(f"bad payload: {e}") from None
-        return sd, n
+        return sd, n, self._reply_buffers(content.array_records.get(BUFFERS_KEY))
+
+    def _reply_buffers(self, record: Optional[ArrayRecord]) -> Buffers:
+        """The buffers of a reply, checked against this run's set (the first accepted reply's
+        when the server does not know it yet)."""
+        if record is None:
+            if self.buffer_spec:
+                raise ValueError(f"bad buffers: the reply carries none (ArrayRecord {BUFFERS_KEY!r}), this run's "
+                                 f"model has {len(self.buffer_spec)}")
+            return {}
+        try:
+            buffers = record_buffers(record)
+            check_buffers(buffers, self.buffer_spec if self.buffer_spec is not None else spec_of(buffers))
+        except ValueError as e:
+            raise ValueError(f"bad buffers: {e}") from None
+        return buffers
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> Tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
@@ -254,15 +345,14 @@ class SparseLoRA(FedAvg):
                                "adapter yet (run it with strategy.start(...))")
         # Node-id order: the float32 sums do not depend on the order in which replies arrived.
         replies = sorted(replies, key=lambda m: m.metadata.src_node_id)
-        accepted, counts, contents, reasons = [], [], [], []
+        accepted, counts, buffer_sets, contents, reasons, sizes = [], [], [], [], [], []
         seen = set()
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_content():
-                nbytes = sum(r.count_bytes() for r in msg.content.array_records.values())
-                self.tracker.received(server_round, nbytes, self._fedavg_bytes)
+                sizes.append(sum(r.count_bytes() for r in msg.content.array_records.values()))
             try:
-                sd, n = self.check_reply(msg)
+                sd, n, buffers = self.check_reply(msg)
                 if node in seen:  # one update per node and round: a second would count twice
                     raise ValueError("a second update from this node in this round (the first one counts)")
                 seen.add(node)
@@ -272,11 +362,24 @@ class SparseLoRA(FedAvg):
                 log(logging.WARNING, "SparseLoRA round %s: rejected the reply of %s", server_round, reason)
                 reasons.append(reason)
                 continue
+            if self.buffer_spec is None:  # the first accepted reply fixes the run's set of buffers
+                self.buffer_spec = spec_of(buffers)
             accepted.append(sd)
             counts.append(n)
+            buffer_sets.append(buffers)
             contents.append(msg.content)
             if node in self._sent_versions:
                 self.held[node] = self._sent_versions[node]
+        if accepted:
+            total = float(sum(counts))
+            weights = [c / total for c in counts]
+            update = sparse_aggregate(accepted, weights, layout=self.layout)
+            self.optimizer.apply(self.global_adapter, update)
+            if self.buffer_spec:
+                self._set_buffers(weighted_mean(buffer_sets, weights))
+        # after the buffers: FedAvg's figure counts them from the round the server knows them
+        for nbytes in sizes:
+            self.tracker.received(server_round, nbytes, self._fedavg_bytes)
         self.tracker.result(server_round, len(accepted), reasons)
         log(logging.INFO, "aggregate_train: %d updates accepted, %d rejected", len(accepted), len(reasons))
 
@@ -303,11 +406,7 @@ class SparseLoRA(FedAvg):
             log(logging.WARNING, "SparseLoRA round %s: no usable update; the global adapter is unchanged",
                 server_round)
             return None, metrics
-        total = float(sum(counts))
-        weights = [c / total for c in counts]
-        update = sparse_aggregate(accepted, weights, layout=self.layout)
-        self.optimizer.apply(self.global_adapter, update)
-        self._returned = ArrayRecord({n: self.global_adapter[n] for n in self.layout.names})
+        self._returned = self.global_arrays()
         return self._returned, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List
 
-from flwr.app import ArrayRecord
-
 
 @dataclass
 class RoundBytes:
@@ -35,7 +33,8 @@ class CommTracker:
     """Counts, per round and in total, the bytes of every ArrayRecord a :class:`SparseLoRA`
     sends and receives (``ArrayRecord.count_bytes()``, as FlowerTune does: array data plus
     keys, not the ConfigRecords/MetricRecords or protocol framing), next to what Flower's
-    plain FedAvg of the same adapter in fp32 would have sent for the same messages."""
+    plain FedAvg of the same adapter in fp32 (and the same buffers, once the server knows them)
+    would have sent for the same messages."""
 
     def __init__(self):
         self.rounds: Dict[int, RoundBytes] = {}
@@ -45,9 +44,11 @@ class CommTracker:
             self.rounds[rnd] = RoundBytes(rnd)
         return self.rounds[rnd]
 
-    def sent(self, rnd: int, record: ArrayRecord, messages: int, fedavg_per_message: int) -> None:
+    def sent(self, rnd: int, nbytes: int, messages: int, fedavg_per_message: int) -> None:
+        """``messages`` messages of ``nbytes`` ArrayRecord bytes each (every ArrayRecord of a
+        message: the payloads and the buffers)."""
         r = self._round(rnd)
-        r.down_bytes += record.count_bytes() * messages
+        r.down_bytes += nbytes * messages
         r.fedavg_down_bytes += fedavg_per_message * messages
         r.messages += messages
 

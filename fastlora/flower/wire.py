@@ -22,6 +22,7 @@ CONFIG_VIEW_FROM = "fastlora-view-from"       # diff download: the view version 
 CONFIG_VIEW_TO = "fastlora-view-version"      # diff download: the view version they lead to
 VIEW_KEY = "fastlora.view"                    # client: context.state ArrayRecord of the view it holds
 VIEW_VERSION_KEY = "fastlora.view-version"    # client: context.state ConfigRecord {"version": int}
+BUFFERS_KEY = "fastlora.buffers"              # train messages and replies: the ArrayRecord of the buffers
 REPLY_ARRAYS_KEY = "arrays"
 REPLY_METRICS_KEY = "metrics"
 
@@ -89,7 +90,9 @@ def unpack_payloads(record) -> List[bytes]:
 
 
 def _single_array_record(content: RecordDict, who: str) -> ArrayRecord:
-    records = list(content.array_records.values())
+    """The message's one ArrayRecord of payloads (or of plain tensors), besides the buffers'
+    record under :data:`BUFFERS_KEY`."""
+    records = [r for k, r in content.array_records.items() if k != BUFFERS_KEY]
     if len(records) != 1:
-        raise PayloadError(f"{who}: expected exactly one ArrayRecord, got {len(records)}")
+        raise PayloadError(f"{who}: expected exactly one ArrayRecord (besides {BUFFERS_KEY!r}), got {len(records)}")
     return records[0]
