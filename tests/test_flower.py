@@ -1005,3 +1005,90 @@ def test_model_buffers_rules():
     assert isinstance(net[0], fastlora.QuantizedLinear) and list(model_buffers(net)) == [
         "1.running_mean", "1.running_var", "1.num_batches_tracked"]
 
+
+# --- the strategy's checkpoint (a restarted server resumes) ------------------------------------
+
+def checkpointed_server(spec, rounds, kept, *, save=None, load=None, forget_nodes=False):
+    """The example app's server with ``SparseLoRA.save_state`` after its rounds, or
+    ``load_state`` before them (a restarted server)."""
+    cfg = task.config(overrides={"strategy": spec})
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context):
+        st = SparseLoRA(spec, fraction_train=1.0, min_train_nodes=2, min_available_nodes=2)
+        if load is not None:
+            st.load_state(load, forget_nodes=forget_nodes)
+            arrays = st.global_arrays()
+        else:
+            arrays = initial_arrays(task.initial_adapter(cfg))
+        kept["result"] = st.start(grid=grid, initial_arrays=arrays, num_rounds=rounds)
+        if save is not None:
+            st.save_state(save)
+        kept["st"] = st
+    return app
+
+
+@pytest.mark.parametrize("spec", ["ef-topk", "ef-topk:server_opt=adam,server_lr=0.01"])
+def test_resumed_server_matches_the_straight_run(tmp_path, spec):
+    kept = {}
+    straight = run_in_process(checkpointed_server(spec, 4, kept), make_client_app(), 2)
+    ref = kept["st"]
+    ckpt = tmp_path / "server.safetensors"
+    grid = run_in_process(checkpointed_server(spec, 2, kept, save=ckpt), make_client_app(), 2)
+    grid.run_server(checkpointed_server(spec, 2, kept, load=ckpt))   # the same nodes, their state kept
+    st = kept["st"]
+    assert st.last_round == 4 and list(kept["result"].train_metrics_clientapp) == [1, 2]
+    for n in ref.layout.names:   # bit for bit
+        assert torch.equal(st.global_adapter[n], ref.global_adapter[n]), n
+    # the nodes saw rounds 3 and 4 and got the same downloads (diffs from the versions they held)
+    assert [round_of(m) for m in grid.sent] == [round_of(m) for m in straight.sent] == [1, 1, 2, 2, 3, 3, 4, 4]
+    for a, b in zip(grid.sent, straight.sent):
+        assert unpack_payloads(a.content["arrays"]) == unpack_payloads(b.content["arrays"])
+        assert a.content["config"]["fastlora-down-kind"] == b.content["config"]["fastlora-down-kind"]
+    assert st.held == ref.held and st.view.version == ref.view.version == 4
+    assert st.tracker.summary() == ref.tracker.summary()
+    assert st.optimizer.step_count == ref.optimizer.step_count
+    for k, v in ref.optimizer.state_tensors().items():
+        assert torch.equal(st.optimizer.state_tensors()[k], v), k
+    # nodes that lost their state: forget_nodes resyncs them instead of sending steps they cannot apply
+    fresh = run_in_process(checkpointed_server(spec, 2, kept, load=ckpt, forget_nodes=True), make_client_app(), 2)
+    assert [m.content["config"]["fastlora-down-kind"] for m in fresh.sent] == ["resync"] * 2 + ["diff"] * 2
+    assert all(not r.has_error() for r in fresh.received)
+
+
+def test_checkpoint_errors_are_clear(tmp_path, task_identity):
+    from fastlora.fl import checkpoint
+
+    kept = {}
+    ckpt = tmp_path / "server.safetensors"
+    with pytest.raises(RuntimeError, match="before the first round"):
+        SparseLoRA().save_state(ckpt)
+    run_in_process(checkpointed_server("ef-topk", 1, kept, save=ckpt), make_client_app(), 2)
+    with pytest.raises(checkpoint.CheckpointError, match="another strategy"):
+        SparseLoRA("flasc").load_state(ckpt)
+    with pytest.raises(checkpoint.CheckpointError, match="another strategy"):
+        SparseLoRA("ef-topk:server_opt=adam,server_lr=0.01").load_state(ckpt)
+    # a strategy that already runs another model
+    cfg = task.config()
+    other = build_classifier(tiny_encoder(seed=0), cfg["num-classes"], rank=2, seed=0)
+    st = SparseLoRA("ef-topk")
+    st.configure_train(1, initial_arrays(other), ConfigRecord(), InProcessGrid(None, 2))
+    with pytest.raises(checkpoint.CheckpointError, match="adapter of another model"):
+        st.load_state(ckpt)
+    # a flipped bit, another kind of checkpoint
+    data = bytearray(ckpt.read_bytes())
+    data[-3] ^= 0x10
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(bytes(data))
+    with pytest.raises(checkpoint.CheckpointError, match="does not match its digest"):
+        SparseLoRA().load_state(corrupt)
+    loop = tmp_path / "loop.safetensors"
+    checkpoint.save(loop, {"global.x": torch.zeros(2)}, {"identity": {}, "round": 1})
+    with pytest.raises(checkpoint.CheckpointError, match="not a SparseLoRA checkpoint"):
+        SparseLoRA().load_state(loop)
+    # resuming from another model than the checkpoint's
+    st = SparseLoRA("ef-topk")
+    st.load_state(ckpt)
+    with pytest.raises(ValueError, match="pass strategy.global_arrays"):
+        st.start(grid=None, initial_arrays=initial_arrays(task.initial_adapter(cfg)), num_rounds=1)

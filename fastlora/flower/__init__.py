@@ -78,6 +78,10 @@ ordinary ArrayRecord of the dense global adapter (float32 numpy arrays) followed
 global buffers, whose ``buffer_names`` say which are which; :func:`initial_arrays` of a model
 builds one too. The compact form exists only on the wire.
 
+Resuming: :meth:`SparseLoRA.save_state` / :meth:`SparseLoRA.load_state` checkpoint the
+strategy (``fastlora.fl.checkpoint``); ``start(initial_arrays=strategy.global_arrays(), ...)``
+then continues the run, its rounds numbered after the checkpoint's (``last_round``).
+
 Error feedback: the client's residual lives in ``context.state["fastlora.residual"]`` (an
 ArrayRecord of float32 tensors), which Flower's simulation and deployment engines keep
 between rounds for each node.
@@ -95,7 +99,7 @@ payloads as the federated loop. ``exact`` (FlexLoRA, per-client ranks) and ``fed
 from .client import client_update, load_global
 from .inprocess import InProcessGrid, run_in_process
 from .buffers import model_buffers
-from .strategy import GlobalArrays, SparseLoRA, as_strategy, initial_arrays
+from .strategy import CHECKPOINT_KIND, GlobalArrays, SparseLoRA, as_strategy, initial_arrays
 from .tracker import CommTracker, RoundBytes
 from .wire import (BUFFERS_KEY, CONFIG_DOWN, CONFIG_DOWN_KIND, CONFIG_ERROR_FEEDBACK, CONFIG_UP_DENSITY,
                    CONFIG_VALUES, CONFIG_VIEW_FROM, CONFIG_VIEW_TO, MAX_NUM_EXAMPLES, NUM_EXAMPLES_KEY, PAYLOAD_DTYPE,
@@ -106,7 +110,7 @@ __all__ = [
     "SparseLoRA", "CommTracker", "PayloadError", "client_update", "load_global", "pack_payload",
     "unpack_payload", "pack_payloads", "unpack_payloads", "initial_arrays", "as_strategy", "InProcessGrid",
     "run_in_process", "GlobalArrays", "model_buffers", "PAYLOAD_KEY", "PAYLOAD_DTYPE", "PAYLOAD_STYPE",
-    "RESIDUAL_KEY", "NUM_EXAMPLES_KEY", "VIEW_KEY", "VIEW_VERSION_KEY", "BUFFERS_KEY",
+    "RESIDUAL_KEY", "NUM_EXAMPLES_KEY", "VIEW_KEY", "VIEW_VERSION_KEY", "BUFFERS_KEY", "CHECKPOINT_KIND",
     "RoundBytes", "MAX_NUM_EXAMPLES", "CONFIG_UP_DENSITY", "CONFIG_VALUES", "CONFIG_ERROR_FEEDBACK", "CONFIG_DOWN",
     "CONFIG_DOWN_KIND", "CONFIG_VIEW_FROM", "CONFIG_VIEW_TO",
 ]

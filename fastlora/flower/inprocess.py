@@ -19,6 +19,8 @@ class InProcessGrid(Grid):
     error replies (``CLIENT_APP_RAISED_EXCEPTION``), as in Flower's engines.
 
     ``sent`` / ``received`` keep every message pushed and every reply, for inspection.
+    :meth:`run_server` runs a ServerApp against the nodes; another one run later on the same
+    grid is a restarted server whose nodes kept their state.
     Uses Flower's semi-private ``flwr.common.serde`` and ``flwr.supercore.run.Run`` (1.42).
     """
 
@@ -30,6 +32,7 @@ class InProcessGrid(Grid):
             raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
         self.client_app = client_app
         self.serialize = serialize
+        self.run_config = dict(run_config or {})
         self._run = Run.create_empty(run_id)
         self.contexts: Dict[int, Context] = {}
         for i in range(num_nodes):
@@ -38,7 +41,7 @@ class InProcessGrid(Grid):
             if node_configs is not None:
                 node_config.update(node_configs[i])
             self.contexts[node_id] = Context(run_id=run_id, node_id=node_id, node_config=node_config,
-                                             state=RecordDict(), run_config=dict(run_config or {}))
+                                             state=RecordDict(), run_config=dict(self.run_config))
         self._replies: Dict[str, Message] = {}
         self.sent: List[Message] = []
         self.received: List[Message] = []
@@ -102,24 +105,28 @@ class InProcessGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: Optional[float] = None) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))
 
+    def run_server(self, server_app) -> "InProcessGrid":
+        """Runs a ServerApp against this grid's nodes (a fresh server context; the nodes keep
+        theirs) and returns the grid; ``elapsed_s`` is the ServerApp's time. Sets Flower's task
+        identity for the duration (restored afterwards)."""
+        from flwr.common.constant import SUPERLINK_NODE_ID
+        from flwr.supercore.task_identity import TaskIdentity
+
+        saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, self.run.run_id, SUPERLINK_NODE_ID
+        try:
+            ctx = Context(run_id=self.run.run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(),
+                          run_config=dict(self.run_config))
+            t0 = time.perf_counter()
+            server_app(self, ctx)
+            self.elapsed_s = time.perf_counter() - t0
+        finally:
+            TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+        return self
+
 
 def run_in_process(server_app, client_app, num_nodes: int, *, run_config: Optional[dict] = None,
                    serialize: bool = True) -> InProcessGrid:
-    """Runs a ServerApp against ``num_nodes`` in-process ClientApp nodes (an
-    :class:`InProcessGrid`) and returns the grid (its contexts, sent and received messages).
-    Sets Flower's task identity for the duration (restored afterwards)."""
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
-    grid = InProcessGrid(client_app, num_nodes, run_config=run_config, serialize=serialize)
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run.run_id, SUPERLINK_NODE_ID
-    try:
-        ctx = Context(run_id=grid.run.run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(),
-                      run_config=dict(run_config or {}))
-        t0 = time.perf_counter()
-        server_app(grid, ctx)
-        grid.elapsed_s = time.perf_counter() - t0
-    finally:
-        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-    return grid
+    """Runs a ServerApp against ``num_nodes`` in-process ClientApp nodes (a new
+    :class:`InProcessGrid`) and returns the grid (its contexts, sent and received messages)."""
+    return InProcessGrid(client_app, num_nodes, run_config=run_config, serialize=serialize).run_server(server_app)

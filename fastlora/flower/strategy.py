@@ -1,10 +1,12 @@
 """Server side: the :class:`SparseLoRA` strategy (Flower's FedAvg with fastlora payloads both
-ways; dense, sparse or diff downloads; the buffers FedAvg'd dense) and the helpers that turn a
-model or adapter into its initial arrays."""
+ways; dense, sparse or diff downloads; the buffers FedAvg'd dense; its state checkpointed) and
+the helpers that turn a model or adapter into its initial arrays."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
@@ -15,6 +17,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from fastlora import codec
+from fastlora.fl import checkpoint
 from fastlora.fl.client import sparsify_encode
 from fastlora.fl.model import get_adapter
 from fastlora.fl.server import ServerOptimizer
@@ -25,12 +28,13 @@ from fastlora.sparse_delta import Layout
 
 from .buffers import (Buffers, BufferSpec, buffers_record, check_buffers, model_buffers, record_buffers, spec_of,
                       weighted_mean, wire_tensor)
-from .tracker import CommTracker
+from .tracker import CommTracker, RoundBytes
 from .wire import (BUFFERS_KEY, CONFIG_DOWN, CONFIG_DOWN_KIND, CONFIG_ERROR_FEEDBACK, CONFIG_UP_DENSITY,
                    CONFIG_VALUES, CONFIG_VIEW_FROM, CONFIG_VIEW_TO, MAX_NUM_EXAMPLES, PAYLOAD_KEY, PAYLOAD_STYPE,
                    PayloadError, pack_payload, pack_payloads, unpack_payload)
 
 Adapter = Dict[str, torch.Tensor]
+CHECKPOINT_KIND = "fastlora.flower.SparseLoRA/1"   # meta["kind"] of SparseLoRA.save_state's checkpoints
 
 
 def as_strategy(strategy: Union[Strategy, str]) -> Strategy:
@@ -146,7 +150,9 @@ class SparseLoRA(FedAvg):
     Buffers (BatchNorm statistics, ...) are FedAvg'd dense beside the sparse payloads: the
     weighted mean of the nodes' buffers after training (float64 sums, cast back; integer
     buffers rounded), with the same weights as the update and no server optimizer; see
-    ``global_buffers``.
+    ``global_buffers``. :meth:`save_state` / :meth:`load_state` checkpoint the strategy so that
+    a restarted server resumes the run; rounds are numbered across ``start`` calls and
+    checkpoints (``last_round``).
     """
 
     def __init__(self, strategy: Union[Strategy, str] = "ef-topk", *, tracker: Optional[CommTracker] = None,
@@ -164,6 +170,10 @@ class SparseLoRA(FedAvg):
         self._buffers_out: Optional[ArrayRecord] = None   # the dense record of global_buffers sent down
         self._returned: Optional[ArrayRecord] = None      # the ArrayRecord we last returned
         self._fedavg_tensor_bytes = 0
+        # Flower's start numbers its rounds from 1; the strategy numbers them across starts and
+        # checkpoints (the view's versions, the nodes' server-round and the tracker need that).
+        self.last_round = 0
+        self._round_offset = 0
         # diff download: the view up-to-date nodes hold, and which version each node holds (set
         # when its train reply is accepted: it applied the download before training)
         self.view: Optional[ServerView] = None
@@ -177,6 +187,9 @@ class SparseLoRA(FedAvg):
             ", error feedback" if s.error_feedback else "", s.down_label, s.down_values)
 
     # -- state ------------------------------------------------------------------------------
+    def _round(self, server_round: int) -> int:
+        return server_round + self._round_offset
+
     @property
     def _fedavg_bytes(self) -> int:
         """What Flower's FedAvg sends per message: the tensors in float32 and the buffers."""
@@ -214,9 +227,10 @@ class SparseLoRA(FedAvg):
         self._returned = None
 
     def global_arrays(self) -> "GlobalArrays":
-        """The global model now: its tensors and buffers."""
+        """The global model now: its tensors and buffers (e.g. the ``initial_arrays`` of a
+        ``start`` that resumes after :meth:`load_state`)."""
         if self.global_adapter is None:
-            raise RuntimeError("SparseLoRA.global_arrays: no global model yet (start the strategy)")
+            raise RuntimeError("SparseLoRA.global_arrays: no global model yet (start the strategy or load_state)")
         return GlobalArrays({n: self.global_adapter[n] for n in self.layout.names}, self.global_buffers)
 
     def download_payload(self) -> bytes:
@@ -244,10 +258,10 @@ class SparseLoRA(FedAvg):
         if self._buffers_out is not None:
             content[BUFFERS_KEY] = self._buffers_out
 
-    def _diff_messages(self, server_round: int, messages: List[Message]) -> List[Message]:
+    def _diff_messages(self, rnd: int, messages: List[Message]) -> List[Message]:
         """One message per sampled node with its own download: the view's steps since the
         version it holds, or the whole view (fastlora.fl.view)."""
-        self.view.advance(self.global_adapter, server_round)
+        self.view.advance(self.global_adapter, rnd)
         out = []
         self._sent_versions = {}
         for msg in messages:
@@ -262,13 +276,13 @@ class SparseLoRA(FedAvg):
             content = RecordDict({self.arrayrecord_key: record, self.configrecord_key: config})
             self._add_buffers(content)
             out.append(Message(content, message_type=msg.metadata.message_type, dst_node_id=node))
-            self.tracker.sent(server_round, record.count_bytes() + self._buffer_bytes(), 1, self._fedavg_bytes)
+            self.tracker.sent(rnd, record.count_bytes() + self._buffer_bytes(), 1, self._fedavg_bytes)
             self._sent_versions[node] = self.view.version
         return out
 
-    def _track_sent(self, server_round: int, messages: list, nbytes: int) -> list:
+    def _track_sent(self, rnd: int, messages: list, nbytes: int) -> list:
         if messages:
-            self.tracker.sent(server_round, nbytes, len(messages), self._fedavg_bytes)
+            self.tracker.sent(rnd, nbytes, len(messages), self._fedavg_bytes)
         return messages
 
     # -- Strategy API ---------------------------------------------------------------------------
@@ -277,26 +291,28 @@ class SparseLoRA(FedAvg):
         self._sync_global(arrays)
         if self.fraction_train == 0.0:
             return []
+        rnd = self._round(server_round)   # what the nodes see as "server-round"
         if self.view is not None:
-            messages = list(super().configure_train(server_round, ArrayRecord(), self._config(config), grid))
-            return self._diff_messages(server_round, messages)
+            messages = list(super().configure_train(rnd, ArrayRecord(), self._config(config), grid))
+            return self._diff_messages(rnd, messages)
         record = pack_payload(self.download_payload())
-        messages = list(super().configure_train(server_round, record, self._config(config), grid))
+        messages = list(super().configure_train(rnd, record, self._config(config), grid))
         for msg in messages:
             self._add_buffers(msg.content)
-        return self._track_sent(server_round, messages, record.count_bytes() + self._buffer_bytes())
+        return self._track_sent(rnd, messages, record.count_bytes() + self._buffer_bytes())
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         if self.fraction_evaluate == 0.0:
             return []
         self._sync_global(arrays)
+        rnd = self._round(server_round)
         # Evaluate messages carry the global tensors and buffers as Flower's plain ArrayRecord
         # (dense, what FedAvg sends): they stand alone, and Flower's own evaluate handlers
         # (``model.load_state_dict(msg.content["arrays"].to_torch_state_dict())``) work on them.
         record = ArrayRecord({**{n: self.global_adapter[n] for n in self.layout.names}, **self.global_buffers})
-        messages = list(super().configure_evaluate(server_round, record, self._config(config, "plain"), grid))
-        return self._track_sent(server_round, messages, record.count_bytes())
+        messages = list(super().configure_evaluate(rnd, record, self._config(config, "plain"), grid))
+        return self._track_sent(rnd, messages, record.count_bytes())
 
     def check_reply(self, msg: Message):
         """``(SparseDelta, num_examples, buffers)`` of a train reply (``buffers``: ``{}`` when
@@ -343,6 +359,7 @@ class SparseLoRA(FedAvg):
         if self.layout is None:
             raise RuntimeError("SparseLoRA.aggregate_train before configure_train: the strategy has no global "
                                "adapter yet (run it with strategy.start(...))")
+        rnd = self._round(server_round)
         # Node-id order: the float32 sums do not depend on the order in which replies arrived.
         replies = sorted(replies, key=lambda m: m.metadata.src_node_id)
         accepted, counts, buffer_sets, contents, reasons, sizes = [], [], [], [], [], []
@@ -359,7 +376,7 @@ class SparseLoRA(FedAvg):
             except Exception as e:  # noqa: BLE001  a bad reply must never stop the round
                 why = str(e) if isinstance(e, ValueError) else f"unexpected {type(e).__name__}: {e}"
                 reason = f"node {node}: {why}"
-                log(logging.WARNING, "SparseLoRA round %s: rejected the reply of %s", server_round, reason)
+                log(logging.WARNING, "SparseLoRA round %s: rejected the reply of %s", rnd, reason)
                 reasons.append(reason)
                 continue
             if self.buffer_spec is None:  # the first accepted reply fixes the run's set of buffers
@@ -370,6 +387,7 @@ class SparseLoRA(FedAvg):
             contents.append(msg.content)
             if node in self._sent_versions:
                 self.held[node] = self._sent_versions[node]
+        self.last_round = rnd
         if accepted:
             total = float(sum(counts))
             weights = [c / total for c in counts]
@@ -379,8 +397,8 @@ class SparseLoRA(FedAvg):
                 self._set_buffers(weighted_mean(buffer_sets, weights))
         # after the buffers: FedAvg's figure counts them from the round the server knows them
         for nbytes in sizes:
-            self.tracker.received(server_round, nbytes, self._fedavg_bytes)
-        self.tracker.result(server_round, len(accepted), reasons)
+            self.tracker.received(rnd, nbytes, self._fedavg_bytes)
+        self.tracker.result(rnd, len(accepted), reasons)
         log(logging.INFO, "aggregate_train: %d updates accepted, %d rejected", len(accepted), len(reasons))
 
         metrics = MetricRecord()
@@ -390,7 +408,7 @@ class SparseLoRA(FedAvg):
             except Exception as e:  # user metrics that do not average: report ours anyway
                 log(logging.WARNING, "SparseLoRA: could not aggregate the clients' metrics: %s", e)
                 metrics = MetricRecord()
-        rb = self.tracker.rounds[server_round]
+        rb = self.tracker.rounds[rnd]
         metrics["fastlora-accepted"] = len(accepted)
         metrics["fastlora-failures"] = len(reasons)
         metrics["fastlora-down-bytes"] = rb.down_bytes
@@ -401,10 +419,9 @@ class SparseLoRA(FedAvg):
             if replies and len(undecodable) == len(replies):
                 # Not a transient failure: no node can read what this server sends (initial
                 # arrays of another model, or of more than its trainable parameters).
-                raise ValueError(f"SparseLoRA round {server_round}: every node failed to decode the download "
+                raise ValueError(f"SparseLoRA round {rnd}: every node failed to decode the download "
                                  f"against its model, e.g. {undecodable[0]}")
-            log(logging.WARNING, "SparseLoRA round %s: no usable update; the global adapter is unchanged",
-                server_round)
+            log(logging.WARNING, "SparseLoRA round %s: no usable update; the global adapter is unchanged", rnd)
             return None, metrics
         self._returned = self.global_arrays()
         return self._returned, metrics
@@ -415,14 +432,113 @@ class SparseLoRA(FedAvg):
             if msg.has_content():
                 nbytes = sum(r.count_bytes() for r in msg.content.array_records.values())
                 if nbytes:
-                    self.tracker.received(server_round, nbytes, 0)
+                    self.tracker.received(self._round(server_round), nbytes, 0)
         return super().aggregate_evaluate(server_round, replies)
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               train_config: Optional[ConfigRecord] = None, evaluate_config: Optional[ConfigRecord] = None,
               evaluate_fn=None):
-        """FedAvg's ``start``; logs the tracker's summary line at the end."""
+        """FedAvg's ``start`` for ``num_rounds`` more rounds; logs the tracker's summary line at
+        the end. A strategy that already holds a global model (from :meth:`load_state` or an
+        earlier ``start``) continues: ``initial_arrays`` must be that model
+        (:meth:`global_arrays`), and the rounds go on from ``last_round + 1`` (in the nodes'
+        ``server-round``, the view's versions and the tracker; Flower's ``Result`` and log
+        number this call's rounds from 1)."""
+        if self.global_adapter is not None:
+            self._check_continues(initial_arrays)
+            self._returned = initial_arrays
+        self._round_offset = self.last_round
         result = super().start(grid=grid, initial_arrays=initial_arrays, num_rounds=num_rounds, timeout=timeout,
                                train_config=train_config, evaluate_config=evaluate_config, evaluate_fn=evaluate_fn)
         log(logging.INFO, "%s", self.tracker.format())
         return result
+
+    def _check_continues(self, arrays: ArrayRecord) -> None:
+        adapter, buffers = _split_arrays(arrays)
+        same = list(adapter) == list(self.layout.names) and all(
+            torch.equal(adapter[n], self.global_adapter[n]) for n in adapter)
+        if buffers is not None:
+            same = same and list(buffers) == list(self.global_buffers) and all(
+                torch.equal(buffers[n], self.global_buffers[n]) for n in buffers)
+        if not same:
+            raise ValueError(f"SparseLoRA.start: this strategy holds the global model of round {self.last_round} "
+                             "(from load_state or an earlier start), and initial_arrays is another model; pass "
+                             "strategy.global_arrays() to continue, or use a new SparseLoRA to start over")
+
+    # -- checkpoint -------------------------------------------------------------------------
+    def save_state(self, path: Union[str, Path]) -> None:
+        """Writes what a restarted server needs to resume this run to ``path`` (one
+        ``fastlora.fl.checkpoint`` file: safetensors with a digest of every tensor, JSON
+        metadata, no pickle, replaced atomically): the global tensors and buffers, the server
+        optimizer's state (FedAdam's moments and step), the diff download's view and its
+        steps, the view version each node holds, the layout, the strategy spec, the last round
+        and the tracker's rounds. Call it between rounds (e.g. from ``evaluate_fn``, which
+        Flower calls after every round) or after ``start`` returns."""
+        if self.global_adapter is None:
+            raise RuntimeError("SparseLoRA.save_state before the first round: there is no state to save yet")
+        tensors = {f"global.{n}": self.global_adapter[n] for n in self.layout.names}
+        tensors.update({f"buffer.{n}": t for n, t in self.global_buffers.items()})
+        tensors.update(self.optimizer.state_tensors())
+        view_meta = None
+        if self.view is not None:
+            view_tensors, view_meta = self.view.state("view")
+            tensors.update(view_tensors)
+        meta = {"kind": CHECKPOINT_KIND, "strategy": self.fl_strategy.to_dict(), "layout": self.layout.to_json_obj(),
+                "buffers": None if self.buffer_spec is None else list(self.global_buffers),
+                "round": self.last_round, "opt_step": self.optimizer.step_count, "view": view_meta,
+                "held": sorted([node, version] for node, version in self.held.items()),
+                "tracker": [dataclasses.asdict(r) for _, r in sorted(self.tracker.rounds.items())]}
+        checkpoint.save(Path(path), tensors, meta)
+
+    def load_state(self, path: Union[str, Path], *, forget_nodes: bool = False) -> None:
+        """Restores what :meth:`save_state` wrote into this strategy (a new one, built with the
+        same strategy spec); then ``start(grid, initial_arrays=strategy.global_arrays(),
+        num_rounds=<rounds left>)`` resumes the run. Raises
+        ``fastlora.fl.checkpoint.CheckpointError`` for a corrupted file (a digest mismatch),
+        another kind of checkpoint, another strategy spec or another model's layout / buffers.
+
+        ``forget_nodes``: the nodes lost their ``context.state`` too (a new Flower run that
+        does not keep it): a diff strategy then sends each node the whole view on first contact
+        (instead of steps from a version it no longer holds, which it would refuse).
+        """
+        path = Path(path)
+        tensors, meta = checkpoint.load(path)
+        if meta.get("kind") != CHECKPOINT_KIND:
+            raise checkpoint.CheckpointError(f"{path} is not a SparseLoRA checkpoint (kind {meta.get('kind')!r}, "
+                                             f"expected {CHECKPOINT_KIND!r})")
+        if meta.get("strategy") != self.fl_strategy.to_dict():
+            raise checkpoint.CheckpointError(
+                f"{path} was written by a SparseLoRA of another strategy ({meta.get('strategy')}); this one runs "
+                f"{self.fl_strategy.label!r}: build it with the spec the checkpoint was written with")
+        try:
+            layout = Layout.from_json_obj(meta["layout"])
+            adapter = {n: tensors[f"global.{n}"].clone() for n in layout.names}
+            buffers = None if meta["buffers"] is None else {n: tensors[f"buffer.{n}"].clone() for n in meta["buffers"]}
+            optimizer = ServerOptimizer(self.fl_strategy.server_optimizer, self.fl_strategy.server_lr)
+            optimizer.load_state(tensors, layout.names, meta["opt_step"])
+            view = None
+            if self.fl_strategy.down == "diff":
+                view = ServerView(layout, self.fl_strategy.down_density, self.fl_strategy.down_values)
+                view.load_state(tensors, meta["view"], "view")
+            held = {} if forget_nodes else {int(node): int(version) for node, version in meta["held"]}
+            rounds = {int(r["round"]): RoundBytes(**r) for r in meta["tracker"]}
+            last_round = int(meta["round"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise checkpoint.CheckpointError(f"{path}: incomplete SparseLoRA checkpoint "
+                                             f"({type(e).__name__}: {e})") from None
+        if self.layout is not None and layout != self.layout:
+            raise checkpoint.CheckpointError(f"{path} holds the adapter of another model: {layout!r}, this strategy "
+                                             f"runs {self.layout!r}")
+        if buffers is not None and self.buffer_spec is not None and spec_of(buffers) != self.buffer_spec:
+            raise checkpoint.CheckpointError(f"{path} holds the buffers of another model: {spec_of(buffers)}, this "
+                                             f"strategy runs {self.buffer_spec}")
+        # everything read and checked: replace the state
+        self.layout, self.global_adapter = layout, adapter
+        self._fedavg_tensor_bytes = _dense_fp32_record_bytes(adapter)
+        self.global_buffers, self.buffer_spec, self._buffers_out = {}, None, None
+        if buffers is not None:
+            self._set_buffers(buffers)
+        self.optimizer, self.view, self.held, self._sent_versions = optimizer, view, held, {}
+        self.tracker.rounds = rounds
+        self.last_round = last_round
+        self._returned = None
