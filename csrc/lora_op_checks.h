@@ -42,6 +42,6 @@ void check_lora_quantized_bwd_args(const at::Tensor& grad_y, const at::Tensor& x
                                    const at::Tensor& xa, double scaling, double dropout_p, const at::Tensor& seed);
 
 void check_dequantize_args(const at::Tensor& qweight, const at::Tensor& absmax, const at::Tensor& code,
-                           int64_t blocksize, at::IntArrayRef weight_shape);
+                           int64_t blocksize, at::IntArrayRef weight_shape, at::ScalarType dtype);
 
 }  // namespace fastlora

@@ -129,8 +129,8 @@ void bwd_check_op(const Tensor& grad_y, const Tensor& x, const Tensor& qweight, 
 }
 
 void dequantize_check_op(const Tensor& qweight, const Tensor& absmax, const Tensor& code, int64_t blocksize,
-                         at::IntArrayRef weight_shape) {
-  check_dequantize_args(qweight, absmax, code, blocksize, weight_shape);
+                         at::IntArrayRef weight_shape, at::ScalarType dtype) {
+  check_dequantize_args(qweight, absmax, code, blocksize, weight_shape, dtype);
 }
 
 }  // namespace
@@ -157,8 +157,10 @@ void check_lora_quantized_bwd_args(const Tensor& grad_y, const Tensor& x, const 
 }
 
 void check_dequantize_args(const Tensor& qweight, const Tensor& absmax, const Tensor& code, int64_t blocksize,
-                           at::IntArrayRef weight_shape) {
+                           at::IntArrayRef weight_shape, at::ScalarType dtype) {
   check_quantized_weight("fastlora::dequantize", qweight, absmax, code, blocksize, weight_shape, qweight.device());
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+                   "fastlora::dequantize: dtype must be float32, float64, float16 or bfloat16, got ", dtype);
 }
 
 TORCH_LIBRARY_FRAGMENT(fastlora, m) {
@@ -185,7 +187,8 @@ TORCH_LIBRARY_FRAGMENT(fastlora, m) {
         "int blocksize, int[2] weight_shape, Tensor lora_A, Tensor lora_B, Tensor xa, float scaling, "
         "float dropout_p, Tensor seed) -> ()",
         &bwd_check_op);
-  m.def("_dequantize_check(Tensor qweight, Tensor absmax, Tensor code, int blocksize, int[2] weight_shape) -> ()",
+  m.def("_dequantize_check(Tensor qweight, Tensor absmax, Tensor code, int blocksize, int[2] weight_shape, "
+        "ScalarType dtype) -> ()",
         &dequantize_check_op);
 }
 

@@ -346,3 +346,5 @@ def test_dequantize_kernel_int64_indices_and_checks(monkeypatch):
     assert torch.equal(tk.dequantize(*qa, torch.bfloat16), ref.dequantize(*qa, torch.bfloat16))
     with pytest.raises(ValueError, match="qweight has"):
         ops._dequantize_cuda(qa[0][:-1], *qa[1:], torch.float32)
+    with pytest.raises(TypeError, match="dtype must be float32, float64, float16 or bfloat16"):
+        ops._dequantize_cuda(*qa, torch.int32)

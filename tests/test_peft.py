@@ -428,28 +428,40 @@ def test_dora_weight_norm_is_the_norm_of_w_plus_sba():
     torch.testing.assert_close(got32.double(), expected, rtol=1e-5, atol=0)
 
 
-def test_dora_with_active_dropout_falls_back_with_one_warning_and_same_result():
-    stock = peft_model(use_dora=True, lora_dropout=0.1)
-    fast = patched_copy(stock)
-    stock.train()
-    fast.train()
-    torch.manual_seed(0)
-    with pytest.warns(UserWarning, match=r"DoRA with dropout in training mode") as record:
-        ids = inputs()
-        torch.manual_seed(3)
-        a = stock(ids).logits
-        torch.manual_seed(3)
-        b = fast(ids).logits
-    torch.testing.assert_close(a, b)
-    assert len([w for w in record if "fastlora" in str(w.message)]) >= 1
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # once per layer and reason
-        fast(ids)
-    assert fp.fast_path_calls(fast) == 0
-    fast.eval()  # dropout inactive: the fused DoRA path (float64 model: the same logits)
-    stock.eval()
-    torch.testing.assert_close(logits(fast, ids), logits(stock, ids))
-    assert fp.fast_path_calls(fast) == N_LAYERS
+@pytest.mark.parametrize("config", ["float32", "bfloat16 model, float32 adapters", "bfloat16 autocast"])
+def test_dora_with_active_dropout_runs_the_fast_path_like_peft(config):
+    """DoRA with dropout in training mode: PEFT's mask (the adapter's own dropout module, same
+    RNG state), logits and every LoRA / magnitude gradient within the tolerance rule of PEFT's
+    own error against the float64 truth on the same masks."""
+    truth_model = peft_model(torch.float64, use_dora=True, lora_dropout=0.1)
+    if config == "bfloat16 model, float32 adapters":
+        ref_model = half_model_with_float32_adapters(truth_model, torch.bfloat16)
+    else:
+        ref_model = copy.deepcopy(truth_model).float()
+    fast_model = patched_copy(ref_model)
+    for m in (truth_model, ref_model, fast_model):
+        m.train()
+    ids = inputs()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config == "bfloat16 autocast")
+    results = []
+    for m in (truth_model, ref_model, fast_model):
+        torch.manual_seed(3)  # the same dropout masks in all three
+        with autocast, warnings.catch_warnings():
+            warnings.simplefilter("error")  # the fast path must not fall back
+            results.append(fwd_bwd(m, ids))
+    (truth_y, truth_g), (ref_y, ref_g), (out_y, out_g) = results
+    assert fp.fast_path_calls(fast_model) == N_LAYERS
+    assert out_y.dtype == ref_y.dtype and out_g.keys() == ref_g.keys()
+    assert all(g.dtype == torch.float32 for g in out_g.values())
+    assert_close_to_truth(out_y, ref_y, truth_y, "logits")
+    assert_grads_close_to_truth(out_g, ref_g, truth_g)
+    # Without dropout (eval mode) the second product with W vanishes: the same fused path.
+    fast_model.eval()
+    ref_model.eval()
+    with autocast:
+        assert_close_to_truth(logits(fast_model, ids), logits(ref_model, ids), logits(truth_model.eval(), ids),
+                              "eval logits")
+    assert fp.fast_path_calls(fast_model) == 2 * N_LAYERS
 
 
 def test_mixed_batch_adapter_names_runs_grouped_fast_path():

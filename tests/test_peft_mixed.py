@@ -206,6 +206,32 @@ def test_lora_bias_and_dora_fall_back_like_peft():
             logits(model, x, adapter_names=["default", "__base__", "default"])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_model_with_float32_adapters_runs_grouped_path_like_peft(dtype):
+    """PEFT's default on a half-precision model keeps the adapters in float32: the mixed batch
+    runs the grouped op on the adapters stacked in the model's dtype (once, cached), within the
+    tolerance rule of PEFT's own error in that configuration (it rounds each LoRA output)."""
+    truth_model = make_stock(torch.float64)
+    stock = copy.deepcopy(truth_model).to(dtype)
+    with torch.no_grad():
+        for (name, p), t in zip(stock.named_parameters(), truth_model.parameters()):
+            if "lora_" in name:
+                p.data = t.detach().float()
+    assert {p.dtype for n, p in stock.named_parameters() if "lora_" in n} == {torch.float32}
+    fast = copy.deepcopy(stock)
+    assert fp.patch(fast) == N_LAYERS
+    x = ids()
+    truth = logits(truth_model, x, adapter_names=NAMES)
+    ref = logits(stock, x, adapter_names=NAMES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback anywhere
+        out = logits(fast, x, adapter_names=NAMES)
+        assert torch.equal(logits(fast, x, adapter_names=NAMES), out)  # from the cached stack
+    assert fp.fast_path_calls(fast) == 2 * N_LAYERS
+    assert out.dtype == ref.dtype == dtype
+    assert_close_to_truth(out, ref, truth, "logits")
+
+
 def test_mixed_dtype_falls_back():
     stock, fast = make_pair()
     layer = first_layer(fast)

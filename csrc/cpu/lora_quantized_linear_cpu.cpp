@@ -180,48 +180,36 @@ int64_t panel_width(int64_t lines, int64_t len, int64_t elem_size) {
   return std::max<int64_t>(1, std::min({lines, by_cache, by_threads}));
 }
 
-// y += x @ dequant(W)^T (kAccumulate) or y = x @ dequant(W)^T, by panels of W's rows (y: M x N,
-// x: M x K, both of type T; the panels are rounded to T, as bitsandbytes' compute dtype).
-template <typename T, bool kAccumulate = true>
-void base_forward(const Tensor& x, const QuantView& w, Tensor& y) {
-  const int64_t M = x.size(0), N = w.N, K = w.K;
-  if (M == 0 || N == 0 || K == 0) return;
-  const int64_t nb = panel_width(N, K, sizeof(T));
-  at::parallel_for(0, ceil_div(N, nb), 1, [&](int64_t p0, int64_t p1) {
+// out (+)= a @ op(dequant(W)) by panels of W, each dequantized (rounded to T, as bitsandbytes'
+// compute dtype) right before its BLAS product and never all at once:
+//   kForward:  out (M x N) = x (M x K) @ W^T, panels of W's rows (out's columns n0 .. n0 + n);
+//   otherwise: out (M x K) = dY (M x N) @ W,  panels of W's columns (out's columns k0 .. k0 + k).
+// kAccumulate: out += the product (out holds the LoRA branch already); else out = the product.
+template <typename T, bool kForward, bool kAccumulate = true>
+void quantized_product(const Tensor& a, const QuantView& w, Tensor& out) {
+  const int64_t cols = kForward ? w.N : w.K;  // out's columns, cut into panels
+  const int64_t depth = kForward ? w.K : w.N; // the reduction
+  if (a.size(0) == 0 || cols == 0 || depth == 0) return;
+  const int64_t pw = panel_width(cols, depth, sizeof(T));
+  at::parallel_for(0, ceil_div(cols, pw), 1, [&](int64_t p0, int64_t p1) {
     // Worker threads do not inherit the caller's dispatch state: we are below autograd.
     at::AutoDispatchBelowAutograd below_autograd;
-    Tensor panel = at::empty({nb, K}, x.options());
+    Tensor panel = kForward ? at::empty({pw, depth}, a.options()) : at::empty({depth, pw}, a.options());
     for (int64_t p = p0; p < p1; ++p) {
-      const int64_t n0 = p * nb, n = std::min(nb, N - n0);
-      dequant_rect<T>(w, n0, n0 + n, 0, K, panel.mutable_data_ptr<T>(), K);
-      Tensor y_cols = y.narrow(1, n0, n);
-      if constexpr (kAccumulate) {
-        y_cols.addmm_(x, panel.narrow(0, 0, n).t());
+      const int64_t c0 = p * pw, c = std::min(pw, cols - c0);
+      Tensor b;
+      if constexpr (kForward) {
+        dequant_rect<T>(w, c0, c0 + c, 0, w.K, panel.mutable_data_ptr<T>(), w.K);
+        b = panel.narrow(0, 0, c).t();
       } else {
-        at::mm_out(y_cols, x, panel.narrow(0, 0, n).t());
+        dequant_rect<T>(w, 0, w.N, c0, c0 + c, panel.mutable_data_ptr<T>(), pw);
+        b = panel.narrow(1, 0, c);
       }
-    }
-  });
-}
-
-// grad_x += dY @ dequant(W) (kAccumulate) or grad_x = dY @ dequant(W), by panels of W's columns
-// (grad_x: M x K, dY: M x N).
-template <typename T, bool kAccumulate = true>
-void base_backward(const Tensor& dy, const QuantView& w, Tensor& grad_x) {
-  const int64_t M = dy.size(0), N = w.N, K = w.K;
-  if (M == 0 || N == 0 || K == 0) return;
-  const int64_t kb = panel_width(K, N, sizeof(T));
-  at::parallel_for(0, ceil_div(K, kb), 1, [&](int64_t p0, int64_t p1) {
-    at::AutoDispatchBelowAutograd below_autograd;
-    Tensor panel = at::empty({N, kb}, dy.options());
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t k0 = p * kb, k = std::min(kb, K - k0);
-      dequant_rect<T>(w, 0, N, k0, k0 + k, panel.mutable_data_ptr<T>(), kb);
-      Tensor gx_cols = grad_x.narrow(1, k0, k);
+      Tensor out_cols = out.narrow(1, c0, c);
       if constexpr (kAccumulate) {
-        gx_cols.addmm_(dy, panel.narrow(1, 0, k));
+        out_cols.addmm_(a, b);
       } else {
-        at::mm_out(gx_cols, dy, panel.narrow(1, 0, k));
+        at::mm_out(out_cols, a, b);
       }
     }
   });
@@ -270,15 +258,15 @@ std::tuple<Tensor, Tensor> lora_quantized_linear_fwd_cpu(const Tensor& x_in, con
   const QuantView w = QuantView::of(qweight, absmax, code, blocksize, weight_shape);
   if (half_base) {
     Tensor base = at::empty({x.size(0), w.N}, x_half.options());
-    base_forward<at::BFloat16, /*kAccumulate=*/false>(x_half, w, base);
+    quantized_product<at::BFloat16, /*kForward=*/true, /*kAccumulate=*/false>(x_half, w, base);
     // The branch added to the rounded base product in float32 and rounded once, in place (no
     // float32 M x N output and no second conversion pass).
     add_float_into_bf16(base, y);
     return {base, xa.to(adapter_dtype)};
   } else if (ct == at::kDouble) {
-    base_forward<double>(x, w, y);
+    quantized_product<double, /*kForward=*/true>(x, w, y);
   } else {
-    base_forward<float>(x, w, y);
+    quantized_product<float, /*kForward=*/true>(x, w, y);
   }
   return {y.to(dtype), xa.to(adapter_dtype)};
 }
@@ -315,13 +303,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lora_quantized_linear_bwd_cpu(
     const QuantView w = QuantView::of(qweight, absmax, code, blocksize, weight_shape);
     if (half_base) {  // the base term in bfloat16 (see native_half_base), the LoRA term added in float32
       Tensor base = at::empty({x.size(0), w.K}, grad_y.options());
-      base_backward<at::BFloat16, /*kAccumulate=*/false>(row_major(grad_y), w, base);
+      quantized_product<at::BFloat16, /*kForward=*/false, /*kAccumulate=*/false>(row_major(grad_y), w, base);
       add_float_into_bf16(base, grad_x);
       grad_x = base;
     } else if (ct == at::kDouble) {
-      base_backward<double>(dy, w, grad_x);
+      quantized_product<double, /*kForward=*/false>(dy, w, grad_x);
     } else {
-      base_backward<float>(dy, w, grad_x);
+      quantized_product<float, /*kForward=*/false>(dy, w, grad_x);
     }
     grad_x = grad_x.to(dtype);
   } else {
@@ -333,9 +321,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lora_quantized_linear_bwd_cpu(
 
 Tensor dequantize_cpu(const Tensor& qweight, const Tensor& absmax, const Tensor& code, int64_t blocksize,
                       at::IntArrayRef weight_shape, at::ScalarType dtype) {
-  check_dequantize_args(qweight, absmax, code, blocksize, weight_shape);
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-                   "fastlora::dequantize: dtype must be float32, float64, float16 or bfloat16, got ", dtype);
+  check_dequantize_args(qweight, absmax, code, blocksize, weight_shape, dtype);
   const QuantView w = QuantView::of(qweight, absmax, code, blocksize, weight_shape);
   const at::ScalarType ct = compute_type(dtype);
   Tensor out = at::empty({w.N, w.K}, qweight.options().dtype(ct));

@@ -140,7 +140,7 @@ def _bwd_cuda(grad_y, x, qweight, absmax, code, blocksize, weight_shape, lora_A,
 
 
 def _dequantize_cuda(qweight, absmax, code, blocksize, weight_shape, dtype):
-    torch.ops.fastlora._dequantize_check(qweight, absmax, code, blocksize, weight_shape)
+    torch.ops.fastlora._dequantize_check(qweight, absmax, code, blocksize, weight_shape, dtype)
     from fastlora.kernels import lora_quantized_linear as tk
     return tk.dequantize(qweight, absmax, code, blocksize, weight_shape, dtype)
 
@@ -173,7 +173,7 @@ def _bwd_reference(grad_y, x, qweight, absmax, code, blocksize, weight_shape, lo
 
 
 def _dequantize_reference(qweight, absmax, code, blocksize, weight_shape, dtype):
-    torch.ops.fastlora._dequantize_check(qweight, absmax, code, blocksize, weight_shape)
+    torch.ops.fastlora._dequantize_check(qweight, absmax, code, blocksize, weight_shape, dtype)
     return reference.dequantize(qweight, absmax, code, blocksize, weight_shape, dtype)
 
 

@@ -27,7 +27,7 @@ Three ways in:
    class (unless the config went through ``register``): call ``patch`` again.
 
 Fast path (one fused op per layer call, forward and backward): plain LoRA adapters (rsLoRA
-scaling, ``lora_bias=True`` and dropout included), DoRA adapters without active dropout (one
+scaling, ``lora_bias=True`` and dropout included), DoRA adapters, dropout included (one
 active adapter, dense base, no lora_bias: see ``_fastlora_dora_forward``), not merged, adapters enabled, a base layer
 that is exactly ``torch.nn.Linear`` without hooks, ``fan_in_fan_out=False``, x and the base
 layer of one dtype and device, the LoRA weights in that dtype or, on a float16 / bfloat16
@@ -46,7 +46,9 @@ per-sample adapters) run as one ``fastlora.lora_grouped_linear`` call per layer 
 punica SGMV-style) instead of PEFT's Python loop over adapters with boolean-mask gathers, when
 every adapter used in the batch is plain LoRA (no DoRA / variants, no ``lora_bias``), its
 dropout is inactive (p = 0 or eval mode: PEFT applies dropout in mixed batches too), and the
-base layer / dtype / device / hook conditions above hold. Names are mapped to ids
+base layer / dtype / device / hook conditions above hold (float32 adapters on a half-precision
+model are stacked rounded to the model's dtype once, where PEFT rounds each adapter's output to
+it). Names are mapped to ids
 per call (``"__base__"`` and adapters this layer does not hold -> base only, as in PEFT) and
 expanded over the sequence dims. The adapters' weights are stacked once and cached per
 (adapter set, Parameter objects, their ``_version``, scalings), so repeated inference calls do
@@ -59,8 +61,8 @@ grad mode with parameters requiring grad the stack is rebuilt each call (differe
 Fallback to PEFT's own ``forward`` (identical results, a ``UserWarning`` once per layer and
 reason naming the layer's class, adapter and reason):
 
-- LoRA variants: DoRA (``use_dora=True``) with dropout in training mode, with lora_bias, over
-  a quantized base or with other adapters active; PEFT's other variants (aLoRA, ...);
+- LoRA variants: DoRA (``use_dora=True``) with lora_bias, over a quantized base or with other
+  adapters active; PEFT's other variants (aLoRA, ...);
 - merged adapters (``merge_adapter()``: the base layer alone is the right computation);
 - mixed-adapter batches using DoRA / variants, ``lora_bias=True`` or active dropout (see
   above), and any other extra forward argument;
@@ -69,7 +71,7 @@ reason naming the layer's class, adapter and reason):
   ``fastlora.peft.bnb``'s, which run ``fastlora.lora_quantized_linear``);
 - ``fan_in_fan_out=True``;
 - dtypes or devices that differ between x, the base layer and the adapters other than the
-  float32 adapters above (and, in mixed-adapter batches, those too);
+  float32 adapters above;
 - several active adapters where at least one applies dropout.
 
 Without any warning, because there is nothing LoRA to compute: adapters disabled
@@ -235,10 +237,6 @@ class FastLoraLayerMixin:
             return f"adapter {name!r} has non-standard lora_A / lora_B / lora_dropout modules"
         if any(_has_hooks(m) for m in (A, B, drop)):
             return f"adapter {name!r} has hooks on its lora_A / lora_B / lora_dropout modules"
-        if name in variants and dropout[0] > 0 and dropout[1]:
-            # PEFT's DoRA then computes the magnitude-scaled base product on the dropped input: one
-            # more product with W than the fused op gives
-            return f"adapter {name!r} uses DoRA with dropout in training mode"
         return dropout
 
     def _fastlora_is_dora(self, name) -> bool:
@@ -289,27 +287,36 @@ class LoraLinear(FastLoraLayerMixin, PeftLinear):
             from fastlora.peft import bnb
             return bnb.quantized_forward(self, x, plan)
         if len(plan) == 1 and plan[0][0] in getattr(self, "lora_variant", {}):
-            return self._fastlora_dora_forward(x, plan[0][0])
+            return self._fastlora_dora_forward(x, *plan[0])
         lora_A, lora_B, scaling, p, training, lora_B_bias = self._fastlora_adapters(plan)
         return fastlora.lora_linear(x, base.weight, base.bias, lora_A, lora_B, scaling, p, training,
                                     lora_B_bias=lora_B_bias)
 
-    def _fastlora_dora_forward(self, x, name):
-        """PEFT's DoRA without dropout in one fused call: with m the magnitude vector and the
-        per-output-row norm ||W + s B A|| treated as a constant (DoRA's section 4.3, as PEFT does),
-        PEFT's ``result + (m / norm - 1) * x W^T + (m / norm) * s * x A^T B^T`` is
-        ``(m / norm) * lora_linear(x, W, None, A, B, s) + bias``. The norm comes from W, A, B
-        without building B @ A (see dora_weight_norm); PEFT builds it (out x in) every call."""
+    def _fastlora_dora_forward(self, x, name, dropout_p, training):
+        """PEFT's DoRA on the fused op. With m the magnitude vector and the per-output-row norm
+        ||W + s B A|| treated as a constant (DoRA's section 4.3, as PEFT does), PEFT computes
+        ``result + (m / norm - 1) * x_d W^T + (m / norm) * s * x_d A^T B^T`` with x_d the
+        dropped input (x itself without active dropout), which is
+
+            (m / norm) * lora_linear(x_d, W, None, A, B, s) + (x - x_d) W^T + bias
+
+        (without dropout the second product vanishes): the same two products with W as PEFT's
+        with dropout, one without. x_d is drawn by the adapter's own dropout module (PEFT's mask
+        for the same RNG state). The norm comes from W, A, B without building B @ A (see
+        dora_weight_norm); PEFT builds it (out x in) every call."""
         base = self.base_layer
         A, B, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
         magnitude = self.lora_magnitude_vector[name].weight
         with torch.no_grad():
             norm = dora_weight_norm(base.weight, A, B, s)
-        y = fastlora.lora_linear(x, base.weight, None, A, B, s, 0.0, False)
+        dropped = dropout_p > 0 and training
+        x_d = self.lora_dropout[name](x) if dropped else x
+        y = fastlora.lora_linear(x_d, base.weight, None, A, B, s, 0.0, False)
         ct = torch.float64 if y.dtype == torch.float64 else torch.float32
-        scale = magnitude.to(ct) / norm.to(ct)
-        out = y.to(ct) * scale
-        if base.bias is not None:
+        out = y.to(ct) * (magnitude.to(ct) / norm.to(ct))
+        if dropped:
+            out = out + torch.nn.functional.linear(x - x_d, base.weight, base.bias).to(ct)
+        elif base.bias is not None:
             out = out + base.bias.to(ct)
         return out.to(y.dtype)
 
@@ -366,23 +373,31 @@ class LoraLinear(FastLoraLayerMixin, PeftLinear):
         adapters = []
         for name in used:
             adapters += [self.lora_A[name].weight, self.lora_B[name].weight]
-        # The grouped op takes one dtype: float32 adapters on a half-precision model fall back.
-        return _dtype_reason(x, [base.weight, base.bias], adapters, float32_adapters=False) or (used, names)
+        # The grouped op takes one dtype: float32 adapters on a half-precision model (PEFT's
+        # default) are stacked in the model's dtype (_fastlora_stacked).
+        return _dtype_reason(x, [base.weight, base.bias], adapters) or (used, names)
 
     _FASTLORA_STACK_CACHE = 4  # adapter sets kept per layer
 
     def _fastlora_stacked(self, used, dtype):
         """(lora_A (K, r_max, in), lora_B (K, out, r_max), ranks, scalings) of the adapters
-        ``used``, cached while the Parameter objects, their versions and the scalings stay the
-        same. Under grad mode with trainable LoRA weights: rebuilt (differentiable), not cached."""
+        ``used`` in ``dtype`` (the model's: float32 adapters on a half-precision model are
+        rounded to it once, where PEFT rounds each LoRA output to it), cached while the
+        Parameter objects, their versions and the scalings stay the same. Under grad mode with
+        trainable LoRA weights: rebuilt (differentiable), not cached."""
         As = [self.lora_A[n].weight for n in used]
         Bs = [self.lora_B[n].weight for n in used]
         sdt = torch.float64 if dtype == torch.float64 else torch.float32
         scal = tuple(float(self.scaling[n]) for n in used)
+
+        def stack():
+            A, B, ranks = fastlora.stack_lora_adapters(As, Bs)
+            return A.to(dtype), B.to(dtype), ranks, torch.tensor(scal, dtype=sdt)
+
         if torch.is_grad_enabled() and any(p.requires_grad for p in As + Bs):
-            return (*fastlora.stack_lora_adapters(As, Bs), torch.tensor(scal, dtype=sdt))
+            return stack()
         cache = self.__dict__.setdefault("_fastlora_stack_cache", OrderedDict())
-        key = (tuple(used), scal, sdt)
+        key = (tuple(used), scal, dtype)
         # data_ptr / dtype / device: `.data = ...` and module.to() keep the Parameter object.
         versions = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in As + Bs)
         hit = cache.get(key)
@@ -392,8 +407,7 @@ class LoraLinear(FastLoraLayerMixin, PeftLinear):
             cache.move_to_end(key)
             return hit[2]
         with torch.no_grad():
-            A, B, ranks = fastlora.stack_lora_adapters(As, Bs)
-        value = (A, B, ranks, torch.tensor(scal, dtype=sdt))
+            value = stack()
         cache[key] = (tuple(As + Bs), versions, value)
         cache.move_to_end(key)
         while len(cache) > self._FASTLORA_STACK_CACHE:
