@@ -1,5 +1,5 @@
 // fastlora::sparse_aggregate_ family: schema. Kernels: csrc/cpu/aggregate_cpu.cpp (CPU),
-// kernels/aggregate.py (CUDA, registered from Python), fastlora/reference.py (elsewhere);
+// kernels/aggregate.py (CUDA, registered from Python), fastlora/reference/aggregate.py (elsewhere);
 // wrapper and fake: fastlora/ops/aggregate.py.
 //
 //   sparse_aggregate_(out, indices, values, weights)

@@ -14,7 +14,7 @@
 // to r_max, and r_a = ranks[a] (entries past r_a are never read). a = -1 is the base model only
 // (PEFT's "__base__"). No dropout: mixed batches are an inference feature.
 // Per-device kernels: csrc/cpu/lora_grouped_linear_cpu.cpp (CPU), kernels/lora_grouped_linear.py (CUDA,
-// registered from Python), fastlora/reference.py (any other device). The values of ranks and
+// registered from Python), fastlora/reference/lora_grouped_linear.py (any other device). The values of ranks and
 // row_adapter (ranges) are checked by each kernel, since only they read the data.
 #include <ATen/ATen.h>
 #include <torch/library.h>

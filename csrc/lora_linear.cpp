@@ -6,7 +6,7 @@
 //                    activation saved for backward besides x. Autograd: fastlora/ops/lora.py.
 //   lora_linear_bwd  2-D kernel op computing all gradients in one pass.
 // Per-device kernels: csrc/cpu/lora_linear_{fwd,bwd}_cpu.cpp (CPU), kernels/lora_linear.py (CUDA,
-// registered from Python), fastlora/reference.py (any other device).
+// registered from Python), fastlora/reference/lora_linear.py (any other device).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 

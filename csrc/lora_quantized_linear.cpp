@@ -17,7 +17,7 @@
 //                              grad_bias, grad_lora_A, grad_lora_B. The base weight is frozen.
 //   dequantize                 the full-precision weight (merging, export, the reference).
 // Per-device kernels: csrc/cpu/lora_quantized_linear_cpu.cpp (CPU), kernels/lora_quantized_linear.py
-// (CUDA, registered from Python), fastlora/reference.py (any other device). Autograd and the
+// (CUDA, registered from Python), fastlora/reference/lora_quantized_linear.py (any other device). Autograd and the
 // Python wrapper: fastlora/ops/lora_quantized_linear.py.
 #include <ATen/ATen.h>
 #include <torch/library.h>

@@ -1,6 +1,6 @@
 // fastlora low-rank family (randomized / factored SVD): schema. Kernels:
 // csrc/cpu/lowrank_cpu.cpp (ATen calls only, registered for every device); references:
-// fastlora/reference.py; wrappers, fakes and argument checks: fastlora/ops/lowrank.py.
+// fastlora/reference/lowrank.py; wrappers, fakes and argument checks: fastlora/ops/lowrank.py.
 //
 // A "factored sum" is sum_i weights[i] * Bs[i] @ As[i] with Bs[i] m x r_i and As[i] r_i x n
 // (PEFT's lora_B and lora_A), i.e. the stacked product [w_1 B_1, w_2 B_2, ...] @ [A_1; A_2; ...]

@@ -1,5 +1,5 @@
 // fastlora::topk_sparsify family: schema. Kernels: csrc/cpu/sparsify_cpu.cpp (CPU),
-// kernels/sparsify.py (CUDA, registered from Python), fastlora/reference.py (elsewhere);
+// kernels/sparsify.py (CUDA, registered from Python), fastlora/reference/sparsify.py (elsewhere);
 // wrapper, fake and argument checks: fastlora/ops/sparsify.py.
 //
 //   topk_sparsify(deltas, residuals, k, approx, value_dtype) -> (indices, values)

@@ -305,12 +305,13 @@ def probe_big_lora():
     seed = torch.tensor(99)
     fastlora.lora_linear(x, W, b, A, B, 2.0, 0.1, seed=seed).backward(gy)
     from fastlora import reference as ref
+    from fastlora.reference import dropout as ref_dropout  # the hash's uint32 helpers
     sl = slice(M - 32, M)
     # dropout mask of the last rows, by the reference hash (seed 99: lo = 99, hi = 0)
     i = torch.arange(M - 32, M, device=DEV).unsqueeze(1)
     j = torch.arange(K, device=DEV).unsqueeze(0)
     h = ref.fmix32(i ^ 99)
-    u = ref.fmix32(((h + ref._mul32(j, ref.GOLDEN32)) & ref._M32) ^ 0)
+    u = ref.fmix32(((h + ref_dropout._mul32(j, ref.GOLDEN32)) & ref_dropout._M32) ^ 0)
     keep = (u >> 8) >= ref.dropout_threshold(0.1)
     g = (gy[sl].double() @ B.double()) * 2.0
     gx = gy[sl].double() @ W.double() + (g @ A.detach().double()) * keep.double() / 0.9
