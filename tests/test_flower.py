@@ -1092,3 +1092,279 @@ def test_checkpoint_errors_are_clear(tmp_path, task_identity):
     st.load_state(ckpt)
     with pytest.raises(ValueError, match="pass strategy.global_arrays"):
         st.start(grid=None, initial_arrays=initial_arrays(task.initial_adapter(cfg)), num_rounds=1)
+
+
+
+# --- central differential privacy (Flower's client-side fixed clipping wrapper) -----------------
+
+DP_CLIP = 0.5
+DP_SCALES = (1e-4, 1e-2)    # per node: its sent update's norm ~0.02 (not clipped) and ~1.9 (clipped)
+
+
+def dp_model():
+    """Two tensors, 81,920 trainable entries, no buffers (a LoRA-like adapter)."""
+    m = torch.nn.Module()
+    m.a = torch.nn.Parameter(torch.zeros(256, 160))
+    m.b = torch.nn.Parameter(torch.zeros(160, 256))
+    return m
+
+
+def dp_client_app(*mods):
+    """Each node's "training" adds its own seeded noise (scale DP_SCALES[pid]) to the adapter
+    and reports 1 example: equal weights, as the DP noise's calibration assumes."""
+    models = {}
+    app = ClientApp(mods=list(mods))
+
+    @app.train()
+    def train(msg, context):
+        pid, rnd = int(context.node_config["partition-id"]), round_of(msg)
+        model = models.setdefault(pid, dp_model())
+
+        def train_fn(m):
+            g = torch.Generator().manual_seed(100 * pid + rnd)
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.add_(DP_SCALES[pid] * torch.randn(p.shape, generator=g))
+            return 1
+        return client_update(msg, context, model, train_fn)
+    return app
+
+
+def client_side_dp(noise_multiplier):
+    """Flower's central DP wrapper with client-side fixed clipping at DP_CLIP, 2 nodes sampled."""
+    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+
+    return lambda st: DifferentialPrivacyClientSideFixedClipping(st, noise_multiplier, DP_CLIP, 2)
+
+
+def dp_server(spec, rounds, kept, *, wrap=None, save=None, load=None):
+    """SparseLoRA(spec) on 2 nodes, run directly or wrapped (``wrap(strategy)``, e.g.
+    :func:`client_side_dp`); ``kept["globals"][r]``: the global arrays after round r (what
+    Flower's evaluate_fn sees); ``save`` after every round, ``load`` before the first."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context):
+        st = kept["st"] = SparseLoRA(spec, fraction_train=1.0, min_train_nodes=2, min_available_nodes=2)
+        arrays = initial_arrays(dp_model())
+        if load is not None:
+            st.load_state(load)
+            arrays = st.global_arrays()
+        kept["globals"] = {}
+
+        def keep(rnd, arrays):
+            kept["globals"][rnd] = arrays.to_torch_state_dict()
+            if save is not None and rnd > 0:
+                st.save_state(save)
+        run = st if wrap is None else wrap(st)
+        kept["result"] = run.start(grid=grid, initial_arrays=arrays, num_rounds=rounds, evaluate_fn=keep)
+    return app
+
+
+def decoded(rep, layout):
+    return codec.decode(unpack_payload(rep.content["arrays"]), layout=layout)
+
+
+def norm_of(sd):
+    return float(torch.linalg.vector_norm(sd.values.double()))
+
+
+@pytest.mark.parametrize("spec", ["ef-topk", "flasc:up=1/8"])   # error feedback + diff download; neither
+def test_dp_client_side_clipping_equals_clipped_updates(spec):
+    """noise 0: each node's reply is its unclipped reply (same training, same download) scaled
+    to norm <= C, the clipped-away part back in its residual; the global is their mean."""
+    plain, dp = {}, {}
+    grid_plain = run_in_process(dp_server(spec, 1, plain), dp_client_app(), 2)
+    grid_dp = run_in_process(dp_server(spec, 1, dp, wrap=client_side_dp(0.0)), dp_client_app(), 2)
+    st = dp["st"]
+    layout = st.layout
+    assert all(not r.has_error() for r in grid_dp.received) and len(grid_dp.received) == 2
+    assert all(m.content["config"]["clipping_norm"] == DP_CLIP for m in grid_dp.sent)
+    assert st.tracker.summary()["total"]["failures"] == 0
+    ef = as_strategy(spec).error_feedback
+    clipped = 0
+    def by_node(grid):   # Flower samples the nodes in random order
+        return sorted(grid.received, key=lambda r: r.metadata.src_node_id)
+
+    for a, b in zip(by_node(grid_plain), by_node(grid_dp)):   # the same updates before clipping
+        node = a.metadata.src_node_id
+        assert b.metadata.src_node_id == node
+        sa, sb = decoded(a, layout), decoded(b, layout)
+        na, nb = norm_of(sa), norm_of(sb)
+        assert nb <= DP_CLIP and torch.equal(sa.indices, sb.indices)
+        if na <= DP_CLIP:
+            assert unpack_payload(a.content["arrays"]) == unpack_payload(b.content["arrays"])
+        else:
+            clipped += 1
+            assert DP_CLIP * (1 - 2 ** -9) < nb
+            torch.testing.assert_close(sb.values.float(), sa.values.float() * (DP_CLIP / na), rtol=2 ** -10,
+                                       atol=1e-8)
+        if ef:   # what clipping removed is in the residual: residual + sent is what it was
+            ra = grid_plain.contexts[node].state[RESIDUAL_KEY].to_torch_state_dict()
+            rb = grid_dp.contexts[node].state[RESIDUAL_KEY].to_torch_state_dict()
+            da, db = sa.to_dense(torch.float32), sb.to_dense(torch.float32)
+            for n in layout.names:
+                torch.testing.assert_close(rb[n] + db[n], ra[n] + da[n], rtol=0, atol=1e-6)
+        else:    # without error feedback the clipped-away part (and top-k's remainder) is lost
+            assert RESIDUAL_KEY not in grid_dp.contexts[node].state
+    assert clipped == 1
+    # noise 0: the global is the initial adapter plus the mean of the clipped updates, bit for bit
+    expected = get_adapter(dp_model())
+    ServerOptimizer().apply(expected, sparse_aggregate([unpack_payload(r.content["arrays"]) for r in by_node(grid_dp)],
+                                                       [0.5, 0.5], layout=layout))
+    got = dp["result"].arrays.to_torch_state_dict()
+    for n in layout.names:
+        assert torch.equal(got[n], expected[n]) and torch.equal(st.global_adapter[n], expected[n]), n
+
+
+def test_dp_noise_has_the_documented_std():
+    """noise_multiplier z > 0: the global after round 1 is the noise-free one plus Gaussian noise
+    of std z * C / m on every entry (Flower's wrapper); the run goes on from that release (3
+    rounds, the diff download built from it), and the strategy holds it (global_arrays,
+    save_state): not the noise-free sum."""
+    quiet, noisy = {}, {}
+    run_in_process(dp_server("ef-topk", 1, quiet, wrap=client_side_dp(0.0)), dp_client_app(), 2)
+    grid = run_in_process(dp_server("ef-topk", 3, noisy, wrap=client_side_dp(1.0)), dp_client_app(), 2)
+    st = noisy["st"]
+    layout = st.layout
+    std = 1.0 * DP_CLIP / 2
+    diff = torch.cat([(noisy["globals"][1][n] - quiet["globals"][1][n]).flatten().double() for n in layout.names])
+    assert diff.numel() == 81920
+    assert abs(float(diff.mean())) < 5 * std / math.sqrt(diff.numel())
+    assert abs(float(diff.std()) / std - 1) < 0.02        # the std's own standard error: 0.25%
+    assert len(grid.received) == 6 and all(not r.has_error() for r in grid.received)
+    assert all(norm_of(decoded(r, layout)) <= DP_CLIP for r in grid.received)
+    assert st.tracker.summary()["total"]["failures"] == 0 and st.last_round == 3
+    final = noisy["result"].arrays.to_torch_state_dict()
+    assert all(torch.equal(st.global_adapter[n], final[n]) for n in layout.names)
+
+
+def test_dp_resumed_server_matches_the_straight_run(tmp_path):
+    """Under Flower's wrapper (its start, not SparseLoRA.start) a restarted server goes on with
+    rounds 3, 4 and ends where the straight run does (noise 0: the runs are comparable)."""
+    straight, kept = {}, {}
+    ref = run_in_process(dp_server("ef-topk", 4, straight, wrap=client_side_dp(0.0)), dp_client_app(), 2)
+    ckpt = tmp_path / "server.safetensors"
+    app = dp_client_app()
+    grid = run_in_process(dp_server("ef-topk", 2, kept, wrap=client_side_dp(0.0), save=ckpt), app, 2)
+    grid.run_server(dp_server("ef-topk", 2, kept, wrap=client_side_dp(0.0), load=ckpt))
+    assert [round_of(m) for m in grid.sent] == [round_of(m) for m in ref.sent] == [1, 1, 2, 2, 3, 3, 4, 4]
+    assert all(not r.has_error() for r in grid.received)
+    assert kept["st"].last_round == 4
+    for n in kept["st"].layout.names:
+        assert torch.equal(kept["st"].global_adapter[n], straight["st"].global_adapter[n]), n
+
+
+def refused_wrappers():
+    from flwr.serverapp.strategy import (DifferentialPrivacyClientSideAdaptiveClipping,
+                                         DifferentialPrivacyServerSideAdaptiveClipping,
+                                         DifferentialPrivacyServerSideFixedClipping)
+
+    return {"server-side fixed": lambda st: DifferentialPrivacyServerSideFixedClipping(st, 1.0, DP_CLIP, 2),
+            "server-side adaptive": lambda st: DifferentialPrivacyServerSideAdaptiveClipping(st, 0.0, 2),
+            "client-side adaptive": lambda st: DifferentialPrivacyClientSideAdaptiveClipping(st, 0.0, 2)}
+
+
+@pytest.mark.parametrize("kind", ["server-side fixed", "server-side adaptive", "client-side adaptive"])
+def test_dp_wrappers_that_cannot_work_fail_before_the_first_message(kind):
+    grid = InProcessGrid(dp_client_app(), 2)
+    with pytest.raises(ValueError, match="SparseLoRA cannot run under Flower's DifferentialPrivacy") as err:
+        grid.run_server(dp_server("ef-topk", 2, {}, wrap=refused_wrappers()[kind]))
+    assert grid.sent == []
+    # the message names what works
+    assert "DifferentialPrivacyClientSideFixedClipping(SparseLoRA(...), noise_multiplier, clipping_norm" in str(
+        err.value)
+    print(err.value)
+
+
+def test_dp_accounting_is_refused_by_flower():
+    """Flower's accounted mode needs FedAvg's own aggregate_train; SparseLoRA has its own."""
+    import types
+
+    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+    from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
+
+    config = PrivacyConfig(target_delta=1e-5, population_size=10, sampling_method=SamplingMethod.NO_AMPLIFICATION,
+                           neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE)
+    with pytest.raises(ValueError, match="requires a strategy using FedAvg.aggregate_train"):
+        DifferentialPrivacyClientSideFixedClipping(SparseLoRA(), 1.0, DP_CLIP, 2,
+                                                   accountant=types.SimpleNamespace(config=config))
+
+
+def test_dp_with_flowers_fixedclipping_mod_is_a_clear_error():
+    from flwr.clientapp.mod import fixedclipping_mod
+
+    kept = {}
+    grid = run_in_process(dp_server("ef-topk", 1, kept, wrap=client_side_dp(0.0)), dp_client_app(fixedclipping_mod), 2)
+    reasons = [r.error.reason for r in grid.received if r.has_error()]
+    assert len(reasons) == 2 and all("remove Flower's fixedclipping_mod from the ClientApp's mods" in r
+                                     for r in reasons), reasons
+    # refused before training: no residual kept; Flower's wrapper skips a round with an error reply
+    assert all(RESIDUAL_KEY not in ctx.state for ctx in grid.contexts.values())
+    st = kept["st"]
+    assert st.last_round == 0 and all(not t.any() for t in st.global_adapter.values())
+
+
+def test_dp_configuration_errors(task_identity, caplog):
+    grid = InProcessGrid(None, 2)
+    dp_config = ConfigRecord({"clipping_norm": DP_CLIP})
+    # FedAdam's step is not covered by the noise added after it
+    with pytest.raises(ValueError, match="server_opt=adam is not covered"):
+        SparseLoRA("ef-topk:server_opt=adam,server_lr=0.01").configure_train(1, initial_arrays(dp_model()),
+                                                                             dp_config, grid)
+    with pytest.raises(ValueError, match="finite number > 0"):
+        SparseLoRA().configure_train(1, initial_arrays(dp_model()), ConfigRecord({"clipping_norm": -1.0}), grid)
+    # persistent buffers would travel unclipped: refused by the server when it knows them ...
+    with pytest.raises(ValueError, match="persistent buffers .* unclipped"):
+        SparseLoRA("fedavg").configure_train(1, initial_arrays(bn_net()), dp_config, grid)
+    # ... and by the node
+    params = {n: p.detach().clone() for n, p in bn_net().named_parameters()}
+    msg = list(SparseLoRA("fedavg").configure_train(1, initial_arrays(params), dp_config, grid))[0]
+    ctx = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(ValueError, match="persistent buffers .* unclipped"):
+        client_update(msg, ctx, bn_net(), lambda m: 1)
+    # a reply above the clipping norm (a node that does not clip) is rejected; the weight warning
+    adapter = small_adapter()
+    layout = Layout.of(adapter)
+    st = SparseLoRA("fedavg:up=1/4")
+    ins = list(st.configure_train(1, initial_arrays(adapter), ConfigRecord({"clipping_norm": 0.01}), grid))
+    big = sparsify_encode({k: torch.ones_like(v) for k, v in adapter.items()}, layout, density=0.25, values="fp16")
+    small = sparsify_encode({k: torch.full_like(v, 1e-4) for k, v in adapter.items()}, layout, density=0.25,
+                            values="fp16")
+    _, metrics = st.aggregate_train(1, [reply(ins[0], big, 1), reply(ins[1], small, 1)])
+    assert metrics["fastlora-accepted"] == 1
+    assert "above the clipping norm 0.01 (central DP): the node did not clip it" in st.tracker.rounds[1].reasons[0]
+    assert "an accepted update weighs 1, more than 1/2" in caplog.text
+
+
+@pytest.mark.parametrize("values", ["fp32", "fp16", "bf16", "int8"])
+def test_clip_payload_bounds_the_decoded_norm(values):
+    from fastlora import new_residual
+    from fastlora.flower.dp import clip_payload
+
+    adapter = small_adapter()
+    layout = Layout.of(adapter)
+    g = torch.Generator().manual_seed(7)
+    delta = {k: torch.randn(v.shape, generator=g) for k, v in adapter.items()}
+    residual = new_residual(delta)
+    payload = sparsify_encode(delta, layout, density=0.5, values=values, residual=residual)
+    sd = codec.decode(payload, layout=layout)
+    n0 = norm_of(sd)
+    for c in (0.3, 1.0, 3.0, 2 * n0):
+        res = {k: r.clone() for k, r in residual.items()}
+        out = clip_payload(payload, layout, c, res)
+        so = codec.decode(out, layout=layout)
+        assert norm_of(so) <= c and torch.equal(so.indices, sd.indices)
+        assert codec.inspect(out, layout=layout)["values"] == values
+        if n0 <= c:
+            assert out == payload and all(torch.equal(res[k], residual[k]) for k in res)
+            continue
+        assert norm_of(so) > c * (1 - 2 ** -5)
+        # error feedback: what was removed is in the residual
+        sent, before = sd.to_dense(torch.float32), so.to_dense(torch.float32)
+        for k in layout.names:
+            torch.testing.assert_close(res[k] + before[k], residual[k] + sent[k], rtol=0, atol=1e-6)
+    # rounding to the travel format pushes 0.3 up (fp16 0.30005): the retry sends the one below
+    one = {"x": torch.tensor([2.0])}
+    out = clip_payload(sparsify_encode(one, Layout.of(one), density=1.0, values="fp16"), Layout.of(one), 0.3)
+    assert codec.decode(out, layout=Layout.of(one)).values.tolist() == [0.2998046875]

@@ -86,9 +86,19 @@ Error feedback: the client's residual lives in ``context.state["fastlora.residua
 ArrayRecord of float32 tensors), which Flower's simulation and deployment engines keep
 between rounds for each node.
 
+Central differential privacy: wrap SparseLoRA in Flower's
+``DifferentialPrivacyClientSideFixedClipping``. The wrapper puts the clipping norm in the train
+config; :func:`client_update` then scales the update it sends (after top-k and the travel
+rounding) to that L2 norm as the server decodes it, what clipping removes going back into the
+error-feedback residual; the server rejects a reply above the norm and the wrapper adds its
+Gaussian noise to the dense global model SparseLoRA returns. The server-side and adaptive
+wrappers, Flower's ``fixedclipping_mod``, FedAdam and persistent buffers under DP are refused
+with a message that says what works (docs/api/flower.md, "Central differential privacy").
+
 Modules: ``wire`` (the records and keys), ``strategy`` (SparseLoRA, GlobalArrays,
 initial_arrays), ``client`` (client_update, load_global), ``buffers`` (which buffers federate,
-their record, check and mean), ``tracker`` (CommTracker), ``inprocess`` (InProcessGrid,
+their record, check and mean), ``dp`` (clipping a payload, the checks against Flower's DP
+pieces that cannot read payloads), ``tracker`` (CommTracker), ``inprocess`` (InProcessGrid,
 run_in_process: Flower without Ray, for tests).
 
 Strategies: any fastlora strategy (``fastlora.fl.strategies``) with a ``dense``, ``sparse``

@@ -20,6 +20,7 @@ from fastlora.ops.sparsify import new_residual
 from fastlora.sparse_delta import Layout
 
 from .buffers import Buffers, buffers_record, load_buffers, model_buffers, record_buffers
+from .dp import KEY_CLIPPING_NORM, clip_payload, clipping_norm_of, refuse_flower_clipping_mod
 from .wire import (BUFFERS_KEY, CONFIG_DOWN, CONFIG_DOWN_KIND, CONFIG_ERROR_FEEDBACK, CONFIG_UP_DENSITY,
                    CONFIG_VALUES, CONFIG_VIEW_FROM, CONFIG_VIEW_TO, NUM_EXAMPLES_KEY, REPLY_ARRAYS_KEY,
                    REPLY_METRICS_KEY, RESIDUAL_KEY, VIEW_KEY, VIEW_VERSION_KEY, _single_array_record, pack_payload,
@@ -183,7 +184,13 @@ def client_update(msg: Message, context: Context, model: torch.nn.Module,
        weight), or ``(num_examples, {metric: value})``.
     3. The update ``trained - downloaded`` is sparsified (top ``up_density`` of update +
        residual when error feedback is on; the residual, i.e. what was not sent, is kept in
-       ``context.state[residual_key]`` as an ArrayRecord) and encoded.
+       ``context.state[residual_key]`` as an ArrayRecord) and encoded. When the message's
+       ConfigRecord carries Flower's clipping norm ``C`` (``"clipping_norm"``, put there by
+       ``DifferentialPrivacyClientSideFixedClipping``), the update that is sent (after top-k and
+       the travel rounding) is scaled to L2 norm <= ``C`` as the server decodes it; what that
+       removes goes back into the residual (with error feedback) or is lost (without). A model
+       with persistent buffers is refused then (they would travel unclipped), and so is Flower's
+       ``fixedclipping_mod`` around this call (it cannot read payloads; see docs/api/flower.md).
     4. Returns ``Message(RecordDict({"arrays": pack_payload(payload), "metrics":
        MetricRecord({"num-examples": n, ...})}), reply_to=msg)``, plus, for a model with
        persistent buffers, their values after training, dense in their own dtype, as an
@@ -195,6 +202,15 @@ def client_update(msg: Message, context: Context, model: torch.nn.Module,
     ClientApp into an error reply, which the server counts as a failure.
     """
     density, values, error_feedback = _upload_settings(msg, strategy)
+    clipping_norm = clipping_norm_of(_message_config(msg), "fastlora client")
+    if clipping_norm is not None:
+        refuse_flower_clipping_mod("fastlora client")
+        buffers = model_buffers(model)
+        if buffers:
+            raise ValueError(f"fastlora client: the train config carries {KEY_CLIPPING_NORM!r} (central DP), but the "
+                             f"model has persistent buffers ({list(buffers)[:3]}) that would travel dense and "
+                             "unclipped, outside the DP guarantee; use a model without them (LayerNorm, GroupNorm, "
+                             "BatchNorm(track_running_stats=False))")
     if _message_config(msg).get(CONFIG_DOWN) == "diff":
         start = _load_view(msg, context, model)
     else:
@@ -217,6 +233,8 @@ def client_update(msg: Message, context: Context, model: torch.nn.Module,
     if error_feedback:
         residual = _load_residual(context, residual_key, start)
     payload = sparsify_encode(delta, layout, density=density, values=values, residual=residual)
+    if clipping_norm is not None:
+        payload = clip_payload(payload, layout, clipping_norm, residual)
     if residual is not None:
         context.state[residual_key] = ArrayRecord(residual)
     metrics = MetricRecord({NUM_EXAMPLES_KEY: n if isinstance(n, float) else int(n)})

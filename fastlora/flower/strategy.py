@@ -28,6 +28,7 @@ from fastlora.sparse_delta import Layout
 
 from .buffers import (Buffers, BufferSpec, buffers_record, check_buffers, model_buffers, record_buffers, spec_of,
                       weighted_mean, wire_tensor)
+from .dp import KEY_CLIPPING_NORM, NORM_CHECK_RTOL, clipping_norm_of, refuse_flower_wrapper, update_norm
 from .tracker import CommTracker, RoundBytes
 from .wire import (BUFFERS_KEY, CONFIG_DOWN, CONFIG_DOWN_KIND, CONFIG_ERROR_FEEDBACK, CONFIG_UP_DENSITY,
                    CONFIG_VALUES, CONFIG_VIEW_FROM, CONFIG_VIEW_TO, MAX_NUM_EXAMPLES, PAYLOAD_KEY, PAYLOAD_STYPE,
@@ -153,6 +154,11 @@ class SparseLoRA(FedAvg):
     ``global_buffers``. :meth:`save_state` / :meth:`load_state` checkpoint the strategy so that
     a restarted server resumes the run; rounds are numbered across ``start`` calls and
     checkpoints (``last_round``).
+
+    Central DP: run it under Flower's ``DifferentialPrivacyClientSideFixedClipping`` (the nodes'
+    :func:`~fastlora.flower.client_update` clips what it sends; replies above the clipping norm
+    are rejected); the server-side and adaptive DP wrappers are refused in the first
+    ``configure_train`` (see :mod:`fastlora.flower.dp`).
     """
 
     def __init__(self, strategy: Union[Strategy, str] = "ef-topk", *, tracker: Optional[CommTracker] = None,
@@ -179,6 +185,10 @@ class SparseLoRA(FedAvg):
         self.view: Optional[ServerView] = None
         self.held: Dict[int, int] = {}
         self._sent_versions: Dict[int, int] = {}
+        # central DP (Flower's client-side clipping wrapper): this round's clipping norm (None:
+        # no DP) and how many nodes it sampled (the noise is calibrated for a weight of 1/m)
+        self._clipping_norm: Optional[float] = None
+        self._sampled = 0
 
     def summary(self) -> None:
         super().summary()
@@ -288,24 +298,55 @@ class SparseLoRA(FedAvg):
     # -- Strategy API ---------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        refuse_flower_wrapper(self)
+        if server_round == 1:
+            # Flower's start numbers its rounds from 1: a new start (ours, or a wrapper's: Flower's
+            # DP wrappers run Strategy.start, never SparseLoRA.start) goes on after the rounds done.
+            self._round_offset = self.last_round
         self._sync_global(arrays)
+        self._clipping_norm = clipping_norm_of(config, "SparseLoRA")
+        if self._clipping_norm is not None:
+            self._check_dp()
         if self.fraction_train == 0.0:
             return []
         rnd = self._round(server_round)   # what the nodes see as "server-round"
         if self.view is not None:
             messages = list(super().configure_train(rnd, ArrayRecord(), self._config(config), grid))
-            return self._diff_messages(rnd, messages)
-        record = pack_payload(self.download_payload())
-        messages = list(super().configure_train(rnd, record, self._config(config), grid))
-        for msg in messages:
-            self._add_buffers(msg.content)
-        return self._track_sent(rnd, messages, record.count_bytes() + self._buffer_bytes())
+            messages = self._diff_messages(rnd, messages)
+        else:
+            record = pack_payload(self.download_payload())
+            messages = list(super().configure_train(rnd, record, self._config(config), grid))
+            for msg in messages:
+                self._add_buffers(msg.content)
+            self._track_sent(rnd, messages, record.count_bytes() + self._buffer_bytes())
+        self._sampled = len(messages)
+        return messages
+
+    def _check_dp(self) -> None:
+        """What central DP with client-side clipping needs of this run, checked before the
+        first message goes out. The noise Flower's wrapper adds to the aggregated arrays
+        protects a release whose sensitivity to one node is its clipped update times its
+        weight: true of FedAvg's step (sgd), not of FedAdam's (its step is normalised by
+        moments built from the un-noised updates). Buffers travel dense and unclipped."""
+        if self.fl_strategy.server_optimizer != "sgd":
+            raise ValueError(f"SparseLoRA {self.fl_strategy.label!r} under central DP ({KEY_CLIPPING_NORM!r} in the "
+                             f"train config): server_opt={self.fl_strategy.server_optimizer} is not covered by "
+                             "the noise Flower's DP wrapper adds after the server step (its step is not bounded by "
+                             "the clipped updates); use the sgd server optimizer (the default, FedAvg)")
+        if self.buffer_spec:
+            raise ValueError(f"SparseLoRA under central DP ({KEY_CLIPPING_NORM!r} in the train config): the model's "
+                             f"persistent buffers ({[n for n, _, _ in self.buffer_spec][:3]}) would be averaged "
+                             "dense and unclipped, outside the DP guarantee; use a model without them (LayerNorm, "
+                             "GroupNorm, BatchNorm(track_running_stats=False))")
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        # Synced even without evaluation: under Flower's DP wrappers ``arrays`` is the noised
+        # aggregate, and from here on (evaluate_fn, save_state, global_arrays) the strategy must
+        # hold that release, not the un-noised sum it returned.
+        self._sync_global(arrays)
         if self.fraction_evaluate == 0.0:
             return []
-        self._sync_global(arrays)
         rnd = self._round(server_round)
         # Evaluate messages carry the global tensors and buffers as Flower's plain ArrayRecord
         # (dense, what FedAvg sends): they stand alone, and Flower's own evaluate handlers
@@ -337,6 +378,14 @@ class SparseLoRA(FedAvg):
             sd = codec.decode(payload, layout=self.layout, max_numel=self.layout.numel)
         except (PayloadError, codec.DecodeError) as e:
             raise ValueError(f"bad payload: {e}") from None
+        if self._clipping_norm is not None:
+            # The node clips (that is what bounds its contribution); this check catches one that
+            # does not, e.g. a client that is not fastlora.flower.client_update.
+            norm = update_norm(sd)
+            if norm > self._clipping_norm * (1 + NORM_CHECK_RTOL):
+                raise ValueError(f"the update's L2 norm {norm:.6g} is above the clipping norm "
+                                 f"{self._clipping_norm:.6g} (central DP): the node did not clip it (does it reply "
+                                 "with fastlora.flower.client_update?)")
         return sd, n, self._reply_buffers(content.array_records.get(BUFFERS_KEY))
 
     def _reply_buffers(self, record: Optional[ArrayRecord]) -> Buffers:
@@ -391,6 +440,12 @@ class SparseLoRA(FedAvg):
         if accepted:
             total = float(sum(counts))
             weights = [c / total for c in counts]
+            if self._clipping_norm is not None and max(weights) * self._sampled > 1 + 1e-12:
+                log(logging.WARNING, "SparseLoRA round %s (central DP): an accepted update weighs %.4g, more than "
+                    "1/%d (1 / the nodes sampled), which the DP noise std (noise_multiplier * clipping_norm / "
+                    "num_sampled_clients) assumes: make every node report the same num-examples (return 1 from "
+                    "train_fn) and check that every sampled node's update arrives", rnd, max(weights),
+                    self._sampled)
             update = sparse_aggregate(accepted, weights, layout=self.layout)
             self.optimizer.apply(self.global_adapter, update)
             if self.buffer_spec:
@@ -447,7 +502,6 @@ class SparseLoRA(FedAvg):
         if self.global_adapter is not None:
             self._check_continues(initial_arrays)
             self._returned = initial_arrays
-        self._round_offset = self.last_round
         result = super().start(grid=grid, initial_arrays=initial_arrays, num_rounds=num_rounds, timeout=timeout,
                                train_config=train_config, evaluate_config=evaluate_config, evaluate_fn=evaluate_fn)
         log(logging.INFO, "%s", self.tracker.format())
