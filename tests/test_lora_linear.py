@@ -509,6 +509,42 @@ def test_bfloat16_without_native_gemms_runs_float32_rounded_once():
         fastlora.use_cpu_isa(best)
 
 
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+@pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_decode_sized_bfloat16_streams_the_bf16_weight(isa, adapter_dtype):
+    """A decode-sized bfloat16 batch on a CPU without native bf16 GEMMs runs the float32 decode
+    kernels on float32 copies of its few rows, reading the bfloat16 weight a few rows at a time
+    (no float32 copy of the weight): every output is the float32 op's on the same values,
+    rounded once (grad_x up to the float32 summation order of its chunked base term)."""
+    g = torch.Generator().manual_seed(6)
+    mk = lambda *s: torch.randn(*s, generator=g).bfloat16()  # noqa: E731
+    x, W, b, gy = mk(8, 300), mk(77, 300), mk(77), mk(8, 77)
+    A, B, Bb = mk(4, 300).to(adapter_dtype), mk(77, 4).to(adapter_dtype), mk(77).to(adapter_dtype)
+    seed = torch.tensor(13)
+    f32 = lambda *ts: [t.float() for t in ts]  # noqa: E731
+    best = fastlora.use_cpu_isa("auto")
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)  # W's rows split across threads in the backward
+    try:
+        fastlora.use_cpu_isa(isa)
+        assert not fastlora.cpu.native_bf16_matmul()
+        fwd, bwd = torch.ops.fastlora.lora_linear_fwd, torch.ops.fastlora.lora_linear_bwd
+        for p in (0.0, 0.3):
+            y, xa = fwd(x, W, b, A, B, 0.5, p, seed, Bb)
+            y32, xa32 = fwd(*f32(x, W, b, A, B), 0.5, p, seed, Bb.float())
+            assert y.dtype == torch.bfloat16 and xa.dtype == adapter_dtype
+            assert torch.equal(y, y32.bfloat16()) and torch.equal(xa, xa32.to(adapter_dtype))
+            grads = bwd(gy, x, W, A, B, xa, 0.5, p, seed, [True, True, True])
+            grads32 = bwd(*f32(gy, x, W, A, B, xa), 0.5, p, seed, [True, True, True])
+            torch.testing.assert_close(grads[0].float(), grads32[0], rtol=2 ** -8, atol=0)  # one rounding
+            for got, full, dt in zip(grads[1:], grads32[1:], (torch.bfloat16, torch.bfloat16, adapter_dtype,
+                                                              adapter_dtype)):
+                assert got.dtype == dt and torch.equal(got, full.to(dt))
+    finally:
+        fastlora.use_cpu_isa(best)
+        torch.set_num_threads(prev)
+
+
 def test_autocast_casts_like_nn_linear():
     """Under torch.autocast the op runs in the autocast dtype on cast inputs (as nn.Linear does):
     bitwise the call on bf16 copies, float32 leaves get float32 gradients (the cast's backward),

@@ -64,6 +64,17 @@ inline at::Tensor transposed_copy(const at::Tensor& t) {
   return out;
 }
 
+// dst[i] = float(src[i]) for n bfloat16 values: exact (a bfloat16 is the top half of a float32),
+// integer ops only, so the loop vectorizes. The decode-sized kernels convert a few rows of a
+// bfloat16 weight at a time while they stream it, instead of a float32 copy of the whole weight.
+inline void bf16_to_float(const at::BFloat16* src, float* dst, int64_t n) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t bits = static_cast<uint32_t>(s[i]) << 16;
+    std::memcpy(dst + i, &bits, sizeof(bits));
+  }
+}
+
 // out = bfloat16(float(out) + add), elementwise, both contiguous and of one shape: the float32
 // branch added to the rounded bf16 base product and rounded once (round to nearest even, as
 // torch rounds; NaN stays NaN). ATen's mixed-dtype add_ took 3.5 ms for 1024 x 1376 on 2 threads

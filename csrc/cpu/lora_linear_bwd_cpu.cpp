@@ -53,6 +53,9 @@ struct LoraBwdSmallGemm {
   int64_t M, K, N, r, rp;
   Tensor A, xa, Bp, W;  // contiguous lora_A (r x K), xa (M x r); lora_B padded to N x rp; W rows
   const T *dy, *x, *a, *xa_p, *b_p, *w;
+  // A bfloat16 weight under float32 operands (a decode-sized bfloat16 batch): only the
+  // decode-sized base term reads it (add_base_split_k, converting a few rows at a time).
+  const at::BFloat16* w_bf16;
   T* gx;  // dX (M x K, contiguous) or null when not requested
   int64_t ldy, ldx, ldw;
   T s;
@@ -68,7 +71,9 @@ struct LoraBwdSmallGemm {
         A(lora_A.contiguous()), xa(xa_t.contiguous()), Bp(padded_rows<T>(lora_B, /*transpose=*/false, rp)),
         W(weight.defined() ? row_major(weight) : weight), dy(dy_t.const_data_ptr<T>()), x(x_t.const_data_ptr<T>()),
         a(A.const_data_ptr<T>()), xa_p(xa.const_data_ptr<T>()), b_p(Bp.const_data_ptr<T>()),
-        w(W.defined() ? W.const_data_ptr<T>() : nullptr),
+        w(W.defined() && W.scalar_type() == c10::CppTypeToScalarType<T>::value ? W.const_data_ptr<T>() : nullptr),
+        w_bf16(W.defined() && W.scalar_type() == at::kBFloat16 && std::is_same_v<T, float>
+                   ? W.const_data_ptr<at::BFloat16>() : nullptr),
         gx(grad_x ? grad_x->mutable_data_ptr<T>() : nullptr), ldy(dy_t.stride(0)), ldx(x_t.stride(0)),
         ldw(W.defined() ? W.stride(0) : 0), s(static_cast<T>(scaling)), d(dropout) {}
 
@@ -163,7 +168,7 @@ struct LoraBwdSmallGemm {
   std::tuple<Tensor, Tensor> by_columns() {
     // g = s * dY @ B: M x N x r, small next to the rest; one thread. dY^T (N x M, a few rows
     // of dY) is also the left operand of dX's base term (add_base_split_k).
-    base_in_grad_x = gx != nullptr && w != nullptr;
+    base_in_grad_x = gx != nullptr && (w != nullptr || w_bf16 != nullptr);
     Tensor dyt_t = at::empty({base_in_grad_x ? N * M : 0}, A.options());
     T* dyt = dyt_t.mutable_data_ptr<T>();
     if (base_in_grad_x) transpose_into(dy, M, N, ldy, dyt, M);
@@ -228,7 +233,20 @@ struct LoraBwdSmallGemm {
     at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
       const int tid = at::get_thread_num();
       T* out = tid == 0 ? gx : parts.mutable_data_ptr<T>() + tid * M * K;
-      small_gemm(M, K, n1 - n0, T(1), dyt + n0 * M, 1, M, w + n0 * ldw, ldw, /*accumulate=*/tid == 0, out, K);
+      if (w != nullptr) {
+        small_gemm(M, K, n1 - n0, T(1), dyt + n0 * M, 1, M, w + n0 * ldw, ldw, /*accumulate=*/tid == 0, out, K);
+      } else if constexpr (std::is_same_v<T, float>) {
+        // bfloat16 W: chunks of its rows converted to float32 (exact) in an L1/L2-sized buffer
+        // while the product streams them.
+        constexpr int64_t kChunk = 16;
+        std::vector<T> wrows(kChunk * K);
+        for (int64_t c0 = n0; c0 < n1; c0 += kChunk) {
+          const int64_t nc = std::min(kChunk, n1 - c0);
+          for (int64_t i = 0; i < nc; ++i) bf16_to_float(w_bf16 + (c0 + i) * ldw, wrows.data() + i * K, K);
+          small_gemm(M, K, nc, T(1), dyt + c0 * M, 1, M, wrows.data(), K, /*accumulate=*/tid == 0 || c0 > n0,
+                     out, K);
+        }
+      }
       used[tid] = 1;
     });
     for (int t = 1; t < nthreads; ++t) {
@@ -306,6 +324,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_checked(
     const Tensor& grad_y_in, const Tensor& x_in, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
     const Tensor& xa, double scaling, double dropout_p, const Tensor& seed, std::array<bool, 3> output_mask) {
   const at::ScalarType dtype = x_in.scalar_type(), adapter_dtype = lora_A.scalar_type();
+  if (dtype == at::kBFloat16 && half_via_float32(dtype) && weight.defined() && weight.scalar_type() == at::kBFloat16 &&
+      weight.numel() > 0 && x_in.size(0) > 0 &&
+      !row_blocks_for_all_threads(x_in.size(0), std::max(x_in.size(1), grad_y_in.size(1)), sizeof(float))) {
+    // A decode-sized bfloat16 batch without native bf16 GEMMs (with them the BLAS's bf16 GEMM
+    // wins, see bf16_decode in the forward): the float32 backward on float32 copies of its few
+    // rows and the adapters, dX's base term streaming the bfloat16 weight (add_base_split_k)
+    // instead of converting all of it to float32 first; each gradient rounded once.
+    auto [gx, gw, gb, gA, gB] = lora_linear_bwd_checked(
+        to_float(grad_y_in), to_float(x_in), output_mask[0] ? weight : Tensor(), to_float(lora_A), to_float(lora_B),
+        to_float(xa), scaling, dropout_p, seed, output_mask);
+    return {gx.to(dtype), gw.to(dtype), gb.to(dtype), gA.to(adapter_dtype), gB.to(adapter_dtype)};
+  }
   if (half_via_float32(dtype)) {  // see to_float; the weight only matters for grad_x
     auto [gx, gw, gb, gA, gB] = lora_linear_bwd_checked(
         to_float(grad_y_in), to_float(x_in), output_mask[0] ? to_float(weight) : Tensor(), to_float(lora_A),

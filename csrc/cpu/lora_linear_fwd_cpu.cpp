@@ -68,6 +68,20 @@ bool few_rows_forward(const Tensor& x, bool direct) {
   return false;
 }
 
+// Whether a bfloat16 x / weight batch takes the decode-sized float32 path with the bfloat16 weight
+// streamed (lora_linear_fwd_cpu): the rows base_few_rows takes on float32, on a CPU without
+// native bf16 GEMMs. With them (AVX512-BF16 / AMX) the BLAS's bf16 products win: they read half
+// the bytes at twice the float32 rate (M = 8, 4096^2: 10.0 ms fwd + bwd through this path,
+// 6.2 ms through the BLAS).
+bool bf16_decode(const Tensor& x, const Tensor& weight) {
+  if (x.scalar_type() != at::kBFloat16 || weight.scalar_type() != at::kBFloat16 || weight.numel() == 0 ||
+      !half_via_float32(at::kBFloat16)) {
+    return false;
+  }
+  const int64_t M = x.size(0);
+  return M > 0 && M <= 2 * small_gemm_lanes<float>() && !row_blocks_for_all_threads(M, x.size(1), sizeof(float));
+}
+
 // y = x @ W^T + bias_eff + s * xa @ B^T for a decode-sized batch, computed transposed: y^T = W @
 // x^T, with x^T (K x M, rows padded to whole vectors) as the small right operand and W's rows as
 // the left one, so each thread reads its share of W's rows once, front to back, in tasks of 8
@@ -75,7 +89,10 @@ bool few_rows_forward(const Tensor& x, bool direct) {
 // of y. The product is bound by reading W; the BLAS reads it at ~9 GB/s here for M = 8 against
 // the ~27 GB/s two threads stream: measured at M = 8, in = out = 4096 on 2 threads, ~3 ms for
 // the base product against ~7 ms through the BLAS.
-template <typename T>
+// A bfloat16 weight (WT) under float32 x (T = float): each task converts its 8 rows to float32 in
+// an L1-sized buffer right before its product (exact), so the decode step of a bfloat16 model
+// streams W in bfloat16 once, with no float32 copy of the weight.
+template <typename T, typename WT = T>
 Tensor base_few_rows(const Tensor& x, const Tensor& weight, const Tensor& bias_eff, const Tensor& xa,
                      const Tensor& lora_B, double scaling) {
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = xa.size(1);
@@ -92,7 +109,7 @@ Tensor base_few_rows(const Tensor& x, const Tensor& weight, const Tensor& bias_e
   Tensor y = at::empty({M, N}, x.options());
   const T* xtp = xt.const_data_ptr<T>();
   const T* xatp = xat.const_data_ptr<T>();
-  const T* wp = W.const_data_ptr<T>();
+  const WT* wp = W.const_data_ptr<WT>();
   const T* bp = Bc.const_data_ptr<T>();
   const T* biasp = bias_c.defined() ? bias_c.const_data_ptr<T>() : nullptr;
   T* yp = y.mutable_data_ptr<T>();
@@ -101,11 +118,17 @@ Tensor base_few_rows(const Tensor& x, const Tensor& weight, const Tensor& bias_e
   constexpr int64_t kRows = 8;  // rows of W per task
   at::parallel_for(0, ceil_div(N, kRows), 1, [&](int64_t t0, int64_t t1) {
     std::vector<T> yt(kRows * Mp);
+    std::vector<T> wrows(std::is_same_v<T, WT> ? 0 : kRows * K);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t j0 = t * kRows, nt = std::min(kRows, N - j0);
       // y^T rows j0 .. j0 + nt: s * B @ xa^T, then += W @ x^T
       small_gemm(nt, Mp, r, s, bp + j0 * r, r, 1, xatp, Mp, false, yt.data(), Mp);
-      small_gemm(nt, Mp, K, T(1), wp + j0 * ldw, ldw, 1, xtp, Mp, true, yt.data(), Mp);
+      if constexpr (std::is_same_v<T, WT>) {
+        small_gemm(nt, Mp, K, T(1), wp + j0 * ldw, ldw, 1, xtp, Mp, true, yt.data(), Mp);
+      } else {
+        for (int64_t jj = 0; jj < nt; ++jj) bf16_to_float(wp + (j0 + jj) * ldw, wrows.data() + jj * K, K);
+        small_gemm(nt, Mp, K, T(1), wrows.data(), K, 1, xtp, Mp, true, yt.data(), Mp);
+      }
       for (int64_t jj = 0; jj < nt; ++jj) {
         const T b = biasp ? biasp[j0 + jj] : T(0);
         for (int64_t i = 0; i < M; ++i) yp[i * N + j0 + jj] = yt[jj * Mp + i] + b;
@@ -187,6 +210,23 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_cpu(const Tensor& x_in, const Tensor&
   constexpr int64_t kHalfViaFloatMinRows = 32;
   const at::ScalarType dtype = x_in.scalar_type(), adapter_dtype = lora_A.scalar_type();
   const bool mixed = adapter_dtype != dtype;
+  if (bf16_decode(x_in, weight)) {
+    // A decode-sized bfloat16 batch without native bf16 GEMMs: the float32 forward on float32
+    // copies of x and the adapters (a few rows, r-sized), its base product streaming the
+    // bfloat16 weight (base_few_rows<float, BFloat16>) instead of converting all of it to
+    // float32 first (20 ms at 4096^2, four times the product); one rounding to bfloat16.
+    const Tensor x = to_float(row_major(x_in)), A = to_float(lora_A);
+    const DropoutParams d = DropoutParams::make(dropout_p, seed_value(seed));
+    const Tensor xa = shrink(x, A, d);
+    Tensor bias_eff;
+    if (bias) bias_eff = bias->to(at::kFloat);
+    if (lora_B_bias) {
+      const Tensor lb = lora_B_bias->to(at::kFloat).mul(scaling);
+      bias_eff = bias_eff.defined() ? bias_eff.add(lb) : lb;
+    }
+    const Tensor y = base_few_rows<float, at::BFloat16>(x, weight, bias_eff, xa, to_float(lora_B), scaling);
+    return {y.to(dtype), xa.to(adapter_dtype)};
+  }
   if (half_via_float32(dtype) && (dtype == at::kBFloat16 || x_in.size(0) >= kHalfViaFloatMinRows)) {
     auto [y, xa] = lora_linear_fwd_cpu(to_float(x_in), to_float(weight), to_float(bias), to_float(lora_A),
                                        to_float(lora_B), scaling, dropout_p, seed, to_float(lora_B_bias));
