@@ -90,8 +90,8 @@ bool bf16_decode(const Tensor& x, const Tensor& weight) {
 // the ~27 GB/s two threads stream: measured at M = 8, in = out = 4096 on 2 threads, ~3 ms for
 // the base product against ~7 ms through the BLAS.
 // A bfloat16 weight (WT) under float32 x (T = float): each task converts its 8 rows to float32 in
-// an L1-sized buffer right before its product (exact), so the decode step of a bfloat16 model
-// streams W in bfloat16 once, with no float32 copy of the weight.
+// a per-thread buffer right before its product (exact), so the decode step of a bfloat16 model
+// reads W in bfloat16 once, with no float32 copy of the whole weight.
 template <typename T, typename WT = T>
 Tensor base_few_rows(const Tensor& x, const Tensor& weight, const Tensor& bias_eff, const Tensor& xa,
                      const Tensor& lora_B, double scaling) {
@@ -214,7 +214,7 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_cpu(const Tensor& x_in, const Tensor&
     // A decode-sized bfloat16 batch without native bf16 GEMMs: the float32 forward on float32
     // copies of x and the adapters (a few rows, r-sized), its base product streaming the
     // bfloat16 weight (base_few_rows<float, BFloat16>) instead of converting all of it to
-    // float32 first (20 ms at 4096^2, four times the product); one rounding to bfloat16.
+    // float32 first (21 ms at 4096^2, more than the whole float32 decode step); one rounding.
     const Tensor x = to_float(row_major(x_in)), A = to_float(lora_A);
     const DropoutParams d = DropoutParams::make(dropout_p, seed_value(seed));
     const Tensor xa = shrink(x, A, d);
