@@ -1,4 +1,4 @@
-// Counter-based dropout mask shared bit-for-bit with fastlora/reference/dropout.py and the Triton
+// Counter-based dropout mask shared bit-for-bit with fastlora/reference/dropout_hash.py and the Triton
 // kernels (kernels/lora_linear.py). The mask of element (row, col) is a pure function of
 // (seed, row, col), so backward regenerates it instead of storing an M x K mask, and any
 // tiling or thread split produces the same mask.

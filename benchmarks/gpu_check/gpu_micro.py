@@ -59,6 +59,8 @@ def section(fn):
         R["seconds"] = round(time.time() - t, 1)
         json.dump(R, open(os.path.join(OUT, f"micro_{name}.json"), "w"), indent=1, default=str)
         print("RESULT", name, json.dumps(R, default=str))
+        if R["status"] != "OK":
+            sys.exit(1)  # the step fails, and so does the check (its result is recorded above)
     return run
 
 
@@ -305,7 +307,7 @@ def probe_big_lora():
     seed = torch.tensor(99)
     fastlora.lora_linear(x, W, b, A, B, 2.0, 0.1, seed=seed).backward(gy)
     from fastlora import reference as ref
-    from fastlora.reference import dropout as ref_dropout  # the hash's uint32 helpers
+    from fastlora.reference import dropout_hash as ref_dropout  # the hash's uint32 helpers
     sl = slice(M - 32, M)
     # dropout mask of the last rows, by the reference hash (seed 99: lo = 99, hi = 0)
     i = torch.arange(M - 32, M, device=DEV).unsqueeze(1)

@@ -1,6 +1,6 @@
 """Pure-PyTorch references for every fastlora op, one module per op family (``lora_linear``,
 ``lora_grouped_linear``, ``lora_quantized_linear``, ``sparsify``, ``aggregate``, ``lowrank``)
-and the counter-based dropout the LoRA families share (``dropout``).
+and the counter-based dropout the LoRA families share (``dropout_hash``).
 
 These functions define the semantics. Tests compare every kernel (C++ CPU, Triton) against
 them, and they are the fallback kernel on devices that have no dedicated one. They favour
@@ -8,7 +8,7 @@ clarity over speed and may allocate freely. Every public function is importable 
 (``fastlora.reference.lora_linear(...)``).
 """
 from .aggregate import sparse_aggregate_
-from .dropout import (FMIX_C1, FMIX_C2, GOLDEN32, compute_dtype, dropout, dropout_keep_mask, dropout_scale,
+from .dropout_hash import (FMIX_C1, FMIX_C2, GOLDEN32, compute_dtype, dropout, dropout_keep_mask, dropout_scale,
                       dropout_threshold, fmix32)
 from .lora_grouped_linear import check_grouped_values, lora_grouped_linear, lora_grouped_linear_backward
 from .lora_linear import lora_linear, lora_linear_backward, lora_linear_with_shrink

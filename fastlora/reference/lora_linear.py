@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .dropout import dropout
+from .dropout_hash import dropout
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .dropout import compute_dtype, dropout
+from .dropout_hash import compute_dtype, dropout
 
 
 def dequantize(qweight, absmax, code, blocksize, weight_shape, dtype=torch.float32):
