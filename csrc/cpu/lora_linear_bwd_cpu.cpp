@@ -394,7 +394,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_checked(
   } else {
     std::tie(grad_A, grad_B) = lora_bwd_half(dy, x, lora_A, lora_B, xa, scaling, d, gx);
   }
-  if (need_x && M > 0 && !base_done) grad_x.addmm_(dy, weight);
+  if (need_x && M > 0 && !base_done) {
+    // A decode-sized bfloat16 dY is handed to the BLAS column-major (a transposed copy of its few
+    // rows): oneDNN's bf16 dY @ W ran 15% faster so (M = 8, 4096^2: 2.6 vs 3.1 ms, the largest
+    // part of the step); from ~128 rows on the row-major operand is as fast or faster.
+    const bool few_rows = dy.scalar_type() == at::kBFloat16 &&
+                          !row_blocks_for_all_threads(M, std::max(K, dy.size(1)), x.element_size());
+    grad_x.addmm_(few_rows ? dy.t().contiguous().t() : dy, weight);
+  }
   Tensor grad_w = need_w ? at::mm(dy.t(), x) : empty();
   Tensor grad_b = need_b ? dy.sum(0) : empty();
   return {grad_x, grad_w, grad_b, grad_A, grad_B};
