@@ -23,8 +23,8 @@ void check_type(const char* type_name) {
   const double u = std::numeric_limits<T>::epsilon() / 2;
   std::mt19937 rng(0);
   std::normal_distribution<double> normal;
-  const int64_t ms[] = {0, 1, 3, 4, 5, 8, 17, 33};
-  const int64_t ns[] = {0, 1, 7, 16, 17, 32, 33, 48, 65};
+  const int64_t ms[] = {0, 1, 3, 4, 5, 6, 7, 8, 13, 17, 33};
+  const int64_t ns[] = {0, 1, 7, 8, 16, 17, 24, 32, 33, 48, 65, 300};
   const int64_t ks[] = {0, 1, 15, 64, 65, 129, 300};
   for (bool transposed_a : {false, true}) {
     for (bool accumulate : {false, true}) {
