@@ -16,25 +16,29 @@
 //     rank > k pads with zero rows / columns.
 //   rsvd(A, omega, rank, n_iter, sketch_dtype=None) -> (U ..., m x rank, S ..., rank, Vh ..., rank x n)
 //     Halko-Martinsson-Tropp randomized SVD of dense A (..., m, n) with the Gaussian test
-//     matrix omega (..., n, l), l >= rank, and n_iter power iterations re-orthonormalised by QR.
+//     matrix omega (..., n, l), l >= rank, and n_iter power iterations re-orthonormalised by QR
+//     (n_iter None: adaptive, one iteration and a second where the sketch after the first
+//     estimates sigma_l / sigma_rank > 0.62, i.e. a flat spectrum).
 //     sketch_dtype (bfloat16 or float16): every product with A is formed from a copy of A in
 //     that dtype (its GEMMs are 2-2.5x faster than float32 on CPUs with AVX512-BF16 and on
 //     GPU tensor cores); intermediate bases are orthonormalised by Cholesky-QR (Householder QR
 //     when the Gram matrix is not positive definite), the last basis by Householder QR; the
 //     small matrices stay in the compute dtype. The result is accurate to about the sketch
-//     dtype's rounding of A (~2^-8 ||A||_F for bfloat16) on top of the randomized error.
+//     dtype's rounding of A (~2^-8 ||A||_F for bfloat16) on top of the randomized error; when
+//     that rounding (eps ||A||_F) exceeds an eighth of the error the result leaves on the copy,
+//     the call is computed again without sketch_dtype.
 //   rsvd_implicit(Bs, As, weights, sparse_indices, sparse_values, omega, m, rank, n_iter)
 //     The same for the implicit operator factored sum + S, S the m x n matrix with
 //     sparse_values at the row-major flat positions sparse_indices (empty: no sparse term);
-//     n = omega.size(0). Only products with the factors and S are formed.
+//     n = omega.size(0). Only products with the factors and S are formed. n_iter as for rsvd.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(fastlora, m) {
   m.def("svd_factored(Tensor[] Bs, Tensor[] As, Tensor weights) -> (Tensor U, Tensor S, Tensor Vh)");
   m.def("lowrank_truncate(Tensor[] Bs, Tensor[] As, Tensor weights, int rank) "
         "-> (Tensor lora_A, Tensor lora_B, Tensor rel_error)");
-  m.def("rsvd(Tensor A, Tensor omega, int rank, int n_iter, ScalarType? sketch_dtype=None) "
+  m.def("rsvd(Tensor A, Tensor omega, int rank, int? n_iter, ScalarType? sketch_dtype=None) "
         "-> (Tensor U, Tensor S, Tensor Vh)");
   m.def("rsvd_implicit(Tensor[] Bs, Tensor[] As, Tensor weights, Tensor sparse_indices, Tensor sparse_values, "
-        "Tensor omega, int m, int rank, int n_iter) -> (Tensor U, Tensor S, Tensor Vh)");
+        "Tensor omega, int m, int rank, int? n_iter) -> (Tensor U, Tensor S, Tensor Vh)");
 }

@@ -11,7 +11,8 @@ from fastlora import reference as ref
 from fastlora.ops.lowrank import gaussian_test_matrix
 from fastlora.sparse_delta import Layout, SparseDelta
 
-# rsvd's documented accuracy at the defaults (oversample=10, n_iter=2): Frobenius error within
+# rsvd's documented accuracy at the defaults (n_iter=1, oversample=max(10, k // 2), the sketch
+# precision of "auto"): Frobenius error within
 # (1 + RSVD_EPS) of the optimal rank-k error, plus rounding (ATOL_ULPS ulps of ||A||_F).
 RSVD_EPS = 0.05
 ATOL_ULPS = 50
@@ -175,8 +176,9 @@ def test_rsvd_sketch_large_copy_and_half_input():
     """A bf16 copy over 4 MiB goes to the huge-page buffer; a bf16 input is used as is. Both
     must give the bits of the same computation on the same bf16 values."""
     g = torch.Generator().manual_seed(2)
+    # Noisy enough that the sketch is kept (its rounding well under the error left).
     A = (torch.randn(1500, 8, generator=g) @ torch.randn(8, 1500, generator=g)
-         + 0.01 * torch.randn(1500, 1500, generator=g)).bfloat16()
+         + 0.5 * torch.randn(1500, 1500, generator=g)).bfloat16()
     # The op itself: fastlora.rsvd would run float32 products on CPUs without native bf16.
     omega = gaussian_test_matrix((), 1500, 18, torch.float32, A.device, torch.Generator().manual_seed(0))
     r_in = torch.ops.fastlora.rsvd(A, omega, 8, 2, torch.bfloat16)
@@ -191,11 +193,13 @@ def test_rsvd_sketch_large_copy_and_half_input():
 
 def test_rsvd_sketch_errors():
     A = torch.randn(10, 6)
-    with pytest.raises(ValueError, match="sketch_dtype must be None, 'auto', torch.bfloat16 or torch.float16"):
-        fastlora.rsvd(A, 2, sketch_dtype=torch.float32)
+    with pytest.raises(ValueError, match="sketch_dtype must be None, 'auto', torch.float32, torch.bfloat16 or "
+                                         "torch.float16"):
+        fastlora.rsvd(A, 2, sketch_dtype=torch.float64)
     op = fastlora.FactoredSum([(torch.randn(2, 6), torch.randn(10, 2))])
-    with pytest.raises(ValueError, match="sketch_dtype applies to a dense A"):
+    with pytest.raises(ValueError, match="a half-precision sketch_dtype applies to a dense A"):
         fastlora.rsvd(op, 2, sketch_dtype=torch.bfloat16)
+    fastlora.rsvd(op, 2, sketch_dtype=torch.float32)  # full precision: what a FactoredSum runs anyway
     with pytest.raises(ValueError, match="rsvd: sketch_dtype must be bfloat16 or float16"):
         torch.ops.fastlora.rsvd(A, torch.randn(6, 4), 2, 1, torch.float64)
     B = A.clone()
@@ -223,15 +227,98 @@ def test_rsvd_sketch_precision_follows_the_cpu():
             native_bf16 = fastlora.cpu.native_bf16_matmul()
             assert native_bf16 == (isa == "avx512" and (torch.cpu._is_avx512_bf16_supported()
                                                         or torch.cpu._is_amx_tile_supported()))
-            fp32, bf16, auto = run(None), run(torch.bfloat16), run("auto")
-            for x, y in zip(bf16, auto):
-                assert torch.equal(x, y)  # auto: bf16 where native, float32 elsewhere, like a bf16 request
+            fp32, bf16, auto, default = run(torch.float32), run(torch.bfloat16), run("auto"), run(None)
+            for x, y, z in zip(bf16, auto, default):
+                # The default is "auto": bf16 where native, float32 elsewhere, like a bf16 request.
+                assert torch.equal(x, y) and torch.equal(x, z)
             assert all(torch.equal(x, y) for x, y in zip(bf16, fp32)) == (not native_bf16)
+            # float64 input keeps its precision by default.
+            A64 = A.double()
+            r64 = fastlora.rsvd(A64, 6, generator=torch.Generator().manual_seed(0))
+            r64_full = fastlora.rsvd(A64, 6, generator=torch.Generator().manual_seed(0), sketch_dtype=torch.float32)
+            assert all(torch.equal(x, y) for x, y in zip(r64, r64_full))
             if not torch.cpu._is_amx_fp16_supported():
                 # float16 GEMMs are emulated: float32 products, so 6e4 does not overflow either.
                 big = torch.full((8, 8), 6e4) + torch.eye(8)
                 U, S, Vh = fastlora.rsvd(big, 2, sketch_dtype=torch.float16)
                 assert torch.isfinite(S).all() and S[0] > 4e5
+    finally:
+        fastlora.use_cpu_isa(best)
+
+
+def test_rsvd_sketch_falls_back_where_its_rounding_dominates():
+    """A half-precision sketch whose rounding of A (eps ||A||_F) exceeds an eighth of the error
+    the result leaves is computed again in float32: a (nearly) low-rank A gets float32 accuracy,
+    not bfloat16's floor; a noisy A keeps the sketch. Same decision in the reference."""
+    g = torch.Generator().manual_seed(5)
+    low = known(90, 70, SPECTRA["rank8"], g, torch.float32, batch=(2,))
+    noisy = known(90, 70, SPECTRA["slow"], g, torch.float32, batch=(2,))
+    omega = gaussian_test_matrix((2,), 70, 16, torch.float32, low.device, torch.Generator().manual_seed(0))
+    for sketch in SKETCH_DTYPES:
+        sketched, full = (torch.ops.fastlora.rsvd(low, omega, 8, 1, d) for d in (sketch, None))
+        assert all(torch.equal(x, y) for x, y in zip(sketched, full))
+        U, S, Vh = sketched
+        err = (low.double() - (U * S.unsqueeze(-2)).double() @ Vh.double()).norm(dim=(-2, -1))
+        assert (err <= ATOL_ULPS * torch.finfo(torch.float32).eps * low.double().norm(dim=(-2, -1))).all(), err
+        exp = ref.rsvd(low, omega, 8, 1, sketch)
+        torch.testing.assert_close(exp[1], S, rtol=1e-4, atol=1e-5)
+        kept = torch.ops.fastlora.rsvd(noisy, omega, 8, 1, sketch)
+        assert not torch.equal(kept[1], torch.ops.fastlora.rsvd(noisy, omega, 8, 1, None)[1])
+        torch.testing.assert_close(kept[1], ref.rsvd(noisy, omega, 8, 1, sketch)[1], rtol=0,
+                                   atol=float(sketch_floor(noisy, sketch).max()))
+    # One batch element enough: the whole call runs in float32.
+    mixed = torch.stack([noisy[0], low[1]])
+    sketched, full = (torch.ops.fastlora.rsvd(mixed, omega, 8, 1, d) for d in (torch.bfloat16, None))
+    assert all(torch.equal(x, y) for x, y in zip(sketched, full))
+
+
+def test_rsvd_default_plan():
+    """Dense A: oversample=max(10, rank // 2), the sketch precision of "auto", and the adaptive
+    n_iter: one power iteration on a 1/i spectrum, two on a flat one (the second only where the
+    sketch's sigma_l / sigma_rank estimate exceeds 0.62), as in the reference; the same for a
+    FactoredSum."""
+    g = torch.Generator().manual_seed(6)
+    for spectrum, iterations in (("slow", 1), ("flat", 2)):
+        A = known(400, 300, SPECTRA[spectrum], g, torch.float32)
+        for rank in (4, 30):
+            got = fastlora.rsvd(A, rank, generator=torch.Generator().manual_seed(1))
+            same = fastlora.rsvd(A, rank, oversample=max(10, rank // 2), n_iter=iterations, sketch_dtype="auto",
+                                 generator=torch.Generator().manual_seed(1))
+            assert all(torch.equal(x, y) for x, y in zip(got, same)), (spectrum, rank)
+            omega = gaussian_test_matrix((), 300, rank + max(10, rank // 2), torch.float32, A.device,
+                                         torch.Generator().manual_seed(1))
+            exp = ref.rsvd(A, omega, rank, None)
+            assert all(torch.equal(x, y) for x, y in zip(exp, ref.rsvd(A, omega, rank, iterations)))
+    op = fastlora.FactoredSum([(torch.randn(3, 100), torch.randn(120, 3)), (torch.randn(5, 100), torch.randn(120, 5))])
+    got = fastlora.rsvd(op, 4, generator=torch.Generator().manual_seed(1))
+    want = fastlora.rsvd(op, 4, oversample=10, n_iter=None, generator=torch.Generator().manual_seed(1))
+    assert all(torch.equal(x, y) for x, y in zip(got, want))
+    with pytest.raises(TypeError, match="n_iter must be an int or None"):
+        fastlora.rsvd(A, 2, n_iter=1.0)
+    with pytest.raises(ValueError, match="n_iter must be >= 0"):
+        fastlora.rsvd(A, 2, n_iter=-1)
+
+
+def test_rsvd_float32_products_match_the_blas():
+    """On the CPU the float32 products with a contiguous A run in small_gemm (A and A^T times a
+    sketch whose width is padded to whole vectors); a non-contiguous A takes the BLAS. Both give
+    the same factorisation to float32 rounding, under every kernel build."""
+    g = torch.Generator().manual_seed(8)
+    A = known(300, 260, SPECTRA["slow"], g, torch.float32)
+    strided = A.mT.contiguous().mT
+    best = fastlora.use_cpu_isa("auto")
+    try:
+        for isa in ("baseline", "avx2", "avx512"):
+            if fastlora.use_cpu_isa(isa) != isa:
+                continue
+            for l in (7, 16, 21, 48):
+                omega = torch.randn(260, l, generator=g)
+                U, S, Vh = torch.ops.fastlora.rsvd(A, omega, 5, 1, None)
+                U2, S2, Vh2 = torch.ops.fastlora.rsvd(strided, omega, 5, 1, None)
+                torch.testing.assert_close(S, S2, rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close((U * S) @ Vh, (U2 * S2) @ Vh2, rtol=1e-4, atol=1e-5)
+                exp = ref.rsvd(A, omega, 5, 1)
+                torch.testing.assert_close(S, exp[1], rtol=1e-5, atol=1e-6)
     finally:
         fastlora.use_cpu_isa(best)
 
@@ -257,7 +344,7 @@ def test_rsvd_implicit_matches_materialised(with_sparse):
     dense = op.to_dense()
     for k in (1, 6, 30):
         imp = fastlora.rsvd(op, k, generator=torch.Generator().manual_seed(0))
-        mat = fastlora.rsvd(dense, k, generator=torch.Generator().manual_seed(0))
+        mat = fastlora.rsvd(dense, k, generator=torch.Generator().manual_seed(0), sketch_dtype=torch.float32)
         check_svd(*imp, m, n, k, torch.float32, 1e-4)
         torch.testing.assert_close(imp[1], mat[1], rtol=1e-4, atol=1e-5 * mat[1][0].item())
         err = (dense - (imp[0] * imp[1]) @ imp[2]).norm()
@@ -414,13 +501,14 @@ def test_aggregate_lora_one_client_full_rank_reproduces_it():
 DEVICE = "cuda" if os.environ.get("FASTLORA_TEST_GPU") else "cpu"
 
 
-@pytest.mark.parametrize("sketch_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("sketch_dtype", [torch.float32, None, torch.bfloat16])
 def test_family_on_device(sketch_dtype):
     g = torch.Generator().manual_seed(13)
     A = known(96, 70, SPECTRA["slow"], g, torch.float32, batch=(2,)).to(DEVICE)
     U, S, Vh = fastlora.rsvd(A, 6, generator=torch.Generator().manual_seed(0), sketch_dtype=sketch_dtype)
     assert U.device == S.device == Vh.device == A.device
-    floor = 0 if sketch_dtype is None else sketch_floor(A.cpu(), sketch_dtype)
+    # The default may sketch in bfloat16 (where native): its floor bounds it.
+    floor = 0 if sketch_dtype is torch.float32 else sketch_floor(A.cpu(), torch.bfloat16)
     err = (A - (U * S.unsqueeze(-2)) @ Vh).double().norm(dim=(-2, -1)).cpu()
     assert (err <= (1 + RSVD_EPS) * optimal_error(A.cpu(), 6) + floor + 1e-5).all()
     pairs = [(a.to(DEVICE), b.to(DEVICE)) for a, b in clients(96, 70, [2, 5, 3], g)]

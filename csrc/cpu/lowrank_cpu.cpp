@@ -1,15 +1,20 @@
 // Kernels of the fastlora low-rank family (schema and semantics: csrc/lowrank.cpp).
 //
-// These kernels only call ATen ops (matmul, linalg_qr, linalg_svd, index_add), so they are
+// These kernels call ATen ops (matmul, linalg_qr, linalg_svd, index_add), so they are
 // registered as CompositeExplicitAutograd: the same code serves every device (on CUDA the
-// ATen calls dispatch to cuBLAS / cuSOLVER). There is no autograd formula: these ops
+// ATen calls dispatch to cuBLAS / cuSOLVER). One exception, on the CPU: rsvd's float32
+// products with a dense A, the tall-times-skinny GEMMs that are all of its time, run in
+// small_gemm (see sketch_product). There is no autograd formula: these ops
 // re-factorise updates (data), and the Python wrappers call them without recording history.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -19,6 +24,8 @@
 #ifdef __linux__
 #include <sys/mman.h>
 #endif
+
+#include "small_gemm.h"
 
 namespace fastlora {
 namespace {
@@ -162,21 +169,36 @@ QR qr_factor(const Tensor& Y, bool cheap) {
 // A basis of Y's span for the power iteration, where only the span matters: one Cholesky-QR
 // step when `cheap` (its loss of orthogonality, <= ~0.1, does not shrink the span),
 // Householder otherwise.
-Tensor span_basis(const Tensor& Y, bool cheap) {
+QR span_basis(const Tensor& Y, bool cheap) {
   if (cheap) {
-    if (auto step = cholesky_qr_step(Y)) return step->first;
+    if (auto step = cholesky_qr_step(Y)) return *step;
   }
-  return householder_qr(Y).first;
+  return householder_qr(Y);
+}
+
+// Whether a sketch's spectrum is flat enough that a further power iteration pays: the
+// estimate sigma_l / sigma_rank of the last kept singular value against the last sketched one,
+// read off R (Y = Q R: R has Y's singular values). After one iteration this estimate sits at
+// 0.51-0.53 for a 1/i spectrum, 0.58 for 1/i^0.75, 0.66-0.69 for 1/sqrt(i) and 0.83-0.85 for
+// 1/i^0.25 (ranks 32-128, oversample max(10, rank / 2)); one iteration gave a lower error than
+// torch.svd_lowrank's two up to 1/i^0.75 and a higher one from 1/sqrt(i) on, hence the
+// threshold between them. Any batch element flat: the whole batch iterates.
+bool flat_sketch(const Tensor& R, int64_t rank) {
+  constexpr double kFlat = 0.62;
+  const Tensor sv = at::linalg_svdvals(R);  // descending
+  const Tensor ratio = sv.select(-1, sv.size(-1) - 1) / sv.select(-1, rank - 1);
+  return ratio.gt(kFlat).logical_or(ratio.isnan()).any().item<bool>();
 }
 
 // Halko-Martinsson-Tropp range finder + SVD of the projection, for any operator given by its
 // products apply(X) = Op X (X: ..., n x l) and apply_t(Y) = Op^T Y (Y: ..., m x l).
-// `cheap_qr` lets the orthonormalisations use Cholesky-QR where it is safe (see above); the
-// mixed-precision path sets it, the full-precision path keeps Householder throughout.
+// `cheap_qr` lets the orthonormalisations use Cholesky-QR where it is safe (see above).
+// n_iter: the number of power iterations, or nullopt for the adaptive plan: one, and a second
+// where the sketch after the first shows a flat spectrum (flat_sketch).
 template <typename Apply, typename ApplyT>
-Triple hmt(const char* op, const Tensor& omega, int64_t rank, int64_t n_iter, Apply apply, ApplyT apply_t,
-           bool cheap_qr = false) {
-  TORCH_CHECK_VALUE(n_iter >= 0, op, ": n_iter must be >= 0, got ", n_iter);
+Triple hmt(const char* op, const Tensor& omega, int64_t rank, std::optional<int64_t> n_iter, Apply apply,
+           ApplyT apply_t, bool cheap_qr = false) {
+  TORCH_CHECK_VALUE(n_iter.value_or(0) >= 0, op, ": n_iter must be >= 0 (or None: adaptive), got ", *n_iter);
   TORCH_CHECK_VALUE(all_finite(omega), op, ": omega contains non-finite values");
   Tensor Y = apply(omega);
   // omega is finite and (almost surely) has no zero entry, so any NaN/Inf in the operator
@@ -186,9 +208,10 @@ Triple hmt(const char* op, const Tensor& omega, int64_t rank, int64_t n_iter, Ap
   // Re-orthonormalise after every product (the stable normaliser): without it the columns of
   // (A A^T)^q A omega collapse onto the top singular vector in floating point. The basis the
   // result is projected on (the last one) must be orthonormal, the others only span.
-  for (int64_t it = 0; it < n_iter; ++it) {
-    const Tensor Z = span_basis(apply_t(span_basis(Y, cheap_qr)), cheap_qr);
-    Y = apply(Z);
+  for (int64_t it = 0; it < n_iter.value_or(2); ++it) {
+    const auto [basis, R] = span_basis(Y, cheap_qr);
+    if (!n_iter.has_value() && it == 1 && !flat_sketch(R, rank)) break;
+    Y = apply(span_basis(apply_t(basis), cheap_qr).first);
   }
   const Tensor Q = qr_factor(Y, cheap_qr).first;
   const Tensor Bt = apply_t(Q);                                  // ..., n x l  (= (Q^T Op)^T)
@@ -227,6 +250,38 @@ Tensor empty_sketch_buffer(at::IntArrayRef sizes, at::ScalarType dtype) {
   return at::empty(sizes, at::TensorOptions().dtype(dtype));
 }
 
+// A X (transpose_a = false) or A^T X (true) for a contiguous float32 CPU matrix A (m x n) and
+// an l-column X, in small_gemm over blocks of output rows: rsvd's passes over A. These are
+// compute-bound (A is read once per pass, each element used l times) and MKL runs their
+// skinny shapes well below its square-GEMM rate: 4096 x 4096 times 4096 x 48 at 140 GFLOP/s
+// and the transposed product at 117 (2 threads, Zen 4 under the AVX2 build), against 180 and
+// 160 here. Only where small_gemm has a vector build (AVX2 or AVX-512); baseline keeps the BLAS.
+bool use_sketch_product(const Tensor& a) {
+  return a.device().is_cpu() && a.scalar_type() == at::kFloat && a.dim() == 2 && a.is_contiguous() &&
+         small_gemm_isa() >= 3;
+}
+
+Tensor sketch_product(const Tensor& a, const Tensor& x, bool transpose_a) {
+  const int64_t m = a.size(0), n = a.size(1);
+  const int64_t rows = transpose_a ? n : m, depth = transpose_a ? m : n;
+  TORCH_INTERNAL_ASSERT(x.dim() == 2 && x.size(0) == depth);
+  // small_gemm's column tail narrower than a vector is scalar: pad X with zero columns to whole
+  // vectors (the sketch widths rank + oversample are rarely multiples of 8 or 16).
+  const int64_t lanes = small_gemm_isa() >= 4 ? 16 : 8, l = (x.size(1) + lanes - 1) / lanes * lanes;
+  const Tensor xc = l == x.size(1) ? x.contiguous() : at::constant_pad_nd(x, {0, l - x.size(1)});
+  Tensor out = at::empty({rows, l}, a.options());
+  const float* pa = a.const_data_ptr<float>();
+  const float* px = xc.const_data_ptr<float>();
+  float* po = out.mutable_data_ptr<float>();
+  // A(i, p) for output row i: row i of A, or column i of A (whose values for consecutive i are
+  // adjacent, which small_gemm's tiles read as one cache line per step).
+  const int64_t a_row = transpose_a ? 1 : n, a_col = transpose_a ? n : 1;
+  at::parallel_for(0, rows, 96, [&](int64_t r0, int64_t r1) {
+    small_gemm(r1 - r0, l, depth, 1.0f, pa + r0 * a_row, a_row, a_col, px, l, /*accumulate=*/false, po + r0 * l, l);
+  });
+  return l == x.size(1) ? out : out.narrow(1, 0, x.size(1));
+}
+
 void check_omega(const char* op, const Tensor& omega, int64_t n, int64_t rank, int64_t kmax) {
   TORCH_CHECK_VALUE(rank >= 1 && rank <= kmax, op, ": rank must be in [1, min(m, n)] = [1, ", kmax, "], got ", rank);
   TORCH_CHECK_VALUE(omega.dim() >= 2 && omega.size(-2) == n, op, ": omega must be (..., n = ", n, ", l), got ",
@@ -235,7 +290,62 @@ void check_omega(const char* op, const Tensor& omega, int64_t n, int64_t rank, i
                     " columns; need rank (", rank, ") <= l <= min(m, n) (", kmax, ")");
 }
 
-Triple rsvd(const Tensor& A, const Tensor& omega, int64_t rank, int64_t n_iter,
+// Whether the rounding of A to the sketch dtype would dominate a sketched result's error: the
+// copy a differs from A by up to eps ||A||_F (eps = 2^-7 for bfloat16), which is invisible next
+// to a large optimal error (noisy or slowly decaying spectra) and dominant when A is (nearly)
+// low rank. The error the result leaves on a, sqrt(||a||_F^2 - ||S||^2), stands for the optimal
+// one: when eps ||a||_F exceeds an eighth of it (adding, in quadrature, up to ~1% to the error)
+// in any batch element, rsvd computes the call again in float32 instead.
+// Squared Frobenius norms of the (..., m, n) matrices of a contiguous half-precision x, in
+// float64. On the CPU a loop over the values (ATen's norm with a float result dtype converts
+// element by element: 26 ms for a 4096 x 4096 bfloat16 matrix, most of a bf16 rsvd; this: ~2 ms):
+// float sums over chunks of 4096 values, added in double.
+Tensor squared_norms(const Tensor& x) {
+  if (!x.device().is_cpu()) {
+    return at::linalg_vector_norm(x, 2, {-2, -1}, /*keepdim=*/false, at::kDouble).square();
+  }
+  const int64_t per = x.size(-2) * x.size(-1), mats = x.numel() / per;
+  Tensor out = at::empty({mats}, x.options().dtype(at::kDouble));
+  double* po = out.mutable_data_ptr<double>();
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "squared_norms", [&] {
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    for (int64_t b = 0; b < mats; ++b) {
+      const scalar_t* pb = px + b * per;
+      po[b] = at::parallel_reduce(
+          0, per, 1 << 16, 0.0,
+          [&](int64_t i0, int64_t i1, double acc) {
+            for (int64_t c0 = i0; c0 < i1; c0 += 4096) {
+              float part[8] = {};
+              const int64_t c1 = std::min(i1, c0 + 4096);
+              int64_t i = c0;
+              for (; i + 8 <= c1; i += 8) {
+                for (int j = 0; j < 8; ++j) {
+                  const float v = static_cast<float>(pb[i + j]);
+                  part[j] += v * v;
+                }
+              }
+              for (; i < c1; ++i) {
+                const float v = static_cast<float>(pb[i]);
+                part[0] += v * v;
+              }
+              for (int j = 0; j < 8; ++j) acc += part[j];
+            }
+            return acc;
+          },
+          std::plus<double>());
+    }
+  });
+  return out.view(x.sizes().slice(0, x.dim() - 2));
+}
+
+bool sketch_floor_dominates(const Tensor& a, const Tensor& S) {
+  const double eps = a.scalar_type() == at::kBFloat16 ? 0.0078125 : 0.0009765625;  // finfo(dtype).eps
+  const Tensor norm2 = squared_norms(a);
+  const Tensor tail2 = (norm2 - S.to(at::kDouble).square().sum(-1)).clamp_min(0);
+  return (norm2 * (64 * eps * eps)).gt(tail2).any().item<bool>();
+}
+
+Triple rsvd(const Tensor& A, const Tensor& omega, int64_t rank, std::optional<int64_t> n_iter,
             std::optional<at::ScalarType> sketch_dtype) {
   TORCH_CHECK_TYPE(is_float_dtype(A.scalar_type()), "rsvd: A must be floating point, got ", A.scalar_type());
   TORCH_CHECK_VALUE(A.dim() >= 2, "rsvd: A must have at least 2 dimensions (..., m, n), got shape ", A.sizes());
@@ -247,6 +357,13 @@ Triple rsvd(const Tensor& A, const Tensor& omega, int64_t rank, int64_t n_iter,
   const auto dt = A.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   if (!sketch_dtype.has_value()) {
     const Tensor a = A.to(dt);
+    if (use_sketch_product(a)) {
+      // Cholesky-QR where it is safe (see cholesky_qr_step): a Householder QR of a 4096 x 48
+      // sketch costs 2 ms, a sixth of one pass over a 4096 x 4096 A.
+      return hmt(
+          "rsvd", omega.to(dt), rank, n_iter, [&](const Tensor& X) { return sketch_product(a, X, false); },
+          [&](const Tensor& Y) { return sketch_product(a, Y, true); }, /*cheap_qr=*/true);
+    }
     const Tensor at_ = a.mT();
     return hmt("rsvd", omega.to(dt), rank, n_iter, [&](const Tensor& X) { return at::matmul(a, X); },
                [&](const Tensor& Y) { return at::matmul(at_, Y); });
@@ -265,13 +382,18 @@ Triple rsvd(const Tensor& A, const Tensor& omega, int64_t rank, int64_t n_iter,
   }
   // A^T Y is formed as (Y^T A)^T: with A row-major this reads A along its rows, which the
   // low-precision GEMMs do ~10% faster than the transposed operand.
-  return hmt(
+  Triple out = hmt(
       "rsvd", omega.to(dt), rank, n_iter, [&](const Tensor& X) { return at::matmul(a, X.to(sd)).to(dt); },
       [&](const Tensor& Y) { return at::matmul(Y.to(sd).mT(), a).mT().to(dt); }, /*cheap_qr=*/true);
+  if (sketch_floor_dominates(a, std::get<1>(out))) {
+    return rsvd(A, omega, rank, n_iter, std::nullopt);
+  }
+  return out;
 }
 
 Triple rsvd_implicit(at::TensorList Bs, at::TensorList As, const Tensor& weights, const Tensor& sparse_indices,
-                     const Tensor& sparse_values, const Tensor& omega, int64_t m, int64_t rank, int64_t n_iter) {
+                     const Tensor& sparse_values, const Tensor& omega, int64_t m, int64_t rank,
+                     std::optional<int64_t> n_iter) {
   const char* op = "rsvd_implicit";
   TORCH_CHECK_VALUE(omega.dim() == 2, op, ": omega must be 2-D (n x l), got ", omega.sizes());
   const int64_t n = omega.size(0);

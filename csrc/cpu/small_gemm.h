@@ -4,7 +4,9 @@
 // the kernels' parallel regions (single-threaded, no allocation, no dispatch): through ATen
 // each of these calls cost microseconds of op overhead per 64-row block, and the BLAS ran
 // these shapes at 55-74 GFLOP/s per thread against ~93 for the base GEMM (measured on this
-// project's 2-core Zen 4 machine; README, "LoRA linear" benchmarks, for the effect).
+// project's 2-core Zen 4 machine; README, "LoRA linear" benchmarks, for the effect). Also
+// rsvd's float32 passes over a tall matrix A with an l-column sketch (A X, A^T Y), split into
+// row blocks by the caller (csrc/cpu/lowrank_cpu.cpp, sketch_product).
 //
 // Leaf code: raw pointers only, nothing from the rest of the package.
 #pragma once

@@ -123,60 +123,69 @@ def _factored_args(op, B, A, weights):
     return Bs, As, _weights(weights, len(Bs), op)
 
 
-def rsvd(A, rank: int, *, oversample: int = 10, n_iter: int = 2, generator: Optional[torch.Generator] = None,
-         sketch_dtype=None):
+def rsvd(A, rank: int, *, oversample: Optional[int] = None, n_iter: Optional[int] = None,
+         generator: Optional[torch.Generator] = None, sketch_dtype=None):
     """Randomized truncated SVD (Halko, Martinsson & Tropp 2011, Alg. 4.4 + 5.1).
 
     ``A`` is a dense tensor ``(..., m, n)`` (leading dims are a batch) or a ``FactoredSum``
     (applied implicitly, only through products with its factors and sparse term). With
     ``l = min(rank + oversample, m, n)`` and a Gaussian n x l test matrix drawn from
     ``generator`` (default: the global RNG): Q = orth(A G), then ``n_iter`` power iterations
-    Q = orth(A orth(A^T Q)), each product re-orthonormalised by QR; the SVD of Q^T A gives the
+    Q = orth(A orth(A^T Q)), each product re-orthonormalised; the SVD of Q^T A gives the
     result. The op itself is deterministic given the test matrix: the same generator state
     gives the same bits.
 
-    Accuracy: the default (oversample=10, n_iter=2) is within a factor 1 + 0.05 of the optimal
-    rank-`rank` Frobenius error on the spectra in tests/test_lowrank.py (slow decay included);
-    use more ``n_iter`` for flat spectra.
+    Defaults (the measured plan; docs/benchmarks.md, Low-rank):
+    ``oversample=max(10, rank // 2)`` and ``n_iter=None``, adaptive: one power iteration, and a
+    second only where the sketch after the first shows a flat spectrum (estimated
+    sigma_l / sigma_rank > 0.62, about 1/sqrt(i) or flatter). On 1/i and steeper spectra that is
+    one power iteration fewer than ``torch.svd_lowrank``, paid for by oversampling (the same
+    multiply-adds with A at rank >= 20) and a lower error than ``torch.svd_lowrank(q=rank,
+    niter=2)``; on flatter ones it is svd_lowrank's two with more columns. The same for a
+    ``FactoredSum``. Accuracy: within a factor
+    1 + 0.05 of the optimal rank-``rank`` Frobenius error on the spectra in tests/test_lowrank.py
+    (slow decay included); more ``n_iter`` for very flat spectra.
 
-    Mixed precision (``sketch_dtype=torch.bfloat16``, dense ``A`` only): every product with A
-    is formed from a bfloat16 copy of A (float16 also accepted; it overflows above 65504),
-    everything small stays in float32. Its GEMMs are faster than float32 on CPUs with
-    AVX512-BF16 (and on GPU tensor cores), at the price of an error floor of about bfloat16's
-    rounding of A: on top of the randomized error, allow 2^-7 ||A||_F (bfloat16's epsilon, the
-    bound tests/test_lowrank.py checks). That is invisible when
-    the optimal rank-k error is large (noisy or slowly decaying spectra: updates, gradients)
-    and dominant when A is (nearly) exactly low rank — use the default there. With
-    ``n_iter=1`` and ``oversample`` about rank / 2 (one power iteration fewer, paid for by
-    oversampling, which is cheap in bfloat16) it is ~2.1x faster than
-    ``torch.svd_lowrank(q=rank, niter=2)`` at a lower error on 4096 x 4096 (docs/benchmarks.md,
-    Low-rank).
-
-    The sketch precision follows the hardware: a half-precision ``sketch_dtype`` is used only
-    where that dtype's GEMMs are native (CUDA; CPUs with AVX512-BF16 / AMX for bfloat16, AMX-FP16
-    for float16, see ``fastlora.cpu``). Elsewhere ATen emulates them 100x or more slower than
-    float32, so the products run in float32 instead: faster there, and more accurate.
-    ``sketch_dtype="auto"`` asks for bfloat16 exactly where it is native, float32 elsewhere.
+    Precision (``sketch_dtype``, dense A): by default (None, or "auto") bfloat16 where its GEMMs
+    are native (CUDA; CPUs with AVX512-BF16 / AMX), the input's precision elsewhere and for
+    float64 input; ``torch.float32`` asks for full precision everywhere; ``torch.bfloat16`` /
+    ``torch.float16`` ask for that dtype, granted only where its GEMMs are native (AMX-FP16 for
+    float16 on CPUs): elsewhere ATen emulates them 100x or more slower than float32, so the
+    products run in float32, faster there and more accurate. With a half-precision sketch every
+    product with A is formed from a copy of A in that dtype, everything small stays in float32:
+    ~2x faster than ``torch.svd_lowrank(q=rank, niter=2)`` on an AVX512-BF16 CPU, with an error
+    floor of about that dtype's rounding of A (<= 2^-7 ||A||_F for bfloat16) on top of the
+    randomized error. That floor is invisible when the optimal error is large (noisy or slowly
+    decaying spectra: updates, gradients); where it would dominate (A nearly low rank: the
+    floor above an eighth of the error the result leaves), the call is computed again in
+    float32, so the default never returns the floor in its place. In float32 on the CPU the
+    products with A run in fastlora's own GEMM: 1.4x ``torch.svd_lowrank`` at rank 32 on AVX2.
 
     Returns ``(U (..., m, rank), S (..., rank), Vh (..., rank, n))`` in float32 (float64 for
-    float64 input; float16 / bfloat16 are computed in float32). Raises ValueError for rank
+    float64 input; float16 / bfloat16 are computed in float32). Raises TypeError for a
+    non-int rank / oversample / n_iter, ValueError for rank
     outside [1, min(m, n)], negative oversample / n_iter, empty or non-finite input, and a
-    ``sketch_dtype`` other than None / "auto" / bfloat16 / float16 or given with a ``FactoredSum``.
+    ``sketch_dtype`` other than None / "auto" / float32 / bfloat16 / float16 or a half
+    precision given with a ``FactoredSum``.
     """
+    factored = isinstance(A, FactoredSum)
     for name, v in (("rank", rank), ("oversample", oversample), ("n_iter", n_iter)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"rsvd: {name} must be an int, got {type(v).__name__}")
+        if (v is not None or name == "rank") and (isinstance(v, bool) or not isinstance(v, int)):
+            raise TypeError(f"rsvd: {name} must be an int{'' if name == 'rank' else ' or None'}, got "
+                            f"{type(v).__name__}")
+    if oversample is None:
+        oversample = max(10, rank // 2)
     if oversample < 0:
         raise ValueError(f"rsvd: oversample must be >= 0, got {oversample}")
-    if n_iter < 0:
-        raise ValueError(f"rsvd: n_iter must be >= 0, got {n_iter}")
+    if n_iter is not None and n_iter < 0:
+        raise ValueError(f"rsvd: n_iter must be >= 0 (or None), got {n_iter}")
     if sketch_dtype is not None:
-        if sketch_dtype not in (torch.bfloat16, torch.float16, "auto"):
-            raise ValueError(f"rsvd: sketch_dtype must be None, 'auto', torch.bfloat16 or torch.float16, got "
-                             f"{sketch_dtype!r}")
-        if isinstance(A, FactoredSum) and sketch_dtype != "auto":
-            raise ValueError("rsvd: sketch_dtype applies to a dense A; a FactoredSum is applied through its "
-                             "(already cheap) factors in the compute dtype")
+        if sketch_dtype not in (torch.float32, torch.bfloat16, torch.float16, "auto"):
+            raise ValueError(f"rsvd: sketch_dtype must be None, 'auto', torch.float32, torch.bfloat16 or "
+                             f"torch.float16, got {sketch_dtype!r}")
+        if factored and sketch_dtype in (torch.bfloat16, torch.float16):
+            raise ValueError("rsvd: a half-precision sketch_dtype applies to a dense A; a FactoredSum is applied "
+                             "through its (already cheap) factors in the compute dtype")
     if isinstance(A, FactoredSum):
         m, n = A.shape
         batch: Tuple[int, ...] = ()
@@ -202,7 +211,7 @@ def rsvd(A, rank: int, *, oversample: int = 10, n_iter: int = 2, generator: Opti
     omega = gaussian_test_matrix(batch, n, min(rank + oversample, m, n), dtype, device, generator)
     with torch.no_grad():
         if isinstance(A, torch.Tensor):
-            sketch_dtype = _sketch_dtype_for(sketch_dtype, device)
+            sketch_dtype = _sketch_dtype_for(sketch_dtype, A.dtype, device)
             return torch.ops.fastlora.rsvd(A.detach(), omega, rank, n_iter, sketch_dtype)
         if A.sparse is not None:
             idx, val = A.sparse.indices.to(device), A.sparse.values.to(device)
@@ -212,11 +221,16 @@ def rsvd(A, rank: int, *, oversample: int = 10, n_iter: int = 2, generator: Opti
                                                 A.weights.to(device), idx, val, omega, m, rank, n_iter)
 
 
-def _sketch_dtype_for(sketch_dtype, device: torch.device):
-    """The sketch dtype rsvd really uses: the requested half precision only where its GEMMs are
-    native (see rsvd's docstring), else None (float32 products)."""
-    if sketch_dtype is None:
+def _sketch_dtype_for(sketch_dtype, input_dtype: torch.dtype, device: torch.device):
+    """The sketch dtype rsvd really uses (None: the compute dtype). A half precision only where
+    its GEMMs are native (see rsvd's docstring); None / "auto" mean bfloat16 exactly there,
+    except for float64 input."""
+    if sketch_dtype is torch.float32:
         return None
+    if sketch_dtype is None or sketch_dtype == "auto":
+        if input_dtype == torch.float64:
+            return None
+        sketch_dtype = "auto"
     if device.type == "cuda":
         return torch.bfloat16 if sketch_dtype == "auto" else sketch_dtype
     if device.type != "cpu":

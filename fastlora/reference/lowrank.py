@@ -47,8 +47,10 @@ def lowrank_truncate(Bs, As, weights, rank):
 
 
 def rsvd(A, omega, rank, n_iter, sketch_dtype=None):
-    """Reference of ``fastlora::rsvd`` (Halko-Martinsson-Tropp with QR after every product;
-    with ``sketch_dtype``, every product with A formed from A and the basis in that dtype).
+    """Reference of ``fastlora::rsvd`` (Halko-Martinsson-Tropp with QR after every product,
+    ``n_iter`` power iterations or, for None, one and a second where the spectrum is flat;
+    with ``sketch_dtype``, every product with A formed from A and the basis in that dtype, unless
+    that dtype's rounding of A would dominate the result's error).
     The kernel's mixed-precision path may orthonormalise by Cholesky-QR instead of Householder:
     the same spans, different bases, so it agrees with this to the sketch dtype's rounding."""
     dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
@@ -56,8 +58,15 @@ def rsvd(A, omega, rank, n_iter, sketch_dtype=None):
         A = A.to(dtype)
         return _hmt(lambda X: A @ X, lambda Y: A.mT @ Y, omega.to(dtype), rank, n_iter)
     a = A.to(sketch_dtype)
-    return _hmt(lambda X: (a @ X.to(sketch_dtype)).to(dtype), lambda Y: (Y.to(sketch_dtype).mT @ a).mT.to(dtype),
-                omega.to(dtype), rank, n_iter)
+    out = _hmt(lambda X: (a @ X.to(sketch_dtype)).to(dtype), lambda Y: (Y.to(sketch_dtype).mT @ a).mT.to(dtype),
+               omega.to(dtype), rank, n_iter)
+    # When the rounding of A to the sketch dtype (eps ||A||_F) exceeds an eighth of the error the
+    # result leaves on that copy, it would dominate: the call is computed in float32 instead.
+    norm2 = a.double().square().sum(dim=(-2, -1))
+    tail2 = (norm2 - out[1].double().square().sum(-1)).clamp_min(0)
+    if bool((norm2 * 64 * torch.finfo(sketch_dtype).eps ** 2 > tail2).any()):
+        return rsvd(A, omega, rank, n_iter)
+    return out
 
 
 def rsvd_implicit(Bs, As, weights, sparse_indices, sparse_values, omega, m, rank, n_iter):
@@ -71,9 +80,20 @@ def rsvd_implicit(Bs, As, weights, sparse_indices, sparse_values, omega, m, rank
     return rsvd(M, omega.to(dtype), rank, n_iter)
 
 
+# n_iter None (adaptive): one power iteration, and a second when the sketch after the first
+# estimates sigma_l / sigma_rank above this (a flat spectrum; see the kernel's flat_sketch).
+FLAT_SKETCH = 0.62
+
+
 def _hmt(apply, apply_t, omega, rank, n_iter):
-    Q = torch.linalg.qr(apply(omega)).Q
-    for _ in range(n_iter):
-        Q = torch.linalg.qr(apply(torch.linalg.qr(apply_t(Q)).Q)).Q
+    Y = apply(omega)
+    for it in range(2 if n_iter is None else n_iter):
+        if n_iter is None and it == 1:
+            sv = torch.linalg.svdvals(Y)
+            ratio = sv[..., -1] / sv[..., rank - 1]
+            if not bool(((ratio > FLAT_SKETCH) | ratio.isnan()).any()):
+                break
+        Y = apply(torch.linalg.qr(apply_t(torch.linalg.qr(Y).Q)).Q)
+    Q = torch.linalg.qr(Y).Q
     Ub, S, Vh = torch.linalg.svd(apply_t(Q).mT, full_matrices=False)
     return Q @ Ub[..., :rank], S[..., :rank], Vh[..., :rank, :]
