@@ -319,6 +319,15 @@ def test_rsvd_float32_products_match_the_blas():
                 torch.testing.assert_close((U * S) @ Vh, (U2 * S2) @ Vh2, rtol=1e-4, atol=1e-5)
                 exp = ref.rsvd(A, omega, 5, 1)
                 torch.testing.assert_close(S, exp[1], rtol=1e-5, atol=1e-6)
+            # A batch: each matrix as on its own (to rounding: ATen's batched QR / SVD).
+            Ab = torch.stack([A, 2 * A.flip(0)])
+            omega = torch.randn(2, 260, 21, generator=g)
+            out = torch.ops.fastlora.rsvd(Ab, omega, 5, 1, None)
+            for i in range(2):
+                one = torch.ops.fastlora.rsvd(Ab[i], omega[i], 5, 1, None)
+                torch.testing.assert_close(out[1][i], one[1], rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close((out[0][i] * out[1][i]) @ out[2][i], (one[0] * one[1]) @ one[2],
+                                           rtol=1e-4, atol=1e-5)
     finally:
         fastlora.use_cpu_isa(best)
 

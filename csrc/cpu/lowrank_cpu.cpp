@@ -258,29 +258,33 @@ Tensor empty_sketch_buffer(at::IntArrayRef sizes, at::ScalarType dtype) {
 // and the transposed product at 117 (2 threads, Zen 4 under the AVX2 build), against 180 and
 // 160 here. Only where small_gemm has a vector build (AVX2 or AVX-512); baseline keeps the BLAS.
 bool use_sketch_product(const Tensor& a) {
-  return a.device().is_cpu() && a.scalar_type() == at::kFloat && a.dim() == 2 && a.is_contiguous() &&
-         small_gemm_isa() >= 3;
+  return a.device().is_cpu() && a.scalar_type() == at::kFloat && a.is_contiguous() && small_gemm_isa() >= 3;
 }
 
 Tensor sketch_product(const Tensor& a, const Tensor& x, bool transpose_a) {
-  const int64_t m = a.size(0), n = a.size(1);
+  const int64_t m = a.size(-2), n = a.size(-1), batch = a.numel() / (m * n);
   const int64_t rows = transpose_a ? n : m, depth = transpose_a ? m : n;
-  TORCH_INTERNAL_ASSERT(x.dim() == 2 && x.size(0) == depth);
+  TORCH_INTERNAL_ASSERT(x.dim() == a.dim() && x.size(-2) == depth);
   // small_gemm's column tail narrower than a vector is scalar: pad X with zero columns to whole
   // vectors (the sketch widths rank + oversample are rarely multiples of 8 or 16).
-  const int64_t lanes = small_gemm_isa() >= 4 ? 16 : 8, l = (x.size(1) + lanes - 1) / lanes * lanes;
-  const Tensor xc = l == x.size(1) ? x.contiguous() : at::constant_pad_nd(x, {0, l - x.size(1)});
-  Tensor out = at::empty({rows, l}, a.options());
-  const float* pa = a.const_data_ptr<float>();
-  const float* px = xc.const_data_ptr<float>();
-  float* po = out.mutable_data_ptr<float>();
+  const int64_t lanes = small_gemm_isa() >= 4 ? 16 : 8, l = (x.size(-1) + lanes - 1) / lanes * lanes;
+  const Tensor xc = l == x.size(-1) ? x.contiguous() : at::constant_pad_nd(x, {0, l - x.size(-1)});
+  std::vector<int64_t> out_sizes(a.sizes().begin(), a.sizes().end() - 2);
+  out_sizes.insert(out_sizes.end(), {rows, l});
+  Tensor out = at::empty(out_sizes, a.options());
   // A(i, p) for output row i: row i of A, or column i of A (whose values for consecutive i are
   // adjacent, which small_gemm's tiles read as one cache line per step).
   const int64_t a_row = transpose_a ? 1 : n, a_col = transpose_a ? n : 1;
-  at::parallel_for(0, rows, 96, [&](int64_t r0, int64_t r1) {
-    small_gemm(r1 - r0, l, depth, 1.0f, pa + r0 * a_row, a_row, a_col, px, l, /*accumulate=*/false, po + r0 * l, l);
-  });
-  return l == x.size(1) ? out : out.narrow(1, 0, x.size(1));
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* pa = a.const_data_ptr<float>() + b * m * n;
+    const float* px = xc.const_data_ptr<float>() + b * depth * l;
+    float* po = out.mutable_data_ptr<float>() + b * rows * l;
+    at::parallel_for(0, rows, 96, [&](int64_t r0, int64_t r1) {
+      small_gemm(r1 - r0, l, depth, 1.0f, pa + r0 * a_row, a_row, a_col, px, l, /*accumulate=*/false, po + r0 * l,
+                 l);
+    });
+  }
+  return l == x.size(-1) ? out : out.narrow(-1, 0, x.size(-1));
 }
 
 void check_omega(const char* op, const Tensor& omega, int64_t n, int64_t rank, int64_t kmax) {
