@@ -153,13 +153,13 @@ def rsvd(A, rank: int, *, oversample: Optional[int] = None, n_iter: Optional[int
     float16 on CPUs): elsewhere ATen emulates them 100x or more slower than float32, so the
     products run in float32, faster there and more accurate. With a half-precision sketch every
     product with A is formed from a copy of A in that dtype, everything small stays in float32:
-    ~2x faster than ``torch.svd_lowrank(q=rank, niter=2)`` on an AVX512-BF16 CPU, with an error
+    1.7-1.9x faster than ``torch.svd_lowrank(q=rank, niter=2)`` on an AVX512-BF16 CPU, with an error
     floor of about that dtype's rounding of A (<= 2^-7 ||A||_F for bfloat16) on top of the
     randomized error. That floor is invisible when the optimal error is large (noisy or slowly
     decaying spectra: updates, gradients); where it would dominate (A nearly low rank: the
     floor above an eighth of the error the result leaves), the call is computed again in
     float32, so the default never returns the floor in its place. In float32 on the CPU the
-    products with A run in fastlora's own GEMM: 1.4x ``torch.svd_lowrank`` at rank 32 on AVX2.
+    products with A run in fastlora's own GEMM: 1.35-1.47x ``torch.svd_lowrank`` at rank 32 on AVX2.
 
     Returns ``(U (..., m, rank), S (..., rank), Vh (..., rank, n))`` in float32 (float64 for
     float64 input; float16 / bfloat16 are computed in float32). Raises TypeError for a
