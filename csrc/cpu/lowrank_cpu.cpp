@@ -14,7 +14,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <functional>
 #include <optional>
 #include <string>
@@ -26,6 +25,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "cpu_utils.h"
 #include "small_gemm.h"
 
 namespace fastlora {
@@ -295,20 +295,8 @@ void check_omega(const char* op, const Tensor& omega, int64_t n, int64_t rank, i
                     " columns; need rank (", rank, ") <= l <= min(m, n) (", kmax, ")");
 }
 
-// Whether the rounding of A to the sketch dtype would dominate a sketched result's error: the
-// copy a differs from A by up to eps ||A||_F (eps = 2^-7 for bfloat16), which is invisible next
-// to a large optimal error (noisy or slowly decaying spectra) and dominant when A is (nearly)
-// low rank. The error the result leaves on a, sqrt(||a||_F^2 - ||S||^2), stands for the optimal
-// one: when eps ||a||_F exceeds an eighth of it (adding, in quadrature, up to ~1% to the error)
-// in any batch element, rsvd computes the call again in float32 instead.
-// x's values as float, 16 at a time: bfloat16 is the high half of a float32, a shift that the
-// compiler vectorises (c10's element-wise conversion does not: 3x slower here).
-inline void to_float16(const at::BFloat16* x, float* out) {
-  for (int j = 0; j < 16; ++j) {
-    const uint32_t bits = static_cast<uint32_t>(x[j].x) << 16;
-    std::memcpy(out + j, &bits, sizeof(float));
-  }
-}
+// x's values as float, 16 at a time (cpu_utils.h: a shift for bfloat16, which vectorises).
+inline void to_float16(const at::BFloat16* x, float* out) { bf16_to_float(x, out, 16); }
 
 inline void to_float16(const at::Half* x, float* out) {
   for (int j = 0; j < 16; ++j) out[j] = static_cast<float>(x[j]);
@@ -354,6 +342,12 @@ Tensor squared_norms(const Tensor& x) {
   return out.view(x.sizes().slice(0, x.dim() - 2));
 }
 
+// Whether the rounding of A to the sketch dtype would dominate a sketched result's error: the
+// copy a differs from A by up to eps ||A||_F (eps = 2^-7 for bfloat16), which is invisible next
+// to a large optimal error (noisy or slowly decaying spectra) and dominant when A is (nearly)
+// low rank. The error the result leaves on a, sqrt(||a||_F^2 - ||S||^2), stands for the optimal
+// one: when eps ||a||_F exceeds an eighth of it (adding, in quadrature, up to ~1% to the error)
+// in any batch element, rsvd computes the call again in float32 instead.
 bool sketch_floor_dominates(const Tensor& a, const Tensor& S) {
   const double eps = a.scalar_type() == at::kBFloat16 ? 0.0078125 : 0.0009765625;  // finfo(dtype).eps
   const Tensor norm2 = squared_norms(a);
