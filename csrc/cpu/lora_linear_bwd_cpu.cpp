@@ -46,8 +46,9 @@ struct LoraBwdSmallGemm {
   static constexpr int64_t kFusedBaseMinRows = 16;
 
   // The fused base product beats the BLAS only with small_gemm's AVX-512 build; with the AVX2
-  // build (half the vector width, narrow tiles) MKL's dY @ W is faster and the fusion made the
-  // whole backward slower than PEFT's (README, LoRA benchmarks per instruction set).
+  // build (half the vector width) MKL's dY @ W is faster: fused, the backward measured +30 to
+  // +38% over the base with 4 x 16 tiles and still +13 to +20% with the 6 x 16 ones, against
+  // +5 to +11% through MKL (docs/benchmarks.md, LoRA linear, AVX2).
   static bool fused_base_pays() { return small_gemm_isa() >= 4; }
 
   int64_t M, K, N, r, rp;
