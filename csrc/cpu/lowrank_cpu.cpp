@@ -156,9 +156,11 @@ std::optional<QR> cholesky_qr_step(const Tensor& Y) {
 
 // Y = Q R with Q orthonormal to working precision: CholeskyQR2 when `cheap` and Y is well
 // enough conditioned, Householder otherwise.
-QR qr_factor(const Tensor& Y, bool cheap) {
+// `first`: Y's first Cholesky-QR step when the caller has taken it already.
+QR qr_factor(const Tensor& Y, bool cheap, std::optional<QR> first = std::nullopt) {
   if (cheap) {
-    if (auto first = cholesky_qr_step(Y)) {
+    if (!first) first = cholesky_qr_step(Y);
+    if (first) {
       if (auto second = cholesky_qr_step(first->first)) {
         return {second->first, at::matmul(second->second, first->second)};
       }
@@ -170,11 +172,17 @@ QR qr_factor(const Tensor& Y, bool cheap) {
 // A basis of Y's span for the power iteration, where only the span matters: one Cholesky-QR
 // step when `cheap` (its loss of orthogonality, <= ~0.1, does not shrink the span),
 // Householder otherwise.
-QR span_basis(const Tensor& Y, bool cheap) {
+// With the step's own Q R, and whether it was a Cholesky-QR step.
+struct SpanStep {
+  QR qr;
+  bool cholesky;
+};
+
+SpanStep span_basis(const Tensor& Y, bool cheap) {
   if (cheap) {
-    if (auto step = cholesky_qr_step(Y)) return *step;
+    if (auto step = cholesky_qr_step(Y)) return {*step, true};
   }
-  return householder_qr(Y);
+  return {householder_qr(Y), false};
 }
 
 // Whether a sketch's spectrum is flat enough that a further power iteration pays: the
@@ -209,12 +217,18 @@ Triple hmt(const char* op, const Tensor& omega, int64_t rank, std::optional<int6
   // Re-orthonormalise after every product (the stable normaliser): without it the columns of
   // (A A^T)^q A omega collapse onto the top singular vector in floating point. The basis the
   // result is projected on (the last one) must be orthonormal, the others only span.
+  std::optional<Tensor> last;  // the basis to project on, when the adaptive plan stops early
   for (int64_t it = 0; it < n_iter.value_or(2); ++it) {
-    const auto [basis, R] = span_basis(Y, cheap_qr);
-    if (!n_iter.has_value() && it == 1 && !flat_sketch(R, rank)) break;
-    Y = apply(span_basis(apply_t(basis), cheap_qr).first);
+    const SpanStep step = span_basis(Y, cheap_qr);
+    if (!n_iter.has_value() && it == 1 && !flat_sketch(step.qr.second, rank)) {
+      // Y's first orthonormalisation step is taken: qr_factor continues from it (a Householder
+      // basis is orthonormal already), the bits of a fixed n_iter = 1.
+      last = step.cholesky ? qr_factor(Y, cheap_qr, step.qr).first : step.qr.first;
+      break;
+    }
+    Y = apply(span_basis(apply_t(step.qr.first), cheap_qr).qr.first);
   }
-  const Tensor Q = qr_factor(Y, cheap_qr).first;
+  const Tensor Q = last ? *last : qr_factor(Y, cheap_qr).first;
   const Tensor Bt = apply_t(Q);                                  // ..., n x l  (= (Q^T Op)^T)
   // SVD of the wide l x n matrix B = Bt^T through Bt = Qb Rb: B = Rb^T Qb^T, so the SVD of the
   // small Rb^T gives B's (2-3x cheaper than a direct SVD of B).
@@ -396,6 +410,7 @@ Triple rsvd(const Tensor& A, const Tensor& omega, int64_t rank, std::optional<in
       "rsvd", omega.to(dt), rank, n_iter, [&](const Tensor& X) { return at::matmul(a, X.to(sd)).to(dt); },
       [&](const Tensor& Y) { return at::matmul(Y.to(sd).mT(), a).mT().to(dt); }, /*cheap_qr=*/true);
   if (sketch_floor_dominates(a, std::get<1>(out))) {
+    a = Tensor();  // the half-precision copy is not needed by the float32 call
     return rsvd(A, omega, rank, n_iter, std::nullopt);
   }
   return out;

@@ -93,6 +93,28 @@ FASTLORA_INLINE void panel(int64_t m, int64_t k, T alpha, const T* a, int64_t a_
   }
 }
 
+// C = 0 for an empty sum (k == 0), or C unchanged when accumulating.
+template <typename T>
+FASTLORA_INLINE void empty_sum(int64_t m, int64_t n, bool accumulate, T* c, int64_t ldc) {
+  if (!accumulate) {
+    for (int64_t i = 0; i < m; ++i) std::memset(c + i * ldc, 0, n * sizeof(T));
+  }
+}
+
+// Columns j0 .. n - 1 of one k chunk (a tail narrower than a vector), scalar.
+template <typename T>
+FASTLORA_INLINE void column_tail(int64_t j0, int64_t m, int64_t n, int64_t kc, T alpha, const T* a, int64_t a_row,
+                                 int64_t a_col, const T* b, int64_t ldb, bool accumulate, T* c, int64_t ldc) {
+  for (int64_t j = j0; j < n; ++j) {
+    for (int64_t i = 0; i < m; ++i) {
+      T sum = 0;
+      for (int64_t p = 0; p < kc; ++p) sum += a[i * a_row + p * a_col] * b[p * ldb + j];
+      T* cij = c + i * ldc + j;
+      *cij = accumulate ? *cij + alpha * sum : alpha * sum;
+    }
+  }
+}
+
 // Tile shapes. Narrow: 4 rows x 2 vectors or 8 rows x 1 vector, 8 accumulators (fits the 16
 // registers of AVX2). Wide (AVX-512, 32 registers): 8 x 2 or 16 x 1, 16 accumulators, used when
 // the A values of a tile are adjacent in memory (a_row == 1: one cache line per k step) or k is
@@ -104,12 +126,7 @@ FASTLORA_INLINE void gemm(int64_t m, int64_t n, int64_t k, T alpha, const T* a, 
   using V = typename Vec<T, VB>::type;
   constexpr int64_t L = VB / sizeof(T);
   constexpr int MR2 = kWide ? 8 : 4, MR1 = kWide ? 16 : 8;
-  if (k == 0) {  // empty sum: C = 0 (or unchanged)
-    if (!accumulate) {
-      for (int64_t i = 0; i < m; ++i) std::memset(c + i * ldc, 0, n * sizeof(T));
-    }
-    return;
-  }
+  if (k == 0) return empty_sum(m, n, accumulate, c, ldc);
   // k in chunks: the B rows of a chunk (at most KC x 2 vectors, 16 KiB) stay in L1 while every
   // row tile of C passes over them. Without this a long k (the shrink over in_features = 4096
   // at r = 64) re-streamed a 512 KiB B panel from memory for every 4-row tile. With a single
@@ -129,15 +146,7 @@ FASTLORA_INLINE void gemm(int64_t m, int64_t n, int64_t k, T alpha, const T* a, 
     for (; j + L <= n; j += L) {
       panel<T, V, MR1, 1>(m, kc, alpha, ak, a_row, a_col, bk + j, ldb, acc, c + j, ldc);
     }
-    // Column tail narrower than a vector.
-    for (; j < n; ++j) {
-      for (int64_t i = 0; i < m; ++i) {
-        T sum = 0;
-        for (int64_t p = 0; p < kc; ++p) sum += ak[i * a_row + p * a_col] * bk[p * ldb + j];
-        T* cij = c + i * ldc + j;
-        *cij = acc ? *cij + alpha * sum : alpha * sum;
-      }
-    }
+    column_tail(j, m, n, kc, alpha, ak, a_row, a_col, bk, ldb, acc, c, ldc);
   }
 }
 
@@ -228,41 +237,47 @@ FASTLORA_INLINE int64_t tile_rows(int64_t left) {
   return left == 8 ? 4 : left >= 6 ? 6 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
 }
 
+// One tile of `rows` rows at vector column v: 2 vectors wide, or 1 for the last of an odd n / 8.
+template <bool kPrefetch>
+__attribute__((target("arch=x86-64-v3"))) FASTLORA_INLINE void tile_at_v3(int64_t nvec, int64_t i, int64_t rows,
+                                                                          int64_t v, int64_t kc, float alpha,
+                                                                          const float* a, int64_t a_row, int64_t a_col,
+                                                                          const float* b, int64_t ldb, bool accumulate,
+                                                                          float* c, int64_t ldc) {
+  const float* ai = a + i * a_row;
+  float* cij = c + i * ldc + 8 * v;
+  if (nvec - v >= 2) {
+    tile_rows_v3<2, kPrefetch>(rows, kc, alpha, ai, a_row, a_col, b + 8 * v, ldb, accumulate, cij, ldc);
+  } else {
+    tile_rows_v3<1, kPrefetch>(rows, kc, alpha, ai, a_row, a_col, b + 8 * v, ldb, accumulate, cij, ldc);
+  }
+}
+
 // The tiles of one k chunk in column panels of two vectors (16 floats), one of a single vector
-// when n / 8 is odd, then the columns past the last whole vector (scalar).
+// when n / 8 is odd, then the columns past the last whole vector. Rows outer: no prefetch (the
+// B chunk is L1-resident); panels outer: B streams panel by panel, prefetched.
 template <bool kRowsOuter>
 __attribute__((target("arch=x86-64-v3"))) FASTLORA_INLINE void chunk_v3(int64_t m, int64_t n, int64_t kc,
                                                                         float alpha, const float* a, int64_t a_row,
                                                                         int64_t a_col, const float* b, int64_t ldb,
                                                                         bool accumulate, float* c, int64_t ldc) {
   const int64_t nvec = n / 8;
-#define FASTLORA_TILE_V3(i, rows, v)                                                                            \
-  (nvec - (v) >= 2 ? tile_rows_v3<2, !kRowsOuter>(rows, kc, alpha, a + (i) * a_row, a_row, a_col, b + 8 * (v), ldb,         \
-                                     accumulate, c + (i) * ldc + 8 * (v), ldc)                                   \
-                   : tile_rows_v3<1, !kRowsOuter>(rows, kc, alpha, a + (i) * a_row, a_row, a_col, b + 8 * (v), ldb,         \
-                                     accumulate, c + (i) * ldc + 8 * (v), ldc))
   if (kRowsOuter) {
     for (int64_t i = 0, rows; i < m; i += rows) {
       rows = tile_rows(m - i);
-      for (int64_t v = 0; v < nvec; v += 2) FASTLORA_TILE_V3(i, rows, v);
+      for (int64_t v = 0; v < nvec; v += 2) {
+        tile_at_v3<false>(nvec, i, rows, v, kc, alpha, a, a_row, a_col, b, ldb, accumulate, c, ldc);
+      }
     }
   } else {
     for (int64_t v = 0; v < nvec; v += 2) {
       for (int64_t i = 0, rows; i < m; i += rows) {
         rows = tile_rows(m - i);
-        FASTLORA_TILE_V3(i, rows, v);
+        tile_at_v3<true>(nvec, i, rows, v, kc, alpha, a, a_row, a_col, b, ldb, accumulate, c, ldc);
       }
     }
   }
-#undef FASTLORA_TILE_V3
-  for (int64_t j = nvec * 8; j < n; ++j) {  // column tail narrower than a vector
-    for (int64_t i = 0; i < m; ++i) {
-      float sum = 0;
-      for (int64_t p = 0; p < kc; ++p) sum += a[i * a_row + p * a_col] * b[p * ldb + j];
-      float* cij = c + i * ldc + j;
-      *cij = accumulate ? *cij + alpha * sum : alpha * sum;
-    }
-  }
+  column_tail(nvec * 8, m, n, kc, alpha, a, a_row, a_col, b, ldb, accumulate, c, ldc);
 }
 
 // Loop order and k chunk by shape (measured on Zen 4 under the AVX2 build, one thread). A narrow
@@ -276,12 +291,7 @@ __attribute__((target("arch=x86-64-v3"))) void gemm_v3_float(int64_t m, int64_t 
                                                              const float* a, int64_t a_row, int64_t a_col,
                                                              const float* b, int64_t ldb, bool accumulate, float* c,
                                                              int64_t ldc) {
-  if (k == 0) {
-    if (!accumulate) {
-      for (int64_t i = 0; i < m; ++i) std::memset(c + i * ldc, 0, n * sizeof(float));
-    }
-    return;
-  }
+  if (k == 0) return empty_sum(m, n, accumulate, c, ldc);
   const bool rows_outer = n * 128 * static_cast<int64_t>(sizeof(float)) <= (64 << 10);
   const int64_t KC = m <= 8 ? 16 : !rows_outer ? 256 : a_row == 1 ? 64 : 128;
   for (int64_t p0 = 0; p0 < k; p0 += KC) {
