@@ -93,6 +93,36 @@ def test_matches_reference(dtype, shape, p):
     check_against_reference(dtype, *shape, p)
 
 
+# bfloat16 shapes with even in / out features (on a CPU with AVX512-BF16 the rank-r products run
+# in the project's bf16 kernel, which reads x and dY in pairs): row blocks on every thread, odd
+# ranks, odd row counts, a decode-sized batch, trainable weight and lora_B bias.
+@pytest.mark.parametrize("shape", [((300,), 124, 42, 5), ((431,), 64, 122, 64), ((3, 3), 40, 66, 3),
+                                   ((8,), 512, 256, 16)], ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_bfloat16_even_features(shape, p):
+    check_against_reference(torch.bfloat16, *shape, p, lora_B_bias=True, train_weight=True)
+
+
+def test_bfloat16_rows_at_odd_strides_match_contiguous():
+    """x and dY whose rows start at odd element offsets (a narrowed wider tensor): the same bits
+    as contiguous copies (the bf16 kernel's pair loads do not assume alignment)."""
+    g = torch.Generator().manual_seed(3)
+    mk = lambda *s: torch.randn(*s, generator=g).bfloat16()  # noqa: E731
+    M, K, N, r = 70, 48, 34, 6
+    x_wide, dy_wide = mk(M, K + 1), mk(M, N + 1)
+    x, dy = x_wide[:, 1:], dy_wide[:, :N]
+    W, b, A, B = mk(N, K), mk(N), mk(r, K), mk(N, r)
+    seed = torch.tensor(5)
+    ops = torch.ops.fastlora
+    outs = []
+    for xi, dyi in ((x, dy), (x.contiguous(), dy.contiguous())):
+        y, xa = ops.lora_linear_fwd(xi, W, b, A, B, 0.5, 0.2, seed, None)
+        grads = ops.lora_linear_bwd(dyi, xi, W, A, B, xa, 0.5, 0.2, seed, [True, False, False])
+        outs.append((y, xa, grads[0], grads[3], grads[4]))
+    for got, want in zip(*outs):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_noncontiguous_x_trainable_weight_lora_bias(dtype):
     check_against_reference(dtype, (5, 7), 42, 123, 8, 0.1, noncontig=True, train_weight=True,

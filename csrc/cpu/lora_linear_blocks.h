@@ -28,6 +28,14 @@ void row_multipliers_f32(float* __restrict out, int64_t cols, int64_t col0, uint
 void row_multipliers_f64(double* __restrict out, int64_t cols, int64_t col0, uint32_t row_h, uint32_t seed_hi,
                          uint32_t threshold, double scale);
 
+// dst[j] = bfloat16(src[j] * mult[j]) when mult is given, else bfloat16(src[j] + add[j]) when
+// add is, else bfloat16(src[j]) (float_to_bf16_bits); and dst[j] = bfloat16(float(src[j]) *
+// mult[j]) for bfloat16 src. Defined in lora_linear_blocks.cpp, with target clones.
+void round_row_bf16(uint16_t* __restrict dst, const float* __restrict src, const float* __restrict mult,
+                    const float* __restrict add, int64_t n);
+void scale_row_bf16(uint16_t* __restrict dst, const uint16_t* __restrict src, const float* __restrict mult,
+                    int64_t n);
+
 // The multipliers of columns col0 .. col0 + cols - 1 of row `row` into mult, in the
 // accumulation type.
 template <typename acc_t>
@@ -186,6 +194,21 @@ inline std::optional<Tensor> to_float(const std::optional<Tensor>& t) {
 // xa = dropout(x) @ lora_A^T, x and lora_A of one dtype (lora_linear_fwd_cpu.cpp): small_gemm on
 // blocks of rows when every thread gets blocks, otherwise the BLAS (on dropped blocks).
 Tensor shrink(const Tensor& x, const Tensor& lora_A, const DropoutParams& d);
+
+// bfloat16 x, weight and adapters on a CPU with AVX512-BF16 (lora_linear_bf16_cpu.cpp): the
+// rank-r products in small_gemm_bf16, the base products in the BLAS. Taken when x has rows, the
+// rank is positive and in / out features are even (small_gemm_bf16 reads x's and dY's values in
+// pairs along their rows); x, dy row-major.
+bool bf16_native_lora(const Tensor& x, const Tensor& lora_A, int64_t out_features);
+// y = x @ W^T + bias + s * lora_B_bias + s * dropout(x) @ A^T @ B^T, and xa.
+std::tuple<Tensor, Tensor> fwd_bf16_native(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                                           const Tensor& lora_A, const Tensor& lora_B, double scaling,
+                                           const DropoutParams& d, const std::optional<Tensor>& lora_B_bias);
+// (d lora_A, d lora_B); writes dX's LoRA term into grad_x (when given), onto which the caller
+// accumulates dY @ W.
+std::tuple<Tensor, Tensor> bwd_bf16_native(const Tensor& dy, const Tensor& x, const Tensor& lora_A,
+                                           const Tensor& lora_B, const Tensor& xa, double scaling,
+                                           const DropoutParams& d, Tensor* grad_x);
 
 }  // namespace lora_cpu
 }  // namespace fastlora

@@ -3,7 +3,9 @@
 //
 // On float32 / float64 the thin rank-r products and the backward's base product dY @ W run in
 // small_gemm (small_gemm.h), and so does the forward's x @ W^T for decode-sized batches (<= 2
-// vectors of rows; base_few_rows); the rest, and bfloat16, go to ATen's BLAS (MKL/oneDNN).
+// vectors of rows; base_few_rows); the rest goes to ATen's BLAS (MKL/oneDNN). bfloat16 with
+// AVX512-BF16 runs its rank-r products in small_gemm_bf16 (lora_linear_bf16_cpu.cpp) and its
+// base products in the BLAS.
 // float16 runs the float32 kernels on float32 copies (to_float). What this file adds is the
 // fusion around them:
 //  * dropout is applied on the fly, one block of rows at a time, from the counter-based hash
@@ -258,8 +260,10 @@ struct LoraBwdSmallGemm {
   }
 };
 
-// The backward's LoRA part on bfloat16 with rows for every thread: the same pass through
-// ATen's BLAS, block products rounded once to the input dtype and summed in float32 partials.
+// The backward's LoRA part on bfloat16 with rows for every thread where bwd_bf16_native does not
+// apply (odd in / out features, or no AVX512-BF16 kernel under a native-bf16 BLAS: AMX without
+// it): the same pass through ATen's BLAS, block products rounded once to the input dtype and
+// summed in float32 partials.
 std::tuple<Tensor, Tensor> lora_bwd_half(const Tensor& dy, const Tensor& x, const Tensor& lora_A,
                                          const Tensor& lora_B, const Tensor& xa, double scaling,
                                          const DropoutParams& d, Tensor* grad_x) {
@@ -371,6 +375,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_checked(
     LoraBwdSmallGemm<double> bwd(dy, x, weight, lora_A, lora_B, xa, scaling, d, gx);
     std::tie(grad_A, grad_B) = bwd.run();
     base_done = bwd.base_in_grad_x;
+  } else if (adapter_dtype == dtype && bf16_native_lora(x, lora_A, dy.size(1))) {
+    std::tie(grad_A, grad_B) = bwd_bf16_native(dy, x, lora_A, lora_B, xa, scaling, d, gx);
   } else if (M == 0 && adapter_dtype != dtype) {
     grad_A = at::zeros(lora_A.sizes(), lora_A.options());
     grad_B = at::zeros(lora_B.sizes(), lora_B.options());

@@ -26,6 +26,22 @@ void small_gemm(int64_t m, int64_t n, int64_t k, float alpha, const float* a, in
 void small_gemm(int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t a_row, int64_t a_col,
                 const double* b, int64_t ldb, bool accumulate, double* c, int64_t ldc);
 
+// The same product on bfloat16 operands with float32 sums, for the rank-r products of bfloat16
+// LoRA layers: C = alpha * (A @ B) + (accumulate ? C : 0), C float32, k = 2 * k2. Both operands
+// come in pairs along k (bfloat16 bit patterns): A's pair (i, p), its values for k = 2p (low
+// half) and 2p + 1 (high half), is the two adjacent bfloat16 at a[i * a_row + p * a_col] (a row-
+// major A has a_col = 2, any alignment); B is packed with its rows interleaved in pairs, b[p * ldb
+// + j] = B(2p, j) | B(2p + 1, j) << 16 (pack_bf16_row_pairs). With AVX512-BF16 (vdpbf16ps, whose
+// products and sums round to nearest even and flush subnormals) twice the multiply-adds per
+// instruction of the float32 kernel; elsewhere a portable float32 loop with the same sums.
+void small_gemm_bf16(int64_t m, int64_t n, int64_t k2, float alpha, const uint16_t* a, int64_t a_row,
+                     int64_t a_col, const uint32_t* b, int64_t ldb, bool accumulate, float* c, int64_t ldc);
+// Whether small_gemm_bf16 runs the AVX512-BF16 build here (the CPU has it and level 4 is in use).
+bool small_gemm_bf16_native();
+// dst[p * ldd + j] = src(2p, j) | src(2p + 1, j) << 16 for the rows x cols bfloat16 matrix src
+// (row stride ld): the B operand of small_gemm_bf16. An odd last row is paired with zeros.
+void pack_bf16_row_pairs(const uint16_t* src, int64_t rows, int64_t cols, int64_t ld, uint32_t* dst, int64_t ldd);
+
 // The x86-64 level whose build small_gemm runs: 4 (AVX-512), 3 (AVX2 + FMA) or 1 (baseline,
 // and every non-x86 or non-GCC build). small_gemm_use_isa switches to another level, capped at
 // what the machine has, and returns the level now in use: for tests, which check every build
