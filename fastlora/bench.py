@@ -36,6 +36,9 @@ class LoraLinearCase:
     dropout_p: float
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
+    # The adapters' dtype (lora_A, lora_B) when not dtype: float32 on a bfloat16 / float16 base is
+    # PEFT's default for half-precision models (its LoRA branch then runs in float32).
+    adapter_dtype: torch.dtype | None = None
 
     @property
     def label(self) -> str:
@@ -57,6 +60,9 @@ class LoraLinearCase:
         peft_layer = PeftLoraLinear(
             base, "default", config=LoraConfig(r=self.r, lora_alpha=alpha, lora_dropout=self.dropout_p),
             r=self.r, lora_alpha=alpha, lora_dropout=self.dropout_p).to(**kw)
+        if self.adapter_dtype is not None:
+            peft_layer.lora_A.to(self.adapter_dtype)
+            peft_layer.lora_B.to(self.adapter_dtype)
         peft_layer.train()
         lora_A = peft_layer.lora_A["default"].weight
         lora_B = peft_layer.lora_B["default"].weight
@@ -131,10 +137,11 @@ def saved_activation_bytes(fn, exclude) -> int:
     return sum(seen.values())
 
 
-def run_lora_linear(cases=None, dtype=torch.float32, device="cpu", budget_s=3.0, log=print):
+def run_lora_linear(cases=None, dtype=torch.float32, device="cpu", budget_s=3.0, log=print,
+                    adapter_dtype=None):
     rows = []
     for shape in cases or LORA_LINEAR_CASES:
-        case = LoraLinearCase(*shape, dtype=dtype, device=device)
+        case = LoraLinearCase(*shape, dtype=dtype, device=device, adapter_dtype=adapter_dtype)
         impls = case.build()
         fwd = interleaved_medians({n: f for n, (f, _) in impls.items()}, device, budget_s=budget_s)
         step = interleaved_medians({n: s for n, (_, s) in impls.items()}, device, budget_s=budget_s)

@@ -33,10 +33,13 @@ def _bench(args) -> int:
     cases = bench.LORA_LINEAR_CASES
     if args.quick:
         cases = cases[:3]
-    print(f"# fastlora LoRA linear benchmark: {bench.environment_line(device)}, {args.dtype}")
+    adapters = args.dtype if args.adapter_dtype == "same" else args.adapter_dtype
+    print(f"# fastlora LoRA linear benchmark: {bench.environment_line(device)}, {args.dtype}"
+          + ("" if adapters == args.dtype else f", {adapters} adapters"))
     print("# medians of interleaved rounds; overhead = fastlora fwd+bwd / base fwd+bwd - 1")
     print(bench.TABLE_HEADER)
-    bench.run_lora_linear(cases, dtype=DTYPES[args.dtype], device=device, budget_s=args.budget)
+    bench.run_lora_linear(cases, dtype=DTYPES[args.dtype], device=device, budget_s=args.budget,
+                          adapter_dtype=None if adapters == args.dtype else DTYPES[adapters])
     return 0
 
 
@@ -159,6 +162,9 @@ def main(argv=None) -> int:
     b = sub.add_parser("bench", help="LoRA linear benchmark table (fastlora vs PEFT vs base)")
     b.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     b.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    b.add_argument("--adapter-dtype", choices=["same", "float32"], default="same",
+                   help="the LoRA weights' dtype: same as --dtype, or float32 on a bfloat16 / float16 base "
+                        "(PEFT's default for half-precision models)")
     b.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     b.add_argument("--quick", action="store_true", help="skip the largest case")
     b.add_argument("--budget", type=float, default=3.0, help="seconds of timing per case and mode")

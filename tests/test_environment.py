@@ -117,3 +117,19 @@ def test_bench_isa_flag_runs_that_build(monkeypatch, capsys):
         assert "| M=8 in=32 out=24 r=4 p=0.1 |" in out
     finally:
         fastlora.use_cpu_isa(best)
+
+
+def test_bench_float32_adapters_on_a_bfloat16_base(monkeypatch, capsys):
+    """--adapter-dtype float32 times PEFT's default for half-precision models: the PEFT layer's
+    adapters and the ones fastlora gets are float32, x and the base layer bfloat16."""
+    from fastlora import bench
+    from fastlora.cli import main
+
+    case = bench.LoraLinearCase(8, 32, 24, 4, 0.1, dtype=torch.bfloat16, adapter_dtype=torch.float32)
+    case.build()
+    assert [p.dtype for p in case.params] == [torch.bfloat16] * 2 + [torch.float32] * 2
+    assert case.x.dtype == torch.bfloat16
+    monkeypatch.setattr(bench, "LORA_LINEAR_CASES", [(8, 32, 24, 4, 0.1)])
+    assert main(["bench", "--dtype", "bfloat16", "--adapter-dtype", "float32", "--budget", "0"]) == 0
+    out = capsys.readouterr().out
+    assert ", bfloat16, float32 adapters" in out and "| M=8 in=32 out=24 r=4 p=0.1 |" in out

@@ -142,6 +142,9 @@ def test_float32_adapters_noncontiguous_trainable_weight_lora_bias(dtype):
     check_against_reference(dtype, (5, 7), 42, 123, 8, 0.1, adapter_dtype=torch.float32, noncontig=True,
                             train_weight=True, lora_B_bias=True)
     check_against_reference(dtype, (0, 3), 42, 12, 8, 0.1, adapter_dtype=torch.float32, lora_B_bias=True)
+    # rows for every thread: a bfloat16 x is converted block by block inside the kernels
+    check_against_reference(dtype, (20, 15), 41, 70, 5, 0.1, adapter_dtype=torch.float32, noncontig=True,
+                            train_weight=True, lora_B_bias=True)
 
 
 def test_float32_adapters_dtypes_and_saved_activations():

@@ -35,6 +35,8 @@ void round_row_bf16(uint16_t* __restrict dst, const float* __restrict src, const
                     const float* __restrict add, int64_t n);
 void scale_row_bf16(uint16_t* __restrict dst, const uint16_t* __restrict src, const float* __restrict mult,
                     int64_t n);
+// y[j] = bfloat16(float(y[j]) + (add[j] + add2[j])), add2 optional (lora_linear_blocks.cpp).
+void add_row_into_bf16(uint16_t* __restrict y, const float* __restrict add, const float* __restrict add2, int64_t n);
 
 // The multipliers of columns col0 .. col0 + cols - 1 of row `row` into mult, in the
 // accumulation type.

@@ -60,6 +60,12 @@ struct LoraBwdSmallGemm {
   // decode-sized base term reads it (add_base_split_k, converting a few rows at a time).
   const at::BFloat16* w_bf16;
   T* gx;  // dX (M x K, contiguous) or null when not requested
+  // bfloat16 dY, x and dX under float32 adapters (T = float; PEFT's default on a bfloat16 model),
+  // in place of dy, x, gx: by_row_blocks converts each block into L2-resident float32 scratch
+  // (exact) and rounds the block's dX term into the bfloat16 dX, so no float32 copy of the whole
+  // dY, x or dX is made (at M = 2048, in = out = 1024 those copies cost more than the products).
+  const at::BFloat16 *dy_h, *x_h;
+  at::BFloat16* gx_h;
   int64_t ldy, ldx, ldw;
   T s;
   const DropoutParams& d;
@@ -72,16 +78,27 @@ struct LoraBwdSmallGemm {
                    Tensor* grad_x)
       : M(x_t.size(0)), K(x_t.size(1)), N(dy_t.size(1)), r(lora_A.size(0)), rp(padded_rank<T>(r)),
         A(lora_A.contiguous()), xa(xa_t.contiguous()), Bp(padded_rows<T>(lora_B, /*transpose=*/false, rp)),
-        W(weight.defined() ? row_major(weight) : weight), dy(dy_t.const_data_ptr<T>()), x(x_t.const_data_ptr<T>()),
+        W(weight.defined() ? row_major(weight) : weight), dy(typed<T>(dy_t)), x(typed<T>(x_t)),
         a(A.const_data_ptr<T>()), xa_p(xa.const_data_ptr<T>()), b_p(Bp.const_data_ptr<T>()),
         w(W.defined() && W.scalar_type() == c10::CppTypeToScalarType<T>::value ? W.const_data_ptr<T>() : nullptr),
         w_bf16(W.defined() && W.scalar_type() == at::kBFloat16 && std::is_same_v<T, float>
                    ? W.const_data_ptr<at::BFloat16>() : nullptr),
-        gx(grad_x ? grad_x->mutable_data_ptr<T>() : nullptr), ldy(dy_t.stride(0)), ldx(x_t.stride(0)),
+        gx(grad_x ? typed<T>(*grad_x) : nullptr), dy_h(half_rows(dy_t)), x_h(half_rows(x_t)),
+        gx_h(grad_x ? half_rows(*grad_x) : nullptr), ldy(dy_t.stride(0)), ldx(x_t.stride(0)),
         ldw(W.defined() ? W.stride(0) : 0), s(static_cast<T>(scaling)), d(dropout) {}
 
+  template <typename U>
+  static U* typed(const Tensor& t) {
+    return t.scalar_type() == c10::CppTypeToScalarType<U>::value ? const_cast<U*>(t.const_data_ptr<U>()) : nullptr;
+  }
+  static at::BFloat16* half_rows(const Tensor& t) {
+    return std::is_same_v<T, float> ? typed<at::BFloat16>(t) : nullptr;
+  }
+
   std::tuple<Tensor, Tensor> run() {
-    return row_blocks_for_all_threads(M, std::max(K, N), sizeof(T)) ? by_row_blocks() : by_columns();
+    // bfloat16 operands: row blocks only (the caller converts decode-sized batches whole)
+    return dy_h != nullptr || row_blocks_for_all_threads(M, std::max(K, N), sizeof(T)) ? by_row_blocks()
+                                                                                      : by_columns();
   }
 
   // Blocks of rows, one thread per block. Per block: dY_b is copied once, transposed, into an
@@ -100,7 +117,10 @@ struct LoraBwdSmallGemm {
     // first uses them; scratch dY_b^T (N x bm), g (bm x rp) and dropped x block (bm x K).
     const int64_t part_len = r * (K + N);
     Tensor parts = at::empty({nthreads, part_len}, A.options());
-    const int64_t scratch_len = (base_in_grad_x ? N * bm : 0) + bm * rp + (d.active ? bm * K : 0);
+    // bfloat16 operands add float32 blocks of dY (bm x N) and dX (bm x K), and always stage x.
+    const bool half = dy_h != nullptr;
+    const int64_t scratch_len = (base_in_grad_x ? N * bm : 0) + bm * rp + (d.active || half ? bm * K : 0) +
+                                (half ? bm * N + (gx_h ? bm * K : 0) : 0);
     Tensor scratch = at::empty({nthreads, scratch_len}, A.options());
     std::vector<char> used(nthreads, 0);
     at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
@@ -114,34 +134,55 @@ struct LoraBwdSmallGemm {
       T* dyt = scratch.mutable_data_ptr<T>() + tid * scratch_len;
       T* g = dyt + (base_in_grad_x ? N * bm : 0);
       T* xd = g + bm * rp;
+      T* dyf = xd + (d.active || half ? bm * K : 0);  // half: float32 dY_b, then dX_b
+      T* gxf = dyf + (half ? bm * N : 0);
       std::vector<T> mult;
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t r0 = blk * bm, n = std::min(bm, M - r0);
         const T* dy_b = dy + r0 * ldy;
         const T* x_b = x + r0 * ldx;
+        int64_t ldy_b = ldy, ldx_b = ldx;
+        if constexpr (std::is_same_v<T, float>) {
+          if (half) {  // exact conversions; dropout then runs on xd in place
+            for (int64_t i = 0; i < n; ++i) {
+              bf16_to_float(dy_h + (r0 + i) * ldy, dyf + i * N, N);
+              bf16_to_float(x_h + (r0 + i) * ldx, xd + i * K, K);
+            }
+            dy_b = dyf;
+            x_b = xd;
+            ldy_b = N;
+            ldx_b = K;
+          }
+        }
         // g = s * dY_b @ B, through dY_b^T (dyt[p * bm + i] = dY[r0 + i, p]) when the base
         // term needs it anyway
         if (base_in_grad_x) {
-          transpose_into(dy_b, n, N, ldy, dyt, bm);
+          transpose_into(dy_b, n, N, ldy_b, dyt, bm);
           small_gemm(n, rp, N, s, dyt, 1, bm, b_p, rp, false, g, rp);
         } else {
-          small_gemm(n, rp, N, s, dy_b, ldy, 1, b_p, rp, false, g, rp);
+          small_gemm(n, rp, N, s, dy_b, ldy_b, 1, b_p, rp, false, g, rp);
         }
         // d lora_B^T += s * xa_b^T @ dY_b  (vectorised along N: reads dY rows, not columns)
-        small_gemm(r, N, n, s, xa_p + r0 * r, 1, r, dy_b, ldy, true, pb, N);
+        small_gemm(r, N, n, s, xa_p + r0 * r, 1, r, dy_b, ldy_b, true, pb, N);
         // dX_b = g @ A, masked below with the same multipliers as dropout(x_b)
-        T* gx_b = gx ? gx + r0 * K : nullptr;
+        T* gx_b = gx ? gx + r0 * K : gx_h ? gxf : nullptr;
         if (gx_b) small_gemm(n, K, r, T(1), g, rp, 1, a, K, false, gx_b, K);
         const T* xd_b = x_b;
-        int64_t ldxd = ldx;
+        int64_t ldxd = ldx_b;
         if (d.active) {
           if (gx_b) {
-            dropout_rows_raw<T, true>(x_b, ldx, xd, K, gx_b, K, n, K, r0, d, mult);
+            dropout_rows_raw<T, true>(x_b, ldx_b, xd, K, gx_b, K, n, K, r0, d, mult);
           } else {
-            dropout_rows_raw<T, false>(x_b, ldx, xd, K, nullptr, 0, n, K, r0, d, mult);
+            dropout_rows_raw<T, false>(x_b, ldx_b, xd, K, nullptr, 0, n, K, r0, d, mult);
           }
           xd_b = xd;
           ldxd = K;
+        }
+        if constexpr (std::is_same_v<T, float>) {
+          if (gx_h) {  // the float32 LoRA term of dX rounded once into the bfloat16 dX
+            uint16_t* out = reinterpret_cast<uint16_t*>(gx_h + r0 * K);
+            for (int64_t i = 0; i < n; ++i) round_row_bf16(out + i * K, gxf + i * K, nullptr, nullptr, K);
+          }
         }
         // dX_b += dY_b @ W
         if (base_in_grad_x) small_gemm(n, K, N, T(1), dyt, 1, bm, w, ldw, true, gx_b, K);
@@ -382,22 +423,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_checked(
     grad_B = at::zeros(lora_B.sizes(), lora_B.options());
   } else if (M > 0 && (adapter_dtype != dtype ||
                        !row_blocks_for_all_threads(M, std::max(K, dy.size(1)), x.element_size()))) {
-    // The LoRA products in float32 small_gemm on float32 copies of x and dY, the base term with
+    // The LoRA products in float32 small_gemm on float32 values of x and dY, the base term with
     // the BLAS (below) on the half-precision weight, the float32 LoRA term of dX rounded to x's
     // dtype before it (as PEFT's cast of x to the adapters' dtype does in backward). Taken by
     // float32 adapters on a half-precision x (PEFT's default: the branch is float32, gradients
-    // of float32 adapters in float32) and by decode-sized bfloat16 batches: through the BLAS,
-    // the per-call cost of their tiny products was most of the LoRA part (0.5 ms at M = 8,
-    // in = out = 4096, bf16).
+    // of float32 adapters in float32) and by decode-sized bfloat16 batches that bwd_bf16_native
+    // does not take: through the BLAS, the per-call cost of their tiny products was most of the
+    // LoRA part (0.5 ms at M = 8, in = out = 4096, bf16). With rows for every thread, bfloat16
+    // dY / x are converted a block at a time inside the pass; decode-sized ones whole (a few rows).
+    const bool by_blocks = dy.scalar_type() == at::kBFloat16 &&
+                           row_blocks_for_all_threads(M, std::max(K, dy.size(1)), sizeof(float));
     const auto f32 = x.options().dtype(at::kFloat);
-    const Tensor dy32 = dy.to(at::kFloat), x32 = x.to(at::kFloat);
-    Tensor gx32 = need_x ? at::empty({M, K}, f32) : Tensor();
+    const Tensor dy32 = by_blocks ? dy : dy.to(at::kFloat), x32 = by_blocks ? x : x.to(at::kFloat);
+    Tensor gx32 = need_x && !by_blocks ? at::empty({M, K}, f32) : Tensor();
     LoraBwdSmallGemm<float> bwd(dy32, x32, Tensor(), lora_A.to(at::kFloat), lora_B.to(at::kFloat),
-                                xa.to(at::kFloat), scaling, d, need_x ? &gx32 : nullptr);
+                                xa.to(at::kFloat), scaling, d, need_x ? (by_blocks ? &grad_x : &gx32) : nullptr);
     std::tie(grad_A, grad_B) = bwd.run();
     grad_A = grad_A.to(adapter_dtype);
     grad_B = grad_B.to(adapter_dtype);
-    if (need_x) grad_x.copy_(gx32);
+    if (need_x && !by_blocks) grad_x.copy_(gx32);
   } else {
     std::tie(grad_A, grad_B) = lora_bwd_half(dy, x, lora_A, lora_B, xa, scaling, d, gx);
   }
