@@ -65,7 +65,8 @@ def test_bfloat16_targets(record_property):
     Without native bf16 GEMMs (AVX2, or FASTLORA_CPU_ISA below avx512) ATen emulates them and a
     PEFT / base step takes seconds, while fastlora runs float32 kernels on float32 copies:
     targets there are >= 10x PEFT and within 1.5x of fastlora's float32 step (the peers get one
-    warm-up and one timed round each). With native bf16 GEMMs: never slower than PEFT."""
+    warm-up and one timed round each). With native bf16 GEMMs: >= 1.2x PEFT and <= +15% over
+    the bf16 base layer."""
     import fastlora
 
     native = fastlora.cpu.native_bf16_matmul()
@@ -85,7 +86,10 @@ def test_bfloat16_targets(record_property):
         record_property(k, v)
     print("bfloat16 M=512 in=2048 out=2048 r=16 p=0.05", summary)
     if native:
-        assert steps["fastlora"] <= NOISE * steps["peft"], summary
+        # The LoRA products in the AVX512-BF16 kernel: measured 1.35-1.45x PEFT and +7 to +12%
+        # over the bf16 base here; asserted with room for noise.
+        assert steps["peft"] >= 1.2 * steps["fastlora"], summary
+        assert steps["fastlora"] <= 1.15 * steps["base"], summary
     else:
         assert steps["peft"] >= 10 * steps["fastlora"], summary
         assert steps["fastlora"] <= 1.5 * steps["fastlora_float32"], summary
