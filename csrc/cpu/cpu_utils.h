@@ -64,15 +64,21 @@ inline at::Tensor transposed_copy(const at::Tensor& t) {
   return out;
 }
 
-// dst[i] = float(src[i]) for n bfloat16 values: exact (a bfloat16 is the top half of a float32),
-// integer ops only, so the loop vectorizes. The decode-sized kernels convert a few rows of a
-// bfloat16 weight at a time while they stream it, instead of a float32 copy of the whole weight.
+// The float32 value of a bfloat16 bit pattern: exact (a bfloat16 is the top half of a float32),
+// integer ops only, so loops over it vectorize.
+inline float bf16_bits_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// dst[i] = float(src[i]) for n bfloat16 values (bf16_bits_to_float). The decode-sized kernels
+// convert a few rows of a bfloat16 weight at a time while they stream it, instead of a float32
+// copy of the whole weight.
 inline void bf16_to_float(const at::BFloat16* src, float* dst, int64_t n) {
   const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t bits = static_cast<uint32_t>(s[i]) << 16;
-    std::memcpy(dst + i, &bits, sizeof(bits));
-  }
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_bits_to_float(s[i]);
 }
 
 // The bfloat16 bit pattern nearest to f (ties to even, as torch rounds; NaN stays NaN): integer
@@ -84,11 +90,6 @@ inline uint16_t float_to_bf16_bits(float f) {
   return f != f ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
 }
 
-// dst[i] = bfloat16(src[i] * scale) for n values (see float_to_bf16_bits).
-inline void float_to_bf16(const float* src, uint16_t* dst, int64_t n, float scale = 1.0f) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16_bits(src[i] * scale);
-}
-
 // out = bfloat16(float(out) + add), elementwise, both contiguous and of one shape: the float32
 // branch added to the rounded bf16 base product and rounded once (round to nearest even, as
 // torch rounds; NaN stays NaN). ATen's mixed-dtype add_ took 3.5 ms for 1024 x 1376 on 2 threads
@@ -97,7 +98,7 @@ inline void add_float_into_bf16(at::Tensor& out, const at::Tensor& add) {
   uint16_t* o = reinterpret_cast<uint16_t*>(out.mutable_data_ptr<at::BFloat16>());
   const float* a = add.const_data_ptr<float>();
   at::parallel_for(0, out.numel(), int64_t{1} << 15, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) o[i] = float_to_bf16_bits(float(at::BFloat16(o[i], at::BFloat16::from_bits())) + a[i]);
+    for (int64_t i = begin; i < end; ++i) o[i] = float_to_bf16_bits(bf16_bits_to_float(o[i]) + a[i]);
   });
 }
 

@@ -46,43 +46,11 @@ void transpose_padded(const uint16_t* src, int64_t rows, int64_t cols, int64_t l
   }
 }
 
-// Per-thread partial sums of the LoRA backward's two weight gradients, summed in thread order.
-struct Partials {
-  Tensor buf;
-  std::vector<char> used;
-  int64_t len;
-  Partials(int64_t len_, const at::TensorOptions& opts)
-      : buf(at::empty({std::max(1, at::get_num_threads()), len_}, opts.dtype(at::kFloat))),
-        used(std::max(1, at::get_num_threads()), 0),
-        len(len_) {}
-  float* mine() {
-    const int tid = at::get_thread_num();
-    float* p = buf.mutable_data_ptr<float>() + tid * len;
-    if (!used[tid]) {
-      std::fill(p, p + len, 0.0f);
-      used[tid] = 1;
-    }
-    return p;
-  }
-  Tensor sum() {
-    Tensor acc;
-    for (size_t t = 0; t < used.size(); ++t) {  // fixed order
-      if (!used[t]) continue;
-      if (!acc.defined()) {
-        acc = buf[t];
-      } else {
-        acc.add_(buf[t]);
-      }
-    }
-    return acc.defined() ? acc : buf[0].zero_();
-  }
-};
-
 }  // namespace
 
 bool bf16_native_lora(const Tensor& x, const Tensor& lora_A, int64_t out_features) {
-  return x.scalar_type() == at::kBFloat16 && lora_A.scalar_type() == at::kBFloat16 && small_gemm_bf16_native() && x.size(1) % 2 == 0 &&
-         out_features % 2 == 0 && x.size(0) > 0 && lora_A.size(0) > 0;
+  return x.scalar_type() == at::kBFloat16 && lora_A.scalar_type() == at::kBFloat16 && small_gemm_bf16_native() &&
+         x.size(1) % 2 == 0 && out_features % 2 == 0 && x.size(0) > 0 && lora_A.size(0) > 0;
 }
 
 std::tuple<Tensor, Tensor> fwd_bf16_native(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
@@ -132,7 +100,7 @@ std::tuple<Tensor, Tensor> fwd_bf16_native(const Tensor& x, const Tensor& weight
       }
       small_gemm_bf16(n, r, K / 2, 1.0f, a, lda, 2, at_pairs.data(), r, false, xa32.data(), r);
       for (int64_t i = 0; i < n; ++i) {  // xa rounded once: the output, and the expand's operand
-        float_to_bf16(xa32.data() + i * r, xap + (r0 + i) * r, r);
+        round_row_bf16(xap + (r0 + i) * r, xa32.data() + i * r, nullptr, nullptr, r);
         std::copy(xap + (r0 + i) * r, xap + (r0 + i + 1) * r, xab.data() + i * 2 * r2);
       }
       for (int64_t j0 = 0; j0 < N; j0 += kCols) {
@@ -167,7 +135,7 @@ std::tuple<Tensor, Tensor> bwd_bf16_native(const Tensor& dy, const Tensor& x, co
   const int64_t bm = direct_block_rows(M, std::max(K, N), sizeof(float));
   const int64_t bm2 = ceil_div(bm, 2);
   const float s = static_cast<float>(scaling);
-  Partials parts(r * (K + N), x.options());
+  ThreadPartials<float> parts(r * (K + N), x.options().dtype(at::kFloat));
   run_blocks(ceil_div(M, bm), [&](int64_t b0, int64_t b1) {
     float* pa = parts.mine();  // d lora_A (r x K), then d lora_B^T (r x N)
     float* pb = pa + r * K;
@@ -180,7 +148,7 @@ std::tuple<Tensor, Tensor> bwd_bf16_native(const Tensor& dy, const Tensor& x, co
       const uint16_t* x_b = xp + r0 * ldx;
       // g = s * dY_b @ B, rounded (PEFT's bfloat16 gradient of xa)
       small_gemm_bf16(n, r, N / 2, s, dy_b, ldy, 2, b_pairs.data(), r, false, g32.data(), r);
-      for (int64_t i = 0; i < n; ++i) float_to_bf16(g32.data() + i * r, gb.data() + i * 2 * r2, r);
+      for (int64_t i = 0; i < n; ++i) round_row_bf16(gb.data() + i * 2 * r2, g32.data() + i * r, nullptr, nullptr, r);
       // d lora_B^T += s * xa_b^T @ dY_b (k = the block's rows, in pairs)
       transpose_padded(xap + r0 * r, n, r, r, xat.data(), 2 * n2);
       pack_bf16_row_pairs(dy_b, n, N, ldy, dy_pairs.data(), N);

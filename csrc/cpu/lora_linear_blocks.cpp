@@ -49,28 +49,17 @@ void round_row_bf16(uint16_t* __restrict dst, const float* __restrict src, const
 
 FASTLORA_VECTOR_CLONES
 void add_row_into_bf16(uint16_t* __restrict y, const float* __restrict add, const float* __restrict add2, int64_t n) {
-  auto widen = [](uint16_t h) {
-    const uint32_t bits = static_cast<uint32_t>(h) << 16;
-    float v;
-    std::memcpy(&v, &bits, sizeof(v));
-    return v;
-  };
   if (add2 != nullptr) {
-    for (int64_t j = 0; j < n; ++j) y[j] = float_to_bf16_bits(widen(y[j]) + (add[j] + add2[j]));
+    for (int64_t j = 0; j < n; ++j) y[j] = float_to_bf16_bits(bf16_bits_to_float(y[j]) + (add[j] + add2[j]));
   } else {
-    for (int64_t j = 0; j < n; ++j) y[j] = float_to_bf16_bits(widen(y[j]) + add[j]);
+    for (int64_t j = 0; j < n; ++j) y[j] = float_to_bf16_bits(bf16_bits_to_float(y[j]) + add[j]);
   }
 }
 
 FASTLORA_VECTOR_CLONES
 void scale_row_bf16(uint16_t* __restrict dst, const uint16_t* __restrict src, const float* __restrict mult,
                     int64_t n) {
-  for (int64_t j = 0; j < n; ++j) {
-    const uint32_t bits = static_cast<uint32_t>(src[j]) << 16;
-    float v;
-    std::memcpy(&v, &bits, sizeof(v));
-    dst[j] = float_to_bf16_bits(v * mult[j]);
-  }
+  for (int64_t j = 0; j < n; ++j) dst[j] = float_to_bf16_bits(bf16_bits_to_float(src[j]) * mult[j]);
 }
 
 }  // namespace lora_cpu

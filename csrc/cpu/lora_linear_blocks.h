@@ -156,6 +156,41 @@ inline bool row_blocks_for_all_threads(int64_t M, int64_t cols, int64_t elem_siz
   return blocks_run_parallel(ceil_div(M, direct_block_rows(M, cols, elem_size)));
 }
 
+// Per-thread partial sums (the LoRA backward's d lora_A / d lora_B over row blocks): a thread's
+// row of buf is zeroed when it first asks for it; sum() adds the rows used in thread order, so
+// the result does not depend on which thread ran which block.
+template <typename T>
+struct ThreadPartials {
+  Tensor buf;
+  std::vector<char> used;
+  int64_t len;
+  ThreadPartials(int64_t len_, const at::TensorOptions& opts)
+      : buf(at::empty({std::max(1, at::get_num_threads()), len_}, opts)),
+        used(std::max(1, at::get_num_threads()), 0),
+        len(len_) {}
+  T* mine() {
+    const int tid = at::get_thread_num();
+    T* p = buf.mutable_data_ptr<T>() + tid * len;
+    if (!used[tid]) {
+      std::fill(p, p + len, T(0));
+      used[tid] = 1;
+    }
+    return p;
+  }
+  Tensor sum() {
+    Tensor acc;
+    for (size_t t = 0; t < used.size(); ++t) {  // fixed order
+      if (!used[t]) continue;
+      if (!acc.defined()) {
+        acc = buf[t];
+      } else {
+        acc.add_(buf[t]);
+      }
+    }
+    return acc.defined() ? acc : buf[0].zero_();  // no block ran
+  }
+};
+
 // Rank padded to whole small_gemm vectors (the pad columns are zeros).
 template <typename T>
 inline int64_t padded_rank(int64_t r) {

@@ -113,24 +113,18 @@ struct LoraBwdSmallGemm {
     const int64_t nblocks = ceil_div(M, bm);
     base_in_grad_x = gx != nullptr && w != nullptr && bm >= kFusedBaseMinRows && fused_base_pays();
     const int nthreads = std::max(1, at::get_num_threads());  // thread ids are < this
-    // Per thread: partial d lora_A (r x K) and d lora_B^T (r x N), zeroed by the thread that
-    // first uses them; scratch dY_b^T (N x bm), g (bm x rp) and dropped x block (bm x K).
-    const int64_t part_len = r * (K + N);
-    Tensor parts = at::empty({nthreads, part_len}, A.options());
+    // Per thread: partial d lora_A (r x K) and d lora_B^T (r x N); scratch dY_b^T (N x bm),
+    // g (bm x rp) and dropped x block (bm x K).
+    ThreadPartials<T> parts(r * (K + N), A.options());
     // bfloat16 operands add float32 blocks of dY (bm x N) and dX (bm x K), and always stage x.
     const bool half = dy_h != nullptr;
     const int64_t scratch_len = (base_in_grad_x ? N * bm : 0) + bm * rp + (d.active || half ? bm * K : 0) +
                                 (half ? bm * N + (gx_h ? bm * K : 0) : 0);
     Tensor scratch = at::empty({nthreads, scratch_len}, A.options());
-    std::vector<char> used(nthreads, 0);
     at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
       const int tid = at::get_thread_num();
-      T* pa = parts.mutable_data_ptr<T>() + tid * part_len;
+      T* pa = parts.mine();
       T* pb = pa + r * K;
-      if (!used[tid]) {
-        std::fill(pa, pa + part_len, T(0));
-        used[tid] = 1;
-      }
       T* dyt = scratch.mutable_data_ptr<T>() + tid * scratch_len;
       T* g = dyt + (base_in_grad_x ? N * bm : 0);
       T* xd = g + bm * rp;
@@ -190,16 +184,7 @@ struct LoraBwdSmallGemm {
         small_gemm(r, K, n, T(1), g, 1, rp, xd_b, ldxd, true, pa, K);
       }
     });
-    Tensor acc;
-    for (int t = 0; t < nthreads; ++t) {  // fixed order
-      if (!used[t]) continue;
-      if (!acc.defined()) {
-        acc = parts[t];
-      } else {
-        acc.add_(parts[t]);
-      }
-    }
-    if (!acc.defined()) acc = parts[0].zero_();  // no block ran
+    const Tensor acc = parts.sum();
     Tensor grad_A = acc.narrow(0, 0, r * K).view({r, K});
     Tensor grad_B = at::empty({N, r}, A.options());
     transpose_into(acc.const_data_ptr<T>() + r * K, r, N, N, grad_B.mutable_data_ptr<T>(), r);
