@@ -228,9 +228,25 @@ inline std::optional<Tensor> to_float(const std::optional<Tensor>& t) {
   return t ? std::optional<Tensor>(t->to(at::kFloat)) : std::nullopt;
 }
 
-// xa = dropout(x) @ lora_A^T, x and lora_A of one dtype (lora_linear_fwd_cpu.cpp): small_gemm on
-// blocks of rows when every thread gets blocks, otherwise the BLAS (on dropped blocks).
+// xa = dropout(x) @ lora_A^T in lora_A's dtype (lora_linear_fwd_cpu.cpp): small_gemm on blocks of
+// rows when every thread gets blocks, otherwise the BLAS (on dropped blocks). x in lora_A's dtype
+// or, under float32 adapters, half precision (computed on x's float32 values, PEFT's way; bfloat16
+// rows are converted a block at a time).
 Tensor shrink(const Tensor& x, const Tensor& lora_A, const DropoutParams& d);
+// y = bfloat16(float(y) + s * xa @ lora_B^T + add) for a bfloat16 y and float32 xa, lora_B and
+// add (an out_features vector, or undefined): a float32 LoRA branch added to a rounded
+// bfloat16 base output and rounded once, as PEFT adds a float32 branch to a bf16 model's output.
+void add_expand_into_bf16(Tensor& y, const Tensor& xa, const Tensor& lora_B, const Tensor& add, double scaling);
+
+// The backward's LoRA part in small_gemm (lora_linear_bwd_cpu.cpp): returns (d lora_A, d lora_B)
+// in lora_A's dtype and writes dX's masked LoRA term into grad_x (when given), for a base term
+// the caller adds. dy / x either in lora_A's dtype (float32 / float64), or half precision with
+// float32 adapters: then the products run on float32 values (bfloat16 rows converted a block at
+// a time) and the term is rounded once into grad_x (x's dtype), or, with onto_grad_x (bfloat16
+// only), added in float32 to what grad_x holds and the sum rounded once.
+std::tuple<Tensor, Tensor> lora_bwd_products(const Tensor& dy, const Tensor& x, const Tensor& lora_A,
+                                             const Tensor& lora_B, const Tensor& xa, double scaling,
+                                             const DropoutParams& d, Tensor* grad_x, bool onto_grad_x);
 
 // bfloat16 x, weight and adapters on a CPU with AVX512-BF16 (lora_linear_bf16_cpu.cpp): the
 // rank-r products in small_gemm_bf16, the base products in the BLAS. Taken when x has rows, the

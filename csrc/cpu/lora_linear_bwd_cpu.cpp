@@ -66,6 +66,7 @@ struct LoraBwdSmallGemm {
   // dY, x or dX is made (at M = 2048, in = out = 1024 those copies cost more than the products).
   const at::BFloat16 *dy_h, *x_h;
   at::BFloat16* gx_h;
+  bool onto_gx_h = false;  // add the LoRA term to what gx_h holds (in float32, rounded once)
   int64_t ldy, ldx, ldw;
   T s;
   const DropoutParams& d;
@@ -175,7 +176,13 @@ struct LoraBwdSmallGemm {
         if constexpr (std::is_same_v<T, float>) {
           if (gx_h) {  // the float32 LoRA term of dX rounded once into the bfloat16 dX
             uint16_t* out = reinterpret_cast<uint16_t*>(gx_h + r0 * K);
-            for (int64_t i = 0; i < n; ++i) round_row_bf16(out + i * K, gxf + i * K, nullptr, nullptr, K);
+            for (int64_t i = 0; i < n; ++i) {
+              if (onto_gx_h) {
+                add_row_into_bf16(out + i * K, gxf + i * K, nullptr, K);
+              } else {
+                round_row_bf16(out + i * K, gxf + i * K, nullptr, nullptr, K);
+              }
+            }
           }
         }
         // dX_b += dY_b @ W
@@ -285,6 +292,42 @@ struct LoraBwdSmallGemm {
     }
   }
 };
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> lora_bwd_products(const Tensor& dy, const Tensor& x, const Tensor& lora_A,
+                                             const Tensor& lora_B, const Tensor& xa, double scaling,
+                                             const DropoutParams& d, Tensor* grad_x, bool onto_grad_x) {
+  const at::ScalarType ct = lora_A.scalar_type();
+  if (dy.scalar_type() == ct) {
+    TORCH_INTERNAL_ASSERT(!onto_grad_x, "lora_bwd_products: onto_grad_x is for a half-precision dX");
+    if (ct == at::kDouble) return LoraBwdSmallGemm<double>(dy, x, Tensor(), lora_A, lora_B, xa, scaling, d, grad_x).run();
+    return LoraBwdSmallGemm<float>(dy, x, Tensor(), lora_A, lora_B, xa, scaling, d, grad_x).run();
+  }
+  TORCH_INTERNAL_ASSERT(ct == at::kFloat && (!onto_grad_x || dy.scalar_type() == at::kBFloat16),
+                        "lora_bwd_products: half-precision operands need float32 adapters");
+  const int64_t M = x.size(0), K = x.size(1);
+  // bfloat16 dY / x with rows for every thread: converted a block at a time inside the pass
+  // (LoraBwdSmallGemm's half mode); otherwise (a few rows, or float16) whole.
+  const bool by_blocks =
+      dy.scalar_type() == at::kBFloat16 && row_blocks_for_all_threads(M, std::max(K, dy.size(1)), sizeof(float));
+  const Tensor dy32 = by_blocks ? dy : dy.to(at::kFloat), x32 = by_blocks ? x : x.to(at::kFloat);
+  Tensor gx32 = grad_x && !by_blocks ? at::empty({M, K}, x.options().dtype(at::kFloat)) : Tensor();
+  LoraBwdSmallGemm<float> bwd(dy32, x32, Tensor(), lora_A, lora_B, xa, scaling, d,
+                              grad_x ? (by_blocks ? grad_x : &gx32) : nullptr);
+  bwd.onto_gx_h = onto_grad_x;
+  auto grads = bwd.run();
+  if (grad_x && !by_blocks) {
+    if (onto_grad_x) {
+      add_float_into_bf16(*grad_x, gx32);
+    } else {
+      grad_x->copy_(gx32);
+    }
+  }
+  return grads;
+}
+
+namespace {
 
 // The backward's LoRA part on bfloat16 with rows for every thread where bwd_bf16_native does not
 // apply (odd in / out features, or no AVX512-BF16 kernel under a native-bf16 BLAS: AMX without
@@ -408,25 +451,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_checked(
     grad_B = at::zeros(lora_B.sizes(), lora_B.options());
   } else if (M > 0 && (adapter_dtype != dtype ||
                        !row_blocks_for_all_threads(M, std::max(K, dy.size(1)), x.element_size()))) {
-    // The LoRA products in float32 small_gemm on float32 values of x and dY, the base term with
-    // the BLAS (below) on the half-precision weight, the float32 LoRA term of dX rounded to x's
-    // dtype before it (as PEFT's cast of x to the adapters' dtype does in backward). Taken by
-    // float32 adapters on a half-precision x (PEFT's default: the branch is float32, gradients
-    // of float32 adapters in float32) and by decode-sized bfloat16 batches that bwd_bf16_native
+    // The LoRA products in float32 small_gemm (lora_bwd_products), the base term with the BLAS
+    // (below) on the half-precision weight, the float32 LoRA term of dX rounded to x's dtype
+    // before it (as PEFT's cast of x to the adapters' dtype does in backward). Taken by float32
+    // adapters on a half-precision x (PEFT's default: the branch is float32, gradients of
+    // float32 adapters in float32) and by decode-sized bfloat16 batches that bwd_bf16_native
     // does not take: through the BLAS, the per-call cost of their tiny products was most of the
-    // LoRA part (0.5 ms at M = 8, in = out = 4096, bf16). With rows for every thread, bfloat16
-    // dY / x are converted a block at a time inside the pass; decode-sized ones whole (a few rows).
-    const bool by_blocks = dy.scalar_type() == at::kBFloat16 &&
-                           row_blocks_for_all_threads(M, std::max(K, dy.size(1)), sizeof(float));
-    const auto f32 = x.options().dtype(at::kFloat);
-    const Tensor dy32 = by_blocks ? dy : dy.to(at::kFloat), x32 = by_blocks ? x : x.to(at::kFloat);
-    Tensor gx32 = need_x && !by_blocks ? at::empty({M, K}, f32) : Tensor();
-    LoraBwdSmallGemm<float> bwd(dy32, x32, Tensor(), lora_A.to(at::kFloat), lora_B.to(at::kFloat),
-                                xa.to(at::kFloat), scaling, d, need_x ? (by_blocks ? &grad_x : &gx32) : nullptr);
-    std::tie(grad_A, grad_B) = bwd.run();
+    // LoRA part (0.5 ms at M = 8, in = out = 4096, bf16).
+    std::tie(grad_A, grad_B) = lora_bwd_products(dy, x, lora_A.to(at::kFloat), lora_B.to(at::kFloat),
+                                                 xa.to(at::kFloat), scaling, d, need_x ? &grad_x : nullptr,
+                                                 /*onto_grad_x=*/false);
     grad_A = grad_A.to(adapter_dtype);
     grad_B = grad_B.to(adapter_dtype);
-    if (need_x && !by_blocks) grad_x.copy_(gx32);
   } else {
     std::tie(grad_A, grad_B) = lora_bwd_half(dy, x, lora_A, lora_B, xa, scaling, d, gx);
   }

@@ -160,6 +160,12 @@ Tensor shrink(const Tensor& x, const Tensor& lora_A, const DropoutParams& d) {
   const int64_t M = x.size(0), K = x.size(1), r = lora_A.size(0);
   // small_gemm when there are blocks for every thread; a decode-sized batch instead gets the
   // BLAS's multi-threaded GEMM and no transposed copy of lora_A (measured faster at M = 8).
+  if (x.scalar_type() != lora_A.scalar_type()) {  // a half-precision x under float32 adapters
+    if (x.scalar_type() == at::kBFloat16 && row_blocks_for_all_threads(M, K, sizeof(float))) {
+      return shrink_direct<float, at::BFloat16>(x, lora_A, d);
+    }
+    return shrink(x.to(lora_A.scalar_type()), lora_A, d);
+  }
   const bool direct = row_blocks_for_all_threads(M, K, x.element_size());
   if (direct && x.scalar_type() == at::kFloat) return shrink_direct<float>(x, lora_A, d);
   if (direct && x.scalar_type() == at::kDouble) return shrink_direct<double>(x, lora_A, d);
@@ -187,19 +193,37 @@ Tensor shrink(const Tensor& x, const Tensor& lora_A, const DropoutParams& d) {
 
 namespace {
 
-// y += s * xa @ B^T + s * lora_B_bias, rounded once, for a bfloat16 y and float32 xa / lora_B /
-// lora_B_bias: the LoRA branch of PEFT's mixed computation added to the rounded base output in
-// float32, in blocks of rows whose float32 branch stays in L2 (no M x N float32 tensor).
-void add_expand_into_bf16(Tensor& y, const Tensor& xa, const Tensor& lora_B, const std::optional<Tensor>& lora_B_bias,
-                          double scaling) {
-  const int64_t M = y.size(0), N = y.size(1), r = xa.size(1);
-  const Tensor Bt = transposed_copy(lora_B);  // r x N
-  std::vector<float> lb;
-  if (lora_B_bias) {
-    const Tensor b = lora_B_bias->contiguous();
-    lb.resize(N);
-    for (int64_t j = 0; j < N; ++j) lb[j] = static_cast<float>(scaling) * b.const_data_ptr<float>()[j];
+// Half-precision x / weight with float32 adapters where the half-precision GEMM is used (bfloat16
+// on a CPU with native bf16 GEMMs, float16 batches too small to convert the weight), PEFT's way:
+// the base product in x's dtype, the LoRA branch in float32 on x's float32 values (the shrink as
+// in the float32 kernel, dropout on the float32 values), the branch added to the rounded base
+// output in float32 and the sum rounded once more, as PEFT's
+// `result + lora_B(lora_A(dropout(x.to(float32)))) * scaling` then `.to(x.dtype)` does. bfloat16
+// goes through neither a float32 copy of x nor an M x N float32 branch (shrink,
+// add_expand_into_bf16: at M = 2048, in = out = 1024 those took the forward to +25% over the base).
+std::tuple<Tensor, Tensor> fwd_mixed_half(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                                            const Tensor& lora_A, const Tensor& lora_B, double scaling,
+                                            const DropoutParams& d, const std::optional<Tensor>& lora_B_bias) {
+  const Tensor xa = shrink(x, lora_A, d);
+  Tensor y = bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  if (y.scalar_type() == at::kBFloat16) {
+    add_expand_into_bf16(y, xa, lora_B, lora_B_bias ? lora_B_bias->mul(scaling) : Tensor(), scaling);
+    return {y, xa};
   }
+  const Tensor Bt = transposed_copy(lora_B);  // see the BLAS note in lora_linear_fwd_cpu
+  y.add_(lora_B_bias ? at::addmm(*lora_B_bias, xa, Bt, scaling, scaling) : at::mm(xa, Bt).mul_(scaling));
+  return {y, xa};
+}
+
+}  // namespace
+
+// In blocks of rows whose float32 branch stays in L2 (no M x N float32 tensor).
+void add_expand_into_bf16(Tensor& y, const Tensor& xa, const Tensor& lora_B, const Tensor& add, double scaling) {
+  const int64_t M = y.size(0), N = y.size(1), r = xa.size(1);
+  if (M == 0 || N == 0) return;
+  const Tensor Bt = transposed_copy(lora_B);  // r x N
+  const Tensor addc = add.defined() ? add.contiguous() : add;
+  const float* lb = addc.defined() ? addc.const_data_ptr<float>() : nullptr;
   const float* xap = xa.const_data_ptr<float>();
   const float* btp = Bt.const_data_ptr<float>();
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.mutable_data_ptr<at::BFloat16>());
@@ -213,37 +237,12 @@ void add_expand_into_bf16(Tensor& y, const Tensor& xa, const Tensor& lora_B, con
         const int64_t nc = std::min(kCols, N - j0);
         small_gemm(n, nc, r, static_cast<float>(scaling), xap + r0 * r, r, 1, btp + j0, N, false, branch.data(), nc);
         for (int64_t i = 0; i < n; ++i) {
-          add_row_into_bf16(yp + (r0 + i) * N + j0, branch.data() + i * nc, lb.empty() ? nullptr : lb.data() + j0, nc);
+          add_row_into_bf16(yp + (r0 + i) * N + j0, branch.data() + i * nc, lb ? lb + j0 : nullptr, nc);
         }
       }
     }
   });
 }
-
-// Half-precision x / weight with float32 adapters where the half-precision GEMM is used (bfloat16
-// on a CPU with native bf16 GEMMs, float16 batches too small to convert the weight), PEFT's way:
-// the base product in x's dtype, the LoRA branch in float32 on x cast to float32
-// (the shrink as in the float32 kernel, dropout on the float32 values), the branch added to the
-// rounded base output in float32 and the sum rounded once more, as PEFT's
-// `result + lora_B(lora_A(dropout(x.to(float32)))) * scaling` then `.to(x.dtype)` does. The
-// float32 copy of x is transient (PEFT keeps one for backward).
-std::tuple<Tensor, Tensor> fwd_mixed_half(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
-                                            const Tensor& lora_A, const Tensor& lora_B, double scaling,
-                                            const DropoutParams& d, const std::optional<Tensor>& lora_B_bias) {
-  const Tensor xa = shrink(x.to(lora_A.scalar_type()), lora_A, d);
-  const Tensor Bt = transposed_copy(lora_B);  // see the BLAS note in lora_linear_fwd_cpu
-  const Tensor lora = lora_B_bias ? at::addmm(*lora_B_bias, xa, Bt, scaling, scaling) : at::mm(xa, Bt).mul_(scaling);
-  Tensor y = bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
-  // float32 add of the half-precision base output and the branch, rounded once
-  if (y.scalar_type() == at::kBFloat16 && y.is_contiguous() && lora.is_contiguous()) {
-    add_float_into_bf16(y, lora);  // ATen's mixed-dtype add_ is as slow as the GEMM (cpu_utils.h)
-  } else {
-    y.add_(lora);
-  }
-  return {y, xa};
-}
-
-}  // namespace
 
 std::tuple<Tensor, Tensor> lora_linear_fwd_cpu(const Tensor& x_in, const Tensor& weight,
                                                const std::optional<Tensor>& bias, const Tensor& lora_A,
@@ -282,14 +281,6 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_cpu(const Tensor& x_in, const Tensor&
   const Tensor x = row_major(x_in);
   const int64_t M = x.size(0), K = x.size(1);
   const DropoutParams d = DropoutParams::make(dropout_p, seed_value(seed));
-  if (mixed && dtype == at::kBFloat16 && row_blocks_for_all_threads(M, K, sizeof(float))) {
-    // PEFT's mixed computation (fwd_mixed_half) in blocks of rows: no float32 copy of x, no
-    // M x N float32 branch (at M = 2048, in = out = 1024: +25% over the bf16 base through them).
-    const Tensor xa = shrink_direct<float, at::BFloat16>(x, lora_A, d);
-    Tensor y = bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
-    add_expand_into_bf16(y, xa, lora_B, lora_B_bias, scaling);
-    return {y, xa};
-  }
   if (mixed) return fwd_mixed_half(x, weight, bias, lora_A, lora_B, scaling, d, lora_B_bias);
   if (bf16_native_lora(x, lora_A, weight.size(0))) {
     return fwd_bf16_native(x, weight, bias, lora_A, lora_B, scaling, d, lora_B_bias);

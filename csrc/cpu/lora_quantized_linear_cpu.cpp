@@ -239,12 +239,23 @@ std::tuple<Tensor, Tensor> lora_quantized_linear_fwd_cpu(const Tensor& x_in, con
                                 dropout_p, seed, lora_B_bias);
   const at::ScalarType dtype = x_in.scalar_type(), adapter_dtype = lora_A.scalar_type();
   const at::ScalarType ct = compute_type(dtype);
-  const bool half_base = native_half_base(dtype);
-  const Tensor x_half = half_base ? row_major(x_in) : Tensor();
-  const Tensor x = row_major(x_in.to(ct));
-  const Tensor A = lora_A.to(ct), Bt = transposed_copy(lora_B.to(ct));
   const DropoutParams d = DropoutParams::make(dropout_p, seed_value(seed));
-  const Tensor xa = shrink(x, A, d);
+  const QuantView w = QuantView::of(qweight, absmax, code, blocksize, weight_shape);
+  if (native_half_base(dtype)) {
+    // The base product in bfloat16 (see native_half_base); the branch, bias and lora_B bias in
+    // float32 on x's float32 values, added to it and rounded once, with neither a float32 copy
+    // of x nor an M x N float32 branch (shrink and add_expand_into_bf16, as lora_linear's).
+    const Tensor x = row_major(x_in);
+    const Tensor xa = shrink(x, lora_A.to(ct), d);
+    Tensor y = at::empty({x.size(0), w.N}, x.options());
+    quantized_product<at::BFloat16, /*kForward=*/true, /*kAccumulate=*/false>(x, w, y);
+    Tensor add = bias ? bias->to(ct) : Tensor();
+    if (lora_B_bias) add = add.defined() ? add.add(lora_B_bias->to(ct), scaling) : lora_B_bias->to(ct).mul(scaling);
+    add_expand_into_bf16(y, xa, lora_B.to(ct), add, scaling);
+    return {y, xa.to(adapter_dtype)};
+  }
+  const Tensor x = row_major(x_in.to(ct));
+  const Tensor xa = shrink(x, lora_A.to(ct), d);
   // y = bias + s * lora_B_bias + s * xa @ B^T first; the base panels accumulate on top.
   Tensor bias_eff;
   if (bias && lora_B_bias) {
@@ -254,16 +265,9 @@ std::tuple<Tensor, Tensor> lora_quantized_linear_fwd_cpu(const Tensor& x_in, con
   } else if (lora_B_bias) {
     bias_eff = lora_B_bias->to(ct).mul(scaling);
   }
+  const Tensor Bt = transposed_copy(lora_B.to(ct));
   Tensor y = bias_eff.defined() ? at::addmm(bias_eff, xa, Bt, 1.0, scaling) : at::mm(xa, Bt).mul_(scaling);
-  const QuantView w = QuantView::of(qweight, absmax, code, blocksize, weight_shape);
-  if (half_base) {
-    Tensor base = at::empty({x.size(0), w.N}, x_half.options());
-    quantized_product<at::BFloat16, /*kForward=*/true, /*kAccumulate=*/false>(x_half, w, base);
-    // The branch added to the rounded base product in float32 and rounded once, in place (no
-    // float32 M x N output and no second conversion pass).
-    add_float_into_bf16(base, y);
-    return {base, xa.to(adapter_dtype)};
-  } else if (ct == at::kDouble) {
+  if (ct == at::kDouble) {
     quantized_product<double, /*kForward=*/true>(x, w, y);
   } else {
     quantized_product<float, /*kForward=*/true>(x, w, y);
@@ -281,42 +285,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lora_quantized_linear_bwd_cpu(
   const at::ScalarType ct = compute_type(dtype);
   const auto [need_x, need_bias] = output_mask;
   const bool half_base = native_half_base(dtype);
-  const Tensor x = row_major(x_in.to(ct)), dy = row_major(grad_y.to(ct));
-  const Tensor A = lora_A.to(ct), B = lora_B.to(ct), xa = xa_in.to(ct);
   const DropoutParams d = DropoutParams::make(dropout_p, seed_value(seed));
-  // g = s * dY @ B (M x r): the LoRA branch's gradient at xa, used by d lora_A and dX.
-  const Tensor g = at::mm(dy, B).mul_(scaling);
-  Tensor grad_A;
-  if (d.active) {
-    Tensor xd = at::empty_like(x);
-    dropout_rows_(x, xd, 0, d);
-    grad_A = at::mm(g.t(), xd);
-  } else {
-    grad_A = at::mm(g.t(), x);
+  const QuantView w = QuantView::of(qweight, absmax, code, blocksize, weight_shape);
+  // The LoRA products in small_gemm (lora_bwd_products: g = s dY @ B shared by d lora_A and dX,
+  // dropout regenerated per block), on x's and dY's float32 values; dX's masked LoRA term and
+  // the base product meet in float32, rounded once to x's dtype.
+  const Tensor A = lora_A.to(ct), B = lora_B.to(ct), xa = xa_in.to(ct);
+  const Tensor x = row_major(half_base ? x_in : x_in.to(ct)), dy = row_major(half_base ? grad_y : grad_y.to(ct));
+  Tensor grad_x = at::empty({need_x ? x.size(0) : 0, need_x ? w.K : 0}, x.options());
+  if (need_x && half_base) {  // the base term in bfloat16 first (see native_half_base)
+    quantized_product<at::BFloat16, /*kForward=*/false, /*kAccumulate=*/false>(dy, w, grad_x);
   }
-  const Tensor grad_B = at::mm(dy.t(), xa).mul_(scaling);
-  Tensor grad_x;
-  if (need_x) {
-    // The LoRA term, masked as dropout(x) was, then the base product on top.
-    grad_x = at::mm(g, A);
-    if (d.active) dropout_rows_(grad_x, grad_x, 0, d);
-    const QuantView w = QuantView::of(qweight, absmax, code, blocksize, weight_shape);
-    if (half_base) {  // the base term in bfloat16 (see native_half_base), the LoRA term added in float32
-      Tensor base = at::empty({x.size(0), w.K}, grad_y.options());
-      quantized_product<at::BFloat16, /*kForward=*/false, /*kAccumulate=*/false>(row_major(grad_y), w, base);
-      add_float_into_bf16(base, grad_x);
-      grad_x = base;
-    } else if (ct == at::kDouble) {
+  auto [grad_A, grad_B] =
+      lora_bwd_products(dy, x, A, B, xa, scaling, d, need_x ? &grad_x : nullptr, /*onto_grad_x=*/half_base);
+  if (need_x && !half_base) {  // the base term onto the LoRA term
+    if (ct == at::kDouble) {
       quantized_product<double, /*kForward=*/false>(dy, w, grad_x);
     } else {
       quantized_product<float, /*kForward=*/false>(dy, w, grad_x);
     }
-    grad_x = grad_x.to(dtype);
-  } else {
-    grad_x = at::empty({0}, x_in.options());
   }
-  const Tensor grad_bias = need_bias ? dy.sum(0).to(dtype) : at::empty({0}, x_in.options());
-  return {grad_x, grad_bias, grad_A.to(adapter_dtype), grad_B.to(adapter_dtype)};
+  const Tensor grad_bias = need_bias ? at::sum(dy, {0}, false, ct).to(dtype) : at::empty({0}, x_in.options());
+  return {need_x ? grad_x.to(dtype) : at::empty({0}, x_in.options()), grad_bias, grad_A.to(adapter_dtype),
+          grad_B.to(adapter_dtype)};
 }
 
 Tensor dequantize_cpu(const Tensor& qweight, const Tensor& absmax, const Tensor& code, int64_t blocksize,
