@@ -241,22 +241,7 @@ std::tuple<Tensor, Tensor> lora_quantized_linear_fwd_cpu(const Tensor& x_in, con
   const at::ScalarType ct = compute_type(dtype);
   const DropoutParams d = DropoutParams::make(dropout_p, seed_value(seed));
   const QuantView w = QuantView::of(qweight, absmax, code, blocksize, weight_shape);
-  if (native_half_base(dtype)) {
-    // The base product in bfloat16 (see native_half_base); the branch, bias and lora_B bias in
-    // float32 on x's float32 values, added to it and rounded once, with neither a float32 copy
-    // of x nor an M x N float32 branch (shrink and add_expand_into_bf16, as lora_linear's).
-    const Tensor x = row_major(x_in);
-    const Tensor xa = shrink(x, lora_A.to(ct), d);
-    Tensor y = at::empty({x.size(0), w.N}, x.options());
-    quantized_product<at::BFloat16, /*kForward=*/true, /*kAccumulate=*/false>(x, w, y);
-    Tensor add = bias ? bias->to(ct) : Tensor();
-    if (lora_B_bias) add = add.defined() ? add.add(lora_B_bias->to(ct), scaling) : lora_B_bias->to(ct).mul(scaling);
-    add_expand_into_bf16(y, xa, lora_B.to(ct), add, scaling);
-    return {y, xa.to(adapter_dtype)};
-  }
-  const Tensor x = row_major(x_in.to(ct));
-  const Tensor xa = shrink(x, lora_A.to(ct), d);
-  // y = bias + s * lora_B_bias + s * xa @ B^T first; the base panels accumulate on top.
+  // bias + s * lora_B_bias in the compute type, added with the branch
   Tensor bias_eff;
   if (bias && lora_B_bias) {
     bias_eff = bias->to(ct).add(lora_B_bias->to(ct), scaling);
@@ -265,6 +250,20 @@ std::tuple<Tensor, Tensor> lora_quantized_linear_fwd_cpu(const Tensor& x_in, con
   } else if (lora_B_bias) {
     bias_eff = lora_B_bias->to(ct).mul(scaling);
   }
+  if (native_half_base(dtype)) {
+    // The base product in bfloat16 (see native_half_base); the branch and biases in float32 on
+    // x's float32 values, added to it and rounded once, with neither a float32 copy of x nor an
+    // M x N float32 branch (shrink and add_expand_into_bf16, as lora_linear's).
+    const Tensor x = row_major(x_in);
+    const Tensor xa = shrink(x, lora_A.to(ct), d);
+    Tensor y = at::empty({x.size(0), w.N}, x.options());
+    quantized_product<at::BFloat16, /*kForward=*/true, /*kAccumulate=*/false>(x, w, y);
+    add_expand_into_bf16(y, xa, lora_B.to(ct), bias_eff, scaling);
+    return {y, xa.to(adapter_dtype)};
+  }
+  const Tensor x = row_major(x_in.to(ct));
+  const Tensor xa = shrink(x, lora_A.to(ct), d);
+  // y = bias_eff + s * xa @ B^T first; the base panels accumulate on top.
   const Tensor Bt = transposed_copy(lora_B.to(ct));
   Tensor y = bias_eff.defined() ? at::addmm(bias_eff, xa, Bt, 1.0, scaling) : at::mm(xa, Bt).mul_(scaling);
   if (ct == at::kDouble) {
