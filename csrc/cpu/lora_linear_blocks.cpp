@@ -48,8 +48,11 @@ void round_row_bf16(uint16_t* __restrict dst, const float* __restrict src, const
 }
 
 FASTLORA_VECTOR_CLONES
-void add_row_into_bf16(uint16_t* __restrict y, const float* __restrict add, const float* __restrict add2, int64_t n) {
-  if (add2 != nullptr) {
+void add_row_into_bf16(uint16_t* __restrict y, const float* __restrict add, const float* __restrict mult,
+                       const float* __restrict add2, int64_t n) {
+  if (mult != nullptr) {
+    for (int64_t j = 0; j < n; ++j) y[j] = float_to_bf16_bits(bf16_bits_to_float(y[j]) + add[j] * mult[j]);
+  } else if (add2 != nullptr) {
     for (int64_t j = 0; j < n; ++j) y[j] = float_to_bf16_bits(bf16_bits_to_float(y[j]) + (add[j] + add2[j]));
   } else {
     for (int64_t j = 0; j < n; ++j) y[j] = float_to_bf16_bits(bf16_bits_to_float(y[j]) + add[j]);

@@ -35,8 +35,11 @@ void round_row_bf16(uint16_t* __restrict dst, const float* __restrict src, const
                     const float* __restrict add, int64_t n);
 void scale_row_bf16(uint16_t* __restrict dst, const uint16_t* __restrict src, const float* __restrict mult,
                     int64_t n);
-// y[j] = bfloat16(float(y[j]) + (add[j] + add2[j])), add2 optional (lora_linear_blocks.cpp).
-void add_row_into_bf16(uint16_t* __restrict y, const float* __restrict add, const float* __restrict add2, int64_t n);
+// y[j] = bfloat16(float(y[j]) + add[j] * mult[j]) when mult is given, else bfloat16(float(y[j]) +
+// (add[j] + add2[j])), add2 optional (lora_linear_blocks.cpp): a LoRA term added to the rounded
+// base product, the sum rounded once.
+void add_row_into_bf16(uint16_t* __restrict y, const float* __restrict add, const float* __restrict mult,
+                       const float* __restrict add2, int64_t n);
 
 // The multipliers of columns col0 .. col0 + cols - 1 of row `row` into mult, in the
 // accumulation type.
@@ -257,8 +260,7 @@ bool bf16_native_lora(const Tensor& x, const Tensor& lora_A, int64_t out_feature
 std::tuple<Tensor, Tensor> fwd_bf16_native(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                            const Tensor& lora_A, const Tensor& lora_B, double scaling,
                                            const DropoutParams& d, const std::optional<Tensor>& lora_B_bias);
-// (d lora_A, d lora_B); writes dX's LoRA term into grad_x (when given), onto which the caller
-// accumulates dY @ W.
+// (d lora_A, d lora_B); adds dX's LoRA term to grad_x (when given), which holds dY @ W.
 std::tuple<Tensor, Tensor> bwd_bf16_native(const Tensor& dy, const Tensor& x, const Tensor& lora_A,
                                            const Tensor& lora_B, const Tensor& xa, double scaling,
                                            const DropoutParams& d, Tensor* grad_x);

@@ -178,7 +178,7 @@ struct LoraBwdSmallGemm {
             uint16_t* out = reinterpret_cast<uint16_t*>(gx_h + r0 * K);
             for (int64_t i = 0; i < n; ++i) {
               if (onto_gx_h) {
-                add_row_into_bf16(out + i * K, gxf + i * K, nullptr, K);
+                add_row_into_bf16(out + i * K, gxf + i * K, nullptr, nullptr, K);
               } else {
                 round_row_bf16(out + i * K, gxf + i * K, nullptr, nullptr, K);
               }
@@ -435,7 +435,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_checked(
   Tensor grad_x = need_x ? at::empty({M, K}, x.options()) : empty();
   Tensor grad_A, grad_B;
   Tensor* gx = need_x ? &grad_x : nullptr;
-  bool base_done = false;  // whether the LoRA pass also accumulated dY @ W into grad_x
+  bool base_done = false;  // whether grad_x already holds dY @ W
+  // dY @ W in the BLAS. A decode-sized bfloat16 dY is handed to it column-major (a transposed
+  // copy of its few rows): oneDNN's bf16 dY @ W ran 15% faster so (M = 8, 4096^2: 2.6 vs 3.1 ms,
+  // the largest part of the step); from ~128 rows on the row-major operand is as fast or faster.
+  auto base_term = [&](bool accumulate) {
+    const bool few_rows = dy.scalar_type() == at::kBFloat16 &&
+                          !row_blocks_for_all_threads(M, std::max(K, dy.size(1)), x.element_size());
+    const Tensor dy_blas = few_rows ? dy.t().contiguous().t() : dy;
+    if (accumulate) {
+      grad_x.addmm_(dy_blas, weight);
+    } else {
+      at::mm_out(grad_x, dy_blas, weight);
+    }
+    base_done = true;
+  };
   if (x.scalar_type() == at::kFloat) {
     LoraBwdSmallGemm<float> bwd(dy, x, weight, lora_A, lora_B, xa, scaling, d, gx);
     std::tie(grad_A, grad_B) = bwd.run();
@@ -445,6 +459,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_checked(
     std::tie(grad_A, grad_B) = bwd.run();
     base_done = bwd.base_in_grad_x;
   } else if (adapter_dtype == dtype && bf16_native_lora(x, lora_A, dy.size(1))) {
+    // The base term first, written by the BLAS (beta = 0); the LoRA pass adds to it (see
+    // lora_linear_bf16_cpu.cpp for why not the other way round).
+    if (need_x) base_term(/*accumulate=*/false);
     std::tie(grad_A, grad_B) = bwd_bf16_native(dy, x, lora_A, lora_B, xa, scaling, d, gx);
   } else if (M == 0 && adapter_dtype != dtype) {
     grad_A = at::zeros(lora_A.sizes(), lora_A.options());
@@ -452,28 +469,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_checked(
   } else if (M > 0 && (adapter_dtype != dtype ||
                        !row_blocks_for_all_threads(M, std::max(K, dy.size(1)), x.element_size()))) {
     // The LoRA products in float32 small_gemm (lora_bwd_products), the base term with the BLAS
-    // (below) on the half-precision weight, the float32 LoRA term of dX rounded to x's dtype
-    // before it (as PEFT's cast of x to the adapters' dtype does in backward). Taken by float32
-    // adapters on a half-precision x (PEFT's default: the branch is float32, gradients of
-    // float32 adapters in float32) and by decode-sized bfloat16 batches that bwd_bf16_native
-    // does not take: through the BLAS, the per-call cost of their tiny products was most of the
-    // LoRA part (0.5 ms at M = 8, in = out = 4096, bf16).
+    // on the half-precision weight. Taken by float32 adapters on a half-precision x (PEFT's
+    // default: the branch is float32, gradients of float32 adapters in float32) and by
+    // decode-sized bfloat16 batches that bwd_bf16_native does not take: through the BLAS, the
+    // per-call cost of their tiny products was most of the LoRA part (0.5 ms at M = 8, in = out
+    // = 4096, bf16). A bfloat16 dX gets the base term first and the float32 LoRA term added to
+    // it, rounded once (as bwd_bf16_native); float16 gets the LoRA term rounded to float16 first
+    // (as PEFT's cast of x to the adapters' dtype does in backward), the BLAS accumulating onto it.
+    const bool onto = need_x && dtype == at::kBFloat16;
+    if (onto) base_term(/*accumulate=*/false);
     std::tie(grad_A, grad_B) = lora_bwd_products(dy, x, lora_A.to(at::kFloat), lora_B.to(at::kFloat),
                                                  xa.to(at::kFloat), scaling, d, need_x ? &grad_x : nullptr,
-                                                 /*onto_grad_x=*/false);
+                                                 /*onto_grad_x=*/onto);
     grad_A = grad_A.to(adapter_dtype);
     grad_B = grad_B.to(adapter_dtype);
   } else {
     std::tie(grad_A, grad_B) = lora_bwd_half(dy, x, lora_A, lora_B, xa, scaling, d, gx);
   }
-  if (need_x && M > 0 && !base_done) {
-    // A decode-sized bfloat16 dY is handed to the BLAS column-major (a transposed copy of its few
-    // rows): oneDNN's bf16 dY @ W ran 15% faster so (M = 8, 4096^2: 2.6 vs 3.1 ms, the largest
-    // part of the step); from ~128 rows on the row-major operand is as fast or faster.
-    const bool few_rows = dy.scalar_type() == at::kBFloat16 &&
-                          !row_blocks_for_all_threads(M, std::max(K, dy.size(1)), x.element_size());
-    grad_x.addmm_(few_rows ? dy.t().contiguous().t() : dy, weight);
-  }
+  if (need_x && M > 0 && !base_done) base_term(/*accumulate=*/true);
   Tensor grad_w = need_w ? at::mm(dy.t(), x) : empty();
   Tensor grad_b = need_b ? dy.sum(0) : empty();
   return {grad_x, grad_w, grad_b, grad_A, grad_B};

