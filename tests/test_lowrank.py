@@ -191,6 +191,32 @@ def test_rsvd_sketch_large_copy_and_half_input():
     assert err <= (1 + RSVD_EPS) * optimal_error(A, 8) + sketch_floor(A, torch.bfloat16)
 
 
+@pytest.mark.parametrize("batch", [(), (2,)])
+def test_rsvd_sketch_copy_rounds_as_torch(batch):
+    """The bf16 copy of a float32 A (converted with its norm in one pass) holds the values
+    A.bfloat16() holds, ties to even, huge values rounding to inf left aside (A is finite, the
+    op checks): rsvd on A and on A.bfloat16() give the same bits, the floor check included
+    (a nearly low-rank batch element makes the whole call run again in float32)."""
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(*batch, 301, 258, generator=g)
+    # exact ties between two bfloat16 values (the 16 low bits 0x8000), both parities
+    ties = (torch.randn(A.shape, generator=g).bfloat16().float().view(torch.int32) | 0x8000).view(torch.float32)
+    A = torch.where(torch.rand(A.shape, generator=g) < 0.3, ties, A)
+    A[..., 0, 1] = 0.0
+    A[..., 2, 3] = -0.0
+    A[..., 4, 5] = 1e-40  # subnormal
+    omega = gaussian_test_matrix(batch, 258, 12, torch.float32, A.device, torch.Generator().manual_seed(0))
+    got = torch.ops.fastlora.rsvd(A, omega, 6, 1, torch.bfloat16)
+    exp = torch.ops.fastlora.rsvd(A.bfloat16(), omega, 6, 1, torch.bfloat16)
+    for x, y in zip(got, exp):
+        assert torch.equal(x, y)
+    low_rank = torch.randn(*batch, 301, 3, generator=g) @ torch.randn(*batch, 3, 258, generator=g)
+    got = torch.ops.fastlora.rsvd(low_rank, omega, 6, 1, torch.bfloat16)
+    exp = torch.ops.fastlora.rsvd(low_rank, omega, 6, 1, None)  # the float32 computation
+    for x, y in zip(got, exp):
+        assert torch.equal(x, y)
+
+
 def test_rsvd_sketch_errors():
     A = torch.randn(10, 6)
     with pytest.raises(ValueError, match="sketch_dtype must be None, 'auto', torch.float32, torch.bfloat16 or "

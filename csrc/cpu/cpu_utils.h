@@ -11,6 +11,15 @@
 #include <cstring>
 #include <type_traits>
 
+// For an out-of-line loop over values: builds for AVX-512, AVX2 and baseline x86-64, the one
+// for the machine picked at load time, so the loop is vectorised where the machine allows
+// while the binary still runs on any x86-64 (the extension is built for baseline).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FASTLORA_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FASTLORA_VECTOR_CLONES
+#endif
+
 namespace fastlora {
 
 // Whether a kernel on `dtype` runs the float32 kernels on float32 copies, its results rounded

@@ -6,13 +6,7 @@ namespace fastlora {
 namespace lora_cpu {
 
 // Per-column multipliers (scale if kept, 0 if dropped) of one row. Kept in its own function
-// with target clones so the uint32 hash loop is vectorised with AVX2/AVX-512 where the
-// machine has them, while the binary still runs on any x86-64.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FASTLORA_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FASTLORA_VECTOR_CLONES
-#endif
+// with target clones (cpu_utils.h) so the uint32 hash loop is vectorised with AVX2/AVX-512.
 
 FASTLORA_VECTOR_CLONES
 void row_multipliers_f32(float* __restrict out, int64_t cols, int64_t col0, uint32_t row_h, uint32_t seed_hi,
