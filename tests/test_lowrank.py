@@ -173,8 +173,9 @@ def test_rsvd_sketch_matches_reference_and_batches(sketch_dtype):
 
 
 def test_rsvd_sketch_large_copy_and_half_input():
-    """A bf16 copy over 4 MiB goes to the huge-page buffer; a bf16 input is used as is. Both
-    must give the bits of the same computation on the same bf16 values."""
+    """A large float32 A (converted block by block where AVX512-BF16 runs the products,
+    copied to bf16 elsewhere), a bf16 input (read in place) and a strided float32 one give the
+    bits of the same computation on the same bf16 values."""
     g = torch.Generator().manual_seed(2)
     # Noisy enough that the sketch is kept (its rounding well under the error left).
     A = (torch.randn(1500, 8, generator=g) @ torch.randn(8, 1500, generator=g)
@@ -192,25 +193,29 @@ def test_rsvd_sketch_large_copy_and_half_input():
 
 
 @pytest.mark.parametrize("batch", [(), (2,)])
-def test_rsvd_sketch_copy_rounds_as_torch(batch):
-    """The bf16 copy of a float32 A (converted with its norm in one pass) holds the values
-    A.bfloat16() holds, ties to even, huge values rounding to inf left aside (A is finite, the
-    op checks): rsvd on A and on A.bfloat16() give the same bits, the floor check included
-    (a nearly low-rank batch element makes the whole call run again in float32)."""
+@pytest.mark.parametrize("shape", [(301, 258), (300, 257)])
+def test_rsvd_sketch_rounds_as_torch(batch, shape):
+    """A float32 A's values reach the bf16 products (converted block by block where
+    AVX512-BF16 runs them, copied elsewhere) as A.bfloat16() holds them, ties to even (huge
+    values rounding to inf left aside: A is finite, the op checks): rsvd on A and on
+    A.bfloat16() give the same bits, odd row and column counts (zero-padded pairs) and the
+    floor check included (a nearly low-rank batch element makes the whole call run again in
+    float32)."""
+    m, n = shape
     g = torch.Generator().manual_seed(5)
-    A = torch.randn(*batch, 301, 258, generator=g)
+    A = torch.randn(*batch, m, n, generator=g)
     # exact ties between two bfloat16 values (the 16 low bits 0x8000), both parities
     ties = (torch.randn(A.shape, generator=g).bfloat16().float().view(torch.int32) | 0x8000).view(torch.float32)
     A = torch.where(torch.rand(A.shape, generator=g) < 0.3, ties, A)
     A[..., 0, 1] = 0.0
     A[..., 2, 3] = -0.0
     A[..., 4, 5] = 1e-40  # subnormal
-    omega = gaussian_test_matrix(batch, 258, 12, torch.float32, A.device, torch.Generator().manual_seed(0))
+    omega = gaussian_test_matrix(batch, n, 12, torch.float32, A.device, torch.Generator().manual_seed(0))
     got = torch.ops.fastlora.rsvd(A, omega, 6, 1, torch.bfloat16)
     exp = torch.ops.fastlora.rsvd(A.bfloat16(), omega, 6, 1, torch.bfloat16)
     for x, y in zip(got, exp):
         assert torch.equal(x, y)
-    low_rank = torch.randn(*batch, 301, 3, generator=g) @ torch.randn(*batch, 3, 258, generator=g)
+    low_rank = torch.randn(*batch, m, 3, generator=g) @ torch.randn(*batch, 3, n, generator=g)
     got = torch.ops.fastlora.rsvd(low_rank, omega, 6, 1, torch.bfloat16)
     exp = torch.ops.fastlora.rsvd(low_rank, omega, 6, 1, None)  # the float32 computation
     for x, y in zip(got, exp):

@@ -22,6 +22,8 @@
 
 namespace fastlora {
 
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 // Whether a kernel on `dtype` runs the float32 kernels on float32 copies, its results rounded
 // once: float16 (ATen has no fast float16 CPU GEMM: dY @ W took 10.8 s at M = 512, in = out =
 // 2048 on AVX-512 Zen 4, 29 ms through float32) and bfloat16 without native bf16 GEMMs

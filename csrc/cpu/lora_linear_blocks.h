@@ -113,8 +113,6 @@ inline int64_t block_rows(int64_t cols, int64_t elem_size) {
   return std::max<int64_t>(16, rows / 16 * 16);
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 inline bool blocks_run_parallel(int64_t nblocks) { return nblocks >= 2 * at::get_num_threads(); }
 
 // Runs body over the row blocks: one thread per block when there are enough blocks to keep

@@ -21,11 +21,8 @@
 #include <utility>
 #include <vector>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
 #include "cpu_utils.h"
+#include "lowrank_sketch_bf16.h"
 #include "small_gemm.h"
 
 namespace fastlora {
@@ -250,32 +247,6 @@ Triple hmt(const char* op, const Tensor& omega, int64_t rank, std::optional<int6
   return {U, S.narrow(-1, 0, rank).contiguous(), Vh};
 }
 
-// An uninitialised CPU tensor for the low-precision copy of A. Large blocks are mapped
-// directly and advised to use transparent huge pages: the copy is written once, right after
-// allocation, and faulting in its 4 KiB pages one by one costs more than the conversion itself
-// (a 32 MiB copy: ~14 ms from the default allocator vs ~4.5 ms into huge pages, 2 cores).
-// The mapping is its own (not the heap's), aligned to 2 MiB, and unmapped when the tensor dies.
-Tensor empty_sketch_buffer(at::IntArrayRef sizes, at::ScalarType dtype) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr size_t kHuge = size_t(2) << 20;
-  int64_t numel = 1;
-  for (const auto s : sizes) numel *= s;
-  const size_t bytes = static_cast<size_t>(numel) * at::elementSize(dtype);
-  if (bytes >= 2 * kHuge) {
-    const size_t mapped = bytes + kHuge;  // room to align the start to a huge page
-    void* base = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (base != MAP_FAILED) {
-      const auto start = (reinterpret_cast<uintptr_t>(base) + kHuge - 1) / kHuge * kHuge;
-      void* data = reinterpret_cast<void*>(start);
-      madvise(data, bytes, MADV_HUGEPAGE);  // advice only: ignored where THP is disabled
-      return at::from_blob(data, sizes, [base, mapped](void*) { munmap(base, mapped); },
-                           at::TensorOptions().dtype(dtype));
-    }
-  }
-#endif
-  return at::empty(sizes, at::TensorOptions().dtype(dtype));
-}
-
 // A X (transpose_a = false) or A^T X (true) for a contiguous float32 CPU matrix A (m x n) and
 // an l-column X, in small_gemm over blocks of output rows: rsvd's passes over A. These are
 // compute-bound (A is read once per pass, each element used l times) and MKL runs their
@@ -367,60 +338,15 @@ Tensor squared_norms(const Tensor& x) {
   return out.view(x.sizes().slice(0, x.dim() - 2));
 }
 
-// dst = bfloat16(src) for n values, returning the sum of the squares of the rounded values:
-// two loops (the rounding, then float sums in 16 lanes over dst, still in L1 for the chunks
-// given here) so that each vectorises under strict floating point; fused, GCC ran them scalar.
-FASTLORA_VECTOR_CLONES
-float round_bf16_sum_squares(const float* __restrict src, uint16_t* __restrict dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16_bits(src[i]);
-  float part[16] = {}, v[16];
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    for (int j = 0; j < 16; ++j) v[j] = bf16_bits_to_float(dst[i + j]);
-    for (int j = 0; j < 16; ++j) part[j] += v[j] * v[j];
-  }
-  for (; i < n; ++i) part[0] += bf16_bits_to_float(dst[i]) * bf16_bits_to_float(dst[i]);
-  float acc = 0.0f;
-  for (int j = 0; j < 16; ++j) acc += part[j];
-  return acc;
-}
-
-// a = bfloat16(A) for a contiguous float32 CPU A (..., m, n) into the contiguous a, and the
-// squared Frobenius norms of a's matrices in float64: the conversion and sketch_floor_dominates'
-// norm in one pass over A (as two, ATen's copy and squared_norms, they were ~15% of a
-// bfloat16 rsvd at rank 32, 4096 x 4096).
-Tensor copy_to_bf16_with_norms(const Tensor& A, Tensor& a) {
-  const int64_t per = A.size(-2) * A.size(-1), mats = A.numel() / per;
-  Tensor out = at::empty({mats}, A.options().dtype(at::kDouble));
-  double* po = out.mutable_data_ptr<double>();
-  const float* src = A.const_data_ptr<float>();
-  uint16_t* dst = reinterpret_cast<uint16_t*>(a.mutable_data_ptr<at::BFloat16>());
-  constexpr int64_t kChunk = 4096;  // float sums over chunks of this many values, added in double
-  for (int64_t b = 0; b < mats; ++b) {
-    po[b] = at::parallel_reduce(
-        0, (per + kChunk - 1) / kChunk, 16, 0.0,
-        [&](int64_t c0, int64_t c1, double acc) {
-          for (int64_t c = c0; c < c1; ++c) {
-            const int64_t i0 = b * per + c * kChunk, len = std::min(kChunk, per - c * kChunk);
-            acc += round_bf16_sum_squares(src + i0, dst + i0, len);
-          }
-          return acc;
-        },
-        std::plus<double>());
-  }
-  return out.view(A.sizes().slice(0, A.dim() - 2));
-}
-
 // Whether the rounding of A to the sketch dtype would dominate a sketched result's error: the
 // copy a differs from A by up to eps ||A||_F (eps = 2^-7 for bfloat16), which is invisible next
 // to a large optimal error (noisy or slowly decaying spectra) and dominant when A is (nearly)
 // low rank. The error the result leaves on a, sqrt(||a||_F^2 - ||S||^2), stands for the optimal
 // one: when eps ||a||_F exceeds an eighth of it (adding, in quadrature, up to ~1% to the error)
 // in any batch element, rsvd computes the call again in float32 instead.
-// norm2: a's squared norms when the caller has them (copy_to_bf16_with_norms).
-bool sketch_floor_dominates(const Tensor& a, const Tensor& S, Tensor norm2) {
-  const double eps = a.scalar_type() == at::kBFloat16 ? 0.0078125 : 0.0009765625;  // finfo(dtype).eps
-  if (!norm2.defined()) norm2 = squared_norms(a);
+// norm2: the squared norms of the copy's matrices.
+bool sketch_floor_dominates(at::ScalarType sketch_dtype, const Tensor& norm2, const Tensor& S) {
+  const double eps = sketch_dtype == at::kBFloat16 ? 0.0078125 : 0.0009765625;  // finfo(dtype).eps
   const Tensor tail2 = (norm2 - S.to(at::kDouble).square().sum(-1)).clamp_min(0);
   return (norm2 * (64 * eps * eps)).gt(tail2).any().item<bool>();
 }
@@ -451,25 +377,32 @@ Triple rsvd(const Tensor& A, const Tensor& omega, int64_t rank, std::optional<in
   const auto sd = *sketch_dtype;
   TORCH_CHECK_VALUE(sd == at::kBFloat16 || sd == at::kHalf, "rsvd: sketch_dtype must be bfloat16 or float16, got ",
                     sd);
-  Tensor a, norm2;
-  if (A.scalar_type() == sd && A.is_contiguous()) {
-    a = A;
-  } else if (A.device().is_cpu()) {
-    a = empty_sketch_buffer(A.sizes(), sd);
-    if (sd == at::kBFloat16 && A.scalar_type() == at::kFloat && A.is_contiguous()) {
-      norm2 = copy_to_bf16_with_norms(A, a);
-    } else {
-      a.copy_(A);
-    }
-  } else {
-    a = A.to(sd, /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::Contiguous);
+  if (sd == at::kBFloat16 && bf16_sketch_streams(A)) {
+    // No bfloat16 copy of A (see lowrank_sketch_bf16.cpp); its norm comes with the first pass.
+    // Other dtypes (float16, float64) through float32, so that the same values give the same
+    // bits whatever their dtype.
+    const bool as_is = A.scalar_type() == at::kFloat || A.scalar_type() == at::kBFloat16;
+    const Tensor a = as_is ? A.contiguous() : A.to(at::kFloat).contiguous();
+    Tensor norm2;
+    Triple out = hmt(
+        "rsvd", omega.to(dt), rank, n_iter,
+        [&](const Tensor& X) {
+          return bf16_sketch_product(a, X.to(at::kFloat), false, norm2.defined() ? nullptr : &norm2).to(dt);
+        },
+        [&](const Tensor& Y) { return bf16_sketch_product(a, Y.to(at::kFloat), true, nullptr).to(dt); },
+        /*cheap_qr=*/true);
+    if (sketch_floor_dominates(sd, norm2, std::get<1>(out))) return rsvd(A, omega, rank, n_iter, std::nullopt);
+    return out;
   }
+  // A copy of A in the sketch dtype (CUDA; float16 with AMX-FP16; bfloat16 where the CPU has no
+  // AVX512-BF16, for a caller of the raw op: the Python API sketches in float32 there).
+  Tensor a = A.to(sd, /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::Contiguous);
   // A^T Y is formed as (Y^T A)^T: with A row-major this reads A along its rows, which the
   // low-precision GEMMs do ~10% faster than the transposed operand.
   Triple out = hmt(
       "rsvd", omega.to(dt), rank, n_iter, [&](const Tensor& X) { return at::matmul(a, X.to(sd)).to(dt); },
       [&](const Tensor& Y) { return at::matmul(Y.to(sd).mT(), a).mT().to(dt); }, /*cheap_qr=*/true);
-  if (sketch_floor_dominates(a, std::get<1>(out), norm2)) {
+  if (sketch_floor_dominates(sd, squared_norms(a), std::get<1>(out))) {
     a = Tensor();  // the half-precision copy is not needed by the float32 call
     return rsvd(A, omega, rank, n_iter, std::nullopt);
   }

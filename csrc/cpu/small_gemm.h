@@ -34,8 +34,16 @@ void small_gemm(int64_t m, int64_t n, int64_t k, double alpha, const double* a, 
 // + j] = B(2p, j) | B(2p + 1, j) << 16 (pack_bf16_row_pairs). With AVX512-BF16 (vdpbf16ps, whose
 // products and sums round to nearest even and flush subnormals) twice the multiply-adds per
 // instruction of the float32 kernel; elsewhere a portable float32 loop with the same sums.
+// prefetch: memory the caller reads next (the next block of an operand it converts as it
+// streams), fetched into L2 a little at a time while the products run, so that its reads from
+// memory overlap the arithmetic instead of following it.
+struct PrefetchRegion {
+  const void* base = nullptr;  // rows of `bytes` bytes, `stride` bytes apart
+  int64_t rows = 0, bytes = 0, stride = 0;
+};
 void small_gemm_bf16(int64_t m, int64_t n, int64_t k2, float alpha, const uint16_t* a, int64_t a_row,
-                     int64_t a_col, const uint32_t* b, int64_t ldb, bool accumulate, float* c, int64_t ldc);
+                     int64_t a_col, const uint32_t* b, int64_t ldb, bool accumulate, float* c, int64_t ldc,
+                     const PrefetchRegion& prefetch = {});
 // Whether small_gemm_bf16 runs the AVX512-BF16 build here (the CPU has it and level 4 is in use).
 bool small_gemm_bf16_native();
 // dst[p * ldd + j] = src(2p, j) | src(2p + 1, j) << 16 for the rows x cols bfloat16 matrix src

@@ -47,6 +47,30 @@ void gemm_bf16_portable(int64_t m, int64_t n, int64_t k2, float alpha, const uin
   }
 }
 
+// Walks a PrefetchRegion's cache lines in order, a few per step of the kernel.
+class PrefetchCursor {
+ public:
+  // steps: how many times step() will be called; the lines are spread evenly over them.
+  PrefetchCursor(const PrefetchRegion& r, int64_t steps) : r_(r) {
+    lines_per_row_ = (r.bytes + 63) / 64;
+    total_ = r.base != nullptr ? r.rows * lines_per_row_ : 0;
+    per_step_ = steps > 0 ? (total_ + steps - 1) / steps : total_;
+  }
+  bool pending() const { return next_ < total_; }
+  void step() {
+#if defined(__x86_64__)
+    for (int64_t end = std::min(total_, next_ + per_step_); next_ < end; ++next_) {
+      const int64_t row = next_ / lines_per_row_, line = next_ % lines_per_row_;
+      _mm_prefetch(static_cast<const char*>(r_.base) + row * r_.stride + line * 64, _MM_HINT_T1);
+    }
+#endif
+  }
+
+ private:
+  PrefetchRegion r_;
+  int64_t lines_per_row_ = 0, total_ = 0, per_step_ = 0, next_ = 0;
+};
+
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__)
 #define FASTLORA_BF16_TARGET __attribute__((target("arch=x86-64-v4,avx512bf16")))
 
@@ -94,9 +118,11 @@ FASTLORA_BF16_TARGET FASTLORA_INLINE void tile_bf16(int64_t k2, float alpha, con
 template <int NV>
 FASTLORA_BF16_TARGET FASTLORA_INLINE void panel_bf16(int64_t m, int64_t k2, float alpha, const uint16_t* a,
                                                      int64_t a_row, int64_t a_col, const uint32_t* b, int64_t ldb,
-                                                     bool accumulate, float* c, int64_t ldc, __mmask16 last) {
+                                                     bool accumulate, float* c, int64_t ldc, __mmask16 last,
+                                                     PrefetchCursor& prefetch) {
   int64_t i = 0;
   for (; i + 8 <= m; i += 8) {
+    prefetch.step();
     tile_bf16<8, NV>(k2, alpha, a + i * a_row, a_row, a_col, b, ldb, accumulate, c + i * ldc, ldc, last);
   }
   if (i + 4 <= m) {
@@ -112,7 +138,7 @@ FASTLORA_BF16_TARGET FASTLORA_INLINE void panel_bf16(int64_t m, int64_t k2, floa
 
 FASTLORA_BF16_TARGET void gemm_bf16_avx512(int64_t m, int64_t n, int64_t k2, float alpha, const uint16_t* a,
                                            int64_t a_row, int64_t a_col, const uint32_t* b, int64_t ldb,
-                                           bool accumulate, float* c, int64_t ldc) {
+                                           bool accumulate, float* c, int64_t ldc, const PrefetchRegion& region) {
   if (k2 == 0) {
     if (!accumulate) {
       for (int64_t i = 0; i < m; ++i) std::memset(c + i * ldc, 0, n * sizeof(float));
@@ -122,19 +148,23 @@ FASTLORA_BF16_TARGET void gemm_bf16_avx512(int64_t m, int64_t n, int64_t k2, flo
   // k in chunks of 64 pairs: a chunk of a 2-vector panel of B (8 KiB) stays in L1 while every
   // row tile passes over it.
   constexpr int64_t KC = 64;
+  // one prefetch step per 8-row tile (each a few thousand cycles of arithmetic)
+  const int64_t panels = n / 32 + (n % 32 + 15) / 16;
+  PrefetchCursor prefetch(region, ((k2 + KC - 1) / KC) * panels * (m / 8));
   for (int64_t p0 = 0; p0 < k2; p0 += KC) {
     const int64_t kc = std::min(KC, k2 - p0);
     const bool acc = accumulate || p0 > 0;
     const uint16_t* ak = a + p0 * a_col;
     const uint32_t* bk = b + p0 * ldb;
     int64_t j = 0;
-    for (; j + 32 <= n; j += 32) panel_bf16<2>(m, kc, alpha, ak, a_row, a_col, bk + j, ldb, acc, c + j, ldc, 0xffff);
+    for (; j + 32 <= n; j += 32) panel_bf16<2>(m, kc, alpha, ak, a_row, a_col, bk + j, ldb, acc, c + j, ldc, 0xffff, prefetch);
     for (; j < n; j += 16) {
       const int64_t cols = std::min<int64_t>(16, n - j);
       const __mmask16 last = static_cast<__mmask16>((1u << cols) - 1);
-      panel_bf16<1>(m, kc, alpha, ak, a_row, a_col, bk + j, ldb, acc, c + j, ldc, last);
+      panel_bf16<1>(m, kc, alpha, ak, a_row, a_col, bk + j, ldb, acc, c + j, ldc, last, prefetch);
     }
   }
+  while (prefetch.pending()) prefetch.step();  // what is left (m < 8: no tile stepped)
 }
 
 bool machine_has_avx512_bf16() {
@@ -153,10 +183,13 @@ bool small_gemm_bf16_native() {
 }
 
 void small_gemm_bf16(int64_t m, int64_t n, int64_t k2, float alpha, const uint16_t* a, int64_t a_row,
-                     int64_t a_col, const uint32_t* b, int64_t ldb, bool accumulate, float* c, int64_t ldc) {
+                     int64_t a_col, const uint32_t* b, int64_t ldb, bool accumulate, float* c, int64_t ldc,
+                     const PrefetchRegion& prefetch) {
   if (m <= 0 || n <= 0) return;
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__)
-  if (small_gemm_bf16_native()) return gemm_bf16_avx512(m, n, k2, alpha, a, a_row, a_col, b, ldb, accumulate, c, ldc);
+  if (small_gemm_bf16_native()) {
+    return gemm_bf16_avx512(m, n, k2, alpha, a, a_row, a_col, b, ldb, accumulate, c, ldc, prefetch);
+  }
 #endif
   gemm_bf16_portable(m, n, k2, alpha, a, a_row, a_col, b, ldb, accumulate, c, ldc);
 }
