@@ -12,7 +12,8 @@ The reference point is torch.svd_lowrank(q=rank, niter=2) (it has no oversamplin
 test_rsvd_default_vs_svd_lowrank times rsvd's defaults on a 1/i spectrum and asserts an error no
 higher and a speed-up of >= 1.3x at rank 32 (1.15x at rank 64) where bfloat16 GEMMs are
 emulated (float32 products in small_gemm) and >= 1.7x where they are native (a bfloat16 sketch; runs on an AVX512-BF16
-machine: 1.8-1.9x, and a shared 2-core VM moves single runs by ~10%). On a flat
+machine: 2.1-2.4x, and a shared 2-core VM moves single runs by ~10%). test_rsvd_between_other_work
+times rsvd as an FL round calls it, after other work instead of back to back. On a flat
 spectrum (1/sqrt(i)) the default takes its second power iteration: the error no higher is
 asserted, the speed recorded. "Equal work" (test_rsvd_vs_svd_lowrank): full precision, the
 same number of passes over A (n_iter=2) and the same sample width (svd_lowrank's q = rank +

@@ -152,8 +152,9 @@ def rsvd(A, rank: int, *, oversample: Optional[int] = None, n_iter: Optional[int
     ``torch.float16`` ask for that dtype, granted only where its GEMMs are native (AMX-FP16 for
     float16 on CPUs): elsewhere ATen emulates them 100x or more slower than float32, so the
     products run in float32, faster there and more accurate. With a half-precision sketch every
-    product with A is formed from a copy of A in that dtype, everything small stays in float32:
-    1.7-1.9x faster than ``torch.svd_lowrank(q=rank, niter=2)`` on an AVX512-BF16 CPU, with an error
+    product with A uses A's values rounded to that dtype (on an AVX512-BF16 CPU block by block as
+    the products read them, no copy of A; elsewhere from a copy), everything small stays in float32:
+    2.1-2.4x faster than ``torch.svd_lowrank(q=rank, niter=2)`` on an AVX512-BF16 CPU, with an error
     floor of about that dtype's rounding of A (<= 2^-7 ||A||_F for bfloat16) on top of the
     randomized error. That floor is invisible when the optimal error is large (noisy or slowly
     decaying spectra: updates, gradients); where it would dominate (A nearly low rank: the
