@@ -170,13 +170,20 @@ struct ThreadPartials {
         used(std::max(1, at::get_num_threads()), 0),
         len(len_) {}
   T* mine() {
-    const int tid = at::get_thread_num();
-    T* p = buf.mutable_data_ptr<T>() + tid * len;
-    if (!used[tid]) {
-      std::fill(p, p + len, T(0));
-      used[tid] = 1;
-    }
+    bool fresh;
+    T* p = claim(&fresh);
+    if (fresh) std::fill(p, p + len, T(0));
     return p;
+  }
+  // The calling thread's partial, not zeroed: *fresh says whether this is the thread's first
+  // claim, when the caller must write all of it (a first product with accumulate = false)
+  // before it is summed. Saves a pass over it when the partials are large next to the work
+  // (a decode-sized batch: r x (in + out) sums from a few rows).
+  T* claim(bool* fresh) {
+    const int tid = at::get_thread_num();
+    *fresh = !used[tid];
+    used[tid] = 1;
+    return buf.mutable_data_ptr<T>() + tid * len;
   }
   Tensor sum() {
     Tensor acc;

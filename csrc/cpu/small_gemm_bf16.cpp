@@ -194,17 +194,29 @@ void small_gemm_bf16(int64_t m, int64_t n, int64_t k2, float alpha, const uint16
   gemm_bf16_portable(m, n, k2, alpha, a, a_row, a_col, b, ldb, accumulate, c, ldc);
 }
 
+namespace {
+
+// One row of pairs; restrict-qualified so that the loop vectorises (the packing of a 4096 x 16
+// adapter ran at ~1 ns per value scalar, a visible part of a decode-sized LoRA backward).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+void interleave_rows(const uint16_t* __restrict lo, const uint16_t* __restrict hi, uint32_t* __restrict o,
+                     int64_t cols) {
+  if (hi != nullptr) {
+    for (int64_t j = 0; j < cols; ++j) o[j] = static_cast<uint32_t>(lo[j]) | (static_cast<uint32_t>(hi[j]) << 16);
+  } else {
+    for (int64_t j = 0; j < cols; ++j) o[j] = lo[j];
+  }
+}
+
+}  // namespace
+
 void pack_bf16_row_pairs(const uint16_t* src, int64_t rows, int64_t cols, int64_t ld, uint32_t* dst,
                          int64_t ldd) {
   for (int64_t p = 0; 2 * p < rows; ++p) {
     const uint16_t* lo = src + 2 * p * ld;
-    const uint16_t* hi = 2 * p + 1 < rows ? lo + ld : nullptr;
-    uint32_t* o = dst + p * ldd;
-    if (hi != nullptr) {
-      for (int64_t j = 0; j < cols; ++j) o[j] = static_cast<uint32_t>(lo[j]) | (static_cast<uint32_t>(hi[j]) << 16);
-    } else {
-      for (int64_t j = 0; j < cols; ++j) o[j] = lo[j];
-    }
+    interleave_rows(lo, 2 * p + 1 < rows ? lo + ld : nullptr, dst + p * ldd, cols);
   }
 }
 
