@@ -27,39 +27,34 @@
 namespace fastlora {
 namespace {
 
-// dst = bfloat16(src), n values; with squares, returns the sum of the squares of the rounded
-// values (float sums in 16 lanes, so that the loop vectorises under strict floating point).
-FASTLORA_VECTOR_CLONES
-float round_row(const float* __restrict src, uint16_t* __restrict dst, int64_t n, bool squares) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16_bits(src[i]);
-  if (!squares) return 0.0f;
-  float part[16] = {}, v[16];
+// The sum of the squares of n bfloat16 values: float sums in 16 lanes, so that the loop
+// vectorises under strict floating point (inlined into the cloned loops below).
+inline float sum_squares(const uint16_t* __restrict v, int64_t n) {
+  float part[16] = {}, f[16];
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    for (int j = 0; j < 16; ++j) v[j] = bf16_bits_to_float(dst[i + j]);
-    for (int j = 0; j < 16; ++j) part[j] += v[j] * v[j];
+    for (int j = 0; j < 16; ++j) f[j] = bf16_bits_to_float(v[i + j]);
+    for (int j = 0; j < 16; ++j) part[j] += f[j] * f[j];
   }
-  for (; i < n; ++i) part[0] += bf16_bits_to_float(dst[i]) * bf16_bits_to_float(dst[i]);
+  for (; i < n; ++i) part[0] += bf16_bits_to_float(v[i]) * bf16_bits_to_float(v[i]);
   float acc = 0.0f;
   for (int j = 0; j < 16; ++j) acc += part[j];
   return acc;
+}
+
+// dst = bfloat16(src), n values; with squares, returns the sum of the squares of the rounded
+// values.
+FASTLORA_VECTOR_CLONES
+float round_row(const float* __restrict src, uint16_t* __restrict dst, int64_t n, bool squares) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16_bits(src[i]);
+  return squares ? sum_squares(dst, n) : 0.0f;
 }
 
 // The same for values already in bfloat16 (dst = src, when dst is given).
 FASTLORA_VECTOR_CLONES
 float copy_row(const uint16_t* __restrict src, uint16_t* __restrict dst, int64_t n, bool squares) {
   if (dst != nullptr) std::copy(src, src + n, dst);
-  if (!squares) return 0.0f;
-  float part[16] = {}, v[16];
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    for (int j = 0; j < 16; ++j) v[j] = bf16_bits_to_float(src[i + j]);
-    for (int j = 0; j < 16; ++j) part[j] += v[j] * v[j];
-  }
-  for (; i < n; ++i) part[0] += bf16_bits_to_float(src[i]) * bf16_bits_to_float(src[i]);
-  float acc = 0.0f;
-  for (int j = 0; j < 16; ++j) acc += part[j];
-  return acc;
+  return squares ? sum_squares(src, n) : 0.0f;
 }
 
 // dst[j] = bfloat16(lo[j]) | bfloat16(hi[j]) << 16 (hi null: zeros): two rows' values as pairs.
