@@ -183,7 +183,9 @@ std::tuple<Tensor, Tensor> bwd_bf16_native(const Tensor& dy, const Tensor& x, co
           row_mask(mult.data(), K, 0, r0 + i, d);
           scale_row_bf16(xd.get() + i * K, x_b + i * ldx, mult.data(), K);
         }
-        if (grad_x) add_row_into_bf16(gxp + (r0 + i) * K, gx32.get() + i * K, d.active ? mult.data() : nullptr, nullptr, K);
+        if (grad_x) {
+          add_row_into_bf16(gxp + (r0 + i) * K, gx32.get() + i * K, d.active ? mult.data() : nullptr, nullptr, K);
+        }
       }
       if (d.active) {
         xd_b = xd.get();

@@ -124,7 +124,8 @@ double product_rows(const T* a, int64_t m, int64_t n, const uint32_t* xp, int64_
           }
           PrefetchRegion next;  // this thread's next block, when it converts one
           if (!in_place && blk + 1 < b1) {
-            next = {a + (r0 + kRows) * n, std::min(kRows, m - r0 - kRows), n * int64_t(sizeof(T)), n * int64_t(sizeof(T))};
+            const int64_t row_bytes = n * int64_t(sizeof(T));
+            next = {a + (r0 + kRows) * n, std::min(kRows, m - r0 - kRows), row_bytes, row_bytes};
           }
           small_gemm_bf16(rows, l, n2, 1.0f, block, lda, 2, xp, l, /*accumulate=*/false, out + r0 * l, l, next);
         }

@@ -157,7 +157,9 @@ FASTLORA_BF16_TARGET void gemm_bf16_avx512(int64_t m, int64_t n, int64_t k2, flo
     const uint16_t* ak = a + p0 * a_col;
     const uint32_t* bk = b + p0 * ldb;
     int64_t j = 0;
-    for (; j + 32 <= n; j += 32) panel_bf16<2>(m, kc, alpha, ak, a_row, a_col, bk + j, ldb, acc, c + j, ldc, 0xffff, prefetch);
+    for (; j + 32 <= n; j += 32) {
+      panel_bf16<2>(m, kc, alpha, ak, a_row, a_col, bk + j, ldb, acc, c + j, ldc, 0xffff, prefetch);
+    }
     for (; j < n; j += 16) {
       const int64_t cols = std::min<int64_t>(16, n - j);
       const __mmask16 last = static_cast<__mmask16>((1u << cols) - 1);
