@@ -59,6 +59,12 @@ inline void row_mask(acc_t* mult, int64_t cols, int64_t col0, int64_t row, const
 // element. Math in float32 (float64 for double), rounded once to scalar_t, as in the reference.
 // The pointers may start at column col0 of their matrices (the mask is that of columns col0 ..
 // col0 + cols - 1); mult is scratch.
+// dst[j] = src[j] * mult[j], a[j] *= mult[j], dst[j] = float(src[j]) for bfloat16 bits
+// (lora_linear_blocks.cpp, target clones).
+void mul_row_f32(float* __restrict dst, const float* __restrict src, const float* __restrict mult, int64_t n);
+void mul_row_inplace_f32(float* __restrict a, const float* __restrict mult, int64_t n);
+void bf16_row_to_float(const uint16_t* __restrict src, float* __restrict dst, int64_t n);
+
 template <typename scalar_t, bool kAlso>
 inline void dropout_rows_raw(const scalar_t* s, int64_t lds, scalar_t* o, int64_t ldd, scalar_t* a, int64_t lda,
                       int64_t rows, int64_t cols, int64_t row0, const DropoutParams& d,
@@ -69,6 +75,15 @@ inline void dropout_rows_raw(const scalar_t* s, int64_t lds, scalar_t* o, int64_
     row_mask(mult.data(), cols, col0, row0 + i, d);
     const scalar_t* si = s + i * lds;
     scalar_t* oi = o + i * ldd;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (si == oi) {  // in place
+        mul_row_inplace_f32(oi, mult.data(), cols);
+      } else {
+        mul_row_f32(oi, si, mult.data(), cols);
+      }
+      if constexpr (kAlso) mul_row_inplace_f32(a + i * lda, mult.data(), cols);
+      continue;
+    }
     for (int64_t j = 0; j < cols; ++j) {
       oi[j] = static_cast<scalar_t>(static_cast<acc_t>(si[j]) * mult[j]);
     }

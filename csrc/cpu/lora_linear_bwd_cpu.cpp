@@ -140,8 +140,8 @@ struct LoraBwdSmallGemm {
         if constexpr (std::is_same_v<T, float>) {
           if (half) {  // exact conversions; dropout then runs on xd in place
             for (int64_t i = 0; i < n; ++i) {
-              bf16_to_float(dy_h + (r0 + i) * ldy, dyf + i * N, N);
-              bf16_to_float(x_h + (r0 + i) * ldx, xd + i * K, K);
+              bf16_row_to_float(reinterpret_cast<const uint16_t*>(dy_h + (r0 + i) * ldy), dyf + i * N, N);
+              bf16_row_to_float(reinterpret_cast<const uint16_t*>(x_h + (r0 + i) * ldx), xd + i * K, K);
             }
             dy_b = dyf;
             x_b = xd;
@@ -278,7 +278,9 @@ struct LoraBwdSmallGemm {
         std::vector<T> wrows(kChunk * K);
         for (int64_t c0 = n0; c0 < n1; c0 += kChunk) {
           const int64_t nc = std::min(kChunk, n1 - c0);
-          for (int64_t i = 0; i < nc; ++i) bf16_to_float(w_bf16 + (c0 + i) * ldw, wrows.data() + i * K, K);
+          for (int64_t i = 0; i < nc; ++i) {
+            bf16_row_to_float(reinterpret_cast<const uint16_t*>(w_bf16 + (c0 + i) * ldw), wrows.data() + i * K, K);
+          }
           small_gemm(M, K, nc, T(1), dyt + c0 * M, 1, M, wrows.data(), K, /*accumulate=*/tid == 0 || c0 > n0,
                      out, K);
         }

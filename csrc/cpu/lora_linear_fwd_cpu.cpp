@@ -46,7 +46,9 @@ Tensor shrink_direct(const Tensor& x, const Tensor& lora_A, const DropoutParams&
       const T* a;
       int64_t lda;
       if constexpr (kConvert) {
-        for (int64_t i = 0; i < n; ++i) bf16_to_float(xp + (r0 + i) * ldx, xd + i * K, K);
+        for (int64_t i = 0; i < n; ++i) {
+          bf16_row_to_float(reinterpret_cast<const uint16_t*>(xp + (r0 + i) * ldx), xd + i * K, K);
+        }
         if (d.active) dropout_rows_raw<T, false>(xd, K, xd, K, nullptr, 0, n, K, r0, d, mult);
         a = xd;
         lda = K;
@@ -140,7 +142,9 @@ Tensor base_few_rows(const Tensor& x, const Tensor& weight, const Tensor& bias_e
       if constexpr (std::is_same_v<T, WT>) {
         small_gemm(nt, Mp, K, T(1), wp + j0 * ldw, ldw, 1, xtp, Mp, true, yt.data(), Mp);
       } else {
-        for (int64_t jj = 0; jj < nt; ++jj) bf16_to_float(wp + (j0 + jj) * ldw, wrows.data() + jj * K, K);
+        for (int64_t jj = 0; jj < nt; ++jj) {
+          bf16_row_to_float(reinterpret_cast<const uint16_t*>(wp + (j0 + jj) * ldw), wrows.data() + jj * K, K);
+        }
         small_gemm(nt, Mp, K, T(1), wrows.data(), K, 1, xtp, Mp, true, yt.data(), Mp);
       }
       for (int64_t jj = 0; jj < nt; ++jj) {
