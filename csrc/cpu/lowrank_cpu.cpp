@@ -2,9 +2,11 @@
 //
 // These kernels call ATen ops (matmul, linalg_qr, linalg_svd, index_add), so they are
 // registered as CompositeExplicitAutograd: the same code serves every device (on CUDA the
-// ATen calls dispatch to cuBLAS / cuSOLVER). One exception, on the CPU: rsvd's float32
-// products with a dense A, the tall-times-skinny GEMMs that are all of its time, run in
-// small_gemm (see sketch_product). There is no autograd formula: these ops
+// ATen calls dispatch to cuBLAS / cuSOLVER). One exception, on the CPU: rsvd's products with a
+// dense A, the tall-times-skinny GEMMs that are most of its time, run in fastlora's own
+// kernels: small_gemm for float32 (see sketch_product), small_gemm_bf16 on blocks of A rounded
+// as they are read for a bfloat16 sketch with AVX512-BF16 (lowrank_sketch_bf16.cpp). There is
+// no autograd formula: these ops
 // re-factorise updates (data), and the Python wrappers call them without recording history.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
