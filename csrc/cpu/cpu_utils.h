@@ -93,14 +93,6 @@ inline float bf16_bits_to_float(uint16_t h) {
   return f;
 }
 
-// dst[i] = float(src[i]) for n bfloat16 values (bf16_bits_to_float). The decode-sized kernels
-// convert a few rows of a bfloat16 weight at a time while they stream it, instead of a float32
-// copy of the whole weight.
-inline void bf16_to_float(const at::BFloat16* src, float* dst, int64_t n) {
-  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_bits_to_float(s[i]);
-}
-
 // The bfloat16 bit pattern nearest to f (ties to even, as torch rounds; NaN stays NaN): integer
 // ops only, so loops over it vectorize (c10's conversion does not).
 inline uint16_t float_to_bf16_bits(float f) {

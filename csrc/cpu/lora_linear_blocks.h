@@ -53,18 +53,18 @@ inline void row_mask(acc_t* mult, int64_t cols, int64_t col0, int64_t row, const
   }
 }
 
-// For `rows` rows: dst[i, :] = src[i, :] * mask(row0 + i, :) * scale (src may alias dst) and,
-// when kAlso, also[i, :] *= the same multipliers in place: backward's two uses of one mask
-// (dropout(x) for d lora_A, the mask on the dX LoRA term) from a single hash evaluation per
-// element. Math in float32 (float64 for double), rounded once to scalar_t, as in the reference.
-// The pointers may start at column col0 of their matrices (the mask is that of columns col0 ..
-// col0 + cols - 1); mult is scratch.
 // dst[j] = src[j] * mult[j], a[j] *= mult[j], dst[j] = float(src[j]) for bfloat16 bits
 // (lora_linear_blocks.cpp, target clones).
 void mul_row_f32(float* __restrict dst, const float* __restrict src, const float* __restrict mult, int64_t n);
 void mul_row_inplace_f32(float* __restrict a, const float* __restrict mult, int64_t n);
 void bf16_row_to_float(const uint16_t* __restrict src, float* __restrict dst, int64_t n);
 
+// For `rows` rows: dst[i, :] = src[i, :] * mask(row0 + i, :) * scale (src may alias dst) and,
+// when kAlso, also[i, :] *= the same multipliers in place: backward's two uses of one mask
+// (dropout(x) for d lora_A, the mask on the dX LoRA term) from a single hash evaluation per
+// element. Math in float32 (float64 for double), rounded once to scalar_t, as in the reference.
+// The pointers may start at column col0 of their matrices (the mask is that of columns col0 ..
+// col0 + cols - 1); mult is scratch.
 template <typename scalar_t, bool kAlso>
 inline void dropout_rows_raw(const scalar_t* s, int64_t lds, scalar_t* o, int64_t ldd, scalar_t* a, int64_t lda,
                       int64_t rows, int64_t cols, int64_t row0, const DropoutParams& d,
@@ -173,7 +173,8 @@ inline bool row_blocks_for_all_threads(int64_t M, int64_t cols, int64_t elem_siz
 }
 
 // Per-thread partial sums (the LoRA backward's d lora_A / d lora_B over row blocks): a thread's
-// row of buf is zeroed when it first asks for it; sum() adds the rows used in thread order, so
+// row of buf is zeroed when it first asks for it (mine), or written in full by the caller
+// (claim); sum() adds the rows used in thread order, so
 // the result does not depend on which thread ran which block.
 template <typename T>
 struct ThreadPartials {

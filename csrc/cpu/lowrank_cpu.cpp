@@ -6,8 +6,8 @@
 // dense A, the tall-times-skinny GEMMs that are most of its time, run in fastlora's own
 // kernels: small_gemm for float32 (see sketch_product), small_gemm_bf16 on blocks of A rounded
 // as they are read for a bfloat16 sketch with AVX512-BF16 (lowrank_sketch_bf16.cpp). There is
-// no autograd formula: these ops
-// re-factorise updates (data), and the Python wrappers call them without recording history.
+// no autograd formula: these ops re-factorise updates (data), and the Python wrappers call them
+// without recording history.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -294,7 +294,10 @@ void check_omega(const char* op, const Tensor& omega, int64_t n, int64_t rank, i
 }
 
 // x's values as float, 16 at a time (cpu_utils.h: a shift for bfloat16, which vectorises).
-inline void to_float16(const at::BFloat16* x, float* out) { bf16_to_float(x, out, 16); }
+inline void to_float16(const at::BFloat16* x, float* out) {
+  const uint16_t* h = reinterpret_cast<const uint16_t*>(x);
+  for (int j = 0; j < 16; ++j) out[j] = bf16_bits_to_float(h[j]);
+}
 
 inline void to_float16(const at::Half* x, float* out) {
   for (int j = 0; j < 16; ++j) out[j] = static_cast<float>(x[j]);
