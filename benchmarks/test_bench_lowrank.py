@@ -14,8 +14,9 @@ higher and a speed-up of >= 1.3x at rank 32 (1.15x at rank 64) where bfloat16 GE
 emulated (float32 products in small_gemm) and >= 1.7x where they are native (a bfloat16 sketch; runs on an AVX512-BF16
 machine: 2.1-2.4x, and a shared 2-core VM moves single runs by ~10%). test_rsvd_between_other_work
 times rsvd as an FL round calls it, after other work instead of back to back. On a flat
-spectrum (1/sqrt(i)) the default takes its second power iteration: the error no higher is
-asserted, the speed recorded. "Equal work" (test_rsvd_vs_svd_lowrank): full precision, the
+spectrum (1/sqrt(i)) the default takes one more product with A^T and projects on its row space
+(five passes over A to svd_lowrank's six): the error no higher and a speed-up of >= 1.5x native,
+>= 1.0x without are asserted. "Equal work" (test_rsvd_vs_svd_lowrank): full precision, the
 same number of passes over A (n_iter=2) and the same sample width (svd_lowrank's q = rank +
 oversample): recorded, not asserted. svd_factored >= 50x faster than the full SVD at <= 1e-5
 relative error is asserted. sklearn is not a dependency.
@@ -155,8 +156,10 @@ def test_rsvd_between_other_work(benchmark, slow_decay):
 
 def test_rsvd_default_flat_spectrum(benchmark, flat_decay):
     A, s = flat_decay
-    err, err_peer, _, _ = _default_vs_svd_lowrank(benchmark, A, s, 32, "1/sqrt(i) spectrum")
+    err, err_peer, speedup, native_bf16 = _default_vs_svd_lowrank(benchmark, A, s, 32, "1/sqrt(i) spectrum")
     assert err <= err_peer
+    # Measured 1.75-1.91x native, 1.12-1.15x under AVX2 (two power iterations gave 0.93x there).
+    assert speedup >= (1.5 if native_bf16 else 1.0)
 
 
 def test_svd_factored_vs_full_svd(benchmark):

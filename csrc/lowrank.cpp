@@ -17,8 +17,9 @@
 //   rsvd(A, omega, rank, n_iter, sketch_dtype=None) -> (U ..., m x rank, S ..., rank, Vh ..., rank x n)
 //     Halko-Martinsson-Tropp randomized SVD of dense A (..., m, n) with the Gaussian test
 //     matrix omega (..., n, l), l >= rank, and n_iter power iterations re-orthonormalised by QR
-//     (n_iter None: adaptive, one iteration and a second where the sketch after the first
-//     estimates sigma_l / sigma_rank > 0.62, i.e. a flat spectrum).
+//     (n_iter None: adaptive, one iteration; where the sketch after it estimates
+//     sigma_l / sigma_rank > 0.62, a flat spectrum, one more product with A^T and the result
+//     projected on the row space it spans; above 0.76 a second iteration).
 //     sketch_dtype (bfloat16 or float16): every product with A is formed from a copy of A in
 //     that dtype (its GEMMs are 2-2.5x faster than float32 on CPUs with AVX512-BF16 and on
 //     GPU tensor cores); intermediate bases are orthonormalised by Cholesky-QR (Householder QR

@@ -8,7 +8,7 @@ import torch
 
 import fastlora
 from fastlora import reference as ref
-from fastlora.ops.lowrank import gaussian_test_matrix
+from fastlora.ops.lowrank import _sketch_dtype_for, gaussian_test_matrix
 from fastlora.sparse_delta import Layout, SparseDelta
 
 # rsvd's documented accuracy at the defaults (n_iter=1, oversample=max(10, k // 2), the sketch
@@ -305,21 +305,33 @@ def test_rsvd_sketch_falls_back_where_its_rounding_dominates():
 
 def test_rsvd_default_plan():
     """Dense A: oversample=max(10, rank // 2), the sketch precision of "auto", and the adaptive
-    n_iter: one power iteration on a 1/i spectrum, two on a flat one (the second only where the
-    sketch's sigma_l / sigma_rank estimate exceeds 0.62), as in the reference; the same for a
-    FactoredSum."""
+    n_iter, decided by the sketch's sigma_l / sigma_rank estimate after one power iteration: up to
+    0.62 nothing more; above it one more product with A^T and the projection on the row space it
+    spans, with an error between one power iteration's and two's; above 0.76 a second power
+    iteration. As in the reference; the same for a FactoredSum."""
     g = torch.Generator().manual_seed(6)
-    for spectrum, iterations in (("slow", 1), ("flat", 2)):
-        A = known(400, 300, SPECTRA[spectrum], g, torch.float32)
-        for rank in (4, 30):
+    # The estimate (sigma_l / sigma_rank) also falls with the oversampling ratio l / rank: at rank
+    # 4 (l = 14) it is 0.19 / 0.38 / 0.64 on these spectra, at rank 30 (l = 45) 0.50 / 0.72 / 0.84.
+    for spectrum, plans in (("slow", (1, 1)), ("sqrt", (1, "projection")), ("flat", ("projection", 2))):
+        A = known(400, 300, SPECTRA.get(spectrum, lambda i: (i + 1) ** -0.5), g, torch.float32)
+        sketch = _sketch_dtype_for("auto", A.dtype, A.device)
+        for rank, plan in zip((4, 30), plans):
+            l = rank + max(10, rank // 2)
             got = fastlora.rsvd(A, rank, generator=torch.Generator().manual_seed(1))
-            same = fastlora.rsvd(A, rank, oversample=max(10, rank // 2), n_iter=iterations, sketch_dtype="auto",
-                                 generator=torch.Generator().manual_seed(1))
-            assert all(torch.equal(x, y) for x, y in zip(got, same)), (spectrum, rank)
-            omega = gaussian_test_matrix((), 300, rank + max(10, rank // 2), torch.float32, A.device,
-                                         torch.Generator().manual_seed(1))
-            exp = ref.rsvd(A, omega, rank, None)
-            assert all(torch.equal(x, y) for x, y in zip(exp, ref.rsvd(A, omega, rank, iterations)))
+            omega = gaussian_test_matrix((), 300, l, torch.float32, A.device, torch.Generator().manual_seed(1))
+            run = lambda n_iter, sd=None: torch.ops.fastlora.rsvd(A, omega, rank, n_iter, sd)  # noqa: E731
+            assert all(torch.equal(x, y) for x, y in zip(got, run(None, sketch)))
+            full, exp = run(None), ref.rsvd(A, omega, rank, None)
+            torch.testing.assert_close(full[1], exp[1], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close((full[0] * full[1]) @ full[2], (exp[0] * exp[1]) @ exp[2], rtol=1e-4,
+                                       atol=1e-5)
+            if plan != "projection":
+                for sd in {sketch, None}:
+                    assert all(torch.equal(x, y) for x, y in zip(run(None, sd), run(plan, sd))), (spectrum, rank)
+                assert all(torch.equal(x, y) for x, y in zip(exp, ref.rsvd(A, omega, rank, plan)))
+                continue
+            err = [(A.double() - ((U * S) @ Vh).double()).norm().item() for U, S, Vh in (run(1), full, run(2))]
+            assert err[0] > err[1] > err[2], (spectrum, rank, err)
     op = fastlora.FactoredSum([(torch.randn(3, 100), torch.randn(120, 3)), (torch.randn(5, 100), torch.randn(120, 5))])
     got = fastlora.rsvd(op, 4, generator=torch.Generator().manual_seed(1))
     want = fastlora.rsvd(op, 4, oversample=10, n_iter=None, generator=torch.Generator().manual_seed(1))

@@ -146,7 +146,7 @@ QR householder_qr(const Tensor& Y) {
 // sketches): then Q is orthonormal to ~cond^2 eps and a second step makes it orthonormal to
 // working precision (CholeskyQR2, Fukaya et al. 2014). Empty when that does not hold
 // (ill-conditioned or rank-deficient sketch, NaN): callers fall back to Householder.
-// sv_out: R's singular values (= Y's, descending), when asked for (flat_sketch reads them).
+// sv_out: R's singular values (= Y's, descending), when asked for (sketch_flatness reads them).
 std::optional<QR> cholesky_qr_step(const Tensor& Y, Tensor* sv_out = nullptr) {
   constexpr double kMaxCond = 1e3;
   auto [R, info] = at::linalg_cholesky_ex(at::matmul(Y.mT(), Y), /*upper=*/true);
@@ -195,25 +195,40 @@ SpanStep span_basis(const Tensor& Y, bool cheap) {
   return {householder_qr(Y), false, Tensor()};
 }
 
-// Whether a sketch's spectrum is flat enough that a further power iteration pays: the
-// estimate sigma_l / sigma_rank of the last kept singular value against the last sketched one,
-// read off R (Y = Q R: R has Y's singular values). After one iteration this estimate sits at
-// 0.51-0.53 for a 1/i spectrum, 0.58 for 1/i^0.75, 0.66-0.69 for 1/sqrt(i) and 0.83-0.85 for
-// 1/i^0.25 (ranks 32-128, oversample max(10, rank / 2)); one iteration gave a lower error than
-// torch.svd_lowrank's two up to 1/i^0.75 and a higher one from 1/sqrt(i) on, hence the
-// threshold between them. Any batch element flat: the whole batch iterates.
-bool flat_sketch(const SpanStep& step, int64_t rank) {
-  constexpr double kFlat = 0.62;
+// How flat a sketch's spectrum is, which decides how much more work the adaptive plan does:
+// the estimate sigma_l / sigma_rank of the last kept singular value against the last sketched
+// one, read off R (Y = Q R: R has Y's singular values). After one power iteration this estimate
+// sits at 0.51-0.53 for a 1/i spectrum, 0.58 for 1/i^0.75, 0.66-0.69 for 1/sqrt(i) and
+// 0.82-0.85 for 1/i^0.25 (ranks 12-128, oversample max(10, rank / 2)). One iteration gave a
+// lower error than torch.svd_lowrank's two up to 1/i^0.75 and a higher one from 1/sqrt(i) on,
+// hence kFlat between them. Past kVeryFlat the row-space projection (see hmt) kept its lower
+// reconstruction error than svd_lowrank's but its singular values drifted by more than 5% of
+// the largest on a 120 x 120, 1/i^0.25 test (rank 12: 0.053, two iterations 0.034,
+// svd_lowrank 0.086-0.098): a second power iteration runs there. The flattest batch element
+// decides for the whole batch; NaN counts as very flat.
+enum class Flatness { steep, flat, very_flat };
+
+Flatness sketch_flatness(const SpanStep& step, int64_t rank) {
+  constexpr double kFlat = 0.62, kVeryFlat = 0.76;
   const Tensor sv = step.sv.defined() ? step.sv : at::linalg_svdvals(step.qr.second);  // descending
   const Tensor ratio = sv.select(-1, sv.size(-1) - 1) / sv.select(-1, rank - 1);
-  return ratio.gt(kFlat).logical_or(ratio.isnan()).any().item<bool>();
+  if (ratio.isnan().any().item<bool>()) return Flatness::very_flat;
+  const double worst = ratio.max().item<double>();
+  return worst > kVeryFlat ? Flatness::very_flat : worst > kFlat ? Flatness::flat : Flatness::steep;
 }
 
 // Halko-Martinsson-Tropp range finder + SVD of the projection, for any operator given by its
 // products apply(X) = Op X (X: ..., n x l) and apply_t(Y) = Op^T Y (Y: ..., m x l).
 // `cheap_qr` lets the orthonormalisations use Cholesky-QR where it is safe (see above).
-// n_iter: the number of power iterations, or nullopt for the adaptive plan: one, and a second
-// where the sketch after the first shows a flat spectrum (flat_sketch).
+// n_iter: the number of power iterations, or nullopt for the adaptive plan (sketch_flatness
+// after one power iteration decides): on a steep spectrum nothing more; on a flat one one more
+// product with Op^T, Z = Op^T Q, and the result projected on the row space Z spans,
+// Op ~ (Op P) P^T with P = orth(Z); on a very flat one a second power iteration. The
+// projection is five passes over Op where a second iteration takes six (svd_lowrank's count),
+// and its error lies between one iteration's and two's: P spans (Op^T Op)^2 Omega, which weighs
+// each singular direction by sigma^4, between sigma^3 (one iteration) and sigma^5 (two). On
+// 1/i^0.75 to 1/i^0.25 spectra, ranks 16-128, its excess error was 0.25-0.9x
+// torch.svd_lowrank's (two iterations, no oversampling).
 template <typename Apply, typename ApplyT>
 Triple hmt(const char* op, const Tensor& omega, int64_t rank, std::optional<int64_t> n_iter, Apply apply,
            ApplyT apply_t, bool cheap_qr = false) {
@@ -230,7 +245,17 @@ Triple hmt(const char* op, const Tensor& omega, int64_t rank, std::optional<int6
   std::optional<Tensor> last;  // the basis to project on, when the adaptive plan stops early
   for (int64_t it = 0; it < n_iter.value_or(2); ++it) {
     const SpanStep step = span_basis(Y, cheap_qr);
-    if (!n_iter.has_value() && it == 1 && !flat_sketch(step, rank)) {
+    // A fixed n_iter iterates regardless, as the adaptive plan does on a very flat spectrum.
+    const Flatness flatness = !n_iter.has_value() && it == 1 ? sketch_flatness(step, rank) : Flatness::very_flat;
+    if (flatness == Flatness::flat) {
+      // Op ~ W P^T with W = Op P (m x l) = Qw Rw and Rw = Ur S Vhr: U = Qw Ur, Vh = Vhr P^T.
+      const Tensor P = qr_factor(apply_t(step.qr.first), cheap_qr).first;  // n x l, orthonormal
+      auto [Qw, Rw] = qr_factor(apply(P), cheap_qr);
+      auto [Ur, S, Vhr] = at::linalg_svd(Rw, /*full_matrices=*/false);
+      return {at::matmul(Qw, Ur.narrow(-1, 0, rank)), S.narrow(-1, 0, rank).contiguous(),
+              at::matmul(Vhr.narrow(-2, 0, rank), P.mT())};
+    }
+    if (flatness == Flatness::steep) {
       // Y's first orthonormalisation step is taken: qr_factor continues from it (a Householder
       // basis is orthonormal already), the bits of a fixed n_iter = 1.
       last = step.cholesky ? qr_factor(Y, cheap_qr, step.qr).first : step.qr.first;

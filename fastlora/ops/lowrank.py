@@ -136,13 +136,14 @@ def rsvd(A, rank: int, *, oversample: Optional[int] = None, n_iter: Optional[int
     gives the same bits.
 
     Defaults (the measured plan; docs/benchmarks.md, Low-rank):
-    ``oversample=max(10, rank // 2)`` and ``n_iter=None``, adaptive: one power iteration, and a
-    second only where the sketch after the first shows a flat spectrum (estimated
-    sigma_l / sigma_rank > 0.62, about 1/sqrt(i) or flatter). On 1/i and steeper spectra that is
-    one power iteration fewer than ``torch.svd_lowrank``, paid for by oversampling (the same
-    multiply-adds with A at rank >= 20) and a lower error than ``torch.svd_lowrank(q=rank,
-    niter=2)``; on flatter ones it is svd_lowrank's two with more columns. The same for a
-    ``FactoredSum``. Accuracy: within a factor
+    ``oversample=max(10, rank // 2)`` and ``n_iter=None``, adaptive: one power iteration, then
+    by the sketch's estimate of sigma_l / sigma_rank. Up to 0.62 (1/i and steeper spectra) that
+    is all: one power iteration fewer than ``torch.svd_lowrank``, paid for by oversampling (the
+    same multiply-adds with A at rank >= 20) and a lower error than ``torch.svd_lowrank(q=rank,
+    niter=2)``. Above it (about 1/sqrt(i)) one more product with A^T, the result projected on
+    the row space it spans: five passes over A to svd_lowrank's six, a lower error than its.
+    Above 0.76 (about 1/i^0.25) a second power iteration: svd_lowrank's two with more columns.
+    The same for a ``FactoredSum``. Accuracy: within a factor
     1 + 0.05 of the optimal rank-``rank`` Frobenius error on the spectra in tests/test_lowrank.py
     (slow decay included); more ``n_iter`` for very flat spectra.
 

@@ -48,7 +48,9 @@ def lowrank_truncate(Bs, As, weights, rank):
 
 def rsvd(A, omega, rank, n_iter, sketch_dtype=None):
     """Reference of ``fastlora::rsvd`` (Halko-Martinsson-Tropp with QR after every product,
-    ``n_iter`` power iterations or, for None, one and a second where the spectrum is flat;
+    ``n_iter`` power iterations or, for None, one and, where the spectrum is flat, one more
+    product with A^T and a projection on the row space it spans (a second iteration where it
+    is very flat);
     with ``sketch_dtype``, every product with A formed from A and the basis in that dtype, unless
     that dtype's rounding of A would dominate the result's error).
     The kernel's mixed-precision path may orthonormalise by Cholesky-QR instead of Householder:
@@ -80,9 +82,12 @@ def rsvd_implicit(Bs, As, weights, sparse_indices, sparse_values, omega, m, rank
     return rsvd(M, omega.to(dtype), rank, n_iter)
 
 
-# n_iter None (adaptive): one power iteration, and a second when the sketch after the first
-# estimates sigma_l / sigma_rank above this (a flat spectrum; see the kernel's flat_sketch).
+# n_iter None (adaptive): one power iteration; when the sketch after it estimates
+# sigma_l / sigma_rank above FLAT_SKETCH (a flat spectrum; see the kernel's hmt and
+# sketch_flatness) one more product with A^T and the result projected on the row space that
+# product spans; above VERY_FLAT_SKETCH a second power iteration.
 FLAT_SKETCH = 0.62
+VERY_FLAT_SKETCH = 0.76
 
 
 def _hmt(apply, apply_t, omega, rank, n_iter):
@@ -91,8 +96,13 @@ def _hmt(apply, apply_t, omega, rank, n_iter):
         if n_iter is None and it == 1:
             sv = torch.linalg.svdvals(Y)
             ratio = sv[..., -1] / sv[..., rank - 1]
-            if not bool(((ratio > FLAT_SKETCH) | ratio.isnan()).any()):
+            worst = float("nan") if bool(ratio.isnan().any()) else float(ratio.max())
+            if worst <= FLAT_SKETCH:
                 break
+            if worst <= VERY_FLAT_SKETCH:
+                P = torch.linalg.qr(apply_t(torch.linalg.qr(Y).Q)).Q   # A ~ (A P) P^T
+                U, S, Vh = torch.linalg.svd(apply(P), full_matrices=False)
+                return U[..., :rank], S[..., :rank], Vh[..., :rank, :] @ P.mT
         Y = apply(torch.linalg.qr(apply_t(torch.linalg.qr(Y).Q)).Q)
     Q = torch.linalg.qr(Y).Q
     Ub, S, Vh = torch.linalg.svd(apply_t(Q).mT, full_matrices=False)
