@@ -94,40 +94,7 @@ def _bwd_fake(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, o
     return gradients_fake(grad_y, x, weight, lora_A, lora_B, output_mask)
 
 
-# --- autograd -------------------------------------------------------------------------------
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_B_bias = inputs
-    _, xa = output
-    ctx.mark_non_differentiable(xa)
-    ctx.scaling, ctx.dropout_p = scaling, dropout_p
-    ctx.lora_B_bias_dtype = None if lora_B_bias is None else lora_B_bias.dtype
-    # Only x and the M x r shrink are activations; weight, A, B are parameters anyway and
-    # the dropout mask is regenerated from the seed.
-    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
-
-
-def _backward(ctx, grad_y, _grad_xa):
-    x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
-    nx, nw, nb, nA, nB, _, _, _, nBb = ctx.needs_input_grad
-    if grad_y is None:
-        return (None,) * 9
-    # A frozen base weight never pays for the dW GEMM (output_mask).
-    gx, gw, gb, gA, gB = torch.ops.fastlora.lora_linear_bwd(
-        grad_y, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, seed,
-        [nx, nw, nb or nBb])
-    gBb = None
-    if nBb:
-        # Summed in the adapters' dtype (float32 adapters on a half-precision x: grad_y's sum in
-        # float32, not the base bias gradient's half-precision rounding of it).
-        gBb = gb if ctx.lora_B_bias_dtype == grad_y.dtype else grad_y.sum(0, dtype=ctx.lora_B_bias_dtype)
-        gBb = gBb * ctx.scaling
-    return (gx if nx else None, gw if nw else None, gb if nb else None,
-            gA if nA else None, gB if nB else None, None, None, None, gBb)
-
-
-torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
-
+# --- autograd: in C++ (csrc/lora_linear.cpp, LoraLinearFunction), registered for every device --
 
 # --- CUDA: Triton kernels (float64 goes to the reference: Triton has no fast fp64 dot) ------
 

@@ -48,6 +48,24 @@ int main() {
   expect(kept > 0.74 && kept < 0.76, "kept fraction ~ 0.75 (got " + std::to_string(kept) + ")");
   expect(at::allclose(d.masked_select(d.ne(0)), at::full({}, 1.0 / 0.75, opts)), "kept values scaled by 1/(1-p)");
 
+  // Autograd from C++: gradients of <y, g> for x, the adapters and the bias; the frozen weight
+  // gets none.
+  {
+    Tensor xg = x.clone().requires_grad_(), bg = b.clone().requires_grad_();
+    Tensor Ag = A.clone().requires_grad_(), Bg = B.clone().requires_grad_();
+    Tensor g = at::randn({2, M, N}, opts);
+    op.call(xg, w, bg, Ag, Bg, 0.5, 0.0, true, std::nullopt, std::nullopt).backward(g);
+    const Tensor gB = at::matmul(g, B) * 0.5;  // (2, M, r)
+    expect(at::allclose(xg.grad(), at::matmul(g, w) + at::matmul(gB, A), 1e-10, 1e-10), "grad x");
+    expect(at::allclose(Ag.grad(), at::matmul(gB.reshape({-1, r}).t(), x.reshape({-1, K})), 1e-10, 1e-10),
+           "grad lora_A");
+    expect(at::allclose(Bg.grad(), at::matmul(g.reshape({-1, N}).t(), at::matmul(x, A.t()).reshape({-1, r})) * 0.5,
+                        1e-10, 1e-10),
+           "grad lora_B");
+    expect(at::allclose(bg.grad(), g.sum({0, 1}), 1e-10, 1e-10), "grad bias");
+    expect(!w.grad().defined(), "a frozen weight gets no gradient");
+  }
+
   bool threw = false;
   try {
     op.call(x, w, b, at::randn({r, K + 1}, opts), B, 0.5, 0.0, true, std::nullopt, std::nullopt);
