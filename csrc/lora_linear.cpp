@@ -8,6 +8,7 @@
 // Per-device kernels: csrc/cpu/lora_linear_{fwd,bwd}_cpu.cpp (CPU), kernels/lora_linear.py (CUDA,
 // registered from Python), fastlora/reference/lora_linear.py (any other device).
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -139,6 +140,41 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_autograd(const Tensor& x, const Tenso
   return {out[0], out[1]};
 }
 
+// Autocast, as for nn.Linear (and so PEFT's LoRA modules, whose lora_A / lora_B are
+// nn.Linear): float32 / float16 / bfloat16 tensors on the autocast device (x, weight, bias and
+// the adapters; not the seed) are cast to the autocast dtype, float64 stays, and the op runs
+// with autocast off. Above autograd, so the casts are recorded and float32 parameters get
+// float32 gradients; the backward op sees the cast dtype. In C++ (the Python kernel cost 55 us
+// per call) and through autocast's cache, which casts a leaf that requires grad (the adapters)
+// once per autocast region.
+template <c10::DeviceType device>
+Tensor lora_linear_autocast(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                            const Tensor& lora_A, const Tensor& lora_B, double scaling, double dropout_p,
+                            bool training, const std::optional<Tensor>& lora_B_bias,
+                            const std::optional<Tensor>& seed) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(device));
+  const auto dt = at::autocast::get_lower_precision_fp_from_device_type(device);
+  using at::autocast::cached_cast;
+  return lora_linear(cached_cast(dt, x, device), cached_cast(dt, weight, device), cached_cast(dt, bias, device),
+                     cached_cast(dt, lora_A, device), cached_cast(dt, lora_B, device), scaling, dropout_p, training,
+                     cached_cast(dt, lora_B_bias, device), seed);
+}
+
+template <c10::DeviceType device>
+std::tuple<Tensor, Tensor> lora_linear_fwd_autocast(const Tensor& x, const Tensor& weight,
+                                                    const std::optional<Tensor>& bias, const Tensor& lora_A,
+                                                    const Tensor& lora_B, double scaling, double dropout_p,
+                                                    const Tensor& seed, const std::optional<Tensor>& lora_B_bias) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(device));
+  const auto dt = at::autocast::get_lower_precision_fp_from_device_type(device);
+  using at::autocast::cached_cast;
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fastlora::lora_linear_fwd", "").typed<FwdOp>();
+  return op.call(cached_cast(dt, x, device), cached_cast(dt, weight, device), cached_cast(dt, bias, device),
+                 cached_cast(dt, lora_A, device), cached_cast(dt, lora_B, device), scaling, dropout_p, seed,
+                 cached_cast(dt, lora_B_bias, device));
+}
+
 }  // namespace
 
 void check_lora_linear_fwd_args(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
@@ -184,6 +220,16 @@ TORCH_LIBRARY_IMPL(fastlora, CompositeImplicitAutograd, m) {
 
 TORCH_LIBRARY_IMPL(fastlora, Autograd, m) {
   m.impl("lora_linear_fwd", &lora_linear_fwd_autograd);
+}
+
+TORCH_LIBRARY_IMPL(fastlora, AutocastCPU, m) {
+  m.impl("lora_linear", &lora_linear_autocast<c10::DeviceType::CPU>);
+  m.impl("lora_linear_fwd", &lora_linear_fwd_autocast<c10::DeviceType::CPU>);
+}
+
+TORCH_LIBRARY_IMPL(fastlora, AutocastCUDA, m) {
+  m.impl("lora_linear", &lora_linear_autocast<c10::DeviceType::CUDA>);
+  m.impl("lora_linear_fwd", &lora_linear_fwd_autocast<c10::DeviceType::CUDA>);
 }
 
 }  // namespace fastlora

@@ -1,4 +1,5 @@
-"""Autocast behaviour of the LoRA op families (fastlora.ops.lora_linear, lora_grouped_linear).
+"""Autocast behaviour of the LoRA op families registered from Python (lora_grouped_linear,
+lora_quantized_linear); lora_linear's follows the same rule in C++ (csrc/lora_linear.cpp).
 
 Under torch.autocast the forward ops run in the autocast dtype, as nn.Linear does (and so
 PEFT's LoRA modules, whose lora_A / lora_B are nn.Linear): float32 / float16 / bfloat16 tensors

@@ -19,7 +19,6 @@ import torch
 
 from fastlora import _library  # noqa: F401  (registers the C++ schemas and CPU kernels)
 from fastlora import reference
-from fastlora.ops._autocast import register_autocast
 
 _FWD = "fastlora::lora_linear_fwd"
 _BWD = "fastlora::lora_linear_bwd"
@@ -144,8 +143,5 @@ torch.library.register_kernel(_FWD, None, _fwd_reference)
 torch.library.register_kernel(_BWD, None, _bwd_reference)
 
 
-# --- autocast: the public op (its argument checks want one dtype) and the forward op it calls --
-# lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, lora_B_bias, seed)
-register_autocast("lora_linear", {0, 1, 2, 3, 4, 8})
-# lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_B_bias)
-register_autocast("lora_linear_fwd", {0, 1, 2, 3, 4, 8})
+# --- autocast: in C++ (csrc/lora_linear.cpp, lora_linear_autocast), for the public op and
+# the forward op it calls; the same rule as fastlora.ops._autocast
