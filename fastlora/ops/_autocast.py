@@ -1,5 +1,6 @@
-"""Autocast behaviour of the LoRA op families registered from Python (lora_grouped_linear,
-lora_quantized_linear); lora_linear's follows the same rule in C++ (csrc/lora_linear.cpp).
+"""Autocast behaviour of the mixed-adapter LoRA family (lora_grouped_linear); lora_linear's and
+lora_quantized_linear's follow the same rule in C++ (csrc/lora_linear.cpp,
+csrc/lora_quantized_linear.cpp).
 
 Under torch.autocast the forward ops run in the autocast dtype, as nn.Linear does (and so
 PEFT's LoRA modules, whose lora_A / lora_B are nn.Linear): float32 / float16 / bfloat16 tensors

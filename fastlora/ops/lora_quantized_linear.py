@@ -21,7 +21,6 @@ import torch
 
 from fastlora import _library  # noqa: F401  (registers the C++ schemas and CPU kernels)
 from fastlora import reference
-from fastlora.ops._autocast import register_autocast
 from fastlora.ops.lora_linear import _seed_tensor
 from fastlora.quantize import QuantizedWeight
 
@@ -72,41 +71,7 @@ def _dequantize_fake(qweight, absmax, code, blocksize, weight_shape, dtype):
     return qweight.new_empty(tuple(weight_shape), dtype=dtype)
 
 
-# --- autograd -------------------------------------------------------------------------------
-
-def _setup_context(ctx, inputs, output):
-    (x, qweight, absmax, code, blocksize, weight_shape, bias, lora_A, lora_B, scaling, dropout_p, seed,
-     lora_B_bias) = inputs
-    _, xa = output
-    ctx.mark_non_differentiable(xa)
-    ctx.blocksize, ctx.weight_shape = blocksize, weight_shape
-    ctx.scaling, ctx.dropout_p = scaling, dropout_p
-    ctx.lora_B_bias_dtype = None if lora_B_bias is None else lora_B_bias.dtype
-    # Activations: x and the M x r shrink; the codes and scales are the frozen weight itself.
-    ctx.save_for_backward(x, qweight, absmax, code, lora_A, lora_B, xa, seed)
-
-
-def _backward(ctx, grad_y, _grad_xa):
-    x, qweight, absmax, code, lora_A, lora_B, xa, seed = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    nx, nb, nA, nB, nBb = needs[0], needs[6], needs[7], needs[8], needs[12]
-    if any(needs[i] for i in (1, 2, 3)):
-        raise RuntimeError("fastlora.lora_quantized_linear: the quantized weight (codes, scales, code book) "
-                           "has no gradient; it is frozen")
-    if grad_y is None:
-        return (None,) * 13
-    gx, gb, gA, gB = torch.ops.fastlora.lora_quantized_linear_bwd(
-        grad_y, x, qweight, absmax, code, ctx.blocksize, ctx.weight_shape, lora_A, lora_B, xa, ctx.scaling,
-        ctx.dropout_p, seed, [nx, nb or nBb])
-    gBb = None
-    if nBb:
-        gBb = grad_y.sum(0, dtype=ctx.lora_B_bias_dtype) * ctx.scaling
-    return (gx if nx else None, None, None, None, None, None, gb if nb else None, gA if nA else None,
-            gB if nB else None, None, None, None, gBb)
-
-
-torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
-
+# --- autograd and autocast: in C++ (csrc/lora_quantized_linear.cpp, LoraQuantizedLinearFunction) --
 
 # --- CUDA: Triton kernels (float64 goes to the reference: Triton has no fast fp64 dot) ------
 
@@ -180,9 +145,3 @@ def _dequantize_reference(qweight, absmax, code, blocksize, weight_shape, dtype)
 torch.library.register_kernel(_FWD, None, _fwd_reference)
 torch.library.register_kernel(_BWD, None, _bwd_reference)
 torch.library.register_kernel(_DEQ, None, _dequantize_reference)
-
-# --- autocast: the floating-point activations and adapters (never the codes or scales) ----------
-# lora_quantized_linear(x, qweight, absmax, code, blocksize, weight_shape, bias, lora_A, lora_B, ...,
-#                       lora_B_bias (12), seed)
-register_autocast("lora_quantized_linear", {0, 6, 7, 8, 12})
-register_autocast("lora_quantized_linear_fwd", {0, 6, 7, 8, 12})

@@ -113,6 +113,15 @@ int main() {
     expect(at::allclose(gb, gy.sum(0), 1e-12, 1e-12), "grad_bias = sum of dY" + tag);
     expect(at::allclose(gA, at::mm(g.t(), x2), 1e-10, 1e-10), "grad_A = s (dY B)^T x" + tag);
     expect(at::allclose(gB, 0.5 * at::mm(gy.t(), xa), 1e-10, 1e-10), "grad_B = s dY^T xa" + tag);
+
+    // Autograd from C++: the same gradients through backward(), none for the frozen codes.
+    Tensor xg = x2.clone().requires_grad_(), bg = b.clone().requires_grad_();
+    Tensor Ag = A.clone().requires_grad_(), Bg = B.clone().requires_grad_();
+    op.call(xg, w.q, w.absmax, w.code, w.blocksize, {N, K}, bg, Ag, Bg, 0.5, 0.0, true, std::nullopt, std::nullopt)
+        .backward(gy);
+    expect(at::allclose(xg.grad(), gx, 1e-10, 1e-10) && at::allclose(bg.grad(), gb, 1e-12, 1e-12) &&
+               at::allclose(Ag.grad(), gA, 1e-10, 1e-10) && at::allclose(Bg.grad(), gB, 1e-10, 1e-10),
+           "autograd gives the backward op's gradients" + tag);
   }
 
   // Bad input: a clear ValueError before any read.
