@@ -7,30 +7,40 @@ loaded (and tested under ``TRITON_INTERPRET=1``) on its own. Semantics are those
 that needs it, so the dropped input is never materialised and forward and backward agree bit
 for bit with the reference and with the C++ kernels.
 
-Every GEMM here is one generic kernel, ``_lora_gemm_kernel``:
+The two base products (``x @ weight.T``, ``grad_y @ weight``) are cuBLAS GEMMs (torch.mm): an
+untuned Triton GEMM runs them at an estimated 65-85% of cuBLAS, which alone would cost more
+than the whole LoRA branch. The rank-r work runs in two Triton kernels. ``_lora_gemm_kernel``,
+for the products with a short output side:
 
     C[m, n] = alpha * sum_k A'[m, k] * B'[k, n]
-              (+ bias[n])
-              (+ dropE(lora_scale * sum_j E[m, j] * F[j, n]))
 
 where A' (B') is A (B) passed through fastlora's dropout when DROP_A (DROP_B) is set, using
-the operand's own (row, column) index for the mask, and dropE applies the mask at the output
-index (m, n). Operands are strided 2-D views, so transposes (``weight.t()``) cost nothing.
-The launchers map the LoRA ops onto it:
+the operand's own (row, column) index for the mask. ``_lora_add_kernel``, the light kernel that
+adds the LoRA term to a base product in place:
+
+    C[m, n] += dropE(lora_scale * sum_j E[m, j] * F[j, n]) (+ bias[n])
+
+where dropE applies the mask at the output index (m, n). Operands are strided 2-D views, so
+transposes (``weight.t()``) cost nothing. The launchers map the LoRA ops onto them:
 
     lora_shrink    xa     = dropA(x) @ lora_A.T
-    lora_forward   y      = x @ weight.T + bias + scaling * (xa @ lora_B.T)
+    lora_forward   y      = x @ weight.T                              (cuBLAS)
+                   y     += bias + scaling * (xa @ lora_B.T)          (add kernel)
     lora_backward  g      = scaling * grad_y @ lora_B                 (M, r), once, reused
                    grad_A = g.T @ dropB(x)                            (mask regenerated)
                    grad_B = scaling * grad_y.T @ xa
-                   grad_x = grad_y @ weight + dropE(g @ lora_A)        (LoRA in the epilogue)
+                   grad_x = grad_y @ weight                           (cuBLAS)
+                   grad_x += dropE(g @ lora_A)                        (add kernel)
 
 grad_weight (grad_y.T @ x) and grad_bias (grad_y.sum(0)) are plain cuBLAS / ATen work.
 
 Numerics: operands are fed to tl.dot in their own dtype (fp16/bf16 tensor cores; fp32 uses
-IEEE fp32 unless torch allows TF32 for matmuls), accumulation is always fp32 and each output is
-rounded once. Dropped operands are rounded to the input dtype before the dot exactly as the
-reference's ``dropout`` rounds them. float64 is not supported (use the reference path).
+IEEE fp32 unless torch allows TF32 for matmuls, as cuBLAS does), accumulation is always fp32.
+The base products are rounded by cuBLAS; the add kernel adds the fp32 LoRA term (and the bias)
+to the rounded value and rounds once more, as the CPU kernels do and as PEFT's
+``base + lora`` rounds the base output before the sum. Dropped operands are rounded to the
+input dtype before the dot exactly as the reference's ``dropout`` rounds them. float64 is not
+supported (use the reference path).
 
 Mixed precision: x, weight, grad_y (and bias) may be float16 or bfloat16 while lora_A, lora_B
 and xa are float32, PEFT's default on a half-precision model (adapters kept in float32). The
@@ -47,11 +57,11 @@ In the kernel, a GEMM whose two operands differ in dtype (one of them float32) u
 tiles of the half-precision operand to float32 right after their load (A_TO_F32 / B_TO_F32),
 before the dropout, so dropout(x.to(f32)) is never rounded to x's dtype and the dot runs in
 float32 (as torch.mm on the cast input would, TF32 included when torch allows it: an upcast
-fp16/bf16 value is exact in TF32). The base GEMMs keep their half-precision tensor
-core main loop; the epilogue's E @ F runs in its own (float32) dtype with its own precision
-(EPI_PRECISION), and the sum is rounded once to x's dtype. bias may be in x's dtype or
-float32 (an effective bias ``bias + lora_B_bias * scaling`` with a float32 lora_B_bias is
-float32); it is added in fp32 either way. Any other mix of dtypes is a TypeError.
+fp16/bf16 value is exact in TF32). The base GEMMs stay half-precision cuBLAS ones; the add
+kernel's E @ F runs in its own (float32) dtype with its own precision (EPI_PRECISION), and the
+sum is rounded once to x's dtype. bias may be in x's dtype or float32 (an effective bias
+``bias + lora_B_bias * scaling`` with a float32 lora_B_bias is float32); it is added in fp32
+either way. Any other mix of dtypes is a TypeError.
 """
 from __future__ import annotations
 
@@ -82,18 +92,15 @@ def _dropout_tile(t, rows, cols, drop_scale, seed_lo, seed_hi, threshold, INTERP
 # ----------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold"])
 def _lora_gemm_kernel(
-    a_ptr, b_ptr, c_ptr, bias_ptr, e_ptr, f_ptr,
-    M, N, K, R, k_per_split,
+    a_ptr, b_ptr, c_ptr,
+    M, N, K, k_per_split,
     stride_am, stride_ak, stride_bk, stride_bn,
     stride_cs, stride_cm, stride_cn,
-    stride_em, stride_er, stride_fr, stride_fn,
-    alpha, lora_scale, drop_scale, seed_lo, seed_hi, threshold,
-    DROP_A: tl.constexpr, DROP_B: tl.constexpr, DROP_LORA: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+    alpha, drop_scale, seed_lo, seed_hi, threshold,
+    DROP_A: tl.constexpr, DROP_B: tl.constexpr,
     A_TO_F32: tl.constexpr, B_TO_F32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, EPI_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     # Split-K: program_id(1) owns reduction range [k_lo, k_lo + k_per_split) (a multiple of
@@ -132,43 +139,59 @@ def _lora_gemm_kernel(
             b = _dropout_tile(b, offs_k, offs_n, drop_scale, seed_lo, seed_hi, threshold, INTERPRET)
         acc = _mma(a, b, acc, DOT_PRECISION, INTERPRET)
     acc = acc * alpha
-
-    # Epilogue: the rank-r LoRA expand (E @ F, r <= 256 so a short loop of BLOCK_R chunks),
-    # its optional dropout at the output index, then the bias; all in fp32 before one rounding.
-    # E and F share a dtype that may differ from the main loop's (float32 adapters under a
-    # half-precision base), hence EPI_PRECISION.
-    if HAS_LORA:
-        e_rows = e_ptr + offs_m.to(tl.int64)[:, None] * stride_em
-        f_cols = f_ptr + offs_n.to(tl.int64)[None, :] * stride_fn
-        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            mask_r = offs_r < R
-            e = tl.load(e_rows + offs_r.to(tl.int64)[None, :] * stride_er,
-                        mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-            f = tl.load(f_cols + offs_r.to(tl.int64)[:, None] * stride_fr,
-                        mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-            lora = _mma(e, f, lora, EPI_PRECISION, INTERPRET)
-        lora = lora * lora_scale
-        if DROP_LORA:
-            keep = _keep_mask(offs_m, offs_n, seed_lo, seed_hi, threshold)
-            lora = lora * keep.to(tl.float32) * drop_scale
-        acc += lora
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        acc += bias[None, :]
-
     c_ptrs = (c_ptr + pid_s.to(tl.int64) * stride_cs + offs_m.to(tl.int64)[:, None] * stride_cm
               + offs_n.to(tl.int64)[None, :] * stride_cn)
     tl.store(c_ptrs, _round_to(acc, c_ptr.dtype.element_ty, INTERPRET),
              mask=mask_m[:, None] & mask_n[None, :])
 
 
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold"])
+def _lora_add_kernel(
+    c_ptr, bias_ptr, e_ptr, f_ptr,
+    M, N, R,
+    stride_cm, stride_cn, stride_em, stride_er, stride_fr, stride_fn,
+    lora_scale, drop_scale, seed_lo, seed_hi, threshold,
+    DROP_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+    EPI_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """C += dropE(lora_scale * E @ F) (+ bias), in fp32 on C's rounded values, rounded once:
+    the rank-r LoRA term added to a cuBLAS base product in place (E @ F in E's and F's dtype,
+    which may differ from C's: float32 adapters under a half-precision base)."""
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    e_rows = e_ptr + offs_m.to(tl.int64)[:, None] * stride_em
+    f_cols = f_ptr + offs_n.to(tl.int64)[None, :] * stride_fn
+    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        e = tl.load(e_rows + offs_r.to(tl.int64)[None, :] * stride_er,
+                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        f = tl.load(f_cols + offs_r.to(tl.int64)[:, None] * stride_fr,
+                    mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        lora = _mma(e, f, lora, EPI_PRECISION, INTERPRET)
+    lora = lora * lora_scale
+    if DROP_LORA:
+        keep = _keep_mask(offs_m, offs_n, seed_lo, seed_hi, threshold)
+        lora = lora * keep.to(tl.float32) * drop_scale
+    mask = mask_m[:, None] & mask_n[None, :]
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
+    acc = tl.load(c_ptrs, mask=mask, other=0.0).to(tl.float32) + lora
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc += bias[None, :]
+    tl.store(c_ptrs, _round_to(acc, c_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
 # ----------------------------------------------------------------------------------------------
 # host side
 # ----------------------------------------------------------------------------------------------
-def _blocks(M: int, N: int, K: int, R: int, dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, num_warps, num_stages) for a main loop in ``dtype``
+def _blocks(M: int, N: int, K: int, dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a loop over K in ``dtype``
     (float32 when either operand is float32, the other then being upcast in registers).
 
     GPU (H100): 128x128x64 tiles for fp16/bf16 (the usual tensor-core sweet spot: 32 KiB of
@@ -179,27 +202,23 @@ def _blocks(M: int, N: int, K: int, R: int, dtype: torch.dtype):
     Interpreter: one large tile per program so that the small test shapes run in one program
     and one loop trip (the interpreter costs milliseconds per program per loop iteration)."""
     if _INTERPRET:
-        return _pow2(M, 16, 128), _pow2(N, 16, 128), _pow2(K, 16, 128), _pow2(R, 16, 256), 4, 1
+        return _pow2(M, 16, 128), _pow2(N, 16, 128), _pow2(K, 16, 256), 4, 1
     if dtype == torch.float32:
         cap_mn, cap_k = 64, 32
     else:
         cap_mn, cap_k = 128, 64
     bm, bn, bk = _pow2(M, 16, cap_mn), _pow2(N, 16, cap_mn), _pow2(K, 16, cap_k)
-    br = _pow2(R, 16, 64)  # epilogue chunk of the rank (r <= 256 -> at most 4 trips)
     num_warps = 8 if bm * bn >= 128 * 128 else 4
-    return bm, bn, bk, br, num_warps, 3
+    return bm, bn, bk, num_warps, 3
 
 
 def _gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, alpha: float = 1.0,
-          drop_a=None, drop_b=None, bias=None, lora=None) -> torch.Tensor:
-    """out (M, N) = alpha * dropA(a) (M, K) @ dropB(b) (K, N) [+ bias] [+ LoRA epilogue].
+          drop_a=None, drop_b=None) -> torch.Tensor:
+    """out (M, N) = alpha * dropA(a) (M, K) @ dropB(b) (K, N).
 
-    drop_a / drop_b: (p, seed) or None. lora: (e (M, R), f (R, N), lora_scale, drop) with drop
-    (p, seed) or None. All operands are strided 2-D views; out is written in place.
-
-    a and b may differ in dtype only if one of them is float32: the other one is then upcast
-    tile by tile (before its dropout) and the main loop is a float32 GEMM. e and f share one
-    dtype, which may differ from the main loop's."""
+    drop_a / drop_b: (p, seed) or None. All operands are strided 2-D views; out is written in
+    place. a and b may differ in dtype only if one of them is float32: the other one is then
+    upcast tile by tile (before its dropout) and the loop is a float32 GEMM."""
     if a.dtype != b.dtype and torch.float32 not in (a.dtype, b.dtype):
         raise TypeError(f"operands {a.dtype} and {b.dtype}: a mixed GEMM needs one float32 side")
     a_to_f32 = a.dtype != b.dtype and a.dtype != torch.float32
@@ -209,30 +228,13 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, alpha: float =
     N = b.shape[1]
     if out.numel() == 0:
         return out
-    drop_a = _dropout_args(*drop_a) if drop_a is not None else None
-    drop_b = _dropout_args(*drop_b) if drop_b is not None else None
-    e = f = None
-    lora_scale, drop_e, R = 1.0, None, 1
-    if lora is not None:
-        e, f, lora_scale, drop_e = lora
-        if e.dtype != f.dtype:
-            raise TypeError(f"LoRA epilogue operands {e.dtype} and {f.dtype} must share a dtype")
-        drop_e = _dropout_args(*drop_e) if drop_e is not None else None
-        R = e.shape[1]
-    dargs = [d for d in (drop_a, drop_b, drop_e) if d is not None]
-    assert len(dargs) <= 1, "one dropout mask per launch"
-    seed_lo, seed_hi, threshold, drop_scale = dargs[0] if dargs else (0, 0, 0, 1.0)
+    assert drop_a is None or drop_b is None, "one dropout mask per launch"
+    drop = drop_a if drop_a is not None else drop_b
+    seed_lo, seed_hi, threshold, drop_scale = _dropout_args(*drop) if drop is not None else (0, 0, 0, 1.0)
 
-    bm, bn, bk, br, num_warps, num_stages = _blocks(M, N, K, R, main_dtype)
-    if lora is not None and e.dtype == torch.float32 and main_dtype != torch.float32:
-        # A float32 epilogue under a half-precision main loop's 128x128 tile: its pipelined
-        # (bm + bn) x br float32 chunks would take twice the main loop's shared memory per
-        # stage at br = 64 (192 KiB for TF32 on sm_90); 32 keeps them at the main loop's size.
-        br = min(br, 32)
+    bm, bn, bk, num_warps, num_stages = _blocks(M, N, K, main_dtype)
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-    split = 1
-    if bias is None and lora is None:  # the epilogue must run once per output element
-        split = _choose_split(tiles, K, bk, a.device)
+    split = _choose_split(tiles, K, bk, a.device)
     k_per_split = triton.cdiv(triton.cdiv(max(K, 1), split), bk) * bk
     split = max(1, triton.cdiv(K, k_per_split))
     if split > 1:
@@ -242,29 +244,56 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, alpha: float =
     else:
         c = out
         stride_cs, (stride_cm, stride_cn) = 0, out.stride()
-    e_t = e if e is not None else a  # dummies: never dereferenced when the flag is off
-    f_t = f if f is not None else a
-    bias_t = bias if bias is not None else a
 
     with _on_device(a.device):
         _lora_gemm_kernel[(tiles, split)](
-            a, b, c, bias_t, e_t, f_t,
-            M, N, K, R, k_per_split,
+            a, b, c,
+            M, N, K, k_per_split,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             stride_cs, stride_cm, stride_cn,
-            e_t.stride(0), e_t.stride(1), f_t.stride(0), f_t.stride(1),
-            float(alpha), float(lora_scale), float(drop_scale), seed_lo, seed_hi, threshold,
-            DROP_A=drop_a is not None, DROP_B=drop_b is not None, DROP_LORA=drop_e is not None,
-            HAS_BIAS=bias is not None, HAS_LORA=lora is not None,
+            float(alpha), float(drop_scale), seed_lo, seed_hi, threshold,
+            DROP_A=drop_a is not None, DROP_B=drop_b is not None,
             A_TO_F32=a_to_f32, B_TO_F32=b_to_f32,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, GROUP_M=8,
-            DOT_PRECISION=_dot_precision(main_dtype),
-            EPI_PRECISION=_dot_precision(e.dtype if e is not None else main_dtype),
-            INTERPRET=_INTERPRET,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+            DOT_PRECISION=_dot_precision(main_dtype), INTERPRET=_INTERPRET,
             num_warps=num_warps, num_stages=num_stages,
         )
     if split > 1:
-        out.copy_(c.sum(0))
+        if out.dtype == torch.float32 and out.is_contiguous():
+            torch.sum(c, 0, out=out)  # one launch where the sum and a copy took two
+        else:
+            out.copy_(c.sum(0))
+    return out
+
+
+def _add_lora(out: torch.Tensor, e: torch.Tensor, f: torch.Tensor, lora_scale: float, drop=None,
+              bias=None) -> torch.Tensor:
+    """out (M, N) += dropE(lora_scale * e (M, R) @ f (R, N)) (+ bias (N,)), in place, in fp32
+    on out's values and rounded once. drop: (p, seed) or None, the mask at out's index."""
+    if e.dtype != f.dtype:
+        raise TypeError(f"LoRA term operands {e.dtype} and {f.dtype} must share a dtype")
+    M, N = out.shape
+    R = e.shape[1]
+    if out.numel() == 0:
+        return out
+    seed_lo, seed_hi, threshold, drop_scale = _dropout_args(*drop) if drop is not None else (0, 0, 0, 1.0)
+    bm, bn, br, num_warps, num_stages = _blocks(M, N, R, e.dtype)
+    if e.dtype == torch.float32 and out.dtype != torch.float32:
+        # float32 adapters under a half-precision base: the float32 E / F chunks of a 128 x 128
+        # tile would take twice a half-precision loop's shared memory per stage at 64 wide.
+        br = min(br, 32)
+    bias_t = bias if bias is not None else out  # a dummy: never dereferenced without HAS_BIAS
+    with _on_device(out.device):
+        _lora_add_kernel[(triton.cdiv(M, bm) * triton.cdiv(N, bn),)](
+            out, bias_t, e, f,
+            M, N, R,
+            out.stride(0), out.stride(1), e.stride(0), e.stride(1), f.stride(0), f.stride(1),
+            float(lora_scale), float(drop_scale), seed_lo, seed_hi, threshold,
+            DROP_LORA=drop is not None, HAS_BIAS=bias is not None,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, GROUP_M=8,
+            EPI_PRECISION=_dot_precision(e.dtype), INTERPRET=_INTERPRET,
+            num_warps=num_warps, num_stages=num_stages,
+        )
     return out
 
 
@@ -308,15 +337,15 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: i
 
 def lora_forward(x: torch.Tensor, weight: torch.Tensor, bias, xa: torch.Tensor,
                  lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """y (M, N) = x @ weight.T + bias + scaling * (xa @ lora_B.T) in one kernel.
+    """y (M, N) = x @ weight.T + bias + scaling * (xa @ lora_B.T).
 
-    x (M, K), weight (N, K), bias (N,) or None, xa (M, r), lora_B (N, r). The LoRA expand
-    and the bias run in the GEMM's epilogue on the fp32 accumulator (one rounding); y is in
-    x's dtype. xa and lora_B may be float32 under a half-precision x (then the expand is a
-    float32 dot), bias may be float32."""
+    x (M, K), weight (N, K), bias (N,) or None, xa (M, r), lora_B (N, r). The base product in
+    cuBLAS, then the LoRA expand and the bias added to it in fp32 by the add kernel (one more
+    rounding); y is in x's dtype. xa and lora_B may be float32 under a half-precision x (then
+    the expand is a float32 dot), bias may be float32."""
     _check_dtypes({"x": x, "weight": weight}, {"xa": xa, "lora_B": lora_B}, bias)
-    out = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
-    return _gemm(x, weight.t(), out, bias=bias, lora=(xa, lora_B.t(), float(scaling), None))
+    y = torch.mm(x, weight.t())
+    return _add_lora(y, xa, lora_B.t(), float(scaling), bias=bias)
 
 
 def lora_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
@@ -335,7 +364,7 @@ def lora_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     M, N = grad_y.shape
     K = x.shape[1]
     r = lora_A.shape[0]
-    dev, dt, ad = grad_y.device, grad_y.dtype, lora_A.dtype
+    dev, ad = grad_y.device, lora_A.dtype
     drop = (float(dropout_p), int(seed)) if dropout_p > 0.0 else None
 
     # g = scaling * grad_y @ lora_B (M, r): computed once, rounded to the adapters' dtype (as
@@ -349,10 +378,9 @@ def lora_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     empty = grad_y.new_empty(0)
     grad_x = empty
     if need_grad_x:
-        # grad_x (M, K) = grad_y @ weight + dropout(g @ lora_A): LoRA term in the epilogue,
-        # masked at the output index (m, k), which is x's index, with the same 1/(1-p) scale.
-        grad_x = _gemm(grad_y, weight, torch.empty((M, K), dtype=dt, device=dev),
-                       lora=(g, lora_A, 1.0, drop))
+        # grad_x (M, K) = grad_y @ weight (cuBLAS) + dropout(g @ lora_A) (the add kernel, the
+        # mask at the output index (m, k), which is x's index, with the same 1/(1-p) scale).
+        grad_x = _add_lora(torch.mm(grad_y, weight), g, lora_A, 1.0, drop=drop)
     grad_w = torch.mm(grad_y.t(), x) if need_grad_weight else empty
     grad_b = grad_y.sum(0) if need_grad_bias else empty
     return grad_x, grad_w, grad_b, grad_A, grad_B

@@ -137,8 +137,8 @@ def test_backward_empty_batch():
 def test_small_tiles_and_split_k(dtype, monkeypatch):
     # Under the interpreter the launchers pick one big tile; force the GPU-style multi-tile
     # paths instead: 16-wide tiles (grouped program order, many K trips, several rank chunks in
-    # the epilogue with r = 40) and a 3-way split-K with its fp32 partial planes.
-    monkeypatch.setattr(tk, "_blocks", lambda M, N, K, R, dtype: (16, 16, 16, 16, 4, 1))
+    # the add kernel with r = 40) and a 3-way split-K with its fp32 partial planes.
+    monkeypatch.setattr(tk, "_blocks", lambda M, N, K, dtype: (16, 16, 16, 4, 1))
     monkeypatch.setattr(tk, "_choose_split", lambda tiles, K, block_k, device: 3)
     M, K, N, r, p, scaling = 42, 123, 42, 40, 0.25, 0.5
     x = _rand(M, K, dtype, "strided")
@@ -323,8 +323,8 @@ def test_mixed_precision_empty_batch(dtype):
 
 def test_mixed_precision_small_tiles_and_split_k(monkeypatch):
     # The GPU-style paths with float32 adapters: bf16 operand tiles upcast on every K trip,
-    # several float32 rank chunks in the epilogue (r = 40), split-K planes of a float32 output.
-    monkeypatch.setattr(tk, "_blocks", lambda M, N, K, R, dtype: (16, 16, 16, 16, 4, 1))
+    # several float32 rank chunks in the add kernel (r = 40), split-K planes of a float32 output.
+    monkeypatch.setattr(tk, "_blocks", lambda M, N, K, dtype: (16, 16, 16, 4, 1))
     monkeypatch.setattr(tk, "_choose_split", lambda tiles, K, block_k, device: 3)
     _check_mixed(torch.bfloat16, 42, 123, 42, 40, 0.25, "strided", "fp32", (True, False, False), 0.5)
 

@@ -77,11 +77,13 @@ if sys.argv[3] == "tf32":  # torch's switch, which the float32 dots follow
     else:
         matmul.allow_tf32 = True
 M, K, N, r, p = 2048, 4096, 4096, 64, 0.1
-kernel, launches = tk._lora_gemm_kernel, []
+kernels, launches = {"gemm": tk._lora_gemm_kernel, "add": tk._lora_add_kernel}, []
 class Recorder:
+    def __init__(self, name):
+        self.name = name
     def __getitem__(self, grid):
-        return lambda *args, **kw: launches.append((args, kw))
-tk._lora_gemm_kernel = Recorder()
+        return lambda *args, **kw: launches.append((self.name, args, kw))
+tk._lora_gemm_kernel, tk._lora_add_kernel = Recorder("gemm"), Recorder("add")
 t = lambda *shape, dtype: torch.empty(*shape, dtype=dtype, device="meta")
 x, W, gy = t(M, K, dtype=xd), t(N, K, dtype=xd), t(M, N, dtype=xd)
 A, B = t(r, K, dtype=ad), t(N, r, dtype=ad)
@@ -93,7 +95,8 @@ for split in (1, 2):  # split-K writes fp32 partial planes (GPU: the r-sized GEM
     tk.lora_backward(gy, x, W, A, B, xa, 2.0, p, 1, True, False, False)
 
 out, seen = {}, set()
-for args, kw in launches:
+for which, args, kw in launches:
+    kernel = kernels[which]
     opts = {"num_warps": kw.pop("num_warps"), "num_stages": kw.pop("num_stages")}
     sig, const, attrs = {}, {}, {}
     for i, prm in enumerate(kernel.params):
@@ -109,15 +112,19 @@ for args, kw in launches:
             sig[prm.name] = ty
             if spec and "D" in spec:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    key = json.dumps([sig, {k: str(v) for k, v in const.items()}, sorted(attrs), opts])
+    key = json.dumps([which, sig, {k: str(v) for k, v in const.items()}, sorted(attrs), opts])
     if key in seen:
         continue
     seen.add(key)
-    name = " ".join([sig["a_ptr"], sig["b_ptr"], "->", sig["c_ptr"]]
-                    + [f for f in ("A_TO_F32", "B_TO_F32", "DROP_A", "DROP_B", "DROP_LORA", "HAS_BIAS")
-                       if const[f]] + ([f"lora {sig['e_ptr']}"] if const["HAS_LORA"] else [])
-                    + ([f"bias {sig['bias_ptr']}"] if const["HAS_BIAS"] else [])
-                    + [f"dot {const['DOT_PRECISION']}"] + ([f"epilogue {const['EPI_PRECISION']}"] if const["HAS_LORA"] else []))
+    if which == "gemm":
+        name = " ".join(["gemm", sig["a_ptr"], sig["b_ptr"], "->", sig["c_ptr"]]
+                        + [f for f in ("A_TO_F32", "B_TO_F32", "DROP_A", "DROP_B") if const[f]]
+                        + [f"dot {const['DOT_PRECISION']}"])
+    else:
+        name = " ".join(["add", sig["c_ptr"], "+=", sig["e_ptr"], sig["f_ptr"]]
+                        + (["DROP_LORA"] if const["DROP_LORA"] else [])
+                        + ([f"bias {sig['bias_ptr']}"] if const["HAS_BIAS"] else [])
+                        + [f"epilogue {const['EPI_PRECISION']}"])
     k = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options=opts)
     out[name] = k.metadata.shared
@@ -129,17 +136,18 @@ print(json.dumps(out))
     ("bfloat16", "bfloat16", "ieee"), ("float32", "float32", "ieee"),
     ("bfloat16", "float32", "ieee"), ("float16", "float32", "tf32")])
 def test_lora_linear_launches_compile_for_sm90(dtype, adapter_dtype, fp32_precision):
-    # Every GEMM the LoRA-linear launchers start, with all tensors in one dtype and with PEFT's
-    # mixed precision (float32 adapters: upcast operand tiles, a float32 epilogue under a
-    # half-precision main loop, IEEE or TF32). The interpreter accepts dtype mixes and shared
-    # memory use that a GPU compile may reject.
+    # Every kernel the LoRA-linear launchers start (the rank-r GEMMs and the add kernel; the
+    # base products are cuBLAS), with all tensors in one dtype and with PEFT's mixed precision
+    # (float32 adapters: upcast operand tiles, a float32 LoRA term added to a half-precision
+    # output, IEEE or TF32). The interpreter accepts dtype mixes and shared memory use that a
+    # GPU compile may reject.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     res = subprocess.run([sys.executable, "-c", COMPILE_LORA_LINEAR, dtype, adapter_dtype, fp32_precision], env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     shared = json.loads(res.stdout.strip().splitlines()[-1])
-    assert shared
+    assert {config.split()[0] for config in shared} == {"gemm", "add"}, list(shared)
     for config, nbytes in shared.items():
         assert 0 < nbytes <= SM90_MAX_SHARED, f"{config}: {nbytes} bytes of shared memory on sm_90"
 

@@ -6,7 +6,8 @@ Ops (schemas in csrc/lora_linear.cpp):
   fastlora::lora_linear_fwd  2-D forward, returns (y, xa) with xa = dropout(x) @ A^T.
   fastlora::lora_linear_bwd  2-D backward, all gradients in one pass.
 
-Dispatch: CPU -> C++ (csrc/cpu/lora_linear_{fwd,bwd}_cpu.cpp); CUDA -> Triton (kernels/lora_linear.py);
+Dispatch: CPU -> C++ (csrc/cpu/lora_linear_{fwd,bwd}_cpu.cpp); CUDA -> cuBLAS base products and the
+rank-r work in Triton (kernels/lora_linear.py);
 any other device -> fastlora.reference. The dropout mask is regenerated from the seed in
 backward, so the activations saved for backward are only x and the M x r tensor xa.
 
