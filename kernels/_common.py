@@ -177,6 +177,35 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
+def lora_term(e_ptr, f_ptr, offs_m, offs_n, mask_m, mask_n, R, stride_em, stride_er, stride_fr, stride_fn,
+              lora_scale, drop_scale, seed_lo, seed_hi, threshold,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DROP: tl.constexpr,
+              TO_F32: tl.constexpr, EPI_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    """The LoRA term of an output tile in fp32: lora_scale * E[offs_m, :R] @ F[:R, offs_n] in
+    BLOCK_R chunks (the dot in E's and F's dtype, or upcast first with TO_F32, at
+    EPI_PRECISION), and with DROP fastlora's dropout mask at the output index (m, n)."""
+    e_rows = e_ptr + offs_m.to(tl.int64)[:, None] * stride_em
+    f_cols = f_ptr + offs_n.to(tl.int64)[None, :] * stride_fn
+    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        e = tl.load(e_rows + offs_r.to(tl.int64)[None, :] * stride_er,
+                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        f = tl.load(f_cols + offs_r.to(tl.int64)[:, None] * stride_fr,
+                    mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        if TO_F32:
+            e = e.to(tl.float32)
+            f = f.to(tl.float32)
+        lora = mma(e, f, lora, EPI_PRECISION, INTERPRET)
+    lora = lora * lora_scale
+    if DROP:
+        keep = keep_mask(offs_m, offs_n, seed_lo, seed_hi, threshold)
+        lora = lora * keep.to(tl.float32) * drop_scale
+    return lora
+
+
+@triton.jit
 def is_nonfinite(v):
     """inf or nan, by the exponent bits of float32 ``v``: a ``v != v`` test can be folded
     away by LLVM's no-NaNs assumption on some Triton versions, an integer test cannot."""

@@ -71,7 +71,8 @@ import triton.language as tl
 
 from ._common import INTERPRET as _INTERPRET, check_dtype as _check_dtype, choose_split as _choose_split
 from ._common import dot_precision as _dot_precision, dropout_args as _dropout_args, grouped_tile as _grouped_tile
-from ._common import keep_mask as _keep_mask, mma as _mma, on_device as _on_device, pow2 as _pow2
+from ._common import keep_mask as _keep_mask, lora_term as _lora_term, mma as _mma, on_device as _on_device
+from ._common import pow2 as _pow2
 from ._common import round_to as _round_to
 
 
@@ -163,21 +164,9 @@ def _lora_add_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    e_rows = e_ptr + offs_m.to(tl.int64)[:, None] * stride_em
-    f_cols = f_ptr + offs_n.to(tl.int64)[None, :] * stride_fn
-    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < R
-        e = tl.load(e_rows + offs_r.to(tl.int64)[None, :] * stride_er,
-                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        f = tl.load(f_cols + offs_r.to(tl.int64)[:, None] * stride_fr,
-                    mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        lora = _mma(e, f, lora, EPI_PRECISION, INTERPRET)
-    lora = lora * lora_scale
-    if DROP_LORA:
-        keep = _keep_mask(offs_m, offs_n, seed_lo, seed_hi, threshold)
-        lora = lora * keep.to(tl.float32) * drop_scale
+    lora = _lora_term(e_ptr, f_ptr, offs_m, offs_n, mask_m, mask_n, R, stride_em, stride_er, stride_fr, stride_fn,
+                      lora_scale, drop_scale, seed_lo, seed_hi, threshold,
+                      BLOCK_M, BLOCK_N, BLOCK_R, DROP_LORA, False, EPI_PRECISION, INTERPRET)
     mask = mask_m[:, None] & mask_n[None, :]
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
     acc = tl.load(c_ptrs, mask=mask, other=0.0).to(tl.float32) + lora

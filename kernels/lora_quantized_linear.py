@@ -69,7 +69,8 @@ import triton.language as tl
 
 from ._common import INTERPRET as _INTERPRET, check_dtype as _check_dtype, choose_split as _choose_split
 from ._common import dot_precision as _dot_precision, dropout_args as _dropout_args, grouped_tile as _grouped_tile
-from ._common import keep_mask as _keep_mask, mma as _mma, on_device as _on_device, pow2 as _pow2
+from ._common import keep_mask as _keep_mask, lora_term as _lora_term, mma as _mma, on_device as _on_device
+from ._common import pow2 as _pow2
 from ._common import round_to as _round_to
 # Weights whose flat indices (padded by a tile) reach this take int64 index arithmetic in the
 # dequantization; below it int32 (cheaper). A module constant so tests can force the int64 path.
@@ -181,22 +182,9 @@ def _qlora_gemm_kernel(
     # index, then the bias; all on the float32 accumulator before one rounding. Under HALF_BASE
     # the base accumulator is deliberately not rounded to x's dtype first (see the module doc).
     if HAS_LORA:
-        e_rows = e_ptr + offs_m.to(tl.int64)[:, None] * stride_em
-        f_cols = f_ptr + offs_n.to(tl.int64)[None, :] * stride_fn
-        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            mask_r = offs_r < R
-            e = tl.load(e_rows + offs_r.to(tl.int64)[None, :] * stride_er,
-                        mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
-            f = tl.load(f_cols + offs_r.to(tl.int64)[:, None] * stride_fr,
-                        mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-            lora = _mma(e, f, lora, EPI_PRECISION, INTERPRET)
-        lora = lora * lora_scale
-        if DROP_LORA:
-            keep = _keep_mask(offs_m, offs_n, seed_lo, seed_hi, threshold)
-            lora = lora * keep.to(tl.float32) * drop_scale
-        acc += lora
+        acc += _lora_term(e_ptr, f_ptr, offs_m, offs_n, mask_m, mask_n, R, stride_em, stride_er, stride_fr,
+                          stride_fn, lora_scale, drop_scale, seed_lo, seed_hi, threshold,
+                          BLOCK_M, BLOCK_N, BLOCK_R, DROP_LORA, True, EPI_PRECISION, INTERPRET)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         acc += bias[None, :]
