@@ -120,12 +120,14 @@ class QuantizedWeight:
     int8), ``absmax`` (float32 scales, or uint8 when ``nested``), ``blocksize``, ``shape``
     ``(N, K)``, ``dtype`` (the dtype :meth:`dequantize` returns by default) and, when
     ``nested``: ``nested_absmax`` (float32, one per 256 scales), ``nested_code`` (the dynamic
-    code book) and ``offset`` (the scales' mean, added back)."""
+    code book) and ``offset`` (the scales' mean, added back: a float, or a float32 0-dim tensor
+    kept on the weight's device, as bitsandbytes and ``QuantizedLinear`` hold it, so that no call
+    reads it back to the host)."""
 
     def __init__(self, fmt: str, data: torch.Tensor, absmax: torch.Tensor, blocksize: int,
                  shape: Tuple[int, int], dtype: torch.dtype = torch.float32,
                  nested_absmax: Optional[torch.Tensor] = None, nested_code: Optional[torch.Tensor] = None,
-                 offset: Optional[float] = None):
+                 offset=None):
         if fmt not in FORMATS:
             raise ValueError(f"unknown quantization format {fmt!r}; expected one of {FORMATS}")
         self.format = fmt
@@ -137,7 +139,7 @@ class QuantizedWeight:
         self.nested = nested_absmax is not None
         self.nested_absmax = nested_absmax
         self.nested_code = nested_code
-        self.offset = None if offset is None else float(offset)
+        self.offset = offset if offset is None or isinstance(offset, torch.Tensor) else float(offset)
         self._code = code(fmt, self.data.device)
 
     @property
@@ -172,7 +174,8 @@ class QuantizedWeight:
     def to(self, device) -> "QuantizedWeight":
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
         return QuantizedWeight(self.format, mv(self.data), mv(self.absmax), self.blocksize, self.shape, self.dtype,
-                               mv(self.nested_absmax), mv(self.nested_code), self.offset)
+                               mv(self.nested_absmax), mv(self.nested_code),
+                               mv(self.offset) if isinstance(self.offset, torch.Tensor) else self.offset)
 
     def __repr__(self):
         return (f"QuantizedWeight({self.format}, shape={self.shape}, blocksize={self.blocksize}, "
@@ -205,7 +208,7 @@ class QuantizedWeight:
                     raise ValueError(f"nested scales in blocks of {s2.blocksize}; expected {NESTED_BLOCKSIZE}")
                 return cls(qs.quant_type, data, qs.absmax, qs.blocksize, shape, qs.dtype,
                            nested_absmax=s2.absmax.float(), nested_code=s2.code.float(),
-                           offset=float(qs.offset))
+                           offset=torch.as_tensor(qs.offset, dtype=torch.float32))
             return cls(qs.quant_type, data, qs.absmax.float(), qs.blocksize, shape, qs.dtype)
         cb, scb = getattr(weight, "CB", None), getattr(weight, "SCB", None)
         if scb is None and state is not None:

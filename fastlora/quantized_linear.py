@@ -35,8 +35,8 @@ class QuantizedLinear(nn.Linear):
         self.nested = weight.nested
         self.register_buffer("nested_absmax", weight.nested_absmax if weight.nested else None)
         self.register_buffer("nested_code", weight.nested_code if weight.nested else None)
-        self.register_buffer("offset", torch.tensor(weight.offset if weight.nested else 0.0, dtype=torch.float32,
-                                                    device=weight.device))
+        self.register_buffer("offset", torch.as_tensor(weight.offset if weight.nested else 0.0, dtype=torch.float32,
+                                                       device=weight.device).clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
 
     @classmethod
@@ -51,7 +51,7 @@ class QuantizedLinear(nn.Linear):
         return QuantizedWeight(self.format, self.weight.data, self.absmax, self.blocksize,
                                (self.out_features, self.in_features), self.compute_dtype,
                                nested_absmax=self.nested_absmax, nested_code=self.nested_code,
-                               offset=float(self.offset) if self.nested else None)
+                               offset=self.offset if self.nested else None)
 
     def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         return self.quantized_weight().dequantize(dtype)

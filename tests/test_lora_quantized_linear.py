@@ -111,6 +111,9 @@ def test_from_bnb_linear4bit_uses_the_stored_weight():
         qw = quant.QuantizedWeight.from_bnb(w)
         assert qw.data.data_ptr() == w.data.data_ptr()  # no copy of the codes
         assert qw.nested and qw.shape == (40, k)
+        # The nested scales' offset stays a tensor on the weight's device: reading it as a
+        # Python float would be a device-to-host sync in every forward on a GPU.
+        assert isinstance(qw.offset, torch.Tensor) and qw.offset.device == w.device
         expected = _decode(w.data, _bnb_scales(qs), F.get_4bit_type(fmt, device="cpu"), 64, (40, k))
         assert torch.equal(qw.dequantize(torch.float32), expected)
         if k % 64 == 0:  # see test_4bit_quantize_matches_bitsandbytes
@@ -368,6 +371,7 @@ def test_quantized_linear_module():
     truth = x.double() @ w.T + lin.bias.double()
     torch.testing.assert_close(q(x).double(), truth, rtol=1e-5, atol=1e-5)
     assert not q.weight.requires_grad and q.weight.dtype == torch.uint8
+    assert q.quantized_weight().offset is q.offset  # the buffer itself: no host read per forward
     q(x).sum().backward()
     assert q.bias.grad is not None and q.weight.grad is None
     # state dict round trip into a layer quantized the same way; a different format is refused
