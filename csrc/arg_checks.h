@@ -84,23 +84,25 @@ inline void check_lora_backward_inputs(const char* fn, const at::Tensor& x, cons
   check_adapter_dtypes(fn, x, {{"lora_A", &lora_A}, {"xa", &xa}});
 }
 
-// An explicit dropout seed is a one-element int64 CPU tensor.
-inline void check_seed(const char* fn, const std::optional<at::Tensor>& seed) {
+// An explicit dropout seed is a one-element int64 tensor on the CPU or on x's device.
+inline void check_seed(const char* fn, const std::optional<at::Tensor>& seed, const at::Device& device) {
   if (!seed) return;
-  TORCH_CHECK_VALUE(seed->sym_numel() == 1 && seed->scalar_type() == at::kLong && seed->device().is_cpu(), fn,
-                    ": seed must be a one-element int64 CPU tensor, got ", seed->scalar_type(), " ", seed->sizes(),
-                    " on ", seed->device());
+  TORCH_CHECK_VALUE(seed->sym_numel() == 1 && seed->scalar_type() == at::kLong &&
+                        (seed->device().is_cpu() || seed->device() == device),
+                    fn, ": seed must be a one-element int64 tensor on the CPU or on x's device (", device, "), got ",
+                    seed->scalar_type(), " ", seed->sizes(), " on ", seed->device());
 }
 
-// The public LoRA ops' dropout seed: the given one (a one-element int64 CPU tensor, checked by
-// the caller), else drawn from torch's default generator when dropout is active (so
-// torch.manual_seed makes runs reproducible), else 0.
-inline at::Tensor dropout_seed(const std::optional<at::Tensor>& seed, double p) {
+// The public LoRA ops' dropout seed: the given one (checked by the caller), else drawn on x's
+// device from torch's default generator for it when dropout is active (so torch.manual_seed
+// makes runs reproducible), else 0. On a GPU the seed so stays on the device: the kernels read
+// it there, no call reads it back to the host, and a captured CUDA graph draws a new one on
+// every replay (the generator's philox offset advances).
+inline at::Tensor dropout_seed(const std::optional<at::Tensor>& seed, double p, const at::Device& device) {
   if (seed) return seed->reshape({});
-  if (p > 0.0) {
-    return at::randint(std::numeric_limits<int64_t>::max(), {}, at::TensorOptions().dtype(at::kLong));
-  }
-  return at::zeros({}, at::TensorOptions().dtype(at::kLong));
+  const auto opts = at::TensorOptions().dtype(at::kLong).device(device);
+  if (p > 0.0) return at::randint(std::numeric_limits<int64_t>::max(), {}, opts);
+  return at::zeros({}, opts);
 }
 
 // x (..., in_features) as (rows, in_features). reshape({-1, 0}) is ambiguous when in_features

@@ -37,7 +37,7 @@ void check_lora_linear_args(const char* fn, const Tensor& x, const Tensor& weigh
   check_float_like_x(fn, x, {{"weight", &weight}, {"bias", bias ? &*bias : nullptr}});
   check_adapter_dtypes(fn, x, {{"lora_A", &lora_A}, {"lora_B", &lora_B},
                                {"lora_B_bias", lora_B_bias ? &*lora_B_bias : nullptr}});
-  check_seed(fn, seed);
+  check_seed(fn, seed, x.device());
 }
 
 Tensor lora_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
@@ -47,7 +47,7 @@ Tensor lora_linear(const Tensor& x, const Tensor& weight, const std::optional<Te
   check_lora_linear_args("fastlora.lora_linear", x, weight, bias, lora_A, lora_B, scaling, dropout_p, lora_B_bias,
                          seed);
   const double p = training ? dropout_p : 0.0;
-  const Tensor seed_t = dropout_seed(seed, p);
+  const Tensor seed_t = dropout_seed(seed, p, x.device());
   const Tensor x2d = rows_2d(x);
   static auto fwd = c10::Dispatcher::singleton()
                         .findSchemaOrThrow("fastlora::lora_linear_fwd", "")

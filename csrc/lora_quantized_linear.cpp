@@ -90,7 +90,7 @@ void check_args(const char* fn, const Tensor& x, const Tensor& qweight, const Te
   check_float_like_x(fn, x, {{"bias", bias ? &*bias : nullptr}});
   check_adapter_dtypes(fn, x, {{"lora_A", &lora_A}, {"lora_B", &lora_B},
                                {"lora_B_bias", lora_B_bias ? &*lora_B_bias : nullptr}});
-  check_seed(fn, seed);
+  check_seed(fn, seed, x.device());
 }
 
 Tensor lora_quantized_linear(const Tensor& x, const Tensor& qweight, const Tensor& absmax, const Tensor& code,
@@ -101,7 +101,7 @@ Tensor lora_quantized_linear(const Tensor& x, const Tensor& qweight, const Tenso
   check_args("fastlora.lora_quantized_linear", x, qweight, absmax, code, blocksize, weight_shape, bias, lora_A,
              lora_B, scaling, dropout_p, lora_B_bias, seed);
   const double p = training ? dropout_p : 0.0;
-  const Tensor seed_t = dropout_seed(seed, p);
+  const Tensor seed_t = dropout_seed(seed, p, x.device());
   const Tensor x2d = rows_2d(x);
   static auto fwd = c10::Dispatcher::singleton()
                         .findSchemaOrThrow("fastlora::lora_quantized_linear_fwd", "")

@@ -1,6 +1,7 @@
 """Pieces shared by the Triton kernel modules (still leaves: torch and triton only)."""
 import contextlib
 import os
+import struct
 from collections import OrderedDict
 
 import torch
@@ -44,24 +45,29 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     return pid_m, pid_n
 
 
-_M32 = 0xFFFFFFFF
+def dropout_args(p: float, seed, device: torch.device):
+    """(seed, threshold, scale): a dropout (p > 0) as kernel arguments.
 
-
-def dropout_args(p: float, seed: int):
-    """(seed_lo, seed_hi, threshold, scale): a dropout (p > 0) as kernel arguments.
-
-    The seed halves are passed as *signed* int32 bit patterns so that the kernel argument is
-    always i32 (Triton types a Python int >= 2**31 as u32/i64); the kernel reinterprets them
-    as uint32, which is a no-op on the bits."""
-    seed = int(seed)
-    lo, hi = seed & _M32, (seed >> 32) & _M32
-    to_i32 = lambda v: v - (1 << 32) if v >= (1 << 31) else v  # noqa: E731
+    The seed goes to the kernels as a one-element int64 tensor on the device, which they read
+    (load_seed), not as a launch argument: on a GPU no call reads it back to the host, and a
+    captured CUDA graph replays with the seed the op draws on the device at each replay. An int
+    or a CPU tensor is copied there."""
+    if isinstance(seed, torch.Tensor):
+        seed = seed.reshape(1).to(device=device, dtype=torch.int64)
+    else:
+        seed = torch.tensor([int(seed)], dtype=torch.int64, device=device)
     threshold = min(int(p * 16777216.0 + 0.5), 1 << 24)
     # 1 / (1 - p) computed in float64 and rounded once to float32 (as the reference does);
     # a Python float kernel argument is passed as fp32, which is then exact.
-    scale = 0.0 if p >= 1.0 else float(torch.tensor(1.0 / (1.0 - p), dtype=torch.float64)
-                                           .to(torch.float32).item())
-    return to_i32(lo), to_i32(hi), threshold, scale
+    scale = 0.0 if p >= 1.0 else struct.unpack("f", struct.pack("f", 1.0 / (1.0 - p)))[0]
+    return seed, threshold, scale
+
+
+@triton.jit
+def load_seed(seed_ptr):
+    """The dropout seed's (low, high) 32-bit halves, from its one-element int64 tensor."""
+    s = tl.load(seed_ptr)
+    return s.to(tl.uint32), (s >> 32).to(tl.uint32)
 
 
 def choose_split(tiles: int, K: int, block_k: int, device: torch.device) -> int:

@@ -72,7 +72,7 @@ import triton.language as tl
 from ._common import INTERPRET as _INTERPRET, check_dtype as _check_dtype, choose_split as _choose_split
 from ._common import dot_precision as _dot_precision, dropout_args as _dropout_args, grouped_tile as _grouped_tile
 from ._common import keep_mask as _keep_mask, lora_term as _lora_term, mma as _mma, on_device as _on_device
-from ._common import pow2 as _pow2
+from ._common import load_seed as _load_seed, pow2 as _pow2
 from ._common import round_to as _round_to
 
 
@@ -91,19 +91,23 @@ def _dropout_tile(t, rows, cols, drop_scale, seed_lo, seed_hi, threshold, INTERP
 # ----------------------------------------------------------------------------------------------
 # the kernel
 # ----------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold"])
+@triton.jit(do_not_specialize=["threshold"])
 def _lora_gemm_kernel(
-    a_ptr, b_ptr, c_ptr,
+    a_ptr, b_ptr, c_ptr, seed_ptr,
     M, N, K, k_per_split,
     stride_am, stride_ak, stride_bk, stride_bn,
     stride_cs, stride_cm, stride_cn,
-    alpha, drop_scale, seed_lo, seed_hi, threshold,
+    alpha, drop_scale, threshold,
     DROP_A: tl.constexpr, DROP_B: tl.constexpr,
     A_TO_F32: tl.constexpr, B_TO_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    if DROP_A or DROP_B:
+        seed_lo, seed_hi = _load_seed(seed_ptr)
+    else:
+        seed_lo, seed_hi = 0, 0
     # Split-K: program_id(1) owns reduction range [k_lo, k_lo + k_per_split) (a multiple of
     # BLOCK_K, so splits never overlap) and writes its own fp32 partial plane of C.
     pid_s = tl.program_id(1)
@@ -146,12 +150,12 @@ def _lora_gemm_kernel(
              mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold"])
+@triton.jit(do_not_specialize=["threshold"])
 def _lora_add_kernel(
-    c_ptr, bias_ptr, e_ptr, f_ptr,
+    c_ptr, bias_ptr, e_ptr, f_ptr, seed_ptr,
     M, N, R,
     stride_cm, stride_cn, stride_em, stride_er, stride_fr, stride_fn,
-    lora_scale, drop_scale, seed_lo, seed_hi, threshold,
+    lora_scale, drop_scale, threshold,
     DROP_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
     EPI_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
@@ -160,6 +164,10 @@ def _lora_add_kernel(
     the rank-r LoRA term added to a cuBLAS base product in place (E @ F in E's and F's dtype,
     which may differ from C's: float32 adapters under a half-precision base)."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    if DROP_LORA:
+        seed_lo, seed_hi = _load_seed(seed_ptr)
+    else:
+        seed_lo, seed_hi = 0, 0
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
@@ -219,7 +227,7 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, alpha: float =
         return out
     assert drop_a is None or drop_b is None, "one dropout mask per launch"
     drop = drop_a if drop_a is not None else drop_b
-    seed_lo, seed_hi, threshold, drop_scale = _dropout_args(*drop) if drop is not None else (0, 0, 0, 1.0)
+    seed, threshold, drop_scale = _dropout_args(*drop, a.device) if drop is not None else (a, 0, 1.0)
 
     bm, bn, bk, num_warps, num_stages = _blocks(M, N, K, main_dtype)
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
@@ -236,11 +244,11 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, alpha: float =
 
     with _on_device(a.device):
         _lora_gemm_kernel[(tiles, split)](
-            a, b, c,
+            a, b, c, seed,
             M, N, K, k_per_split,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             stride_cs, stride_cm, stride_cn,
-            float(alpha), float(drop_scale), seed_lo, seed_hi, threshold,
+            float(alpha), float(drop_scale), threshold,
             DROP_A=drop_a is not None, DROP_B=drop_b is not None,
             A_TO_F32=a_to_f32, B_TO_F32=b_to_f32,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
@@ -265,7 +273,7 @@ def _add_lora(out: torch.Tensor, e: torch.Tensor, f: torch.Tensor, lora_scale: f
     R = e.shape[1]
     if out.numel() == 0:
         return out
-    seed_lo, seed_hi, threshold, drop_scale = _dropout_args(*drop) if drop is not None else (0, 0, 0, 1.0)
+    seed, threshold, drop_scale = _dropout_args(*drop, out.device) if drop is not None else (out, 0, 1.0)
     bm, bn, br, num_warps, num_stages = _blocks(M, N, R, e.dtype)
     if e.dtype == torch.float32 and out.dtype != torch.float32:
         # float32 adapters under a half-precision base: the float32 E / F chunks of a 128 x 128
@@ -274,10 +282,10 @@ def _add_lora(out: torch.Tensor, e: torch.Tensor, f: torch.Tensor, lora_scale: f
     bias_t = bias if bias is not None else out  # a dummy: never dereferenced without HAS_BIAS
     with _on_device(out.device):
         _lora_add_kernel[(triton.cdiv(M, bm) * triton.cdiv(N, bn),)](
-            out, bias_t, e, f,
+            out, bias_t, e, f, seed,
             M, N, R,
             out.stride(0), out.stride(1), e.stride(0), e.stride(1), f.stride(0), f.stride(1),
-            float(lora_scale), float(drop_scale), seed_lo, seed_hi, threshold,
+            float(lora_scale), float(drop_scale), threshold,
             DROP_LORA=drop is not None, HAS_BIAS=bias is not None,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, GROUP_M=8,
             EPI_PRECISION=_dot_precision(e.dtype), INTERPRET=_INTERPRET,
@@ -313,14 +321,14 @@ def _check_dtypes(base: dict, adapters: dict, bias=None) -> None:
             f"Got {got}")
 
 
-def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed) -> torch.Tensor:
     """xa (M, r) = dropout(x.to(lora_A.dtype)) @ lora_A.T, the dropout mask generated in-kernel.
 
     x (M, K), lora_A (r, K); output in lora_A.dtype (x's dtype, or float32 for float32
     adapters under a half-precision x), fp32 accumulation."""
     _check_dtypes({"x": x}, {"lora_A": lora_A})
     out = torch.empty((x.shape[0], lora_A.shape[0]), dtype=lora_A.dtype, device=x.device)
-    drop = (float(dropout_p), int(seed)) if dropout_p > 0.0 else None
+    drop = (float(dropout_p), seed) if dropout_p > 0.0 else None
     return _gemm(x, lora_A.t(), out, drop_a=drop)
 
 
@@ -339,7 +347,7 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, bias, xa: torch.Tensor,
 
 def lora_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                   lora_A: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor,
-                  scaling: float, dropout_p: float, seed: int,
+                  scaling: float, dropout_p: float, seed,
                   need_grad_x: bool, need_grad_weight: bool, need_grad_bias: bool):
     """(grad_x, grad_weight, grad_bias, grad_A, grad_B) of lora_forward with the dropout of
     lora_shrink; entries not requested are ``grad_y.new_empty(0)`` (grad_A and grad_B are
@@ -354,7 +362,7 @@ def lora_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     K = x.shape[1]
     r = lora_A.shape[0]
     dev, ad = grad_y.device, lora_A.dtype
-    drop = (float(dropout_p), int(seed)) if dropout_p > 0.0 else None
+    drop = (float(dropout_p), seed) if dropout_p > 0.0 else None
 
     # g = scaling * grad_y @ lora_B (M, r): computed once, rounded to the adapters' dtype (as
     # the reference does; it is an operand of the two kernels below).

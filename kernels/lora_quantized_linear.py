@@ -70,7 +70,7 @@ import triton.language as tl
 from ._common import INTERPRET as _INTERPRET, check_dtype as _check_dtype, choose_split as _choose_split
 from ._common import dot_precision as _dot_precision, dropout_args as _dropout_args, grouped_tile as _grouped_tile
 from ._common import keep_mask as _keep_mask, lora_term as _lora_term, mma as _mma, on_device as _on_device
-from ._common import pow2 as _pow2
+from ._common import load_seed as _load_seed, pow2 as _pow2
 from ._common import round_to as _round_to
 # Weights whose flat indices (padded by a tile) reach this take int64 index arithmetic in the
 # dequantization; below it int32 (cheaper). A module constant so tests can force the int64 path.
@@ -119,14 +119,14 @@ def _dequant_tile(q_ptr, absmax_ptr, code_ptr, offs_r, offs_c, stride_r, stride_
 # ----------------------------------------------------------------------------------------------
 # the kernel
 # ----------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold"])
+@triton.jit(do_not_specialize=["threshold"])
 def _qlora_gemm_kernel(
-    a_ptr, b_ptr, c_ptr, bias_ptr, e_ptr, f_ptr, absmax_ptr, code_ptr,
+    a_ptr, b_ptr, c_ptr, bias_ptr, e_ptr, f_ptr, absmax_ptr, code_ptr, seed_ptr,
     M, N, K, R, k_per_split, blocksize,
     stride_am, stride_ak, stride_bk, stride_bn,
     stride_cs, stride_cm, stride_cn,
     stride_em, stride_er, stride_fr, stride_fn,
-    alpha, lora_scale, drop_scale, seed_lo, seed_hi, threshold,
+    alpha, lora_scale, drop_scale, threshold,
     QUANT_B: tl.constexpr, FOUR_BIT: tl.constexpr, BS_SHIFT: tl.constexpr, FLAT64: tl.constexpr,
     HALF_BASE: tl.constexpr,
     DROP_A: tl.constexpr, DROP_B: tl.constexpr, DROP_LORA: tl.constexpr,
@@ -136,6 +136,10 @@ def _qlora_gemm_kernel(
     DOT_PRECISION: tl.constexpr, EPI_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    if DROP_A or DROP_B or DROP_LORA:
+        seed_lo, seed_hi = _load_seed(seed_ptr)
+    else:
+        seed_lo, seed_hi = 0, 0
     # Split-K (epilogue-free GEMMs only): program_id(1) owns [k_lo, k_lo + k_per_split), a
     # multiple of BLOCK_K, and writes its own float32 partial plane of C.
     pid_s = tl.program_id(1)
@@ -277,7 +281,7 @@ def _gemm(a: torch.Tensor, b, out: torch.Tensor, *, alpha: float = 1.0, drop_a=N
     drops = [(d, w) for d, w in ((drop_a, "a"), (drop_b, "b"), (lora[3] if lora is not None else None, "e"))
              if d is not None and d[0] > 0.0]
     assert len(drops) <= 1, "one dropout mask per launch"
-    seed_lo, seed_hi, threshold, drop_scale = _dropout_args(*drops[0][0]) if drops else (0, 0, 0, 1.0)
+    seed, threshold, drop_scale = _dropout_args(*drops[0][0], a.device) if drops else (a, 0, 1.0)
     drop_on = drops[0][1] if drops else None
     e = f = None
     lora_scale, R = 1.0, 1
@@ -328,12 +332,12 @@ def _gemm(a: torch.Tensor, b, out: torch.Tensor, *, alpha: float = 1.0, drop_a=N
 
     with _on_device(a.device):
         _qlora_gemm_kernel[(tiles, split)](
-            a, b_t, c, bias_t, e_t, f_t, absmax_t, code_t,
+            a, b_t, c, bias_t, e_t, f_t, absmax_t, code_t, seed,
             M, N, K, R, k_per_split, bs,
             a.stride(0), a.stride(1), stride_bk, stride_bn,
             stride_cs, stride_cm, stride_cn,
             e_t.stride(0), e_t.stride(1), f_t.stride(0), f_t.stride(1),
-            float(alpha), float(lora_scale), float(drop_scale), seed_lo, seed_hi, threshold,
+            float(alpha), float(lora_scale), float(drop_scale), threshold,
             QUANT_B=quant, FOUR_BIT=four_bit, BS_SHIFT=bs_shift, FLAT64=flat64, HALF_BASE=half_base,
             DROP_A=drop_on == "a", DROP_B=drop_on == "b", DROP_LORA=drop_on == "e",
             HAS_BIAS=bias is not None, HAS_LORA=lora is not None,
@@ -382,7 +386,7 @@ def lora_quantized_forward(x, qweight, absmax, code, blocksize, weight_shape, bi
     M, K = x.shape
     N, r = int(weight_shape[0]), lora_A.shape[0]
     xa32 = torch.empty((M, r), dtype=torch.float32, device=x.device)
-    drop = (float(dropout_p), int(seed)) if dropout_p > 0.0 else None
+    drop = (float(dropout_p), seed) if dropout_p > 0.0 else None
     _gemm(x, lora_A.t(), xa32, drop_a=drop)
     bias_eff = None
     if lora_B_bias is not None:
@@ -406,7 +410,7 @@ def lora_quantized_backward(grad_y, x, qweight, absmax, code, blocksize, weight_
     K = x.shape[1]
     r = lora_A.shape[0]
     dev, ad = x.device, lora_A.dtype
-    drop = (float(dropout_p), int(seed)) if dropout_p > 0.0 else None
+    drop = (float(dropout_p), seed) if dropout_p > 0.0 else None
 
     g = _gemm(grad_y, lora_B, torch.empty((M, r), dtype=torch.float32, device=dev), alpha=scaling)
     grad_A = _gemm(g.t(), x, torch.empty((r, K), dtype=ad, device=dev), drop_b=drop)

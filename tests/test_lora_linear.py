@@ -448,6 +448,8 @@ class TestErrors:
             fastlora.lora_linear(**self.args(), dropout_p=0.1, seed=1.5)
         with pytest.raises(ValueError, match="seed must fit in int64"):
             fastlora.lora_linear(**self.args(), dropout_p=0.1, seed=2 ** 64)
+        with pytest.raises(ValueError, match="on the CPU or on x's device"):
+            fastlora.lora_linear(**self.args(), dropout_p=0.1, seed=torch.tensor(1, device="meta"))
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
     def test_zero_in_features_is_the_bias(self, dtype):

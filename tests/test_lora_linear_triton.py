@@ -49,6 +49,26 @@ def test_keep_mask_exact(dtype, p, seed):
     assert torch.equal(out, ref.dropout(x, p, seed))
 
 
+def test_seed_is_read_from_its_tensor():
+    # The kernels read the dropout seed from its one-element tensor, not from a launch argument,
+    # so that a captured CUDA graph, replaying the same launches, uses the seed the op draws on
+    # the device at each replay. Here: the same tensor rewritten in place between two calls of
+    # the shrink (operand dropout) and of the backward's add kernel (dropout at the output index).
+    M, K, r, p = 6, 42, 8, 0.5
+    x, W, gy = _rand(M, K, torch.float32, "contig"), _rand(5, K, torch.float32, "contig"), _rand(M, 5, torch.float32)
+    A, B = _rand(r, K, torch.float32, "contig"), _rand(5, r, torch.float32, "contig")
+    seed = torch.tensor([7], dtype=torch.int64, device=DEVICE)
+    runs = []
+    for value in (7, 2**40 + 3):
+        seed.fill_(value)
+        xa = tk.lora_shrink(x, A, p, seed)
+        grad_x = tk.lora_backward(gy, x, W, A, B, xa, 1.0, p, seed, True, False, False)[0]
+        assert torch.equal(xa, tk.lora_shrink(x, A, p, value))
+        assert torch.equal(grad_x, tk.lora_backward(gy, x, W, A, B, xa, 1.0, p, value, True, False, False)[0])
+        runs.append((xa, grad_x))
+    assert not torch.equal(runs[0][0], runs[1][0])
+
+
 # --------------------------------------------------------------------------- shrink
 SHRINK_CASES = [  # M, K, r, p, layout
     (1, 6, 1, 0.25, "contig"),

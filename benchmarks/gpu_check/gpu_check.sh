@@ -88,7 +88,7 @@ for dt in bfloat16 float32; do
 done
 
 # ---------------------------------------------------------------- 5. dispatch, probes
-for s in dispatch syncs probe_tf32_new_api probe_grouped_r1024 probe_misc compiled probe_big_lora probe_big_topk; do
+for s in dispatch syncs probe_tf32_new_api probe_grouped_r1024 probe_misc compiled probe_big_lora probe_big_topk probe_cuda_graph; do
   step "micro_$s" 60 $PY "$HERE/gpu_micro.py" $s
 done
 

@@ -337,6 +337,42 @@ def probe_big_topk():
 
 
 @section
+def probe_cuda_graph():
+    """fastlora.lora_linear fwd+bwd captured in a CUDA graph with the default (device-drawn)
+    dropout seed: two replays must draw two masks, and a replay must equal an eager call with the
+    seed it drew (the kernels read the seed on the device; nothing reads it back)."""
+    import fastlora
+    if DEV != "cuda":
+        return
+    M, K, N, r, p = 256, 512, 512, 16, 0.25
+    x, W, b, A, B, gy = lora_inputs(M, K, N, r, torch.bfloat16)
+    xs = x.detach().clone()
+    seeds = []
+
+    def step():
+        seed = torch.randint(2**63 - 1, (), device=DEV)  # what the op draws by default, kept here
+        seeds.append(seed)
+        return fastlora.lora_linear(xs, W, b, A.detach(), B.detach(), 2.0, p, seed=seed)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()  # warm-up (compiles the kernels) outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = step()
+    outs = []
+    for _ in range(2):
+        g.replay()
+        sync()
+        outs.append((y.clone(), seeds[-1].item()))
+    R["replays_differ"] = bool(not torch.equal(outs[0][0], outs[1][0]))
+    eager = fastlora.lora_linear(xs, W, b, A.detach(), B.detach(), 2.0, p, seed=outs[1][1])
+    R["replay_equals_eager_with_its_seed"] = bool(torch.equal(outs[1][0], eager))
+
+
+@section
 def probe_misc():
     import fastlora
     # M = 0 through the public op, with autograd
@@ -414,7 +450,7 @@ def summary():
                      f"skipped {t['skipped']} not_run {t['not_run']} timed_out_shards {t['timed_out_shards']} ({t['seconds']}s)")
         lines += ["  " + f for f in t["failures"][:25]]
     for name in ("env", "dispatch", "compiled", "syncs", "topk", "aggregate", "lora", "probe_tf32_new_api",
-                 "probe_grouped_r1024", "probe_big_lora", "probe_big_topk", "probe_misc"):
+                 "probe_grouped_r1024", "probe_big_lora", "probe_big_topk", "probe_cuda_graph", "probe_misc"):
         p = os.path.join(OUT, f"micro_{name}.json")
         if not os.path.exists(p):
             lines.append(f"[{name}] no result")

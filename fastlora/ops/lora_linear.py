@@ -38,8 +38,9 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
         dropout_p: dropout probability on the LoRA branch input only, as in PEFT.
         training: dropout is applied only when True.
         lora_B_bias: optional bias of the lora_B layer (PEFT's ``lora_bias=True``).
-        seed: optional dropout seed (int or one-element int64 CPU tensor); by default drawn
-            from torch's default generator, so ``torch.manual_seed`` makes runs reproducible.
+        seed: optional dropout seed (int, or one-element int64 tensor on the CPU or on x's
+            device); by default drawn on x's device from torch's default generator for it, so
+            ``torch.manual_seed`` makes runs reproducible.
 
     Returns ``(..., out_features)`` in x's dtype. x, weight and bias share one dtype (float32,
     float64, float16 or bfloat16); the LoRA weights (lora_A, lora_B, lora_B_bias) share x's
@@ -107,8 +108,8 @@ def _fwd_cuda(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_B_
         return _fwd_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_B_bias)
     torch.ops.fastlora._lora_linear_fwd_check(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_B_bias)
     from fastlora.kernels import lora_linear as tk
-    s = int(seed.item())
-    xa = tk.lora_shrink(x, lora_A, dropout_p, s)
+    # The seed tensor as it is: the kernels read it on the device (no host sync; capturable).
+    xa = tk.lora_shrink(x, lora_A, dropout_p, seed)
     y = tk.lora_forward(x, weight, _effective_bias(bias, lora_B_bias, scaling), xa, lora_B, scaling)
     return y, xa
 
@@ -118,8 +119,7 @@ def _bwd_cuda(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, o
         return _bwd_reference(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, output_mask)
     torch.ops.fastlora._lora_linear_bwd_check(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed)
     from fastlora.kernels import lora_linear as tk
-    return tk.lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p,
-                            int(seed.item()), *output_mask)
+    return tk.lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, *output_mask)
 
 
 # --- any other device: the pure-PyTorch reference -------------------------------------------

@@ -89,7 +89,7 @@ def _fwd_cuda(x, qweight, absmax, code, blocksize, weight_shape, bias, lora_A, l
                                                         lora_A, lora_B, scaling, dropout_p, seed, lora_B_bias)
     from fastlora.kernels import lora_quantized_linear as tk
     return tk.lora_quantized_forward(x, qweight, absmax, code, blocksize, weight_shape, bias, lora_A, lora_B,
-                                     scaling, dropout_p, int(seed.item()), lora_B_bias)
+                                     scaling, dropout_p, seed, lora_B_bias)
 
 
 def _bwd_cuda(grad_y, x, qweight, absmax, code, blocksize, weight_shape, lora_A, lora_B, xa, scaling, dropout_p,
@@ -101,7 +101,7 @@ def _bwd_cuda(grad_y, x, qweight, absmax, code, blocksize, weight_shape, lora_A,
                                                         lora_A, lora_B, xa, scaling, dropout_p, seed)
     from fastlora.kernels import lora_quantized_linear as tk
     return tk.lora_quantized_backward(grad_y, x, qweight, absmax, code, blocksize, weight_shape, lora_A, lora_B,
-                                      xa, scaling, dropout_p, int(seed.item()), *output_mask)
+                                      xa, scaling, dropout_p, seed, *output_mask)
 
 
 def _dequantize_cuda(qweight, absmax, code, blocksize, weight_shape, dtype):
