@@ -53,15 +53,18 @@ test-latest:
 test-python: $(STAMP)
 	$(PY) -m pytest -q
 
-# The tests whose code paths depend on the CPU's instruction set, run again as an AVX2 + FMA
-# machine and as a baseline x86-64 one would run them: fastlora's kernels capped by
-# FASTLORA_CPU_ISA, MKL and oneDNN by their own switches (so the BLAS rounds as it does there).
+# The tests whose code paths depend on the CPU's instruction set, run again as an AVX-512 machine
+# without AMX (where the CPU has AMX), an AVX2 + FMA machine and a baseline x86-64 one would run
+# them: fastlora's kernels capped by FASTLORA_CPU_ISA, MKL and oneDNN by their own switches (so the BLAS rounds as it does there).
 # ATen's ATEN_CPU_CAPABILITY is left alone: set below the host's level it breaks torch.compile's
 # inductor kernels on an AVX-512 host (torch 2.13), which no real AVX2 machine sees.
 ISA_TESTS := tests/test_environment.py tests/test_lora_linear.py tests/test_lora_grouped_linear.py tests/test_lowrank.py \
 	tests/test_peft.py tests/test_peft_mixed.py tests/test_peft_squeeze.py tests/test_peft_trainer.py tests/test_fl.py \
 	tests/test_lora_quantized_linear.py tests/test_peft_bnb.py
 test-isa: $(STAMP)
+	# On a CPU with AMX-BF16 the default run took the amx build: run AVX512-BF16's too.
+	if [ "$$($(PY) -c 'import fastlora; print(fastlora.cpu_isa())')" = amx ]; then \
+		FASTLORA_CPU_ISA=avx512 $(PY) -m pytest -q $(ISA_TESTS); fi
 	FASTLORA_CPU_ISA=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -q $(ISA_TESTS)
 	FASTLORA_CPU_ISA=baseline MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41 $(PY) -m pytest -q $(ISA_TESTS)
 

@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     b.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     b.add_argument("--quick", action="store_true", help="skip the largest case")
     b.add_argument("--budget", type=float, default=3.0, help="seconds of timing per case and mode")
-    b.add_argument("--isa", choices=["avx512", "avx2", "baseline", "auto"], default=None,
+    b.add_argument("--isa", choices=["amx", "avx512", "avx2", "baseline", "auto"], default=None,
                    help="run fastlora's CPU kernels' build for this instruction set (capped at the CPU's; "
                         "same as FASTLORA_CPU_ISA)")
     b.set_defaults(func=_bench)

@@ -53,7 +53,22 @@ def test_triton_sources_import_as_fastlora_kernels_from_anywhere(tmp_path):
 # --- FASTLORA_CPU_ISA ------------------------------------------------------------------------------
 
 def test_cpu_isa_is_a_known_build():
-    assert fastlora.cpu_isa() in ("avx512", "avx2", "baseline")
+    assert fastlora.cpu_isa() in ("amx", "avx512", "avx2", "baseline")
+
+
+def test_amx_build_only_where_the_cpu_has_it():
+    """The amx build runs only where AMX-BF16 is usable, and capping at avx512 turns it off while
+    bfloat16 products stay native (vdpbf16ps)."""
+    cpuinfo = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    best = fastlora.use_cpu_isa("auto")
+    if best == "amx":
+        assert "amx_bf16" in cpuinfo
+    res = run_python("import fastlora; print(fastlora.cpu_isa(), fastlora.cpu.native_bf16_matmul())",
+                     FASTLORA_CPU_ISA="avx512")
+    assert res.returncode == 0, res.stderr[-3000:]
+    used, native_bf16 = res.stdout.split()
+    assert used == ("avx512" if best in ("amx", "avx512") else best)
+    assert native_bf16 == str(best in ("amx", "avx512") and ("avx512_bf16" in cpuinfo or "amx_bf16" in cpuinfo))
 
 
 @pytest.mark.parametrize("isa", ["baseline", "avx2"])

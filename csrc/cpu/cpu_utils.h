@@ -41,6 +41,17 @@ inline bool half_via_float32(at::ScalarType dtype) {
   return dtype == at::kHalf || (dtype == at::kBFloat16 && !native_bf16_gemm());
 }
 
+// Whether the CPU is Intel's: MKL (ATen's float32 BLAS) runs its AVX-512 kernels only there, so
+// which of the BLAS and small_gemm wins a product can depend on it (lora_linear_bwd_cpu.cpp).
+inline bool cpu_is_intel() {
+#if defined(__GNUC__) && defined(__x86_64__)
+  __builtin_cpu_init();
+  return __builtin_cpu_is("intel");
+#else
+  return false;
+#endif
+}
+
 // t itself when its rows are contiguous (last stride 1: the BLAS takes any leading stride),
 // otherwise a contiguous copy.
 inline at::Tensor row_major(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }

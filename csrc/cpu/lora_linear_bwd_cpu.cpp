@@ -47,11 +47,17 @@ struct LoraBwdSmallGemm {
   // 16-row blocks 16-26% faster at M = 64 (1024^2 and 4096^2).
   static constexpr int64_t kFusedBaseMinRows = 16;
 
-  // The fused base product beats the BLAS only with small_gemm's AVX-512 build; with the AVX2
-  // build (half the vector width) MKL's dY @ W is faster: fused, the backward measured +30 to
-  // +38% over the base with 4 x 16 tiles and still +13 to +20% with the 6 x 16 ones, against
-  // +5 to +11% through MKL (docs/benchmarks.md, LoRA linear, AVX2).
-  static bool fused_base_pays() { return small_gemm_isa() >= 4; }
+  // The fused base product beats the BLAS only with small_gemm's AVX-512 build on a CPU where
+  // MKL does not run its own AVX-512 kernels. With the AVX2 build (half the vector width) MKL's
+  // dY @ W is faster: fused, the backward measured +30 to +38% over the base with 4 x 16 tiles
+  // and still +13 to +20% with the 6 x 16 ones, against +5 to +11% through MKL
+  // (docs/benchmarks.md, LoRA linear, AVX2). On Intel CPUs MKL picks its AVX-512 kernels (on AMD
+  // it does not): there the backward measured +30 to +50% over the base fused against +10 to
+  // +23% through MKL (Xeon with AMX, 2 threads, the float32 benchmark shapes).
+  static bool fused_base_pays() {
+    static const bool intel = cpu_is_intel();
+    return small_gemm_isa() >= 4 && !intel;
+  }
 
   int64_t M, K, N, r, rp;
   Tensor A, xa, Bp, W;  // contiguous lora_A (r x K), xa (M x r); lora_B padded to N x rp; W rows
@@ -439,10 +445,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_checked(
   Tensor* gx = need_x ? &grad_x : nullptr;
   bool base_done = false;  // whether grad_x already holds dY @ W
   // dY @ W in the BLAS. A decode-sized bfloat16 dY is handed to it column-major (a transposed
-  // copy of its few rows): oneDNN's bf16 dY @ W ran 15% faster so (M = 8, 4096^2: 2.6 vs 3.1 ms,
-  // the largest part of the step); from ~128 rows on the row-major operand is as fast or faster.
+  // copy of its few rows) on CPUs without AMX: oneDNN's AVX512-BF16 dY @ W ran 15% faster so
+  // (Zen 4, M = 8, 4096^2: 2.6 vs 3.1 ms, the largest part of the step); from ~128 rows on the
+  // row-major operand is as fast or faster. oneDNN's AMX kernels are faster on the row-major
+  // one at every M (Xeon, M = 8: 1.8 vs 2.2 ms).
   auto base_term = [&](bool accumulate) {
-    const bool few_rows = dy.scalar_type() == at::kBFloat16 &&
+    static const bool amx = machine_has_amx_bf16();
+    const bool few_rows = dy.scalar_type() == at::kBFloat16 && !amx &&
                           !row_blocks_for_all_threads(M, std::max(K, dy.size(1)), x.element_size());
     const Tensor dy_blas = few_rows ? dy.t().contiguous().t() : dy;
     if (accumulate) {

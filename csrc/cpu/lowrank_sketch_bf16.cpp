@@ -136,8 +136,12 @@ double product_rows(const T* a, int64_t m, int64_t n, const uint32_t* xp, int64_
 
 // out (n x l) = A^T Y for one m x n matrix a, Y packed (pack_operand, m rows): strips of A's
 // columns, down which k runs in chunks of row pairs interleaved into P as they are converted.
+// With AMX tiles (yt given: Y^T, l x m, its pairs along the rows) the strip's product is taken
+// transposed, out^T = Y^T A: P is then the tiles' B operand as it is built, where as the A
+// operand (pair-major, a_col = 2 w) it would run in vdpbf16ps; the l x w result is transposed
+// into out once per strip.
 template <typename T>
-void product_cols(const T* a, int64_t m, int64_t n, const uint32_t* yp, int64_t l, float* out) {
+void product_cols(const T* a, int64_t m, int64_t n, const uint32_t* yp, const uint32_t* yt, int64_t l, float* out) {
   constexpr int64_t kPairs = 32;  // a chunk: 64 rows of a strip (P: 128 KiB at 1024 columns)
   const int64_t m2 = ceil_div(m, 2);
   // Strips of up to 1024 columns, narrower for small n so that every thread gets some. Each
@@ -146,6 +150,7 @@ void product_cols(const T* a, int64_t m, int64_t n, const uint32_t* yp, int64_t 
   const int64_t width = std::clamp<int64_t>(ceil_div(ceil_div(n, at::get_num_threads()), 16) * 16, 16, 1024);
   at::parallel_for(0, ceil_div(n, width), 1, [&](int64_t s0, int64_t s1) {
     std::vector<uint32_t> P(kPairs * width);
+    std::vector<float> out_t(yt != nullptr ? l * width : 0);
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t c0 = s * width, w = std::min(width, n - c0);
       for (int64_t p0 = 0; p0 < m2; p0 += kPairs) {
@@ -170,11 +175,19 @@ void product_cols(const T* a, int64_t m, int64_t n, const uint32_t* yp, int64_t 
           next = {a + c0 + width, std::min(2 * kPairs, m), std::min(width, n - c0 - width) * int64_t(sizeof(T)),
                   row_bytes};
         }
-        // P as the A operand: output row j (column c0 + j of A), pair p at P[p * w + j].
-        small_gemm_bf16(w, l, kp, 1.0f, reinterpret_cast<const uint16_t*>(P.data()), 2, 2 * w, yp + p0 * l, l,
-                        /*accumulate=*/p0 > 0, out + c0 * l, l, next);
+        if (yt != nullptr) {  // out^T += Y^T[:, chunk] @ P
+          small_gemm_bf16(l, w, kp, 1.0f, reinterpret_cast<const uint16_t*>(yt + p0), 2 * m2, 2, P.data(), w,
+                          /*accumulate=*/p0 > 0, out_t.data(), w, next);
+        } else {  // P as the A operand: output row j (column c0 + j of A), pair p at P[p * w + j]
+          small_gemm_bf16(w, l, kp, 1.0f, reinterpret_cast<const uint16_t*>(P.data()), 2, 2 * w, yp + p0 * l, l,
+                          /*accumulate=*/p0 > 0, out + c0 * l, l, next);
+        }
       }
-      if (m2 == 0) std::fill(out + c0 * l, out + (c0 + w) * l, 0.0f);
+      if (m2 == 0) {
+        std::fill(out + c0 * l, out + (c0 + w) * l, 0.0f);
+      } else if (yt != nullptr) {
+        transpose_into(out_t.data(), l, w, w, out + c0 * l, l);
+      }
     }
   });
 }
@@ -202,10 +215,16 @@ at::Tensor bf16_sketch_product(const at::Tensor& A, const at::Tensor& X, bool tr
     const bool f32 = A.scalar_type() == at::kFloat;
     const int64_t off = b * m * n;
     if (transpose) {
+      std::vector<uint32_t> yt;  // Y^T in pairs along its rows, for AMX tiles (product_cols)
+      if (small_gemm_bf16_amx()) {
+        yt.resize(l * ceil_div(depth, 2));
+        transpose_into(xp.data(), ceil_div(depth, 2), l, l, yt.data(), ceil_div(depth, 2));
+      }
+      const uint32_t* ytp = yt.empty() ? nullptr : yt.data();
       if (f32) {
-        product_cols(A.const_data_ptr<float>() + off, m, n, xp.data(), l, po);
+        product_cols(A.const_data_ptr<float>() + off, m, n, xp.data(), ytp, l, po);
       } else {
-        product_cols(A.const_data_ptr<at::BFloat16>() + off, m, n, xp.data(), l, po);
+        product_cols(A.const_data_ptr<at::BFloat16>() + off, m, n, xp.data(), ytp, l, po);
       }
     } else {
       const double s = f32 ? product_rows(A.const_data_ptr<float>() + off, m, n, xp.data(), l, po, norm2 != nullptr)

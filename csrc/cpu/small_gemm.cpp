@@ -325,7 +325,7 @@ bool machine_has_native_bf16() {
 
 int machine_level() {
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("x86-64-v4")) return 4;
+  if (__builtin_cpu_supports("x86-64-v4")) return machine_has_amx_bf16() ? 5 : 4;
   if (__builtin_cpu_supports("x86-64-v3")) return 3;
   return 1;
 }
@@ -338,7 +338,7 @@ std::atomic<int>& level_in_use() {
 template <typename T>
 void dispatch(FASTLORA_GEMM_ARGS) {
   const int level = level_in_use().load(std::memory_order_relaxed);
-  if (level == 4) {
+  if (level >= 4) {
     gemm_v4<T>(FASTLORA_GEMM_PASS);
   } else if (level == 3) {
     gemm_v3<T>(FASTLORA_GEMM_PASS);
@@ -368,10 +368,11 @@ int requested_level() {
   // FASTLORA_CPU_ISA, read once when the library loads: a cap, so that a machine with AVX-512
   // can run (and test, and benchmark) what AVX2 and older machines run.
   const char* isa = std::getenv("FASTLORA_CPU_ISA");
-  if (isa == nullptr) return 4;
+  if (isa == nullptr) return 5;
+  if (std::strcmp(isa, "avx512") == 0) return 4;
   if (std::strcmp(isa, "avx2") == 0) return 3;
   if (std::strcmp(isa, "baseline") == 0) return 1;
-  return 4;  // "", "auto", "avx512"; anything else is rejected by fastlora's Python import
+  return 5;  // "", "auto", "amx"; anything else is rejected by fastlora's Python import
 }
 
 int small_gemm_isa() { return level_in_use().load(); }

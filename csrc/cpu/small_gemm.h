@@ -33,7 +33,9 @@ void small_gemm(int64_t m, int64_t n, int64_t k, double alpha, const double* a, 
 // major A has a_col = 2, any alignment); B is packed with its rows interleaved in pairs, b[p * ldb
 // + j] = B(2p, j) | B(2p + 1, j) << 16 (pack_bf16_row_pairs). With AVX512-BF16 (vdpbf16ps, whose
 // products and sums round to nearest even and flush subnormals) twice the multiply-adds per
-// instruction of the float32 kernel; elsewhere a portable float32 loop with the same sums.
+// instruction of the float32 kernel; with AMX-BF16 (level 5) a row-major A (a_col = 2) runs in
+// tiles (tdpbf16ps, 16 x 16 x 32 per instruction); elsewhere a portable float32 loop with the
+// same sums.
 // prefetch: memory the caller reads next (the next block of an operand it converts as it
 // streams), fetched into L2 a little at a time while the products run, so that its reads from
 // memory overlap the arithmetic instead of following it.
@@ -44,16 +46,18 @@ struct PrefetchRegion {
 void small_gemm_bf16(int64_t m, int64_t n, int64_t k2, float alpha, const uint16_t* a, int64_t a_row,
                      int64_t a_col, const uint32_t* b, int64_t ldb, bool accumulate, float* c, int64_t ldc,
                      const PrefetchRegion& prefetch = {});
-// Whether small_gemm_bf16 runs the AVX512-BF16 build here (the CPU has it and level 4 is in use).
+// Whether small_gemm_bf16 runs the AVX512-BF16 build here (the CPU has it and level 4 is in use),
+// and whether it runs a row-major A (a_col = 2) in AMX tiles (level 5).
 bool small_gemm_bf16_native();
+bool small_gemm_bf16_amx();
 // dst[p * ldd + j] = src(2p, j) | src(2p + 1, j) << 16 for the rows x cols bfloat16 matrix src
 // (row stride ld): the B operand of small_gemm_bf16. An odd last row is paired with zeros.
 void pack_bf16_row_pairs(const uint16_t* src, int64_t rows, int64_t cols, int64_t ld, uint32_t* dst, int64_t ldd);
 
-// The x86-64 level whose build small_gemm runs: 4 (AVX-512), 3 (AVX2 + FMA) or 1 (baseline,
-// and every non-x86 or non-GCC build). small_gemm_use_isa switches to another level, capped at
-// what the machine has, and returns the level now in use: for tests, which check every build
-// the machine can run.
+// The x86-64 level whose build small_gemm runs: 5 (AVX-512 with AMX-BF16: small_gemm_bf16 in AMX
+// tiles, the rest as at 4), 4 (AVX-512), 3 (AVX2 + FMA) or 1 (baseline, and every non-x86 or
+// non-GCC build). small_gemm_use_isa switches to another level, capped at what the machine has,
+// and returns the level now in use: for tests, which check every build the machine can run.
 int small_gemm_isa();
 int small_gemm_use_isa(int level);
 // Whether bfloat16 GEMMs run natively here: the CPU has AVX512-BF16 or AMX-BF16 and the level
@@ -61,9 +65,12 @@ int small_gemm_use_isa(int level);
 // bfloat16 GEMMs are emulated, 100x or more slower than float32 ones.
 bool native_bf16_gemm();
 
-// The cap that the environment variable FASTLORA_CPU_ISA (avx512 | avx2 | baseline | auto)
-// puts on the level at load time: 4, 3 or 1 (4 = no cap).
+// The cap that the environment variable FASTLORA_CPU_ISA (amx | avx512 | avx2 | baseline | auto)
+// puts on the level at load time: 5, 4, 3 or 1 (5 = no cap).
 int requested_level();
+// Whether this process may run AMX-BF16 tiles: the CPU has them (with AVX512-BF16) and Linux
+// granted the tile state (checked once).
+bool machine_has_amx_bf16();
 
 // Elements per SIMD register of the widest vector unit small_gemm targets (64 bytes); pad the
 // vectorised dimension to a multiple of this to avoid the scalar column tail.

@@ -11,6 +11,8 @@
 
 #if defined(__x86_64__)
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 namespace fastlora {
@@ -173,16 +175,156 @@ bool machine_has_avx512_bf16() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("x86-64-v4");
 }
+
+// AMX-BF16 (Sapphire Rapids and later): tdpbf16ps multiplies a 16 x 32 bfloat16 tile by a 16-pair
+// x 16 tile into 16 x 16 float32 sums, 16 times the multiply-adds of vdpbf16ps per instruction.
+// The operand layouts are small_gemm_bf16's own: A's rows hold their k values adjacent (a_col =
+// 2), B comes in row pairs (tdpbf16ps's "VNNI" layout), so tiles load straight from them.
+#define FASTLORA_AMX_TARGET __attribute__((target("arch=x86-64-v4,avx512bf16,amx-tile,amx-bf16")))
+
+// The 64-byte tile configuration (palette 1): tile t has rows[t] rows of colsb[t] bytes.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// One block of C, MI x NJ tiles of tm x tn (tiles 0-3; A in tiles 4-5, B in 6-7) over `steps` k
+// steps of tk pairs, stored to out (row stride 32 floats).
+template <int MI, int NJ>
+FASTLORA_AMX_TARGET FASTLORA_INLINE void amx_block(int64_t steps, int64_t tm, int64_t tn, int64_t tk,
+                                                   const uint16_t* a, int64_t a_row, const uint32_t* b, int64_t ldb,
+                                                   float* out) {
+  const int64_t a_bytes = 2 * a_row, b_bytes = 4 * ldb;
+  _tile_zero(0);
+  if constexpr (NJ > 1) _tile_zero(1);
+  if constexpr (MI > 1) _tile_zero(2);
+  if constexpr (MI > 1 && NJ > 1) _tile_zero(3);
+  for (int64_t s = 0; s < steps; ++s) {
+    const uint16_t* ak = a + s * 2 * tk;
+    const uint32_t* bk = b + s * tk * ldb;
+    _tile_loadd(4, ak, a_bytes);
+    _tile_loadd(6, bk, b_bytes);
+    if constexpr (NJ > 1) _tile_loadd(7, bk + tn, b_bytes);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (NJ > 1) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (MI > 1) {
+      _tile_loadd(5, ak + tm * a_row, a_bytes);
+      _tile_dpbf16ps(2, 5, 6);
+      if constexpr (NJ > 1) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  constexpr int64_t ld = 32 * sizeof(float);
+  _tile_stored(0, out, ld);
+  if constexpr (NJ > 1) _tile_stored(1, out + tn, ld);
+  if constexpr (MI > 1) _tile_stored(2, out + tm * 32, ld);
+  if constexpr (MI > 1 && NJ > 1) _tile_stored(3, out + tm * 32 + tn, ld);
+}
+
+// c = alpha * block + (accumulate ? c : 0) for a rows x cols (<= 32 x 32) block.
+FASTLORA_AMX_TARGET FASTLORA_INLINE void amx_epilogue(const float* block, int64_t rows, int64_t cols, float alpha,
+                                                      bool accumulate, float* c, int64_t ldc) {
+  const __m512 scale = _mm512_set1_ps(alpha);
+  const __mmask16 m0 = static_cast<__mmask16>(cols >= 16 ? 0xffff : (1u << cols) - 1);
+  const __mmask16 m1 = static_cast<__mmask16>(cols >= 32 ? 0xffff : cols > 16 ? (1u << (cols - 16)) - 1 : 0);
+  for (int64_t i = 0; i < rows; ++i) {
+    float* ci = c + i * ldc;
+    __m512 v0 = _mm512_mul_ps(_mm512_loadu_ps(block + i * 32), scale);
+    if (accumulate) v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, ci));
+    _mm512_mask_storeu_ps(ci, m0, v0);
+    if (m1 != 0) {
+      __m512 v1 = _mm512_mul_ps(_mm512_loadu_ps(block + i * 32 + 16), scale);
+      if (accumulate) v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, ci + 16));
+      _mm512_mask_storeu_ps(ci + 16, m1, v1);
+    }
+  }
+}
+
+// small_gemm_bf16 with A row-major (a_col = 2) in AMX tiles: the tiles are min(16, m) x min(16,
+// n) over min(16, k2) pairs, in blocks of up to 2 x 2 tiles (all eight tile registers); what the
+// tiles do not cover (the rows, columns and pairs past the last whole tile) goes to the
+// AVX512-BF16 kernel, whose products and float32 sums are the same operations in another order.
+FASTLORA_AMX_TARGET void gemm_bf16_amx(int64_t m, int64_t n, int64_t k2, float alpha, const uint16_t* a,
+                                       int64_t a_row, const uint32_t* b, int64_t ldb, bool accumulate, float* c,
+                                       int64_t ldc, const PrefetchRegion& region) {
+  const int64_t tm = std::min<int64_t>(16, m), tn = std::min<int64_t>(16, n), tk = std::min<int64_t>(16, k2);
+  const int64_t mm = m / tm * tm, nm = n / tn * tn, km = k2 / tk * tk;
+  TileConfig cfg;
+  for (int t = 0; t < 4; ++t) {
+    cfg.rows[t] = static_cast<uint8_t>(tm);
+    cfg.colsb[t] = static_cast<uint16_t>(4 * tn);
+  }
+  for (int t = 4; t < 6; ++t) {
+    cfg.rows[t] = static_cast<uint8_t>(tm);
+    cfg.colsb[t] = static_cast<uint16_t>(4 * tk);
+  }
+  for (int t = 6; t < 8; ++t) {
+    cfg.rows[t] = static_cast<uint8_t>(tk);
+    cfg.colsb[t] = static_cast<uint16_t>(4 * tn);
+  }
+  _tile_loadconfig(&cfg);
+  alignas(64) float block[32 * 32];
+  const int64_t steps = km / tk;
+  PrefetchCursor prefetch(region, ((mm + 2 * tm - 1) / (2 * tm)) * ((nm + 2 * tn - 1) / (2 * tn)));
+  for (int64_t i0 = 0; i0 < mm; i0 += 2 * tm) {
+    const bool two_rows = i0 + 2 * tm <= mm;
+    const uint16_t* ai = a + i0 * a_row;
+    for (int64_t j0 = 0; j0 < nm; j0 += 2 * tn) {
+      const bool two_cols = j0 + 2 * tn <= nm;
+      prefetch.step();
+      if (two_rows && two_cols) {
+        amx_block<2, 2>(steps, tm, tn, tk, ai, a_row, b + j0, ldb, block);
+      } else if (two_rows) {
+        amx_block<2, 1>(steps, tm, tn, tk, ai, a_row, b + j0, ldb, block);
+      } else if (two_cols) {
+        amx_block<1, 2>(steps, tm, tn, tk, ai, a_row, b + j0, ldb, block);
+      } else {
+        amx_block<1, 1>(steps, tm, tn, tk, ai, a_row, b + j0, ldb, block);
+      }
+      amx_epilogue(block, (two_rows ? 2 : 1) * tm, (two_cols ? 2 : 1) * tn, alpha, accumulate, c + i0 * ldc + j0, ldc);
+    }
+  }
+  _tile_release();
+  while (prefetch.pending()) prefetch.step();
+  const PrefetchRegion none;
+  if (km < k2) {  // the last pairs of the tiled block, onto its sums
+    gemm_bf16_avx512(mm, nm, k2 - km, alpha, a + 2 * km, a_row, 2, b + km * ldb, ldb, true, c, ldc, none);
+  }
+  if (nm < n) gemm_bf16_avx512(mm, n - nm, k2, alpha, a, a_row, 2, b + nm, ldb, accumulate, c + nm, ldc, none);
+  if (mm < m) {
+    gemm_bf16_avx512(m - mm, n, k2, alpha, a + mm * a_row, a_row, 2, b, ldb, accumulate, c + mm * ldc, ldc, none);
+  }
+}
+
+// AMX-BF16 usable by this process: the CPU has it and Linux grants the tile data state
+// (arch_prctl ARCH_REQ_XCOMP_PERM, once per process; denied on kernels before 5.16).
+bool amx_permitted() {
+  __builtin_cpu_init();
+  if (!(__builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") && machine_has_avx512_bf16())) {
+    return false;
+  }
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+}
 #else
 bool machine_has_avx512_bf16() { return false; }
+bool amx_permitted() { return false; }
 #endif
 
 }  // namespace
+
+bool machine_has_amx_bf16() {
+  static const bool usable = amx_permitted();
+  return usable;
+}
 
 bool small_gemm_bf16_native() {
   static const bool hardware = machine_has_avx512_bf16();
   return hardware && small_gemm_isa() >= 4;
 }
+
+bool small_gemm_bf16_amx() { return small_gemm_bf16_native() && small_gemm_isa() >= 5; }
 
 void small_gemm_bf16(int64_t m, int64_t n, int64_t k2, float alpha, const uint16_t* a, int64_t a_row,
                      int64_t a_col, const uint32_t* b, int64_t ldb, bool accumulate, float* c, int64_t ldc,
@@ -190,6 +332,9 @@ void small_gemm_bf16(int64_t m, int64_t n, int64_t k2, float alpha, const uint16
   if (m <= 0 || n <= 0) return;
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__)
   if (small_gemm_bf16_native()) {
+    if (a_col == 2 && k2 > 0 && small_gemm_bf16_amx()) {
+      return gemm_bf16_amx(m, n, k2, alpha, a, a_row, b, ldb, accumulate, c, ldc, prefetch);
+    }
     return gemm_bf16_avx512(m, n, k2, alpha, a, a_row, a_col, b, ldb, accumulate, c, ldc, prefetch);
   }
 #endif

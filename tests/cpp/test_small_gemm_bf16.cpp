@@ -1,8 +1,9 @@
 // small_gemm_bf16 and pack_bf16_row_pairs (csrc/cpu/small_gemm.h) against a float64 triple loop
 // on bfloat16 values (their products are exact in float64), over shapes that hit every tile path:
 // row tails of the 8/4/2/1-row tiles, masked column tails, k chunk boundaries, k = 0, A row-major
-// and pair-major, accumulate, padded leading dimensions; under the AVX512-BF16 build where the
-// machine has it and the portable one. Tolerance: the float32 dot-product bound,
+// and pair-major, accumulate, padded leading dimensions; under the AMX-BF16 and AVX512-BF16 builds
+// where the machine has them (AMX's tiles, their row / column / pair remainders) and the portable
+// one. Tolerance: the float32 dot-product bound,
 // (2 k2 + 2) u sum |alpha a b| + 2 u |C|.
 #include <cmath>
 #include <cstdint>
@@ -38,7 +39,7 @@ void check(const char* build) {
   const double u = std::numeric_limits<float>::epsilon() / 2;
   std::mt19937 rng(0);
   std::normal_distribution<double> normal;
-  const int64_t ms[] = {0, 1, 2, 3, 4, 7, 8, 9, 15, 17};
+  const int64_t ms[] = {0, 1, 2, 3, 4, 7, 8, 9, 15, 17, 32, 33, 49};  // 32 .. 49: AMX's 2 x 16-row blocks
   const int64_t ns[] = {0, 1, 15, 16, 17, 31, 32, 33, 48, 65};
   const int64_t ks[] = {0, 1, 2, 3, 127, 128, 129, 261};  // k in values; odd k packs a zero row
   for (bool pair_major : {false, true}) {
@@ -121,6 +122,8 @@ void check(const char* build) {
 
 int main() {
   const int best = fastlora::small_gemm_isa();
+  if (best >= 5) check("AMX-BF16");
+  fastlora::small_gemm_use_isa(4);
   if (fastlora::small_gemm_bf16_native()) check("AVX512-BF16");
   fastlora::small_gemm_use_isa(1);  // the portable build
   expect(!fastlora::small_gemm_bf16_native(), "level 1 turns the AVX512-BF16 build off");
