@@ -191,17 +191,20 @@ struct alignas(64) TileConfig {
 };
 
 // One block of C, MI x NJ tiles of tm x tn (tiles 0-3; A in tiles 4-5, B in 6-7) over `steps` k
-// steps of tk pairs, stored to out (row stride 32 floats).
+// steps of tk pairs, stored to out (row stride 32 floats). One prefetch step per k step: issued
+// in bursts (one per block) the prefetches stalled the kernel once the line fill buffers filled,
+// most of its time in rsvd's passes.
 template <int MI, int NJ>
 FASTLORA_AMX_TARGET FASTLORA_INLINE void amx_block(int64_t steps, int64_t tm, int64_t tn, int64_t tk,
                                                    const uint16_t* a, int64_t a_row, const uint32_t* b, int64_t ldb,
-                                                   float* out) {
+                                                   float* out, PrefetchCursor& prefetch) {
   const int64_t a_bytes = 2 * a_row, b_bytes = 4 * ldb;
   _tile_zero(0);
   if constexpr (NJ > 1) _tile_zero(1);
   if constexpr (MI > 1) _tile_zero(2);
   if constexpr (MI > 1 && NJ > 1) _tile_zero(3);
   for (int64_t s = 0; s < steps; ++s) {
+    prefetch.step();
     const uint16_t* ak = a + s * 2 * tk;
     const uint32_t* bk = b + s * tk * ldb;
     _tile_loadd(4, ak, a_bytes);
@@ -266,21 +269,20 @@ FASTLORA_AMX_TARGET void gemm_bf16_amx(int64_t m, int64_t n, int64_t k2, float a
   _tile_loadconfig(&cfg);
   alignas(64) float block[32 * 32];
   const int64_t steps = km / tk;
-  PrefetchCursor prefetch(region, ((mm + 2 * tm - 1) / (2 * tm)) * ((nm + 2 * tn - 1) / (2 * tn)));
+  PrefetchCursor prefetch(region, ((mm + 2 * tm - 1) / (2 * tm)) * ((nm + 2 * tn - 1) / (2 * tn)) * steps);
   for (int64_t i0 = 0; i0 < mm; i0 += 2 * tm) {
     const bool two_rows = i0 + 2 * tm <= mm;
     const uint16_t* ai = a + i0 * a_row;
     for (int64_t j0 = 0; j0 < nm; j0 += 2 * tn) {
       const bool two_cols = j0 + 2 * tn <= nm;
-      prefetch.step();
       if (two_rows && two_cols) {
-        amx_block<2, 2>(steps, tm, tn, tk, ai, a_row, b + j0, ldb, block);
+        amx_block<2, 2>(steps, tm, tn, tk, ai, a_row, b + j0, ldb, block, prefetch);
       } else if (two_rows) {
-        amx_block<2, 1>(steps, tm, tn, tk, ai, a_row, b + j0, ldb, block);
+        amx_block<2, 1>(steps, tm, tn, tk, ai, a_row, b + j0, ldb, block, prefetch);
       } else if (two_cols) {
-        amx_block<1, 2>(steps, tm, tn, tk, ai, a_row, b + j0, ldb, block);
+        amx_block<1, 2>(steps, tm, tn, tk, ai, a_row, b + j0, ldb, block, prefetch);
       } else {
-        amx_block<1, 1>(steps, tm, tn, tk, ai, a_row, b + j0, ldb, block);
+        amx_block<1, 1>(steps, tm, tn, tk, ai, a_row, b + j0, ldb, block, prefetch);
       }
       amx_epilogue(block, (two_rows ? 2 : 1) * tm, (two_cols ? 2 : 1) * tn, alpha, accumulate, c + i0 * ldc + j0, ldc);
     }
