@@ -41,12 +41,18 @@ inline bool half_via_float32(at::ScalarType dtype) {
   return dtype == at::kHalf || (dtype == at::kBFloat16 && !native_bf16_gemm());
 }
 
-// Whether the CPU is Intel's: MKL (ATen's float32 BLAS) runs its AVX-512 kernels only there, so
-// which of the BLAS and small_gemm wins a product can depend on it (lora_linear_bwd_cpu.cpp).
-inline bool cpu_is_intel() {
+// Whether ATen's float32 BLAS runs AVX-512 kernels here: MKL picks them on Intel CPUs only (on
+// AMD it runs slower code), so there it beats small_gemm on the shapes where small_gemm wins
+// elsewhere (the fused dY @ W of lora_linear's backward, rsvd's float32 passes). The kernels'
+// level stands for the machine: capped below AVX-512 (FASTLORA_CPU_ISA, as make test-isa and
+// the AVX2 benchmarks run with MKL capped too), an AVX2 machine's plan is taken.
+inline bool blas_has_avx512_sgemm() {
 #if defined(__GNUC__) && defined(__x86_64__)
-  __builtin_cpu_init();
-  return __builtin_cpu_is("intel");
+  static const bool intel = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") != 0;
+  }();
+  return intel && small_gemm_isa() >= 4;
 #else
   return false;
 #endif

@@ -54,10 +54,7 @@ struct LoraBwdSmallGemm {
   // (docs/benchmarks.md, LoRA linear, AVX2). On Intel CPUs MKL picks its AVX-512 kernels (on AMD
   // it does not): there the backward measured +30 to +50% over the base fused against +10 to
   // +23% through MKL (Xeon with AMX, 2 threads, the float32 benchmark shapes).
-  static bool fused_base_pays() {
-    static const bool intel = cpu_is_intel();
-    return small_gemm_isa() >= 4 && !intel;
-  }
+  static bool fused_base_pays() { return small_gemm_isa() >= 4 && !blas_has_avx512_sgemm(); }
 
   int64_t M, K, N, r, rp;
   Tensor A, xa, Bp, W;  // contiguous lora_A (r x K), xa (M x r); lora_B padded to N x rp; W rows

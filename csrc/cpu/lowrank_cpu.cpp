@@ -279,9 +279,13 @@ Triple hmt(const char* op, const Tensor& omega, int64_t rank, std::optional<int6
 // compute-bound (A is read once per pass, each element used l times) and MKL runs their
 // skinny shapes well below its square-GEMM rate: 4096 x 4096 times 4096 x 48 at 140 GFLOP/s
 // and the transposed product at 117 (2 threads, Zen 4 under the AVX2 build), against 180 and
-// 160 here. Only where small_gemm has a vector build (AVX2 or AVX-512); baseline keeps the BLAS.
+// 160 here. Only where small_gemm has a vector build (AVX2 or AVX-512) and MKL does not run its
+// AVX-512 kernels: on an Intel Xeon with AVX-512 MKL won (rsvd at equal work 0.93x
+// svd_lowrank's time through MKL, 0.73x through small_gemm); with the AVX2 caps there
+// small_gemm still won (1.07-1.11x against 0.94x). Baseline keeps the BLAS.
 bool use_sketch_product(const Tensor& a) {
-  return a.device().is_cpu() && a.scalar_type() == at::kFloat && a.is_contiguous() && small_gemm_isa() >= 3;
+  return a.device().is_cpu() && a.scalar_type() == at::kFloat && a.is_contiguous() && small_gemm_isa() >= 3 &&
+         !blas_has_avx512_sgemm();
 }
 
 Tensor sketch_product(const Tensor& a, const Tensor& x, bool transpose_a) {
