@@ -4,6 +4,7 @@
 // Ops without tensor arguments: registered as catch-all kernels.
 #include <torch/library.h>
 
+#include "cpu/cpu_utils.h"
 #include "cpu/small_gemm.h"
 
 namespace fastlora {
@@ -17,6 +18,14 @@ int64_t requested_cpu_isa_level() { return requested_level(); }
 
 bool native_bf16() { return native_bf16_gemm(); }
 
+// For tests: -1 lets the machine decide whether ATen's float32 BLAS has AVX-512 kernels (MKL on
+// Intel), 0 / 1 force the plan taken without / with them (blas_has_avx512_sgemm); returns the
+// previous setting.
+int64_t set_blas_avx512_plan(int64_t mode) {
+  TORCH_CHECK(mode >= -1 && mode <= 1, "_set_blas_avx512_plan: mode must be -1, 0 or 1, got ", mode);
+  return blas_plan_override().exchange(static_cast<int>(mode));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastlora, m) {
@@ -24,6 +33,7 @@ TORCH_LIBRARY_FRAGMENT(fastlora, m) {
   m.def("use_cpu_isa_level(int level) -> int", &use_cpu_isa_level);
   m.def("requested_cpu_isa_level() -> int", &requested_cpu_isa_level);
   m.def("native_bf16_gemm() -> bool", &native_bf16);
+  m.def("_set_blas_avx512_plan(int mode) -> int", &set_blas_avx512_plan);
 }
 
 }  // namespace fastlora

@@ -93,6 +93,24 @@ def test_matches_reference(dtype, shape, p):
     check_against_reference(dtype, *shape, p)
 
 
+# The float32 backward computes dY @ W fused with the LoRA terms in small_gemm (AVX-512 build)
+# or leaves it to the BLAS (other builds, and CPUs whose MKL runs AVX-512 kernels: Intel). Both
+# plans, forced, on shapes with row blocks of >= 16 rows (the fused product's) and without.
+@pytest.mark.parametrize("blas_avx512", [0, 1], ids=["fused_plan", "mkl_avx512_plan"])
+@pytest.mark.parametrize("shape", [((300,), 124, 42, 5), ((431,), 64, 123, 64), ((5,), 40, 66, 3)], ids=str)
+def test_float32_backward_plans(blas_avx512, shape):
+    previous = torch.ops.fastlora._set_blas_avx512_plan(blas_avx512)
+    try:
+        check_against_reference(torch.float32, *shape, 0.25, train_weight=True)
+    finally:
+        torch.ops.fastlora._set_blas_avx512_plan(previous)
+
+
+def test_blas_plan_override_rejects_bad_modes():
+    with pytest.raises(RuntimeError, match="mode must be -1, 0 or 1"):
+        torch.ops.fastlora._set_blas_avx512_plan(2)
+
+
 # bfloat16 shapes with even in / out features (on a CPU with AVX512-BF16 the rank-r products run
 # in the project's bf16 kernel, which reads x and dY in pairs): row blocks on every thread, odd
 # ranks, odd row counts, a decode-sized batch, trainable weight and lora_B bias.

@@ -342,14 +342,17 @@ def test_rsvd_default_plan():
         fastlora.rsvd(A, 2, n_iter=-1)
 
 
-def test_rsvd_float32_products_match_the_blas():
+@pytest.mark.parametrize("blas_avx512", [0, 1], ids=["small_gemm_plan", "mkl_avx512_plan"])
+def test_rsvd_float32_products_match_the_blas(blas_avx512):
     """On the CPU the float32 products with a contiguous A run in small_gemm (A and A^T times a
-    sketch whose width is padded to whole vectors); a non-contiguous A takes the BLAS. Both give
-    the same factorisation to float32 rounding, under every kernel build."""
+    sketch whose width is padded to whole vectors), except with the AVX-512 build where MKL
+    runs AVX-512 kernels (Intel; forced here both ways); a non-contiguous A takes the BLAS. All
+    give the same factorisation to float32 rounding, under every kernel build."""
     g = torch.Generator().manual_seed(8)
     A = known(300, 260, SPECTRA["slow"], g, torch.float32)
     strided = A.mT.contiguous().mT
     best = fastlora.use_cpu_isa("auto")
+    previous = torch.ops.fastlora._set_blas_avx512_plan(blas_avx512)
     try:
         for isa in ("baseline", "avx2", "avx512"):
             if fastlora.use_cpu_isa(isa) != isa:
@@ -373,6 +376,7 @@ def test_rsvd_float32_products_match_the_blas():
                                            rtol=1e-4, atol=1e-5)
     finally:
         fastlora.use_cpu_isa(best)
+        torch.ops.fastlora._set_blas_avx512_plan(previous)
 
 
 # --- implicit operator -------------------------------------------------------------------------

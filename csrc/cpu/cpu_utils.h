@@ -7,6 +7,7 @@
 #include "small_gemm.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -46,16 +47,23 @@ inline bool half_via_float32(at::ScalarType dtype) {
 // elsewhere (the fused dY @ W of lora_linear's backward, rsvd's float32 passes). The kernels'
 // level stands for the machine: capped below AVX-512 (FASTLORA_CPU_ISA, as make test-isa and
 // the AVX2 benchmarks run with MKL capped too), an AVX2 machine's plan is taken.
+// blas_plan_override(): -1 (the machine decides), 0 or 1 (as if the BLAS had those kernels or
+// not): set by tests (fastlora::_set_blas_avx512_plan) so that both plans run on any machine.
+inline std::atomic<int>& blas_plan_override() {
+  static std::atomic<int> value{-1};
+  return value;
+}
 inline bool blas_has_avx512_sgemm() {
+  const int forced = blas_plan_override().load(std::memory_order_relaxed);
 #if defined(__GNUC__) && defined(__x86_64__)
   static const bool intel = [] {
     __builtin_cpu_init();
     return __builtin_cpu_is("intel") != 0;
   }();
-  return intel && small_gemm_isa() >= 4;
 #else
-  return false;
+  const bool intel = false;
 #endif
+  return (forced >= 0 ? forced == 1 : intel) && small_gemm_isa() >= 4;
 }
 
 // t itself when its rows are contiguous (last stride 1: the BLAS takes any leading stride),
