@@ -1,5 +1,5 @@
-// Which x86-64 instruction-set build the CPU kernels' small_gemm runs (4: AVX-512, 3: AVX2 +
-// FMA, 1: baseline), readable and switchable from Python (fastlora.cpu_isa / use_cpu_isa), so
+// Which x86-64 instruction-set build the CPU kernels' small_gemm runs (5: AVX-512 with AMX-BF16
+// tiles, 4: AVX-512, 3: AVX2 + FMA, 1: baseline), readable and switchable from Python (fastlora.cpu_isa / use_cpu_isa), so
 // that tests and benchmarks can run on one machine what machines with fewer extensions run.
 // Ops without tensor arguments: registered as catch-all kernels.
 #include <torch/library.h>

@@ -77,10 +77,16 @@ std::tuple<Tensor, Tensor> fwd_bf16_native(const Tensor& x, const Tensor& weight
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
   const int64_t r2 = ceil_div(r, 2);
   const Tensor A = lora_A.contiguous(), B = lora_B.contiguous();
-  // shrink's B operand: A^T in pairs along K; the expand's: B^T in pairs along r
-  const auto at_pairs = uninitialized<uint32_t>(K / 2 * r), bt_pairs = uninitialized<uint32_t>(r2 * N);
+  const int64_t bm = direct_block_rows(M, std::max(K, N), sizeof(float));
+  // With AMX the expand goes to oneDNN, accumulating onto the base product in its own pass (see
+  // the header); a decode-sized batch keeps it in the blocks (one oneDNN call more cost 0.07 ms
+  // there, at M = 8, 4096^2).
+  const bool onednn_expand = small_gemm_bf16_amx() && blocks_run_parallel(ceil_div(M, bm));
+  // shrink's B operand: A^T in pairs along K; the expand's (in the blocks): B^T in pairs along r
+  const auto at_pairs = uninitialized<uint32_t>(K / 2 * r);
+  const auto bt_pairs = uninitialized<uint32_t>(onednn_expand ? 0 : r2 * N);
   pack_column_pairs(bits(A), r, K, K, at_pairs.get());
-  pack_column_pairs(bits(B), N, r, r, bt_pairs.get());
+  if (!onednn_expand) pack_column_pairs(bits(B), N, r, r, bt_pairs.get());
   std::vector<float> bias_eff;
   if (bias || lora_B_bias) {
     bias_eff.assign(N, 0.0f);
@@ -93,11 +99,6 @@ std::tuple<Tensor, Tensor> fwd_bf16_native(const Tensor& x, const Tensor& weight
     }
   }
   Tensor xa = at::empty({M, r}, x.options());
-  const int64_t bm = direct_block_rows(M, std::max(K, N), sizeof(float));
-  // With AMX the expand goes to oneDNN, accumulating onto the base product in its own pass (see
-  // the header); a decode-sized batch keeps it in the blocks (one oneDNN call more cost 0.07 ms
-  // there, at M = 8, 4096^2).
-  const bool onednn_expand = small_gemm_bf16_amx() && blocks_run_parallel(ceil_div(M, bm));
   Tensor y;
   if (onednn_expand) {
     Tensor be;
@@ -119,7 +120,7 @@ std::tuple<Tensor, Tensor> fwd_bf16_native(const Tensor& x, const Tensor& weight
     const auto xd = uninitialized<uint16_t>(d.active ? bm * K : 0);
     std::vector<uint16_t> xab(bm * 2 * r2, 0);  // an odd rank's pad column stays zero
     std::vector<float> xa32(bm * r), mult;
-    const auto ych = uninitialized<float>(bm * kCols);
+    const auto ych = uninitialized<float>(onednn_expand ? 0 : bm * kCols);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t r0 = blk * bm, n = std::min(bm, M - r0);
       const uint16_t* a = xp + r0 * ldx;
