@@ -55,7 +55,8 @@ test-python: $(STAMP)
 
 # The tests whose code paths depend on the CPU's instruction set, run again as an AVX-512 machine
 # without AMX (where the CPU has AMX), an AVX2 + FMA machine and a baseline x86-64 one would run
-# them: fastlora's kernels capped by FASTLORA_CPU_ISA, MKL and oneDNN by their own switches (so the BLAS rounds as it does there).
+# them: fastlora's kernels capped by FASTLORA_CPU_ISA, MKL and oneDNN by their own switches (so
+# the BLAS rounds as it does there).
 # ATen's ATEN_CPU_CAPABILITY is left alone: set below the host's level it breaks torch.compile's
 # inductor kernels on an AVX-512 host (torch 2.13), which no real AVX2 machine sees.
 ISA_TESTS := tests/test_environment.py tests/test_lora_linear.py tests/test_lora_grouped_linear.py tests/test_lowrank.py \
