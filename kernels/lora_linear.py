@@ -72,7 +72,7 @@ import triton.language as tl
 from ._common import INTERPRET as _INTERPRET, check_dtype as _check_dtype, choose_split as _choose_split
 from ._common import dot_precision as _dot_precision, dropout_args as _dropout_args, grouped_tile as _grouped_tile
 from ._common import keep_mask as _keep_mask, lora_term as _lora_term, mma as _mma, on_device as _on_device
-from ._common import load_seed as _load_seed, pow2 as _pow2
+from ._common import load_seed as _load_seed, num_sms as _num_sms, pow2 as _pow2
 from ._common import round_to as _round_to
 
 
@@ -184,6 +184,181 @@ def _lora_add_kernel(
     tl.store(c_ptrs, _round_to(acc, c_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
+@triton.jit(do_not_specialize=["M", "threshold"])
+def _lora_fwd_band_kernel(
+    x_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, xa_ptr, seed_ptr,
+    M, N, K, R, n_per_chunk,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_bn, stride_br,
+    stride_ym, stride_yn, stride_xam, stride_xar,
+    scaling, drop_scale, threshold,
+    DROP: tl.constexpr, HAS_BIAS: tl.constexpr, X_TO_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """The whole LoRA branch of the forward in one launch after the cuBLAS base product Y:
+
+        xa[band]          = dropout(x[band]) @ A.T                    (stored by chunk 0)
+        Y[band, chunk]   += scaling * xa[band] @ B[chunk].T (+ bias)  (fp32, rounded once)
+
+    Program (band, chunk) owns BLOCK_M rows and a range of output columns. Every chunk of a band
+    recomputes the band's xa (BLOCK_M x r, in registers) from x, which the band's programs read
+    together from L2: a rank-r recomputation is cheaper than a second launch and an M x r round
+    trip through memory."""
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    if DROP:
+        seed_lo, seed_hi = _load_seed(seed_ptr)
+    else:
+        seed_lo, seed_hi = 0, 0
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    a_cols = a_ptr + offs_r.to(tl.int64)[None, :] * stride_ar  # A.T tiles (BLOCK_K, BLOCK_R)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        xt = tl.load(x_rows + offs_k.to(tl.int64)[None, :] * stride_xk,
+                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        at = tl.load(a_cols + offs_k.to(tl.int64)[:, None] * stride_ak,
+                     mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        if X_TO_F32:  # float32 adapters: x upcast before its dropout (PEFT's x.to(f32))
+            xt = xt.to(tl.float32)
+        if DROP:
+            xt = _dropout_tile(xt, offs_m, offs_k, drop_scale, seed_lo, seed_hi, threshold, INTERPRET)
+        acc = _mma(xt, at, acc, DOT_PRECISION, INTERPRET)
+    # xa is rounded to its dtype before the expand, as the reference's saved xa is.
+    xa = _round_to(acc, xa_ptr.dtype.element_ty, INTERPRET)
+    if pid_c == 0:
+        xa_ptrs = xa_ptr + offs_m.to(tl.int64)[:, None] * stride_xam + offs_r.to(tl.int64)[None, :] * stride_xar
+        tl.store(xa_ptrs, xa, mask=mask_m[:, None] & mask_r[None, :])
+
+    n_lo = pid_c * n_per_chunk
+    n_hi = min(n_lo + n_per_chunk, N)
+    b_rows = b_ptr + offs_r.to(tl.int64)[:, None] * stride_br  # B.T tiles (BLOCK_R, BLOCK_N)
+    y_rows = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < n_hi
+        bt = tl.load(b_rows + offs_n.to(tl.int64)[None, :] * stride_bn,
+                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        lora = _mma(xa, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_PRECISION, INTERPRET)
+        mask = mask_m[:, None] & mask_n[None, :]
+        y_ptrs = y_rows + offs_n.to(tl.int64)[None, :] * stride_yn
+        out = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32) + lora * scaling
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptrs, _round_to(out, y_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+@triton.jit(do_not_specialize=["M", "threshold"])
+def _lora_bwd_band_kernel(
+    dy_ptr, x_ptr, a_ptr, b_ptr, xa_ptr, dx_ptr, ga_ptr, gb_ptr, seed_ptr,
+    M, N, K, R, n_per_chunk, k_per_chunk,
+    stride_dym, stride_dyn, stride_xm, stride_xk, stride_ar, stride_ak, stride_bn, stride_br,
+    stride_xam, stride_xar, stride_dxm, stride_dxk, stride_gband,
+    scaling, drop_scale, threshold,
+    DROP: tl.constexpr, NEED_DX: tl.constexpr, HALF_TO_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """The LoRA branch of the backward in one launch after the cuBLAS dX = dY @ W:
+
+        g[band]            = scaling * dY[band] @ B                (registers, adapter dtype)
+        gB[band][n chunk]  = scaling * dY[band, n chunk].T @ xa[band]
+        gA[band][k chunk]  = g[band].T @ dropout(x[band, k chunk])
+        dX[band, k chunk] += dropout(g[band] @ A[:, k chunk])     (mask at x's index)
+
+    Program (band, chunk) owns BLOCK_M rows and one chunk of the N and of the K columns. It
+    reads its band of dY once for g (every chunk of a band recomputes g; the band's programs
+    read dY together from L2) and writes its band's partial sums of grad_A (R x K, at ga_ptr)
+    and grad_B (N x R, at gb_ptr), stride_gband apart: a later launch sums the bands in a fixed
+    order (deterministic, no atomics), or with one band they are the gradients themselves."""
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    if DROP:
+        seed_lo, seed_hi = _load_seed(seed_ptr)
+    else:
+        seed_lo, seed_hi = 0, 0
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    band = pid_m.to(tl.int64) * stride_gband
+    xa_t = tl.load(xa_ptr + offs_m.to(tl.int64)[:, None] * stride_xam + offs_r.to(tl.int64)[None, :] * stride_xar,
+                   mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+
+    dy_rows = dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dym
+    b_cols = b_ptr + offs_r.to(tl.int64)[None, :] * stride_br  # B tiles (BLOCK_N, BLOCK_R)
+    n_lo = pid_c * n_per_chunk  # a multiple of BLOCK_N: a tile is in one chunk or not at all
+    n_hi = n_lo + n_per_chunk
+    g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        dyt = tl.load(dy_rows + offs_n.to(tl.int64)[None, :] * stride_dyn,
+                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        bt = tl.load(b_cols + offs_n.to(tl.int64)[:, None] * stride_bn,
+                     mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+        if HALF_TO_F32:  # float32 adapters: dY upcast (PEFT's grad in the adapters' dtype)
+            dyt = dyt.to(tl.float32)
+        g = _mma(dyt, bt, g, DOT_PRECISION, INTERPRET)
+        if (n0 >= n_lo) & (n0 < n_hi):
+            gb = _mma(tl.trans(dyt), xa_t, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), DOT_PRECISION,
+                      INTERPRET)
+            gb_ptrs = gb_ptr + band + offs_n.to(tl.int64)[:, None] * R + offs_r[None, :]
+            tl.store(gb_ptrs, _round_to(gb * scaling, gb_ptr.dtype.element_ty, INTERPRET),
+                     mask=mask_n[:, None] & mask_r[None, :])
+    # g is rounded to the adapters' dtype, as the reference's g (an operand of both products).
+    g = _round_to(g * scaling, a_ptr.dtype.element_ty, INTERPRET)
+
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    a_rows = a_ptr + offs_r.to(tl.int64)[:, None] * stride_ar  # A tiles (BLOCK_R, BLOCK_K)
+    dx_rows = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm
+    k_lo = pid_c * k_per_chunk
+    k_hi = min(k_lo + k_per_chunk, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_hi
+        xt = tl.load(x_rows + offs_k.to(tl.int64)[None, :] * stride_xk,
+                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if HALF_TO_F32:
+            xt = xt.to(tl.float32)
+        if DROP:
+            xt = _dropout_tile(xt, offs_m, offs_k, drop_scale, seed_lo, seed_hi, threshold, INTERPRET)
+        ga = _mma(tl.trans(g), xt, tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32), DOT_PRECISION, INTERPRET)
+        ga_ptrs = ga_ptr + band + offs_r.to(tl.int64)[:, None] * K + offs_k[None, :]
+        tl.store(ga_ptrs, _round_to(ga, ga_ptr.dtype.element_ty, INTERPRET), mask=mask_r[:, None] & mask_k[None, :])
+        if NEED_DX:
+            at = tl.load(a_rows + offs_k.to(tl.int64)[None, :] * stride_ak,
+                         mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+            t = _mma(g, at, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), DOT_PRECISION, INTERPRET)
+            if DROP:
+                keep = _keep_mask(offs_m, offs_k, seed_lo, seed_hi, threshold)
+                t = t * keep.to(tl.float32) * drop_scale
+            mask = mask_m[:, None] & mask_k[None, :]
+            dx_ptrs = dx_rows + offs_k.to(tl.int64)[None, :] * stride_dxk
+            out = tl.load(dx_ptrs, mask=mask, other=0.0).to(tl.float32) + t
+            tl.store(dx_ptrs, _round_to(out, dx_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+@triton.jit
+def _band_sum_kernel(part_ptr, ga_ptr, gb_ptr, n_bands, RK, total, stride_band,
+                     BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
+    """grad_A (R x K, flat) and grad_B (N x R, flat) from the bands' fp32 partial sums, laid
+    out [band, R*K + N*R]: summed in band order (deterministic), rounded once."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < total
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for b in range(0, n_bands):
+        acc += tl.load(part_ptr + b * stride_band + offs, mask=mask, other=0.0)
+    in_a = offs < RK
+    tl.store(ga_ptr + offs, _round_to(acc, ga_ptr.dtype.element_ty, INTERPRET), mask=mask & in_a)
+    tl.store(gb_ptr + (offs - RK), _round_to(acc, gb_ptr.dtype.element_ty, INTERPRET), mask=mask & (offs >= RK))
+
 # ----------------------------------------------------------------------------------------------
 # host side
 # ----------------------------------------------------------------------------------------------
@@ -294,6 +469,114 @@ def _add_lora(out: torch.Tensor, e: torch.Tensor, f: torch.Tensor, lora_scale: f
     return out
 
 
+# The rank-r work of a forward (backward) runs as one band kernel (two: the band kernel and
+# the band sum) for padded ranks up to this; above it the band's rank-r tiles would not fit in
+# registers, and the launchers use the separate rank-r GEMMs and the add kernel.
+BAND_MAX_RANK = 128
+
+
+def _band_plan(M: int, N: int, K: int, R: int, dtype: torch.dtype, device: torch.device):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, chunks, num_warps, num_stages) of the band kernels
+    for M rows, N outputs, K inputs, rank R, computed in ``dtype`` (float32 when the adapters
+    are).
+
+    A band is BLOCK_M rows; each band is split into ``chunks`` programs over the columns so that
+    a layer's few bands still fill the GPU (~one program per SM), at the price of recomputing
+    the band's rank-r product (xa, g) once per chunk: at most 8 chunks, and never more than the
+    column tiles. The tiles are the ones the sm_90 compile check accepts, to be tuned on a GPU.
+    Interpreter: one band, one chunk, large tiles (it costs milliseconds per program and trip);
+    tests force the multi-band, multi-chunk paths by monkeypatching this function."""
+    br = _pow2(R, 16, BAND_MAX_RANK)
+    if _INTERPRET:
+        return _pow2(M, 16, 128), _pow2(N, 16, 128), _pow2(K, 16, 256), br, 1, 4, 1
+    if dtype == torch.float32:
+        bm, bnk = 32, 32
+    else:
+        bm, bnk = 64, 64
+    bm = _pow2(M, 16, bm)
+    bn, bk = _pow2(N, 16, bnk), _pow2(K, 16, bnk)
+    bands = triton.cdiv(M, bm)
+    col_tiles = min(triton.cdiv(N, bn), triton.cdiv(K, bk))
+    chunks = max(1, min(8, col_tiles, triton.cdiv(_num_sms(device), bands)))
+    num_warps = 8 if br >= 64 else 4  # 4 warps spill the float32 rank tiles at r = 128 (sm_90 compile)
+    return bm, bn, bk, br, chunks, num_warps, 2
+
+
+def _chunk(n: int, chunks: int, block: int) -> int:
+    """Columns per chunk: a multiple of block, so that a tile never straddles two chunks."""
+    return triton.cdiv(triton.cdiv(max(n, 1), chunks), block) * block
+
+
+def _forward_band(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    M, K = x.shape
+    N, R = weight.shape[0], lora_A.shape[0]
+    # The base product in cuBLAS; the bias is added in fp32 with the LoRA term (one rounding).
+    y = torch.mm(x, weight.t())
+    xa = torch.empty((M, R), dtype=lora_A.dtype, device=x.device)
+    if M == 0:
+        return y, xa
+    drop = (float(dropout_p), seed) if dropout_p > 0.0 else None
+    seed_t, threshold, drop_scale = _dropout_args(*drop, x.device) if drop is not None else (x, 0, 1.0)
+    bm, bn, bk, br, chunks, num_warps, num_stages = _band_plan(M, N, K, R, lora_A.dtype, x.device)
+    n_per_chunk = _chunk(N, chunks, bn)
+    chunks = max(1, triton.cdiv(N, n_per_chunk))
+    bias_t = bias if bias is not None else y  # a dummy: never dereferenced without HAS_BIAS
+    with _on_device(x.device):
+        _lora_fwd_band_kernel[(triton.cdiv(M, bm), chunks)](
+            x, lora_A, lora_B, bias_t, y, xa, seed_t,
+            M, N, K, R, n_per_chunk,
+            x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
+            y.stride(0), y.stride(1), xa.stride(0), xa.stride(1),
+            float(scaling), float(drop_scale), threshold,
+            DROP=drop is not None, HAS_BIAS=bias is not None, X_TO_F32=x.dtype != lora_A.dtype,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br,
+            DOT_PRECISION=_dot_precision(lora_A.dtype), INTERPRET=_INTERPRET,
+            num_warps=num_warps, num_stages=num_stages,
+        )
+    return y, xa
+
+
+def _backward_band(grad_y, x, lora_A, lora_B, xa, scaling, drop, grad_x):
+    """(grad_A, grad_B), and grad_x (the cuBLAS dY @ W, or None) updated in place."""
+    M, N = grad_y.shape
+    K, R = x.shape[1], lora_A.shape[0]
+    dev, ad = grad_y.device, lora_A.dtype
+    if M == 0:  # sums over no rows
+        return torch.zeros((R, K), dtype=ad, device=dev), torch.zeros((N, R), dtype=ad, device=dev)
+    grad_A = torch.empty((R, K), dtype=ad, device=dev)
+    grad_B = torch.empty((N, R), dtype=ad, device=dev)
+    seed_t, threshold, drop_scale = _dropout_args(*drop, dev) if drop is not None else (x, 0, 1.0)
+    bm, bn, bk, br, chunks, num_warps, num_stages = _band_plan(M, N, K, R, ad, dev)
+    n_per_chunk, k_per_chunk = _chunk(N, chunks, bn), _chunk(K, chunks, bk)
+    chunks = max(1, triton.cdiv(N, n_per_chunk), triton.cdiv(K, k_per_chunk))
+    bands = triton.cdiv(M, bm)
+    if bands == 1:
+        # One band: its sums are the gradients.
+        ga, gb, stride_band, part = grad_A, grad_B, 0, None
+    else:
+        part = torch.empty((bands, R * K + N * R), dtype=torch.float32, device=dev)
+        ga, gb, stride_band = part, part[:, R * K:], part.stride(0)
+    dx = grad_x if grad_x is not None else grad_y  # a dummy: never dereferenced without NEED_DX
+    with _on_device(dev):
+        _lora_bwd_band_kernel[(bands, chunks)](
+            grad_y, x, lora_A, lora_B, xa, dx, ga, gb, seed_t,
+            M, N, K, R, n_per_chunk, k_per_chunk,
+            grad_y.stride(0), grad_y.stride(1), x.stride(0), x.stride(1),
+            lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
+            xa.stride(0), xa.stride(1), dx.stride(0), dx.stride(1), stride_band,
+            float(scaling), float(drop_scale), threshold,
+            DROP=drop is not None, NEED_DX=grad_x is not None, HALF_TO_F32=x.dtype != ad,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br,
+            DOT_PRECISION=_dot_precision(ad), INTERPRET=_INTERPRET,
+            num_warps=num_warps, num_stages=num_stages,
+        )
+        if part is not None:
+            total, block = part.shape[1], 1024
+            _band_sum_kernel[(triton.cdiv(total, block),)](
+                part, grad_A, grad_B, bands, R * K, total, part.stride(0),
+                BLOCK=block, INTERPRET=_INTERPRET, num_warps=4, num_stages=1)
+    return grad_A, grad_B
+
 # ----------------------------------------------------------------------------------------------
 # public launchers (2-D tensors; shapes and devices validated by the caller)
 # ----------------------------------------------------------------------------------------------
@@ -345,6 +628,19 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, bias, xa: torch.Tensor,
     return _add_lora(y, xa, lora_B.t(), float(scaling), bias=bias)
 
 
+def lora_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias, lora_A: torch.Tensor,
+                        lora_B: torch.Tensor, scaling: float, dropout_p: float, seed):
+    """(y, xa) of the LoRA forward: xa = dropout(x) @ lora_A.T and y = x @ weight.T + bias +
+    scaling * xa @ lora_B.T, what lora_shrink then lora_forward give, in two launches: the
+    cuBLAS base product and one band kernel for the whole LoRA branch (ranks up to
+    BAND_MAX_RANK; above it the separate shrink and add kernels)."""
+    _check_dtypes({"x": x, "weight": weight}, {"lora_A": lora_A, "lora_B": lora_B}, bias)
+    if _pow2(lora_A.shape[0], 16, 1 << 30) > BAND_MAX_RANK:
+        xa = lora_shrink(x, lora_A, dropout_p, seed)
+        return lora_forward(x, weight, bias, xa, lora_B, scaling), xa
+    return _forward_band(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+
+
 def lora_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                   lora_A: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor,
                   scaling: float, dropout_p: float, seed,
@@ -364,6 +660,16 @@ def lora_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     dev, ad = grad_y.device, lora_A.dtype
     drop = (float(dropout_p), seed) if dropout_p > 0.0 else None
 
+    empty = grad_y.new_empty(0)
+    grad_w = torch.mm(grad_y.t(), x) if need_grad_weight else empty
+    grad_b = grad_y.sum(0) if need_grad_bias else empty
+    if _pow2(r, 16, 1 << 30) <= BAND_MAX_RANK:
+        # Three launches with grad_x: cuBLAS dY @ W, the band kernel, the band sum.
+        grad_x = torch.mm(grad_y, weight) if need_grad_x else None
+        grad_A, grad_B = _backward_band(grad_y, x, lora_A, lora_B, xa, scaling, drop, grad_x)
+        return (empty if grad_x is None else grad_x), grad_w, grad_b, grad_A, grad_B
+
+    # Ranks above BAND_MAX_RANK: the rank-r GEMMs one by one.
     # g = scaling * grad_y @ lora_B (M, r): computed once, rounded to the adapters' dtype (as
     # the reference does; it is an operand of the two kernels below).
     g = _gemm(grad_y, lora_B, torch.empty((M, r), dtype=ad, device=dev), alpha=scaling)
@@ -372,12 +678,9 @@ def lora_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     # grad_B (N, r) = scaling * grad_y.T @ xa.
     grad_B = _gemm(grad_y.t(), xa, torch.empty((N, r), dtype=ad, device=dev), alpha=scaling)
 
-    empty = grad_y.new_empty(0)
     grad_x = empty
     if need_grad_x:
         # grad_x (M, K) = grad_y @ weight (cuBLAS) + dropout(g @ lora_A) (the add kernel, the
         # mask at the output index (m, k), which is x's index, with the same 1/(1-p) scale).
         grad_x = _add_lora(torch.mm(grad_y, weight), g, lora_A, 1.0, drop=drop)
-    grad_w = torch.mm(grad_y.t(), x) if need_grad_weight else empty
-    grad_b = grad_y.sum(0) if need_grad_bias else empty
     return grad_x, grad_w, grad_b, grad_A, grad_B

@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastlora import reference as ref
 from fastlora.kernels import lora_linear as tk
@@ -114,6 +115,17 @@ def test_forward(dtype, M, K, N, r, has_bias, layout):
     d = lambda t: None if t is None else t.double()
     truth = F.linear(d(x), d(W), d(b)) + scaling * F.linear(d(xa), d(B))
     assert_close_to_truth(out, ref_out, truth, "y")
+    _check_fused_forward(x, W, b, A, B, scaling, p)
+
+
+def _check_fused_forward(x, W, b, A, B, scaling, p):
+    """lora_linear_forward (the base product and one band kernel for shrink and expand; the
+    shrink and add kernels above BAND_MAX_RANK) against the reference: xa and y."""
+    y, xa = tk.lora_linear_forward(x, W, b, A, B, scaling, p, SEED)
+    d = lambda t: None if t is None else t.double()
+    assert_close_to_truth(xa, F.linear(ref.dropout(x, p, SEED), A), F.linear(ref.dropout(d(x), p, SEED), d(A)), "xa")
+    truth = F.linear(d(x), d(W), d(b)) + scaling * F.linear(d(xa), d(B))
+    assert_close_to_truth(y, ref.lora_linear(x, W, b, A, B, scaling, p, SEED), truth, "y")
 
 
 # --------------------------------------------------------------------------- backward
@@ -175,6 +187,118 @@ def test_small_tiles_and_split_k(dtype, monkeypatch):
                           F.linear(x.double(), W.double(), b.double())
                           + scaling * F.linear(xa.double(), B.double()), "y")
     _check_backward(dtype, M, K, N, r, p, "strided", (True, False, False), scaling)
+
+
+def _small_bands(chunks):
+    """A _band_plan with 16-wide tiles and `chunks` column chunks (GPU-style): several bands
+    (so the band sum runs), several N and K trips per chunk, and with many chunks some that
+    own no column tile."""
+    return lambda M, N, K, R, dtype, device: (16, 16, 16, tk._pow2(R, 16, tk.BAND_MAX_RANK), chunks, 4, 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("chunks", [1, 3, 9])
+def test_band_kernels_small_tiles_and_chunks(dtype, chunks, monkeypatch):
+    monkeypatch.setattr(tk, "_band_plan", _small_bands(chunks))
+    M, K, N, r, p, scaling = 42, 123, 37, 20, 0.25, 0.5
+    x = _rand(M, K, dtype, "strided")
+    W = _rand(N, K, dtype, "contig", K ** -0.5)
+    b = _rand(1, N, dtype)[0]
+    A = _rand(r, K, dtype, "transposed", K ** -0.5)
+    B = _rand(N, r, dtype, "contig", r ** -0.5)
+    _check_fused_forward(x, W, b, A, B, scaling, p)
+    _check_backward(dtype, M, K, N, r, p, "strided", (True, False, False), scaling)
+    _check_backward(dtype, M, K, N, r, 0.0, "transposed", (False, True, True), scaling)
+
+
+def test_mixed_precision_band_kernels_small_tiles(monkeypatch):
+    # float32 adapters under bf16: upcast dY / x tiles on every trip, several bands and chunks.
+    monkeypatch.setattr(tk, "_band_plan", _small_bands(3))
+    _check_mixed(torch.bfloat16, 42, 123, 42, 20, 0.25, "strided", "fp32", (True, False, False), 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ranks_above_the_band_limit(dtype):
+    # Padded ranks above BAND_MAX_RANK take the separate rank-r GEMMs and the add kernel.
+    M, K, N, r, p, scaling = 6, 42, 23, tk.BAND_MAX_RANK + 2, 0.25, 0.5
+    assert tk._pow2(r, 16, 1 << 30) > tk.BAND_MAX_RANK
+    x, W, b = _rand(M, K, dtype), _rand(N, K, dtype, scale=K ** -0.5), _rand(1, N, dtype)[0]
+    A, B = _rand(r, K, dtype, scale=K ** -0.5), _rand(N, r, dtype, scale=r ** -0.5)
+    _check_fused_forward(x, W, b, A, B, scaling, p)
+    _check_backward(dtype, M, K, N, r, p, "contig", (True, False, True), scaling)
+
+
+class _LaunchCounter(TorchDispatchMode):
+    """Counts what a GPU would launch for a LoRA step run through the Triton launchers on CPU
+    tensors: every Triton kernel launch, and every ATen op other than allocations and views
+    (each a kernel on a GPU); and the host syncs (a tensor read back to the host). The
+    interpreter's own tensor traffic during a Triton launch is not counted."""
+
+    FREE = {"empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like", "view", "_unsafe_view",
+            "t", "transpose", "as_strided", "slice", "select", "detach", "alias", "expand", "unsqueeze",
+            "squeeze", "permute", "reshape"}
+    SYNCS = {"_local_scalar_dense", "item", "nonzero", "to_dense"}
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.launches, self.syncs, self.inside = [], [], False
+        for name in ("_lora_fwd_band_kernel", "_lora_bwd_band_kernel", "_band_sum_kernel",
+                     "_lora_gemm_kernel", "_lora_add_kernel"):
+            monkeypatch.setattr(tk, name, self._wrap(name, getattr(tk, name)))
+
+    def _wrap(self, name, kernel):
+        counter = self
+
+        class Counted:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    counter.launches.append(name)
+                    counter.inside = True
+                    try:
+                        return kernel[grid](*args, **kwargs)
+                    finally:
+                        counter.inside = False
+                return launch
+        return Counted()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        op = func.overloadpacket.__name__
+        if not self.inside:
+            if op in self.SYNCS:
+                self.syncs.append(op)
+            elif op not in self.FREE:
+                self.launches.append(op)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_lora_step_launches_at_most_six_kernels_without_host_sync(adapter_dtype, p, monkeypatch):
+    # The CUDA registrations of the forward and backward ops, run on CPU tensors: the forward
+    # is the cuBLAS base product and one band kernel, the backward cuBLAS dX = dY @ W, the band
+    # kernel and the band sum (several bands here); the op's seed draw (with dropout) is the
+    # sixth launch of a LoRA step. No call reads a tensor back to the host.
+    lora_ops = importlib.import_module("fastlora.ops.lora_linear")
+    monkeypatch.setattr(tk, "_band_plan", _small_bands(2))
+    M, K, N, r = 40, 48, 36, 8
+    x, W, b = _rand(M, K, torch.bfloat16), _rand(N, K, torch.bfloat16), _rand(1, N, torch.bfloat16)[0]
+    A, B = _rand(r, K, adapter_dtype), _rand(N, r, adapter_dtype)
+    gy = _rand(M, N, torch.bfloat16)
+    seed = torch.tensor(SEED, device=DEVICE)  # what the op draws on the device
+    counter = _LaunchCounter(monkeypatch)
+    with counter:
+        y, xa = lora_ops._fwd_cuda(x, W, b, A, B, 2.0, p, seed, None)
+    fwd = list(counter.launches)
+    counter.launches.clear()
+    with counter:
+        grads = lora_ops._bwd_cuda(gy, x, W, A, B, xa, 2.0, p, seed, [True, False, False])
+    bwd = list(counter.launches)
+    assert fwd == ["mm", "_lora_fwd_band_kernel"], fwd
+    assert bwd == ["mm", "_lora_bwd_band_kernel", "_band_sum_kernel"], bwd
+    assert counter.syncs == []
+    assert_close_to_truth(grads[3], ref.lora_linear_backward(gy, x, W, A, B, xa, 2.0, p, SEED, True, False, False)[3],
+                          ref.lora_linear_backward(*(t.double() for t in (gy, x, W, A, B, xa)), 2.0, p, SEED,
+                                                   True, False, False)[3], "grad_A")
 
 
 def test_rejects_float64():
@@ -309,6 +433,11 @@ def _check_mixed(dtype, M, K, N, r, p, layout, bias, needs=(True, True, True), s
            *tk.lora_backward(gy, x, W, A, B, xa, scaling, p, SEED, *needs))
     ref_out = _peft_mixed(x, W, b, A, B, xa, gy, scaling, p)
     truth = _peft_mixed(x, W, b, A, B, xa, gy, scaling, p, exact=True)
+    # the fused forward (one band kernel for shrink and expand) gives the same xa and y
+    y_fused, xa_fused = tk.lora_linear_forward(x, W, b, A, B, scaling, p, SEED)
+    assert xa_fused.dtype == torch.float32 and y_fused.dtype == dtype
+    assert_close_to_truth(xa_fused, ref_out[0], truth[0], "xa (fused forward)")
+    assert_close_to_truth(y_fused, ref_out[1], truth[1], "y (fused forward)")
     names = ("xa", "y", "grad_x", "grad_weight", "grad_bias", "grad_A", "grad_B")
     f32 = torch.float32
     for name, o, ro, t, want, needed in zip(names, out, ref_out, truth,

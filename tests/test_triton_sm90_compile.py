@@ -76,23 +76,30 @@ if sys.argv[3] == "tf32":  # torch's switch, which the float32 dots follow
         matmul.fp32_precision = "tf32"
     else:
         matmul.allow_tf32 = True
-M, K, N, r, p = 2048, 4096, 4096, 64, 0.1
-kernels, launches = {"gemm": tk._lora_gemm_kernel, "add": tk._lora_add_kernel}, []
+K, N, p = 4096, 4096, 0.1
+names = {"_lora_gemm_kernel": "gemm", "_lora_add_kernel": "add", "_lora_fwd_band_kernel": "fwd_band",
+         "_lora_bwd_band_kernel": "bwd_band", "_band_sum_kernel": "band_sum"}
+kernels, launches = {short: getattr(tk, name) for name, short in names.items()}, []
 class Recorder:
     def __init__(self, name):
         self.name = name
     def __getitem__(self, grid):
         return lambda *args, **kw: launches.append((self.name, args, kw))
-tk._lora_gemm_kernel, tk._lora_add_kernel = Recorder("gemm"), Recorder("add")
+for name, short in names.items():
+    setattr(tk, name, Recorder(short))
 t = lambda *shape, dtype: torch.empty(*shape, dtype=dtype, device="meta")
-x, W, gy = t(M, K, dtype=xd), t(N, K, dtype=xd), t(M, N, dtype=xd)
-A, B = t(r, K, dtype=ad), t(N, r, dtype=ad)
-for split in (1, 2):  # split-K writes fp32 partial planes (GPU: the r-sized GEMMs)
-    tk._choose_split = lambda tiles, K_, block_k, device: split
-    xa = tk.lora_shrink(x, A, p, 1)
-    for bias in (None, t(N, dtype=xd), t(N, dtype=ad)):
-        tk.lora_forward(x, W, bias, xa, B, 2.0)
-    tk.lora_backward(gy, x, W, A, B, xa, 2.0, p, 1, True, False, False)
+# Ranks up to BAND_MAX_RANK run in the band kernels (several bands at M = 2048, one band at
+# decode-sized M = 8, whose sums are the gradients themselves); above it the rank-r GEMMs.
+for M, r in ((2048, 64), (8, 16), (2048, tk.BAND_MAX_RANK), (2048, 256)):
+    x, W, gy = t(M, K, dtype=xd), t(N, K, dtype=xd), t(M, N, dtype=xd)
+    A, B = t(r, K, dtype=ad), t(N, r, dtype=ad)
+    for split in (1, 2):  # split-K writes fp32 partial planes (GPU: the r-sized GEMMs)
+        tk._choose_split = lambda tiles, K_, block_k, device: split
+        xa = tk.lora_shrink(x, A, p, 1)
+        for bias in (None, t(N, dtype=xd), t(N, dtype=ad)):
+            tk.lora_forward(x, W, bias, xa, B, 2.0)
+            tk.lora_linear_forward(x, W, bias, A, B, 2.0, p, 1)
+        tk.lora_backward(gy, x, W, A, B, xa, 2.0, p, 1, True, False, False)
 
 out, seen = {}, set()
 for which, args, kw in launches:
@@ -120,11 +127,21 @@ for which, args, kw in launches:
         name = " ".join(["gemm", sig["a_ptr"], sig["b_ptr"], "->", sig["c_ptr"]]
                         + [f for f in ("A_TO_F32", "B_TO_F32", "DROP_A", "DROP_B") if const[f]]
                         + [f"dot {const['DOT_PRECISION']}"])
-    else:
+    elif which == "add":
         name = " ".join(["add", sig["c_ptr"], "+=", sig["e_ptr"], sig["f_ptr"]]
                         + (["DROP_LORA"] if const["DROP_LORA"] else [])
                         + ([f"bias {sig['bias_ptr']}"] if const["HAS_BIAS"] else [])
                         + [f"epilogue {const['EPI_PRECISION']}"])
+    elif which == "fwd_band":
+        name = " ".join(["fwd_band", sig["x_ptr"], sig["a_ptr"], "->", sig["y_ptr"], sig["xa_ptr"]]
+                        + [f for f in ("DROP", "HAS_BIAS", "X_TO_F32") if const[f]]
+                        + [f"r{const['BLOCK_R']}", f"dot {const['DOT_PRECISION']}"])
+    elif which == "bwd_band":
+        name = " ".join(["bwd_band", sig["dy_ptr"], sig["a_ptr"], "->", sig["ga_ptr"]]
+                        + [f for f in ("DROP", "NEED_DX", "HALF_TO_F32") if const[f]]
+                        + [f"r{const['BLOCK_R']}", f"dot {const['DOT_PRECISION']}"])
+    else:
+        name = " ".join(["band_sum", sig["part_ptr"], "->", sig["ga_ptr"]])
     k = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options=opts)
     out[name] = k.metadata.shared
@@ -136,20 +153,24 @@ print(json.dumps(out))
     ("bfloat16", "bfloat16", "ieee"), ("float32", "float32", "ieee"),
     ("bfloat16", "float32", "ieee"), ("float16", "float32", "tf32")])
 def test_lora_linear_launches_compile_for_sm90(dtype, adapter_dtype, fp32_precision):
-    # Every kernel the LoRA-linear launchers start (the rank-r GEMMs and the add kernel; the
-    # base products are cuBLAS), with all tensors in one dtype and with PEFT's mixed precision
-    # (float32 adapters: upcast operand tiles, a float32 LoRA term added to a half-precision
-    # output, IEEE or TF32). The interpreter accepts dtype mixes and shared memory use that a
-    # GPU compile may reject.
+    # Every kernel the LoRA-linear launchers start (the band kernels and their sum, the rank-r
+    # GEMMs and the add kernel of the large ranks; the base products are cuBLAS), with all
+    # tensors in one dtype and with PEFT's mixed precision (float32 adapters: upcast operand
+    # tiles, a float32 LoRA term added to a half-precision output, IEEE or TF32). The
+    # interpreter accepts dtype mixes and shared memory use that a GPU compile may reject.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     res = subprocess.run([sys.executable, "-c", COMPILE_LORA_LINEAR, dtype, adapter_dtype, fp32_precision], env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     shared = json.loads(res.stdout.strip().splitlines()[-1])
-    assert {config.split()[0] for config in shared} == {"gemm", "add"}, list(shared)
+    kinds = {config.split()[0] for config in shared}
+    assert kinds == {"gemm", "add", "fwd_band", "bwd_band", "band_sum"}, list(shared)
     for config, nbytes in shared.items():
-        assert 0 < nbytes <= SM90_MAX_SHARED, f"{config}: {nbytes} bytes of shared memory on sm_90"
+        # (the band sum is elementwise: no shared memory; every other kernel stages dot tiles)
+        low = 0 if config.startswith("band_sum") else 1
+        assert low <= nbytes <= SM90_MAX_SHARED, f"{config}: {nbytes} bytes of shared memory on sm_90"
+    print(json.dumps(shared, indent=1))
 
 
 COMPILE_QLORA = r"""

@@ -109,9 +109,8 @@ def _fwd_cuda(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_B_
     torch.ops.fastlora._lora_linear_fwd_check(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_B_bias)
     from fastlora.kernels import lora_linear as tk
     # The seed tensor as it is: the kernels read it on the device (no host sync; capturable).
-    xa = tk.lora_shrink(x, lora_A, dropout_p, seed)
-    y = tk.lora_forward(x, weight, _effective_bias(bias, lora_B_bias, scaling), xa, lora_B, scaling)
-    return y, xa
+    return tk.lora_linear_forward(x, weight, _effective_bias(bias, lora_B_bias, scaling), lora_A, lora_B,
+                                  scaling, dropout_p, seed)
 
 
 def _bwd_cuda(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, output_mask):
