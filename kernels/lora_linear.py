@@ -9,13 +9,30 @@ for bit with the reference and with the C++ kernels.
 
 The two base products (``x @ weight.T``, ``grad_y @ weight``) are cuBLAS GEMMs (torch.mm): an
 untuned Triton GEMM runs them at an estimated 65-85% of cuBLAS, which alone would cost more
-than the whole LoRA branch. The rank-r work runs in two Triton kernels. ``_lora_gemm_kernel``,
-for the products with a short output side:
+than the whole LoRA branch. The rank-r work of a step runs in three more launches, for padded
+ranks up to BAND_MAX_RANK (128). The band kernels split the rows into bands of BLOCK_M rows, and
+each band into a few programs over the columns (chunks) that recompute the band's rank-r product
+in registers rather than pass it between launches:
+
+    lora_linear_forward  y      = x @ weight.T                                  (cuBLAS)
+      _lora_fwd_band_kernel   xa[band]  = dropout(x[band]) @ lora_A.T            (chunk 0 stores it)
+                              y[band]  += bias + scaling * xa[band] @ lora_B.T
+    lora_backward        grad_x = grad_y @ weight                               (cuBLAS)
+      _lora_bwd_band_kernel   g[band]   = scaling * grad_y[band] @ lora_B        (registers)
+                              grad_A   += g[band].T @ dropout(x[band])          (per-band partials)
+                              grad_B   += scaling * grad_y[band].T @ xa[band]   (per-band partials)
+                              grad_x[band] += dropout(g[band] @ lora_A)          (mask at x's index)
+      _band_sum_kernel        grad_A, grad_B = the sum of the bands' fp32 partials, in band order
+                              (deterministic; with one band the partials are the gradients)
+
+With the op's seed draw that is six launches per training step and no host sync. Above
+BAND_MAX_RANK the rank tiles would not fit in registers, and the launchers use two generic
+kernels instead. ``_lora_gemm_kernel``, for the products with a short output side:
 
     C[m, n] = alpha * sum_k A'[m, k] * B'[k, n]
 
 where A' (B') is A (B) passed through fastlora's dropout when DROP_A (DROP_B) is set, using
-the operand's own (row, column) index for the mask. ``_lora_add_kernel``, the light kernel that
+the operand's own (row, column) index for the mask; ``_lora_add_kernel``, the light kernel that
 adds the LoRA term to a base product in place:
 
     C[m, n] += dropE(lora_scale * sum_j E[m, j] * F[j, n]) (+ bias[n])
