@@ -108,7 +108,7 @@ def _dropout_tile(t, rows, cols, drop_scale, seed_lo, seed_hi, threshold, INTERP
 # ----------------------------------------------------------------------------------------------
 # the kernel
 # ----------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["threshold"])
+@triton.jit(do_not_specialize=["M", "threshold"])
 def _lora_gemm_kernel(
     a_ptr, b_ptr, c_ptr, seed_ptr,
     M, N, K, k_per_split,
@@ -167,7 +167,7 @@ def _lora_gemm_kernel(
              mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit(do_not_specialize=["threshold"])
+@triton.jit(do_not_specialize=["M", "threshold"])
 def _lora_add_kernel(
     c_ptr, bias_ptr, e_ptr, f_ptr, seed_ptr,
     M, N, R,

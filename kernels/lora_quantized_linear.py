@@ -119,7 +119,7 @@ def _dequant_tile(q_ptr, absmax_ptr, code_ptr, offs_r, offs_c, stride_r, stride_
 # ----------------------------------------------------------------------------------------------
 # the kernel
 # ----------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["threshold"])
+@triton.jit(do_not_specialize=["M", "threshold"])
 def _qlora_gemm_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, e_ptr, f_ptr, absmax_ptr, code_ptr, seed_ptr,
     M, N, K, R, k_per_split, blocksize,
