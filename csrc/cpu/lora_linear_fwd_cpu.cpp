@@ -9,6 +9,7 @@
 
 #include "../lora_op_checks.h"
 #include "lora_linear_blocks.h"
+#include "rows_dot.h"
 
 namespace fastlora {
 namespace lora_cpu {
@@ -114,16 +115,29 @@ Tensor base_few_rows(const Tensor& x, const Tensor& weight, const Tensor& bias_e
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = xa.size(1);
   const int64_t L = small_gemm_lanes<T>();
   const int64_t Mp = ceil_div(M, L) * L;
-  Tensor xt = at::zeros({K, Mp}, x.options());  // pad columns stay zero
+  // AVX2 (level 3): W @ x^T in rows_dot_add, for float32 and bfloat16 W alike (the same
+  // arithmetic, so a bfloat16 W gives the float32 op's result on its float32 copy, bitwise);
+  // x goes there permuted (xp), elsewhere transposed (xt) for small_gemm.
+  constexpr bool float_rows = std::is_same_v<T, float>;
+  const bool dot_rows = float_rows && rows_dot_available();
+  Tensor xt, xp;
+  if (dot_rows) {
+    xp = at::empty({M, rows_dot_width(K)}, x.options());
+    if constexpr (float_rows) {
+      permute_rows_for_dot(x.const_data_ptr<float>(), M, K, x.stride(0), xp.mutable_data_ptr<float>());
+    }
+  } else {
+    xt = at::zeros({K, Mp}, x.options());  // pad columns stay zero
+    transpose_into(x.const_data_ptr<T>(), M, K, x.stride(0), xt.mutable_data_ptr<T>(), Mp);
+  }
   Tensor xat = at::zeros({r, Mp}, x.options());
-  transpose_into(x.const_data_ptr<T>(), M, K, x.stride(0), xt.mutable_data_ptr<T>(), Mp);
   const Tensor xa_c = xa.contiguous();
   transpose_into(xa_c.const_data_ptr<T>(), M, r, r, xat.mutable_data_ptr<T>(), Mp);
   const Tensor W = row_major(weight);
   const Tensor Bc = lora_B.contiguous();
   const Tensor bias_c = bias_eff.defined() ? bias_eff.contiguous() : bias_eff;
   Tensor y = at::empty({M, N}, x.options());
-  const T* xtp = xt.const_data_ptr<T>();
+  const T* xtp = dot_rows ? nullptr : xt.const_data_ptr<T>();
   const T* xatp = xat.const_data_ptr<T>();
   const WT* wp = W.const_data_ptr<WT>();
   const T* bp = Bc.const_data_ptr<T>();
@@ -134,12 +148,19 @@ Tensor base_few_rows(const Tensor& x, const Tensor& weight, const Tensor& bias_e
   constexpr int64_t kRows = 8;  // rows of W per task
   at::parallel_for(0, ceil_div(N, kRows), 1, [&](int64_t t0, int64_t t1) {
     std::vector<T> yt(kRows * Mp);
-    std::vector<T> wrows(std::is_same_v<T, WT> ? 0 : kRows * K);
+    std::vector<T> wrows(std::is_same_v<T, WT> || dot_rows ? 0 : kRows * K);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t j0 = t * kRows, nt = std::min(kRows, N - j0);
       // y^T rows j0 .. j0 + nt: s * B @ xa^T, then += W @ x^T
       small_gemm(nt, Mp, r, s, bp + j0 * r, r, 1, xatp, Mp, false, yt.data(), Mp);
-      if constexpr (std::is_same_v<T, WT>) {
+      if (dot_rows) {
+        if constexpr (float_rows && std::is_same_v<WT, float>) {
+          rows_dot_add(wp + j0 * ldw, ldw, nt, K, xp.const_data_ptr<float>(), M, yt.data(), Mp);
+        } else if constexpr (float_rows) {
+          rows_dot_add(reinterpret_cast<const uint16_t*>(wp + j0 * ldw), ldw, nt, K, xp.const_data_ptr<float>(), M,
+                       yt.data(), Mp);
+        }
+      } else if constexpr (std::is_same_v<T, WT>) {
         small_gemm(nt, Mp, K, T(1), wp + j0 * ldw, ldw, 1, xtp, Mp, true, yt.data(), Mp);
       } else {
         for (int64_t jj = 0; jj < nt; ++jj) {

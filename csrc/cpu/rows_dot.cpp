@@ -1,0 +1,263 @@
+// The AVX2 row-dot kernel of the decode-sized forward; see rows_dot.h.
+#include "rows_dot.h"
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "small_gemm.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define FASTLORA_ROWS_DOT_AVX2 1
+#endif
+
+namespace fastlora {
+namespace lora_cpu {
+
+namespace {
+constexpr int64_t kGroup = 16;  // k per step: one 32-byte load of bfloat16
+
+// Position in the permuted group of column t: lanes 0-7 hold k = 0-3, 8-11; lanes 8-15 hold
+// k = 4-7, 12-15 (what unpacking a 16-lane bfloat16 vector with zeros yields, lo then hi).
+inline int64_t permuted_lane(int64_t t) {
+  const int64_t quad = t / 4, within = t % 4;  // quads 0..3 of the group
+  return (quad % 2) * 8 + (quad / 2) * 4 + within;
+}
+}  // namespace
+
+int64_t rows_dot_width(int64_t K) { return (K + kGroup - 1) / kGroup * kGroup; }
+
+void permute_rows_for_dot(const float* x, int64_t m, int64_t K, int64_t ldx, float* xp) {
+  const int64_t Kp = rows_dot_width(K);
+  for (int64_t i = 0; i < m; ++i) {
+    float* dst = xp + i * Kp;
+    std::memset(dst + (K / kGroup) * kGroup, 0, sizeof(float) * (Kp - (K / kGroup) * kGroup));
+    for (int64_t k = 0; k < K; ++k) {
+      dst[(k / kGroup) * kGroup + permuted_lane(k % kGroup)] = x[i * ldx + k];
+    }
+  }
+}
+
+#if FASTLORA_ROWS_DOT_AVX2
+
+namespace {
+
+#define FASTLORA_AVX2 __attribute__((target("avx2,fma")))
+
+// The 16 weights of one group as the two permuted float32 vectors.
+struct LoadBf16 {
+  FASTLORA_AVX2 static inline void load(const uint16_t* w, __m256& lo, __m256& hi) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+    const __m256i z = _mm256_setzero_si256();
+    lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, v));
+    hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, v));
+  }
+};
+
+struct LoadF32 {
+  FASTLORA_AVX2 static inline void load(const float* w, __m256& lo, __m256& hi) {
+    const __m256 a = _mm256_loadu_ps(w), b = _mm256_loadu_ps(w + 8);
+    lo = _mm256_permute2f128_ps(a, b, 0x20);
+    hi = _mm256_permute2f128_ps(a, b, 0x31);
+  }
+};
+
+FASTLORA_AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+// One group of 16 k: J rows of W (at wk[j]) against I rows of x (permuted, row stride Kp).
+template <class Load, typename WT, int J, int I>
+FASTLORA_AVX2 inline void group(const WT* const* wk, const float* xk, int64_t Kp, __m256 (&acc)[J][I]) {
+  __m256 lo[J], hi[J];
+  for (int j = 0; j < J; ++j) Load::load(wk[j], lo[j], hi[j]);
+  for (int i = 0; i < I; ++i) {
+    const __m256 xlo = _mm256_loadu_ps(xk + i * Kp), xhi = _mm256_loadu_ps(xk + i * Kp + 8);
+    for (int j = 0; j < J; ++j) {
+      acc[j][i] = _mm256_fmadd_ps(lo[j], xlo, acc[j][i]);
+      acc[j][i] = _mm256_fmadd_ps(hi[j], xhi, acc[j][i]);
+    }
+  }
+}
+
+// J rows of W (J <= 2) against I rows of x (I <= 4): J * I accumulators of 8 lanes. The last
+// group of a K that is not a multiple of 16 is read from a zero-padded copy (tail), so no load
+// passes the end of a row.
+template <class Load, typename WT, int J, int I>
+FASTLORA_AVX2 void block(const WT* w, int64_t ldw, int64_t K, const float* xp, int64_t Kp, const WT* tail,
+                         float* out, int64_t ldo) {
+  __m256 acc[J][I];
+  for (int j = 0; j < J; ++j)
+    for (int i = 0; i < I; ++i) acc[j][i] = _mm256_setzero_ps();
+  const int64_t full = K / kGroup * kGroup;
+  const WT* wk[J];
+  for (int64_t k = 0; k < full; k += kGroup) {
+    for (int j = 0; j < J; ++j) wk[j] = w + j * ldw + k;
+    group<Load, WT, J, I>(wk, xp + k, Kp, acc);
+  }
+  if (full < K) {
+    for (int j = 0; j < J; ++j) wk[j] = tail + j * kGroup;
+    group<Load, WT, J, I>(wk, xp + full, Kp, acc);
+  }
+  for (int j = 0; j < J; ++j)
+    for (int i = 0; i < I; ++i) out[j * ldo + i] += hsum(acc[j][i]);
+}
+
+template <class Load, typename WT, int J>
+FASTLORA_AVX2 void rows(const WT* w, int64_t ldw, int64_t K, const float* xp, int64_t m, const WT* tail,
+                        float* out, int64_t ldo) {
+  const int64_t Kp = rows_dot_width(K);
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) block<Load, WT, J, 4>(w, ldw, K, xp + i * Kp, Kp, tail, out + i, ldo);
+  switch (m - i) {
+    case 3: block<Load, WT, J, 3>(w, ldw, K, xp + i * Kp, Kp, tail, out + i, ldo); break;
+    case 2: block<Load, WT, J, 2>(w, ldw, K, xp + i * Kp, Kp, tail, out + i, ldo); break;
+    case 1: block<Load, WT, J, 1>(w, ldw, K, xp + i * Kp, Kp, tail, out + i, ldo); break;
+    default: break;
+  }
+}
+
+template <class Load, typename WT>
+void rows_dot_add_impl(const WT* w, int64_t ldw, int64_t n, int64_t K, const float* xp, int64_t m, float* out,
+                       int64_t ldo) {
+  const int64_t full = K / kGroup * kGroup;
+  WT tail[2 * kGroup];  // the last partial group of two rows, zero-padded
+  auto fill_tail = [&](int64_t j, int rows_) {
+    std::memset(tail, 0, sizeof(tail));
+    for (int jj = 0; jj < rows_; ++jj) {
+      std::memcpy(tail + jj * kGroup, w + (j + jj) * ldw + full, sizeof(WT) * (K - full));
+    }
+  };
+  int64_t j = 0;
+  for (; j + 2 <= n; j += 2) {
+    if (full < K) fill_tail(j, 2);
+    rows<Load, WT, 2>(w + j * ldw, ldw, K, xp, m, tail, out + j * ldo, ldo);
+  }
+  if (j < n) {
+    if (full < K) fill_tail(j, 1);
+    rows<Load, WT, 1>(w + j * ldw, ldw, K, xp, m, tail, out + j * ldo, ldo);
+  }
+}
+
+// buf (I rows of 16 permuted sums, row stride ldb) += dyt(:, :I)^T @ W rows (nc rows at wk,
+// row stride ldwk, one group of 16 columns): 2 I accumulators over the rows.
+template <class Load, typename WT, int I>
+FASTLORA_AVX2 inline __attribute__((always_inline)) void axpy_block(const WT* wk, int64_t ldwk, int64_t nc, const float* dyt, int64_t m, float* buf,
+                              int64_t ldb) {
+  __m256 lo_acc[I], hi_acc[I];
+  for (int i = 0; i < I; ++i) {
+    lo_acc[i] = _mm256_loadu_ps(buf + i * ldb);
+    hi_acc[i] = _mm256_loadu_ps(buf + i * ldb + 8);
+  }
+  for (int64_t j = 0; j < nc; ++j) {
+    __m256 lo, hi;
+    Load::load(wk + j * ldwk, lo, hi);
+    for (int i = 0; i < I; ++i) {
+      const __m256 d = _mm256_broadcast_ss(dyt + j * m + i);
+      lo_acc[i] = _mm256_fmadd_ps(d, lo, lo_acc[i]);
+      hi_acc[i] = _mm256_fmadd_ps(d, hi, hi_acc[i]);
+    }
+  }
+  for (int i = 0; i < I; ++i) {
+    _mm256_storeu_ps(buf + i * ldb, lo_acc[i]);
+    _mm256_storeu_ps(buf + i * ldb + 8, hi_acc[i]);
+  }
+}
+
+// One chunk of rows (nc rows at w, row stride ldw, columns [k0, k1) of which those from full
+// on come from the padded tail) into buf, group by group, every row block of dY^T in turn.
+template <class Load, typename WT>
+FASTLORA_AVX2 void axpy_chunk(const WT* w, int64_t ldw, int64_t nc, int64_t full, int64_t k0, int64_t k1,
+                              const WT* tail, const float* dyt, int64_t m, float* buf, int64_t width) {
+  for (int64_t k = k0; k < k1; k += kGroup) {
+    const bool in_tail = k >= full;
+    const WT* wk = in_tail ? tail : w + k;
+    const int64_t ldwk = in_tail ? kGroup : ldw;
+    float* bk = buf + (k - k0);
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4) axpy_block<Load, WT, 4>(wk, ldwk, nc, dyt + i, m, bk + i * width, width);
+    switch (m - i) {
+      case 3: axpy_block<Load, WT, 3>(wk, ldwk, nc, dyt + i, m, bk + i * width, width); break;
+      case 2: axpy_block<Load, WT, 2>(wk, ldwk, nc, dyt + i, m, bk + i * width, width); break;
+      case 1: axpy_block<Load, WT, 1>(wk, ldwk, nc, dyt + i, m, bk + i * width, width); break;
+      default: break;
+    }
+  }
+}
+
+template <class Load, typename WT>
+void rows_axpy_add_impl(const WT* w, int64_t ldw, int64_t n, int64_t K, int64_t k0, int64_t k1, const WT* tail,
+                        const float* dyt, int64_t m, float* out, int64_t ldo) {
+  const int64_t full = K / kGroup * kGroup;
+  const int64_t width = rows_dot_width(k1 - k0);
+  std::vector<float> buf(m * width, 0.0f);  // m x width sums, each group in permuted order
+  // Rows in chunks of 16: the group loop reads them front to back side by side, streams the
+  // hardware prefetchers follow. (M = 8, in = out = 4096, bfloat16 W, 2 threads: 4 rows 3.3 ms,
+  // 16 rows 2.5 ms, 64 rows 3.8 ms; more rows are more strided streams at once.)
+  constexpr int64_t kChunk = 16;
+  for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
+    axpy_chunk<Load, WT>(w + j0 * ldw, ldw, std::min(kChunk, n - j0), full, k0, k1, tail ? tail + j0 * kGroup : tail,
+                         dyt + j0 * m, m, buf.data(), width);
+  }
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t g = (k - k0) / kGroup * kGroup;
+      out[i * ldo + k] += buf[i * width + g + permuted_lane((k - k0) % kGroup)];
+    }
+  }
+}
+
+}  // namespace
+
+bool rows_dot_available() { return small_gemm_isa() == 3; }
+
+void rows_axpy_add(const uint16_t* w, int64_t ldw, int64_t n, int64_t K, int64_t k0, int64_t k1,
+                   const uint16_t* tail, const float* dyt, int64_t m, float* out, int64_t ldo) {
+  rows_axpy_add_impl<LoadBf16, uint16_t>(w, ldw, n, K, k0, k1, tail, dyt, m, out, ldo);
+}
+
+void rows_dot_add(const float* w, int64_t ldw, int64_t n, int64_t K, const float* xp, int64_t m, float* out,
+                  int64_t ldo) {
+  rows_dot_add_impl<LoadF32, float>(w, ldw, n, K, xp, m, out, ldo);
+}
+
+void rows_dot_add(const uint16_t* w, int64_t ldw, int64_t n, int64_t K, const float* xp, int64_t m, float* out,
+                  int64_t ldo) {
+  rows_dot_add_impl<LoadBf16, uint16_t>(w, ldw, n, K, xp, m, out, ldo);
+}
+
+#else  // not x86-64 / GCC: no vector build; callers check rows_dot_available()
+
+bool rows_dot_available() { return false; }
+
+void rows_dot_add(const float*, int64_t, int64_t, int64_t, const float*, int64_t, float*, int64_t) {
+  TORCH_CHECK(false, "rows_dot_add: no AVX2 build on this platform");
+}
+
+void rows_dot_add(const uint16_t*, int64_t, int64_t, int64_t, const float*, int64_t, float*, int64_t) {
+  TORCH_CHECK(false, "rows_dot_add: no AVX2 build on this platform");
+}
+
+void rows_axpy_add(const uint16_t*, int64_t, int64_t, int64_t, int64_t, int64_t, const uint16_t*, const float*,
+                   int64_t, float*, int64_t) {
+  TORCH_CHECK(false, "rows_axpy_add: no AVX2 build on this platform");
+}
+
+#endif
+
+void rows_axpy_tail(const uint16_t* w, int64_t ldw, int64_t n, int64_t K, uint16_t* tail) {
+  const int64_t full = K / kGroup * kGroup;
+  for (int64_t j = 0; j < n; ++j) {
+    std::memset(tail + j * kGroup, 0, sizeof(uint16_t) * kGroup);
+    std::memcpy(tail + j * kGroup, w + j * ldw + full, sizeof(uint16_t) * (K - full));
+  }
+}
+
+}  // namespace lora_cpu
+}  // namespace fastlora

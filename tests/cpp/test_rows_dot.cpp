@@ -1,0 +1,139 @@
+// The decode-sized AVX2 kernels of csrc/cpu/rows_dot.h against a float64 loop: rows_dot_add
+// (float32 and bfloat16 weights, which must agree bitwise, the latter on its float32 copy) and
+// rows_axpy_add (bfloat16; a column range split at any group boundary must give the same
+// bits), over row counts that hit every register block (4 x-rows, 2 W-rows and their tails),
+// K around the 16-column groups (the zero-padded tail group) and padded leading dimensions.
+// The kernels run at level 3 (AVX2 + FMA); on a machine without it there is nothing to test.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "../../csrc/cpu/rows_dot.h"
+#include "../../csrc/cpu/small_gemm.h"
+#include "expect.h"
+
+using fastlora_test::expect;
+using fastlora_test::finish;
+namespace lc = fastlora::lora_cpu;
+
+namespace {
+
+float bf16_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+uint16_t float_to_bf16_truncated(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), sizeof(float) * a.size()) == 0;
+}
+
+}  // namespace
+
+int main() {
+  const int previous = fastlora::small_gemm_isa();
+  if (fastlora::small_gemm_use_isa(3) != 3) {
+    std::printf("skipped: this machine has no AVX2 + FMA build\n");
+    return finish();
+  }
+  expect(lc::rows_dot_available(), "rows_dot_available at level 3");
+  const double u = std::numeric_limits<float>::epsilon() / 2;
+  std::mt19937 rng(1);
+  std::normal_distribution<float> normal;
+  int64_t cases = 0, bad_dot = 0, bad_bits = 0, bad_axpy = 0, bad_split = 0;
+  std::string first;
+  for (int64_t m : {1, 2, 3, 4, 5, 8, 13, 16}) {
+    for (int64_t n : {1, 2, 3, 8, 17}) {
+      for (int64_t K : {1, 15, 16, 17, 33, 300}) {
+        ++cases;
+        const int64_t ldw = K + 3, ldx = K + 5, ldo = m + 2;
+        std::vector<uint16_t> wh(n * ldw);
+        std::vector<float> wf(n * ldw), x(m * ldx), dyt(n * m);
+        for (int64_t e = 0; e < n * ldw; ++e) {
+          wh[e] = float_to_bf16_truncated(normal(rng));
+          wf[e] = bf16_to_float(wh[e]);
+        }
+        for (auto& v : x) v = normal(rng);
+        for (auto& v : dyt) v = normal(rng);
+        const std::string shape = "m=" + std::to_string(m) + " n=" + std::to_string(n) + " K=" + std::to_string(K);
+
+        // rows_dot_add: out(j, i) += W(j, :) . x(i, :), onto a nonzero out
+        std::vector<float> xp(m * lc::rows_dot_width(K));
+        lc::permute_rows_for_dot(x.data(), m, K, ldx, xp.data());
+        std::vector<float> out_h(n * ldo, 0.5f), out_f(n * ldo, 0.5f);
+        lc::rows_dot_add(wh.data(), ldw, n, K, xp.data(), m, out_h.data(), ldo);
+        lc::rows_dot_add(wf.data(), ldw, n, K, xp.data(), m, out_f.data(), ldo);
+        if (!same_bits(out_h, out_f)) {
+          ++bad_bits;
+          if (first.empty()) first = "rows_dot_add bf16 != float32 at " + shape;
+        }
+        for (int64_t j = 0; j < n; ++j) {
+          for (int64_t i = 0; i < ldo; ++i) {
+            double exact = 0.5, mag = 0.5;
+            if (i < m) {
+              for (int64_t k = 0; k < K; ++k) {
+                const double t = static_cast<double>(wf[j * ldw + k]) * x[i * ldx + k];
+                exact += t;
+                mag += std::fabs(t);
+              }
+            }
+            if (std::fabs(out_f[j * ldo + i] - exact) > (K + 3) * u * mag) {
+              ++bad_dot;
+              if (first.empty()) first = "rows_dot_add at " + shape;
+            }
+          }
+        }
+
+        // rows_axpy_add: out(i, k) += sum_j dyt(j, i) W(j, k), whole and split column ranges
+        std::vector<uint16_t> tail(n * 16);
+        lc::rows_axpy_tail(wh.data(), ldw, n, K, tail.data());
+        const uint16_t* tail_p = K % 16 ? tail.data() : nullptr;
+        const int64_t ldg = K + 1;
+        std::vector<float> gx(m * ldg, -0.25f), gx_split(m * ldg, -0.25f);
+        lc::rows_axpy_add(wh.data(), ldw, n, K, 0, K, tail_p, dyt.data(), m, gx.data(), ldg);
+        for (int64_t k0 = 0; k0 < K; k0 += 32) {
+          lc::rows_axpy_add(wh.data(), ldw, n, K, k0, std::min(k0 + 32, K), tail_p, dyt.data(), m, gx_split.data(),
+                            ldg);
+        }
+        if (!same_bits(gx, gx_split)) {
+          ++bad_split;
+          if (first.empty()) first = "rows_axpy_add split columns at " + shape;
+        }
+        for (int64_t i = 0; i < m; ++i) {
+          for (int64_t k = 0; k < ldg; ++k) {
+            double exact = -0.25, mag = 0.25;
+            if (k < K) {
+              for (int64_t j = 0; j < n; ++j) {
+                const double t = static_cast<double>(dyt[j * m + i]) * wf[j * ldw + k];
+                exact += t;
+                mag += std::fabs(t);
+              }
+            }
+            if (std::fabs(gx[i * ldg + k] - exact) > (n + 3) * u * mag) {
+              ++bad_axpy;
+              if (first.empty()) first = "rows_axpy_add at " + shape;
+            }
+          }
+        }
+      }
+    }
+  }
+  expect(bad_dot == 0, "rows_dot_add within (K + 3) u sum|w x| of float64 (" + std::to_string(cases) + " shapes)");
+  expect(bad_bits == 0, "rows_dot_add: bfloat16 W gives the float32 result bitwise");
+  expect(bad_axpy == 0, "rows_axpy_add within (n + 3) u sum|dy w| of float64, columns past K untouched");
+  expect(bad_split == 0, "rows_axpy_add: split column ranges give the same bits");
+  if (!first.empty()) std::printf("first failure: %s\n", first.c_str());
+  fastlora::small_gemm_use_isa(previous);
+  return finish();
+}
