@@ -26,8 +26,9 @@ in registers rather than pass it between launches:
                               (deterministic; with one band the partials are the gradients)
 
 With the op's seed draw that is six launches per training step and no host sync. Above
-BAND_MAX_RANK the rank tiles would not fit in registers, and the launchers use two generic
-kernels instead. ``_lora_gemm_kernel``, for the products with a short output side:
+BAND_MAX_RANK the rank tiles would not fit in registers, and where the bands' partial sums would
+outgrow dY (backward_band_rows) their memory would not be worth the launches saved: the
+launchers then use two generic kernels instead. ``_lora_gemm_kernel``, for the products with a short output side:
 
     C[m, n] = alpha * sum_k A'[m, k] * B'[k, n]
 
@@ -492,10 +493,11 @@ def _add_lora(out: torch.Tensor, e: torch.Tensor, f: torch.Tensor, lora_scale: f
 BAND_MAX_RANK = 128
 
 
-def _band_plan(M: int, N: int, K: int, R: int, dtype: torch.dtype, device: torch.device):
+def _band_plan(M: int, N: int, K: int, R: int, dtype: torch.dtype, device: torch.device,
+               backward: bool = False):
     """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, chunks, num_warps, num_stages) of the band kernels
     for M rows, N outputs, K inputs, rank R, computed in ``dtype`` (float32 when the adapters
-    are).
+    are); for the backward, None where its partial sums would outgrow dY (backward_band_rows).
 
     A band is BLOCK_M rows; each band is split into ``chunks`` programs over the columns so that
     a layer's few bands still fill the GPU (~one program per SM), at the price of recomputing
@@ -511,12 +513,31 @@ def _band_plan(M: int, N: int, K: int, R: int, dtype: torch.dtype, device: torch
     else:
         bm, bnk = 64, 64
     bm = _pow2(M, 16, bm)
+    if backward:
+        # (float32 tiles of 128-row bands spill registers on sm_90: at most 32 rows there)
+        bm = backward_band_rows(M, N, K, R, bm, bm if dtype == torch.float32 else 128)
+        if bm is None:
+            return None
     bn, bk = _pow2(N, 16, bnk), _pow2(K, 16, bnk)
     bands = triton.cdiv(M, bm)
     col_tiles = min(triton.cdiv(N, bn), triton.cdiv(K, bk))
     chunks = max(1, min(8, col_tiles, triton.cdiv(_num_sms(device), bands)))
-    num_warps = 8 if br >= 64 else 4  # 4 warps spill the float32 rank tiles at r = 128 (sm_90 compile)
+    # 4 warps spill the float32 rank tiles at r = 128, and 128-row bands (sm_90 compile)
+    num_warps = 8 if br >= 64 or bm >= 128 else 4
     return bm, bn, bk, br, chunks, num_warps, 2
+
+
+def backward_band_rows(M: int, N: int, K: int, R: int, block_m: int, tallest: int):
+    """Rows per band of the backward: block_m, or ``tallest`` where block_m-row bands' float32
+    partial sums (bands x R x (K + N) values) would be more values than dY (M x N): with K = N
+    that is bands of fewer than 2R rows. None where the tallest bands are not enough either: the
+    launcher then takes the split-K GEMMs, whose partial planes stay small. The partials' size
+    is so bounded by dY's at any token count."""
+    for bm in (block_m, tallest):
+        bands = triton.cdiv(M, bm)
+        if bands == 1 or bands * R * (K + N) <= M * N:
+            return bm
+    return None
 
 
 def _chunk(n: int, chunks: int, block: int) -> int:
@@ -553,8 +574,9 @@ def _forward_band(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     return y, xa
 
 
-def _backward_band(grad_y, x, lora_A, lora_B, xa, scaling, drop, grad_x):
-    """(grad_A, grad_B), and grad_x (the cuBLAS dY @ W, or None) updated in place."""
+def _backward_band(grad_y, x, lora_A, lora_B, xa, scaling, drop, grad_x, plan):
+    """(grad_A, grad_B), and grad_x (the cuBLAS dY @ W, or None) updated in place; plan from
+    _band_plan(..., backward=True)."""
     M, N = grad_y.shape
     K, R = x.shape[1], lora_A.shape[0]
     dev, ad = grad_y.device, lora_A.dtype
@@ -563,7 +585,7 @@ def _backward_band(grad_y, x, lora_A, lora_B, xa, scaling, drop, grad_x):
     grad_A = torch.empty((R, K), dtype=ad, device=dev)
     grad_B = torch.empty((N, R), dtype=ad, device=dev)
     seed_t, threshold, drop_scale = _dropout_args(*drop, dev) if drop is not None else (x, 0, 1.0)
-    bm, bn, bk, br, chunks, num_warps, num_stages = _band_plan(M, N, K, R, ad, dev)
+    bm, bn, bk, br, chunks, num_warps, num_stages = plan
     n_per_chunk, k_per_chunk = _chunk(N, chunks, bn), _chunk(K, chunks, bk)
     chunks = max(1, triton.cdiv(N, n_per_chunk), triton.cdiv(K, k_per_chunk))
     bands = triton.cdiv(M, bm)
@@ -680,13 +702,15 @@ def lora_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     empty = grad_y.new_empty(0)
     grad_w = torch.mm(grad_y.t(), x) if need_grad_weight else empty
     grad_b = grad_y.sum(0) if need_grad_bias else empty
-    if _pow2(r, 16, 1 << 30) <= BAND_MAX_RANK:
+    plan = _band_plan(M, N, K, r, ad, dev, backward=True) if _pow2(r, 16, 1 << 30) <= BAND_MAX_RANK else None
+    if plan is not None:
         # Three launches with grad_x: cuBLAS dY @ W, the band kernel, the band sum.
         grad_x = torch.mm(grad_y, weight) if need_grad_x else None
-        grad_A, grad_B = _backward_band(grad_y, x, lora_A, lora_B, xa, scaling, drop, grad_x)
+        grad_A, grad_B = _backward_band(grad_y, x, lora_A, lora_B, xa, scaling, drop, grad_x, plan)
         return (empty if grad_x is None else grad_x), grad_w, grad_b, grad_A, grad_B
 
-    # Ranks above BAND_MAX_RANK: the rank-r GEMMs one by one.
+    # Ranks above BAND_MAX_RANK (or bands whose partials would outgrow dY): the rank-r GEMMs one
+    # by one.
     # g = scaling * grad_y @ lora_B (M, r): computed once, rounded to the adapters' dtype (as
     # the reference does; it is an operand of the two kernels below).
     g = _gemm(grad_y, lora_B, torch.empty((M, r), dtype=ad, device=dev), alpha=scaling)

@@ -193,7 +193,26 @@ def _small_bands(chunks):
     """A _band_plan with 16-wide tiles and `chunks` column chunks (GPU-style): several bands
     (so the band sum runs), several N and K trips per chunk, and with many chunks some that
     own no column tile."""
-    return lambda M, N, K, R, dtype, device: (16, 16, 16, tk._pow2(R, 16, tk.BAND_MAX_RANK), chunks, 4, 1)
+    return lambda M, N, K, R, dtype, device, backward=False: (16, 16, 16, tk._pow2(R, 16, tk.BAND_MAX_RANK),
+                                                               chunks, 4, 1)
+
+
+def test_backward_band_partials_never_outgrow_grad_y():
+    # The band sums' float32 partials (bands x R x (K + N) values) stay within dY's M x N values
+    # at any token count: taller bands where needed, else (None) the split-K GEMMs.
+    for M in (8, 2048, 65536, 1 << 20):
+        for K, N, R in ((4096, 4096, 16), (4096, 4096, 64), (4096, 4096, 128), (1024, 4096, 16), (4096, 11008, 64)):
+            bm = tk.backward_band_rows(M, N, K, R, 64, 128)
+            if bm is None:
+                assert R > 64, (M, K, N, R)
+                continue
+            bands = -(-M // bm)
+            assert bm in (64, 128) and (bands == 1 or bands * R * (K + N) <= M * N), (M, K, N, R, bm)
+    assert tk.backward_band_rows(2048, 4096, 4096, 16, 64, 128) == 64   # 32 bands: partials = dY / 2
+    assert tk.backward_band_rows(2048, 4096, 4096, 64, 64, 128) == 128  # 64-row bands would double dY
+    assert tk.backward_band_rows(2048, 4096, 4096, 64, 32, 32) is None  # float32: split-K instead
+    assert tk.backward_band_rows(100, 4096, 4096, 128, 128, 128) == 128  # one band: no partials
+    assert tk.backward_band_rows(2048, 4096, 4096, 128, 64, 128) is None
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

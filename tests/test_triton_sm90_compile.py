@@ -88,9 +88,10 @@ class Recorder:
 for name, short in names.items():
     setattr(tk, name, Recorder(short))
 t = lambda *shape, dtype: torch.empty(*shape, dtype=dtype, device="meta")
-# Ranks up to BAND_MAX_RANK run in the band kernels (several bands at M = 2048, one band at
-# decode-sized M = 8, whose sums are the gradients themselves); above it the rank-r GEMMs.
-for M, r in ((2048, 64), (8, 16), (2048, tk.BAND_MAX_RANK), (2048, 256)):
+# Ranks up to BAND_MAX_RANK run in the band kernels (several bands at M = 2048: 128-row ones
+# at r = 64 in half precision; one band at decode-sized M = 8, whose sums are the gradients
+# themselves); above it, or where the bands' partials would outgrow dY, the rank-r GEMMs.
+for M, r in ((2048, 16), (2048, 64), (8, 16), (2048, tk.BAND_MAX_RANK), (2048, 256)):
     x, W, gy = t(M, K, dtype=xd), t(N, K, dtype=xd), t(M, N, dtype=xd)
     A, B = t(r, K, dtype=ad), t(N, r, dtype=ad)
     for split in (1, 2):  # split-K writes fp32 partial planes (GPU: the r-sized GEMMs)

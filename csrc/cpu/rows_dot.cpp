@@ -1,4 +1,5 @@
-// The AVX2 row-dot kernel of the decode-sized forward; see rows_dot.h.
+// The AVX2 kernels of the decode-sized LoRA base products (forward x @ W^T, bfloat16 backward
+// dY @ W); see rows_dot.h.
 #include "rows_dot.h"
 
 #include <c10/util/Exception.h>
@@ -148,8 +149,9 @@ void rows_dot_add_impl(const WT* w, int64_t ldw, int64_t n, int64_t K, const flo
 // buf (I rows of 16 permuted sums, row stride ldb) += dyt(:, :I)^T @ W rows (nc rows at wk,
 // row stride ldwk, one group of 16 columns): 2 I accumulators over the rows.
 template <class Load, typename WT, int I>
-FASTLORA_AVX2 inline __attribute__((always_inline)) void axpy_block(const WT* wk, int64_t ldwk, int64_t nc, const float* dyt, int64_t m, float* buf,
-                              int64_t ldb) {
+FASTLORA_AVX2 inline __attribute__((always_inline)) void axpy_block(const WT* wk, int64_t ldwk, int64_t nc,
+                                                                    const float* dyt, int64_t m, float* buf,
+                                                                    int64_t ldb) {
   __m256 lo_acc[I], hi_acc[I];
   for (int i = 0; i < I; ++i) {
     lo_acc[i] = _mm256_loadu_ps(buf + i * ldb);
