@@ -536,6 +536,28 @@ class TestErrors:
             call(*args)
 
 
+def test_decode_sized_float16_at_the_native_level():
+    """At the machine's own kernel level too, a decode-sized float16 step reads the float16
+    weight as it is (from AVX2 up in the row kernels, csrc/cpu/rows_dot.cpp): outputs within one
+    float16 rounding of the float32 op's, gradients of the adapters exactly its rounded ones."""
+    g = torch.Generator().manual_seed(7)
+    mk = lambda *s: torch.randn(*s, generator=g).half()  # noqa: E731
+    x, W, b, gy, A, B = mk(8, 300), mk(77, 300), mk(77), mk(8, 77), mk(4, 300), mk(77, 4)
+    seed = torch.tensor(5)
+    f32 = lambda *ts: [t.float() for t in ts]  # noqa: E731
+    fwd, bwd = torch.ops.fastlora.lora_linear_fwd, torch.ops.fastlora.lora_linear_bwd
+    y, xa = fwd(x, W, b, A, B, 0.5, 0.3, seed, None)
+    y32, xa32 = fwd(*f32(x, W, b, A, B), 0.5, 0.3, seed, None)
+    assert y.dtype == torch.float16
+    torch.testing.assert_close(y.float(), y32, rtol=2 ** -10, atol=2 ** -24)
+    assert torch.equal(xa, xa32.half())
+    grads = bwd(gy, x, W, A, B, xa, 0.5, 0.3, seed, [True, False, False])
+    grads32 = bwd(*f32(gy, x, W, A, B, xa), 0.5, 0.3, seed, [True, False, False])
+    torch.testing.assert_close(grads[0].float(), grads32[0], rtol=2 ** -10, atol=2 ** -24)
+    for got, full in zip(grads[3:], grads32[3:]):
+        assert torch.equal(got, full.half())
+
+
 def test_bfloat16_without_native_gemms_runs_float32_rounded_once():
     """Where bf16 GEMMs are emulated (no AVX512-BF16 / AMX, or kernels capped below AVX-512) the
     ops run their float32 kernels on float32 copies: each output is the float32 op's on the
@@ -563,14 +585,16 @@ def test_bfloat16_without_native_gemms_runs_float32_rounded_once():
 
 
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
-@pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_decode_sized_bfloat16_streams_the_bf16_weight(isa, adapter_dtype):
-    """A decode-sized bfloat16 batch on a CPU without native bf16 GEMMs runs the float32 decode
-    kernels on float32 copies of its few rows, reading the bfloat16 weight a few rows at a time
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                                 (torch.float16, torch.float16), (torch.float16, torch.float32)],
+                         ids=str)
+def test_decode_sized_half_precision_streams_the_16_bit_weight(isa, dtype, adapter_dtype):
+    """A decode-sized float16 batch, or bfloat16 on a CPU without native bf16 GEMMs, runs the
+    float32 decode kernels on float32 copies of its few rows, reading the 16-bit weight as it is
     (no float32 copy of the weight): every output is the float32 op's on the same values,
-    rounded once (grad_x up to the float32 summation order of its chunked base term)."""
+    rounded once (grad_x up to the float32 summation order of its base term)."""
     g = torch.Generator().manual_seed(6)
-    mk = lambda *s: torch.randn(*s, generator=g).bfloat16()  # noqa: E731
+    mk = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
     x, W, b, gy = mk(8, 300), mk(77, 300), mk(77), mk(8, 77)
     A, B, Bb = mk(4, 300).to(adapter_dtype), mk(77, 4).to(adapter_dtype), mk(77).to(adapter_dtype)
     seed = torch.tensor(13)
@@ -585,13 +609,13 @@ def test_decode_sized_bfloat16_streams_the_bf16_weight(isa, adapter_dtype):
         for p in (0.0, 0.3):
             y, xa = fwd(x, W, b, A, B, 0.5, p, seed, Bb)
             y32, xa32 = fwd(*f32(x, W, b, A, B), 0.5, p, seed, Bb.float())
-            assert y.dtype == torch.bfloat16 and xa.dtype == adapter_dtype
-            assert torch.equal(y, y32.bfloat16()) and torch.equal(xa, xa32.to(adapter_dtype))
+            assert y.dtype == dtype and xa.dtype == adapter_dtype
+            assert torch.equal(y, y32.to(dtype)) and torch.equal(xa, xa32.to(adapter_dtype))
             grads = bwd(gy, x, W, A, B, xa, 0.5, p, seed, [True, True, True])
             grads32 = bwd(*f32(gy, x, W, A, B, xa), 0.5, p, seed, [True, True, True])
-            torch.testing.assert_close(grads[0].float(), grads32[0], rtol=2 ** -8, atol=0)  # one rounding
-            for got, full, dt in zip(grads[1:], grads32[1:], (torch.bfloat16, torch.bfloat16, adapter_dtype,
-                                                              adapter_dtype)):
+            ulp = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -10
+            torch.testing.assert_close(grads[0].float(), grads32[0], rtol=ulp, atol=0)  # one rounding
+            for got, full, dt in zip(grads[1:], grads32[1:], (dtype, dtype, adapter_dtype, adapter_dtype)):
                 assert got.dtype == dt and torch.equal(got, full.to(dt))
     finally:
         fastlora.use_cpu_isa(best)

@@ -77,5 +77,10 @@ void bf16_row_to_float(const uint16_t* __restrict src, float* __restrict dst, in
   for (int64_t j = 0; j < n; ++j) dst[j] = bf16_bits_to_float(src[j]);
 }
 
+FASTLORA_VECTOR_CLONES
+void fp16_row_to_float(const uint16_t* __restrict src, float* __restrict dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(c10::Half(src[j], c10::Half::from_bits()));
+}
+
 }  // namespace lora_cpu
 }  // namespace fastlora

@@ -58,6 +58,8 @@ inline void row_mask(acc_t* mult, int64_t cols, int64_t col0, int64_t row, const
 void mul_row_f32(float* __restrict dst, const float* __restrict src, const float* __restrict mult, int64_t n);
 void mul_row_inplace_f32(float* __restrict a, const float* __restrict mult, int64_t n);
 void bf16_row_to_float(const uint16_t* __restrict src, float* __restrict dst, int64_t n);
+// The same for float16 bits (exact).
+void fp16_row_to_float(const uint16_t* __restrict src, float* __restrict dst, int64_t n);
 
 // For `rows` rows: dst[i, :] = src[i, :] * mask(row0 + i, :) * scale (src may alias dst) and,
 // when kAlso, also[i, :] *= the same multipliers in place: backward's two uses of one mask

@@ -60,9 +60,10 @@ struct LoraBwdSmallGemm {
   int64_t M, K, N, r, rp;
   Tensor A, xa, Bp, W;  // contiguous lora_A (r x K), xa (M x r); lora_B padded to N x rp; W rows
   const T *dy, *x, *a, *xa_p, *b_p, *w;
-  // A bfloat16 weight under float32 operands (a decode-sized bfloat16 batch): only the
-  // decode-sized base term reads it (add_base_split_k, converting a few rows at a time).
-  const at::BFloat16* w_bf16;
+  // A bfloat16 or float16 weight under float32 operands (a decode-sized half-precision batch):
+  // only the decode-sized base term reads it (add_base_split_k, converting a few rows at a time).
+  const uint16_t* w_half;
+  bool w_fp16;
   T* gx;  // dX (M x K, contiguous) or null when not requested
   // bfloat16 dY, x and dX under float32 adapters (T = float; PEFT's default on a bfloat16 model),
   // in place of dy, x, gx: by_row_blocks converts each block into L2-resident float32 scratch
@@ -86,8 +87,10 @@ struct LoraBwdSmallGemm {
         W(weight.defined() ? row_major(weight) : weight), dy(typed<T>(dy_t)), x(typed<T>(x_t)),
         a(A.const_data_ptr<T>()), xa_p(xa.const_data_ptr<T>()), b_p(Bp.const_data_ptr<T>()),
         w(W.defined() && W.scalar_type() == c10::CppTypeToScalarType<T>::value ? W.const_data_ptr<T>() : nullptr),
-        w_bf16(W.defined() && W.scalar_type() == at::kBFloat16 && std::is_same_v<T, float>
-                   ? W.const_data_ptr<at::BFloat16>() : nullptr),
+        w_half(W.defined() && (W.scalar_type() == at::kBFloat16 || W.scalar_type() == at::kHalf) &&
+                       std::is_same_v<T, float>
+                   ? static_cast<const uint16_t*>(W.const_data_ptr()) : nullptr),
+        w_fp16(W.defined() && W.scalar_type() == at::kHalf),
         gx(grad_x ? typed<T>(*grad_x) : nullptr), dy_h(half_rows(dy_t)), x_h(half_rows(x_t)),
         gx_h(grad_x ? half_rows(*grad_x) : nullptr), ldy(dy_t.stride(0)), ldx(x_t.stride(0)),
         ldw(W.defined() ? W.stride(0) : 0), s(static_cast<T>(scaling)), d(dropout) {}
@@ -208,7 +211,7 @@ struct LoraBwdSmallGemm {
   std::tuple<Tensor, Tensor> by_columns() {
     // g = s * dY @ B: M x N x r, small next to the rest; one thread. dY^T (N x M, a few rows
     // of dY) is also the left operand of dX's base term (add_base_split_k).
-    base_in_grad_x = gx != nullptr && (w != nullptr || w_bf16 != nullptr);
+    base_in_grad_x = gx != nullptr && (w != nullptr || w_half != nullptr);
     Tensor dyt_t = at::empty({base_in_grad_x ? N * M : 0}, A.options());
     T* dyt = dyt_t.mutable_data_ptr<T>();
     if (base_in_grad_x) transpose_into(dy, M, N, ldy, dyt, M);
@@ -268,7 +271,7 @@ struct LoraBwdSmallGemm {
   // order. Measured at M = 8, in = out = 4096 on 2 threads: ~3.7 ms, the BLAS ~8 ms.
   void add_base_split_k(const T* dyt) {
     if constexpr (std::is_same_v<T, float>) {
-      if (w_bf16 != nullptr && rows_dot_available()) return add_base_by_columns(dyt);
+      if (w_half != nullptr && rows_dot_available()) return add_base_by_columns(dyt);
     }
     const int nthreads = std::max(1, at::get_num_threads());  // thread ids are < this
     Tensor parts = at::empty({nthreads, M * K}, A.options());  // row 0 unused: thread 0 writes dX
@@ -286,7 +289,12 @@ struct LoraBwdSmallGemm {
         for (int64_t c0 = n0; c0 < n1; c0 += kChunk) {
           const int64_t nc = std::min(kChunk, n1 - c0);
           for (int64_t i = 0; i < nc; ++i) {
-            bf16_row_to_float(reinterpret_cast<const uint16_t*>(w_bf16 + (c0 + i) * ldw), wrows.data() + i * K, K);
+            const uint16_t* row = w_half + (c0 + i) * ldw;
+            if (w_fp16) {
+              fp16_row_to_float(row, wrows.data() + i * K, K);
+            } else {
+              bf16_row_to_float(row, wrows.data() + i * K, K);
+            }
           }
           small_gemm(M, K, nc, T(1), dyt + c0 * M, 1, M, wrows.data(), K, /*accumulate=*/tid == 0 || c0 > n0,
                      out, K);
@@ -301,16 +309,23 @@ struct LoraBwdSmallGemm {
     }
   }
 
-  // The same for a bfloat16 W on AVX2 (level 3): rows_axpy_add, which widens W's bfloat16 in
+  // The same for a bfloat16 or float16 W on AVX2 (level 3): rows_axpy_add, which widens W in
   // registers instead of converting rows into a buffer first. The threads split dX's columns
   // (groups of 16), so each adds its share straight into dX. Measured at M = 8, in = out =
   // 4096 on 2 threads of a Xeon capped at AVX2, backward: 2.5 ms (3.0 with W out of cache)
   // against 3.5 ms (4.5) converting rows for small_gemm. A float32 W stays with small_gemm,
   // 2.2 ms (3.4) against rows_axpy_add's 2.5 ms (3.9).
   void add_base_by_columns(const float* dyt) {
+    if (w_fp16) {
+      add_base_by_columns_typed(reinterpret_cast<const at::Half*>(w_half), dyt);
+    } else {
+      add_base_by_columns_typed(reinterpret_cast<const at::BFloat16*>(w_half), dyt);
+    }
+  }
+  template <typename HT>
+  void add_base_by_columns_typed(const HT* wh, const float* dyt) {
     const int64_t full = K / 16 * 16;
-    std::vector<uint16_t> tail;
-    const uint16_t* wh = reinterpret_cast<const uint16_t*>(w_bf16);
+    std::vector<HT> tail;
     if (full < K) {
       tail.resize(N * 16);
       rows_axpy_tail(wh, ldw, N, K, tail.data());
@@ -426,13 +441,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_checked(
     const Tensor& grad_y_in, const Tensor& x_in, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
     const Tensor& xa, double scaling, double dropout_p, const Tensor& seed, std::array<bool, 3> output_mask) {
   const at::ScalarType dtype = x_in.scalar_type(), adapter_dtype = lora_A.scalar_type();
-  if (dtype == at::kBFloat16 && half_via_float32(dtype) && weight.defined() && weight.scalar_type() == at::kBFloat16 &&
-      weight.numel() > 0 && x_in.size(0) > 0 &&
+  if ((dtype == at::kBFloat16 || dtype == at::kHalf) && half_via_float32(dtype) && weight.defined() &&
+      weight.scalar_type() == dtype && weight.numel() > 0 && x_in.size(0) > 0 &&
       !row_blocks_for_all_threads(x_in.size(0), std::max(x_in.size(1), grad_y_in.size(1)), sizeof(float))) {
-    // A decode-sized bfloat16 batch without native bf16 GEMMs (with them the BLAS's bf16 GEMM
-    // wins, see bf16_decode in the forward): the float32 backward on float32 copies of its few
-    // rows and the adapters, dX's base term streaming the bfloat16 weight (add_base_split_k)
-    // instead of converting all of it to float32 first; each gradient rounded once.
+    // A decode-sized float16 batch, or bfloat16 without native bf16 GEMMs (with them the BLAS's
+    // bf16 GEMM wins, see half_decode in the forward): the float32 backward on float32 copies
+    // of its few rows and the adapters, dX's base term streaming the 16-bit weight
+    // (add_base_split_k) instead of converting all of it to float32 first (21 ms at 4096^2);
+    // each gradient rounded once.
     auto [gx, gw, gb, gA, gB] = lora_linear_bwd_checked(
         to_float(grad_y_in), to_float(x_in), output_mask[0] ? weight : Tensor(), to_float(lora_A), to_float(lora_B),
         to_float(xa), scaling, dropout_p, seed, output_mask);

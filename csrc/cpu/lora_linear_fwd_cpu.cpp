@@ -84,15 +84,16 @@ bool few_rows_forward(const Tensor& x, bool direct) {
   return false;
 }
 
-// Whether a bfloat16 x / weight batch takes the decode-sized float32 path with the bfloat16 weight
-// streamed (lora_linear_fwd_cpu): the rows base_few_rows takes on float32, on a CPU without
-// native bf16 GEMMs. With them (AVX512-BF16 / AMX) the BLAS's bf16 base products win (and the
-// LoRA part runs in fwd_bf16_native where the CPU has AVX512-BF16): they read half
-// the bytes at twice the float32 rate (M = 8, 4096^2: 10.0 ms fwd + bwd through this path,
-// 6.2 ms through the BLAS).
-bool bf16_decode(const Tensor& x, const Tensor& weight) {
-  if (x.scalar_type() != at::kBFloat16 || weight.scalar_type() != at::kBFloat16 || weight.numel() == 0 ||
-      !half_via_float32(at::kBFloat16)) {
+// Whether a half-precision x / weight batch takes the decode-sized float32 path with the 16-bit
+// weight streamed (lora_linear_fwd_cpu): the rows base_few_rows takes on float32, for float16,
+// and for bfloat16 on a CPU without native bf16 GEMMs. With them (AVX512-BF16 / AMX) the BLAS's
+// bf16 base products win (and the LoRA part runs in fwd_bf16_native where the CPU has
+// AVX512-BF16): they read half the bytes at twice the float32 rate (M = 8, 4096^2: 10.0 ms fwd
+// + bwd through this path, 6.2 ms through the BLAS).
+bool half_decode(const Tensor& x, const Tensor& weight) {
+  const at::ScalarType dtype = x.scalar_type();
+  if ((dtype != at::kBFloat16 && dtype != at::kHalf) || weight.scalar_type() != dtype || weight.numel() == 0 ||
+      !half_via_float32(dtype)) {
     return false;
   }
   const int64_t M = x.size(0);
@@ -115,11 +116,13 @@ Tensor base_few_rows(const Tensor& x, const Tensor& weight, const Tensor& bias_e
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = xa.size(1);
   const int64_t L = small_gemm_lanes<T>();
   const int64_t Mp = ceil_div(M, L) * L;
-  // AVX2 (level 3): W @ x^T in rows_dot_add, for float32 and bfloat16 W alike (the same
-  // arithmetic, so a bfloat16 W gives the float32 op's result on its float32 copy, bitwise);
-  // x goes there permuted (xp), elsewhere transposed (xt) for small_gemm.
+  // W @ x^T in rows_dot_add for a 16-bit W from AVX2 up, and for a float32 W on AVX2 (level 3):
+  // the same arithmetic for every W dtype, so at level 3 a bfloat16 / float16 W gives the
+  // float32 op's result on its float32 copy, bitwise. x goes there permuted (xp), elsewhere
+  // transposed (xt) for small_gemm.
   constexpr bool float_rows = std::is_same_v<T, float>;
-  const bool dot_rows = float_rows && rows_dot_available();
+  const bool dot_rows =
+      float_rows && rows_dot_available() && (!std::is_same_v<WT, float> || small_gemm_isa() == 3);
   Tensor xt, xp;
   if (dot_rows) {
     xp = at::empty({M, rows_dot_width(K)}, x.options());
@@ -154,17 +157,17 @@ Tensor base_few_rows(const Tensor& x, const Tensor& weight, const Tensor& bias_e
       // y^T rows j0 .. j0 + nt: s * B @ xa^T, then += W @ x^T
       small_gemm(nt, Mp, r, s, bp + j0 * r, r, 1, xatp, Mp, false, yt.data(), Mp);
       if (dot_rows) {
-        if constexpr (float_rows && std::is_same_v<WT, float>) {
-          rows_dot_add(wp + j0 * ldw, ldw, nt, K, xp.const_data_ptr<float>(), M, yt.data(), Mp);
-        } else if constexpr (float_rows) {
-          rows_dot_add(reinterpret_cast<const uint16_t*>(wp + j0 * ldw), ldw, nt, K, xp.const_data_ptr<float>(), M,
-                       yt.data(), Mp);
-        }
+        if constexpr (float_rows) rows_dot_add(wp + j0 * ldw, ldw, nt, K, xp.const_data_ptr<float>(), M, yt.data(), Mp);
       } else if constexpr (std::is_same_v<T, WT>) {
         small_gemm(nt, Mp, K, T(1), wp + j0 * ldw, ldw, 1, xtp, Mp, true, yt.data(), Mp);
       } else {
         for (int64_t jj = 0; jj < nt; ++jj) {
-          bf16_row_to_float(reinterpret_cast<const uint16_t*>(wp + (j0 + jj) * ldw), wrows.data() + jj * K, K);
+          const uint16_t* row = reinterpret_cast<const uint16_t*>(wp + (j0 + jj) * ldw);
+          if constexpr (std::is_same_v<WT, at::Half>) {
+            fp16_row_to_float(row, wrows.data() + jj * K, K);
+          } else {
+            bf16_row_to_float(row, wrows.data() + jj * K, K);
+          }
         }
         small_gemm(nt, Mp, K, T(1), wrows.data(), K, 1, xtp, Mp, true, yt.data(), Mp);
       }
@@ -287,11 +290,11 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_cpu(const Tensor& x_in, const Tensor&
   constexpr int64_t kHalfViaFloatMinRows = 32;
   const at::ScalarType dtype = x_in.scalar_type(), adapter_dtype = lora_A.scalar_type();
   const bool mixed = adapter_dtype != dtype;
-  if (bf16_decode(x_in, weight)) {
-    // A decode-sized bfloat16 batch without native bf16 GEMMs: the float32 forward on float32
-    // copies of x and the adapters (a few rows, r-sized), its base product streaming the
-    // bfloat16 weight (base_few_rows<float, BFloat16>) instead of converting all of it to
-    // float32 first (21 ms at 4096^2, more than the whole float32 decode step); one rounding.
+  if (half_decode(x_in, weight)) {
+    // A decode-sized float16 batch, or bfloat16 without native bf16 GEMMs: the float32 forward
+    // on float32 copies of x and the adapters (a few rows, r-sized), its base product streaming
+    // the 16-bit weight (base_few_rows<float, Half / BFloat16>) instead of converting all of it
+    // to float32 first (21 ms at 4096^2, more than the whole float32 decode step); one rounding.
     const Tensor x = to_float(row_major(x_in)), A = to_float(lora_A);
     const DropoutParams d = DropoutParams::make(dropout_p, seed_value(seed));
     const Tensor xa = shrink(x, A, d);
@@ -301,7 +304,9 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_cpu(const Tensor& x_in, const Tensor&
       const Tensor lb = lora_B_bias->to(at::kFloat).mul(scaling);
       bias_eff = bias_eff.defined() ? bias_eff.add(lb) : lb;
     }
-    const Tensor y = base_few_rows<float, at::BFloat16>(x, weight, bias_eff, xa, to_float(lora_B), scaling);
+    const Tensor y = dtype == at::kHalf
+                         ? base_few_rows<float, at::Half>(x, weight, bias_eff, xa, to_float(lora_B), scaling)
+                         : base_few_rows<float, at::BFloat16>(x, weight, bias_eff, xa, to_float(lora_B), scaling);
     return {y.to(dtype), xa.to(adapter_dtype)};
   }
   if (half_via_float32(dtype) && (dtype == at::kBFloat16 || x_in.size(0) >= kHalfViaFloatMinRows)) {

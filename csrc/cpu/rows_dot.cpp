@@ -46,7 +46,7 @@ void permute_rows_for_dot(const float* x, int64_t m, int64_t K, int64_t ldx, flo
 
 namespace {
 
-#define FASTLORA_AVX2 __attribute__((target("avx2,fma")))
+#define FASTLORA_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 // The 16 weights of one group as the two permuted float32 vectors.
 struct LoadBf16 {
@@ -55,6 +55,16 @@ struct LoadBf16 {
     const __m256i z = _mm256_setzero_si256();
     lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, v));
     hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, v));
+  }
+};
+
+// float16: halves {0-3, 8-11} and {4-7, 12-15} gathered by 64-bit unpacks, then widened (F16C).
+struct LoadF16 {
+  FASTLORA_AVX2 static inline void load(const uint16_t* w, __m256& lo, __m256& hi) {
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 8));
+    lo = _mm256_cvtph_ps(_mm_unpacklo_epi64(a, b));
+    hi = _mm256_cvtph_ps(_mm_unpackhi_epi64(a, b));
   }
 };
 
@@ -217,11 +227,18 @@ void rows_axpy_add_impl(const WT* w, int64_t ldw, int64_t n, int64_t K, int64_t 
 
 }  // namespace
 
-bool rows_dot_available() { return small_gemm_isa() == 3; }
+bool rows_dot_available() { return small_gemm_isa() >= 3; }
 
-void rows_axpy_add(const uint16_t* w, int64_t ldw, int64_t n, int64_t K, int64_t k0, int64_t k1,
-                   const uint16_t* tail, const float* dyt, int64_t m, float* out, int64_t ldo) {
-  rows_axpy_add_impl<LoadBf16, uint16_t>(w, ldw, n, K, k0, k1, tail, dyt, m, out, ldo);
+void rows_axpy_add(const c10::BFloat16* w, int64_t ldw, int64_t n, int64_t K, int64_t k0, int64_t k1,
+                   const c10::BFloat16* tail, const float* dyt, int64_t m, float* out, int64_t ldo) {
+  rows_axpy_add_impl<LoadBf16, uint16_t>(reinterpret_cast<const uint16_t*>(w), ldw, n, K, k0, k1,
+                                         reinterpret_cast<const uint16_t*>(tail), dyt, m, out, ldo);
+}
+
+void rows_axpy_add(const c10::Half* w, int64_t ldw, int64_t n, int64_t K, int64_t k0, int64_t k1,
+                   const c10::Half* tail, const float* dyt, int64_t m, float* out, int64_t ldo) {
+  rows_axpy_add_impl<LoadF16, uint16_t>(reinterpret_cast<const uint16_t*>(w), ldw, n, K, k0, k1,
+                                        reinterpret_cast<const uint16_t*>(tail), dyt, m, out, ldo);
 }
 
 void rows_dot_add(const float* w, int64_t ldw, int64_t n, int64_t K, const float* xp, int64_t m, float* out,
@@ -229,9 +246,14 @@ void rows_dot_add(const float* w, int64_t ldw, int64_t n, int64_t K, const float
   rows_dot_add_impl<LoadF32, float>(w, ldw, n, K, xp, m, out, ldo);
 }
 
-void rows_dot_add(const uint16_t* w, int64_t ldw, int64_t n, int64_t K, const float* xp, int64_t m, float* out,
+void rows_dot_add(const c10::BFloat16* w, int64_t ldw, int64_t n, int64_t K, const float* xp, int64_t m, float* out,
                   int64_t ldo) {
-  rows_dot_add_impl<LoadBf16, uint16_t>(w, ldw, n, K, xp, m, out, ldo);
+  rows_dot_add_impl<LoadBf16, uint16_t>(reinterpret_cast<const uint16_t*>(w), ldw, n, K, xp, m, out, ldo);
+}
+
+void rows_dot_add(const c10::Half* w, int64_t ldw, int64_t n, int64_t K, const float* xp, int64_t m, float* out,
+                  int64_t ldo) {
+  rows_dot_add_impl<LoadF16, uint16_t>(reinterpret_cast<const uint16_t*>(w), ldw, n, K, xp, m, out, ldo);
 }
 
 #else  // not x86-64 / GCC: no vector build; callers check rows_dot_available()
@@ -242,24 +264,36 @@ void rows_dot_add(const float*, int64_t, int64_t, int64_t, const float*, int64_t
   TORCH_CHECK(false, "rows_dot_add: no AVX2 build on this platform");
 }
 
-void rows_dot_add(const uint16_t*, int64_t, int64_t, int64_t, const float*, int64_t, float*, int64_t) {
+void rows_dot_add(const c10::BFloat16*, int64_t, int64_t, int64_t, const float*, int64_t, float*, int64_t) {
   TORCH_CHECK(false, "rows_dot_add: no AVX2 build on this platform");
 }
 
-void rows_axpy_add(const uint16_t*, int64_t, int64_t, int64_t, int64_t, int64_t, const uint16_t*, const float*,
+void rows_dot_add(const c10::Half*, int64_t, int64_t, int64_t, const float*, int64_t, float*, int64_t) {
+  TORCH_CHECK(false, "rows_dot_add: no AVX2 build on this platform");
+}
+
+void rows_axpy_add(const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, int64_t, const c10::BFloat16*,
+                   const float*, int64_t, float*, int64_t) {
+  TORCH_CHECK(false, "rows_axpy_add: no AVX2 build on this platform");
+}
+
+void rows_axpy_add(const c10::Half*, int64_t, int64_t, int64_t, int64_t, int64_t, const c10::Half*, const float*,
                    int64_t, float*, int64_t) {
   TORCH_CHECK(false, "rows_axpy_add: no AVX2 build on this platform");
 }
 
 #endif
 
-void rows_axpy_tail(const uint16_t* w, int64_t ldw, int64_t n, int64_t K, uint16_t* tail) {
+template <typename HT>
+void rows_axpy_tail(const HT* w, int64_t ldw, int64_t n, int64_t K, HT* tail) {
   const int64_t full = K / kGroup * kGroup;
   for (int64_t j = 0; j < n; ++j) {
-    std::memset(tail + j * kGroup, 0, sizeof(uint16_t) * kGroup);
-    std::memcpy(tail + j * kGroup, w + j * ldw + full, sizeof(uint16_t) * (K - full));
+    std::memset(static_cast<void*>(tail + j * kGroup), 0, sizeof(HT) * kGroup);  // +0 in both formats
+    std::memcpy(static_cast<void*>(tail + j * kGroup), w + j * ldw + full, sizeof(HT) * (K - full));
   }
 }
+template void rows_axpy_tail<c10::BFloat16>(const c10::BFloat16*, int64_t, int64_t, int64_t, c10::BFloat16*);
+template void rows_axpy_tail<c10::Half>(const c10::Half*, int64_t, int64_t, int64_t, c10::Half*);
 
 }  // namespace lora_cpu
 }  // namespace fastlora
