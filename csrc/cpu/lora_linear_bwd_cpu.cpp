@@ -309,8 +309,8 @@ struct LoraBwdSmallGemm {
     }
   }
 
-  // The same for a bfloat16 or float16 W on AVX2 (level 3): rows_axpy_add, which widens W in
-  // registers instead of converting rows into a buffer first. The threads split dX's columns
+  // The same for a bfloat16 or float16 W from AVX2 up (level >= 3): rows_axpy_add, which widens
+  // W in registers instead of converting rows into a buffer first. The threads split dX's columns
   // (groups of 16), so each adds its share straight into dX. Measured at M = 8, in = out =
   // 4096 on 2 threads of a Xeon capped at AVX2, backward: 2.5 ms (3.0 with W out of cache)
   // against 3.5 ms (4.5) converting rows for small_gemm. A float32 W stays with small_gemm,
