@@ -103,6 +103,8 @@ int main() {
                 mag += std::fabs(t);
               }
             }
+            // The standard bound of a float32 dot product of K terms, (K + 2) u sum|terms| (as in
+            // test_small_gemm.cpp), with the value already in out counted as one more term.
             if (std::fabs(out_f[j * ldo + i] - exact) > (K + 3) * u * mag) {
               ++bad_dot;
               if (first.empty()) first = "rows_dot_add at " + shape;
@@ -144,6 +146,8 @@ int main() {
                 mag += std::fabs(t);
               }
             }
+            // n products summed in float32, then added to the value in out: the same bound with
+            // n terms plus that value.
             if (std::fabs(gx[i * ldg + k] - exact) > (n + 3) * u * mag) {
               ++bad_axpy;
               if (first.empty()) first = "rows_axpy_add at " + shape;
