@@ -9,6 +9,15 @@ what AVX2 and older machines run; :func:`use_cpu_isa` switches at run time.
 
 :func:`native_bf16_matmul` says whether bfloat16 matrix products are fast here (AVX512-BF16 or
 AMX, and the kernels not capped below AVX-512): choices such as rsvd's sketch precision follow it.
+
+Where the LoRA kernels run a bfloat16 / float16 layer on float32 copies (float16 always; bfloat16
+without native bf16 GEMMs), the base weight's float32 copy is kept across calls, up to a byte
+limit: a quarter of the machine's (or container's) memory by default,
+``FASTLORA_WEIGHT_CACHE_MB`` (read at import; ``0`` turns it off) or
+:func:`set_weight_cache_limit`. A copy is reused only while its weight is the same tensor,
+unchanged: same storage, shape and version counter (any in-place write to it or a view of it),
+and the same values at 64 sampled places (writes through ``.data``, which the version counter
+misses). After writing only a few elements through ``.data``, call :func:`clear_weight_cache`.
 """
 from __future__ import annotations
 
@@ -20,6 +29,7 @@ import torch
 from fastlora import _library  # noqa: F401  (registers torch.ops.fastlora.*)
 
 ENV_VAR = "FASTLORA_CPU_ISA"
+CACHE_ENV_VAR = "FASTLORA_WEIGHT_CACHE_MB"
 ISA_LEVELS = {"amx": 5, "avx512": 4, "avx2": 3, "baseline": 1}
 _ISA_NAMES = {level: name for name, level in ISA_LEVELS.items()}
 
@@ -49,8 +59,37 @@ def native_bf16_matmul() -> bool:
     return torch.ops.fastlora.native_bf16_gemm()  # the C++ kernels' own answer: one source of truth
 
 
+def weight_cache_limit() -> int:
+    """The byte limit of the float32 weight copies kept across calls (0: none are kept)."""
+    return torch.ops.fastlora.weight_cache_limit()
+
+
+def set_weight_cache_limit(nbytes: int) -> int:
+    """Sets the limit (bytes, >= 0; 0 turns the cache off and frees it); copies over a lower
+    limit are dropped. Returns the previous limit. Process-wide."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"weight cache limit must be an int >= 0 (bytes), got {nbytes!r}")
+    return torch.ops.fastlora.set_weight_cache_limit(nbytes)
+
+
+def weight_cache_usage() -> tuple[int, int]:
+    """(copies, bytes) held now; copies of weights freed since are dropped first."""
+    entries, nbytes = torch.ops.fastlora.weight_cache_usage()
+    return entries, nbytes
+
+
+def clear_weight_cache() -> None:
+    """Drops every float32 weight copy (they are made again on the next calls)."""
+    torch.ops.fastlora.clear_weight_cache()
+
+
 def check_environment() -> None:
-    """Rejects a misspelt FASTLORA_CPU_ISA; warns when it asks for more than the CPU has."""
+    """Rejects a misspelt FASTLORA_CPU_ISA or FASTLORA_WEIGHT_CACHE_MB; warns when the former
+    asks for more than the CPU has."""
+    cache_mb = os.environ.get(CACHE_ENV_VAR)
+    if cache_mb not in (None, "") and not (cache_mb.isascii() and cache_mb.isdigit()):
+        raise ValueError(f"{CACHE_ENV_VAR}={cache_mb!r}: expected a whole number of MiB (0 turns the "
+                         f"float32 weight cache off)")
     value = os.environ.get(ENV_VAR)
     if value is None or value in ("", "auto"):
         return

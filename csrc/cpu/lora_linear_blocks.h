@@ -15,6 +15,7 @@
 #include "../dropout_hash.h"
 #include "cpu_utils.h"
 #include "small_gemm.h"
+#include "weight_cache.h"
 
 namespace fastlora {
 namespace lora_cpu {
@@ -246,9 +247,9 @@ inline Tensor padded_rows(const Tensor& src_in, bool transpose, int64_t cols_pad
 // float16, and bfloat16 on CPUs without native bf16 GEMMs, run the float32 kernels on float32
 // copies, results rounded once (half_via_float32, cpu_utils.h): ATen's GEMMs in those dtypes
 // have no fast CPU kernel there (float16 on AVX-512 Zen 4: dY @ W 10.8 s at M = 512, in = out =
-// 2048, 29 ms through float32; x @ W^T 95 ms, 32 ms). The copies cost a transient float32
-// weight (twice the half-precision one) per call. bfloat16 with AVX512-BF16 / AMX keeps its own
-// path: its GEMMs are fast there (oneDNN).
+// 2048, 29 ms through float32; x @ W^T 95 ms, 32 ms). The weight's float32 copy is kept across
+// calls (float32_weight, weight_cache.h) while it fits the cache's limit, else made per call.
+// bfloat16 with AVX512-BF16 / AMX keeps its own path: its GEMMs are fast there (oneDNN).
 inline Tensor to_float(const Tensor& t) { return t.defined() ? t.to(at::kFloat) : t; }
 inline std::optional<Tensor> to_float(const std::optional<Tensor>& t) {
   return t ? std::optional<Tensor>(t->to(at::kFloat)) : std::nullopt;

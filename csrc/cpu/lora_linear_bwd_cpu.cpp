@@ -456,7 +456,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_checked(
   }
   if (half_via_float32(dtype)) {  // see to_float; the weight only matters for grad_x
     auto [gx, gw, gb, gA, gB] = lora_linear_bwd_checked(
-        to_float(grad_y_in), to_float(x_in), output_mask[0] ? to_float(weight) : Tensor(), to_float(lora_A),
+        to_float(grad_y_in), to_float(x_in), output_mask[0] ? float32_weight(weight) : Tensor(), to_float(lora_A),
         to_float(lora_B), to_float(xa), scaling, dropout_p, seed, output_mask);
     return {gx.to(dtype), gw.to(dtype), gb.to(dtype), gA.to(adapter_dtype), gB.to(adapter_dtype)};
   }

@@ -310,7 +310,7 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_cpu(const Tensor& x_in, const Tensor&
     return {y.to(dtype), xa.to(adapter_dtype)};
   }
   if (half_via_float32(dtype) && (dtype == at::kBFloat16 || x_in.size(0) >= kHalfViaFloatMinRows)) {
-    auto [y, xa] = lora_linear_fwd_cpu(to_float(x_in), to_float(weight), to_float(bias), to_float(lora_A),
+    auto [y, xa] = lora_linear_fwd_cpu(to_float(x_in), float32_weight(weight), to_float(bias), to_float(lora_A),
                                        to_float(lora_B), scaling, dropout_p, seed, to_float(lora_B_bias));
     return {y.to(dtype), xa.to(adapter_dtype)};
   }

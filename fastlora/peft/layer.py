@@ -438,7 +438,18 @@ class LoraLinear(FastLoraLayerMixin, PeftLinear):
             raise ValueError("fastlora.peft.LoraLinear: merging an adapter into a fastlora.QuantizedLinear base "
                              "is not supported (its weight is codes); keep the adapter separate, or merge into "
                              "the unquantized model")
-        return super().merge(*args, **kwargs)
+        try:
+            return super().merge(*args, **kwargs)
+        finally:
+            # PEFT writes the merged weight through .data, which the version counter does not
+            # see, and a small delta changes few bfloat16 values: drop the float32 copies.
+            fastlora.cpu.clear_weight_cache()
+
+    def unmerge(self, *args, **kwargs):
+        try:
+            return super().unmerge(*args, **kwargs)
+        finally:
+            fastlora.cpu.clear_weight_cache()  # as in merge
 
     def _get_name(self) -> str:
         # The name nn.Module's repr prints: a patched model prints exactly as PEFT's
