@@ -17,7 +17,8 @@ limit: a quarter of the machine's (or container's) memory by default,
 :func:`set_weight_cache_limit`. A copy is reused only while its weight is the same tensor,
 unchanged: same storage, shape and version counter (any in-place write to it or a view of it),
 and the same values at 64 sampled places (writes through ``.data``, which the version counter
-misses). After writing only a few elements through ``.data``, call :func:`clear_weight_cache`.
+misses). Copies of freed weights are dropped at the next call. After writing only a few elements
+through ``.data``, call :func:`clear_weight_cache`.
 """
 from __future__ import annotations
 
@@ -73,7 +74,8 @@ def set_weight_cache_limit(nbytes: int) -> int:
 
 
 def weight_cache_usage() -> tuple[int, int]:
-    """(copies, bytes) held now; copies of weights freed since are dropped first."""
+    """(copies, bytes) held now, including copies of weights freed since the last call (the
+    next call, or :func:`clear_weight_cache`, drops those)."""
     entries, nbytes = torch.ops.fastlora.weight_cache_usage()
     return entries, nbytes
 

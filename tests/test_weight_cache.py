@@ -113,8 +113,15 @@ def test_freed_weights_are_dropped():
     t = make()
     step(t)
     assert cpu.weight_cache_usage()[0] == 1
+    W2 = t["W"].clone()
     del t["W"]
     gc.collect()
+    assert cpu.weight_cache_usage()[0] == 1  # held until the next call
+    step(t, W2)  # whichever weight it has
+    assert cpu.weight_cache_usage() == (1, W2.numel() * 4)
+    del W2
+    gc.collect()
+    cpu.clear_weight_cache()
     assert cpu.weight_cache_usage() == (0, 0)
 
 

@@ -125,6 +125,9 @@ at::Tensor float32_weight(const at::Tensor& w) {
   {
     std::lock_guard<std::mutex> lock(c.mutex);
     if (c.limit == 0) return w.to(at::kFloat);
+    // Copies of weights freed since the last call go now (a few hundred atomic loads at most),
+    // so a deleted model's copies do not outlive it by more than one call.
+    c.sweep();
     auto it = c.entries.find(key);
     if (it != c.entries.end()) {
       const Entry& e = it->second;
@@ -139,7 +142,6 @@ at::Tensor float32_weight(const at::Tensor& w) {
   at::Tensor copy = w.to(at::kFloat);
   const int64_t nbytes = static_cast<int64_t>(copy.nbytes());
   std::lock_guard<std::mutex> lock(c.mutex);
-  if (c.bytes + nbytes > c.limit) c.sweep();
   if (c.bytes + nbytes <= c.limit && c.entries.count(key) == 0) {
     c.entries.emplace(key, Entry{c10::weak_intrusive_ptr<c10::StorageImpl>(w.storage().getWeakStorageImpl()),
                                  w.sizes().vec(), version, print, copy});
@@ -168,14 +170,12 @@ int64_t set_weight_cache_limit(int64_t bytes) {
 int64_t weight_cache_bytes() {
   Cache& c = cache();
   std::lock_guard<std::mutex> lock(c.mutex);
-  c.sweep();
   return c.bytes;
 }
 
 int64_t weight_cache_entries() {
   Cache& c = cache();
   std::lock_guard<std::mutex> lock(c.mutex);
-  c.sweep();
   return static_cast<int64_t>(c.entries.size());
 }
 

@@ -9,7 +9,7 @@
 // entry is dropped, never matched by a new tensor at the same address), offset, sizes, strides,
 // version counter (every in-place write through the tensor or a view of it: optimizer steps,
 // load_state_dict, copy_) and sampled values (a write through `.data`, which the version counter
-// does not see: a non-safe PEFT merge). The cache only fills up to its byte limit (default a
+// does not see: a non-safe PEFT merge). Copies of freed weights are dropped at the next call. The cache only fills up to its byte limit (default a
 // quarter of the physical memory; FASTLORA_WEIGHT_CACHE_MB, or set_weight_cache_limit): past it,
 // the remaining weights are converted per call as before, so a model larger than the limit keeps
 // a stable part of its layers cached rather than evicting in a cycle.
@@ -28,7 +28,7 @@ at::Tensor float32_weight(const at::Tensor& w);
 // The byte limit (>= 0; 0 disables the cache); setting a lower one drops copies over it.
 int64_t weight_cache_limit();
 int64_t set_weight_cache_limit(int64_t bytes);  // returns the previous limit
-// Bytes and entries held now (entries of freed weights dropped first).
+// Bytes and entries held now (copies of weights freed since the last call included).
 int64_t weight_cache_bytes();
 int64_t weight_cache_entries();
 void clear_weight_cache();
