@@ -274,3 +274,31 @@ class TestErrors:
         a = self.args(row_adapter=torch.tensor([0, 1, 2, 0, 0, 0]))
         with pytest.raises(ValueError, match=r"row_adapter\[2\] = 2 is out of range"):
             ref.lora_grouped_linear(*a)
+
+
+@pytest.mark.parametrize("dtype,isa", [(torch.bfloat16, "avx2"), (torch.bfloat16, "baseline"),
+                                       (torch.float16, "auto"), (torch.float16, "avx2")], ids=str)
+def test_half_precision_through_float32_copies(dtype, isa):
+    """float16 from 32 rows, and bfloat16 where its GEMMs are emulated (no AVX512-BF16 / AMX, or
+    kernels capped below AVX-512), run the float32 kernels on float32 copies instead of ATen's
+    slow half-precision GEMMs: the forward is the float32 op's on the same values rounded once,
+    the gradients the float32 backward's rounded once (bitwise). Native bfloat16 keeps its own
+    GEMMs (the reference comparisons above)."""
+    t = cast(make_inputs(300, 123, 42, [8, 4, 16], "random", pad_value=0.0), dtype)
+    gy = torch.randn(300, 42, generator=torch.Generator().manual_seed(3)).to(dtype)
+    best = fastlora.use_cpu_isa("auto")
+    try:
+        fastlora.use_cpu_isa(isa)
+        assert dtype == torch.float16 or not fastlora.cpu.native_bf16_matmul()
+        y = torch.ops.fastlora.lora_grouped_linear_fwd(*args(t))
+        y32 = torch.ops.fastlora.lora_grouped_linear_fwd(*args(cast(t, torch.float32)))
+        bwd = torch.ops.fastlora.lora_grouped_linear_bwd
+        grads = bwd(gy, *args(t)[:2], *args(t)[3:], [True, True, True])
+        t32 = args(cast(t, torch.float32))
+        grads32 = bwd(gy.float(), *t32[:2], *t32[3:], [True, True, True])
+        assert y.dtype == dtype and all(g.dtype == dtype for g in grads)
+        assert torch.equal(y, y32.to(dtype))
+        for g, g32 in zip(grads, grads32):
+            assert torch.equal(g, g32.to(dtype))
+    finally:
+        fastlora.use_cpu_isa(best)

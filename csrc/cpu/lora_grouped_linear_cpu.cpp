@@ -24,6 +24,7 @@
 
 #include "../lora_op_checks.h"
 #include "cpu_utils.h"
+#include "weight_cache.h"
 
 namespace fastlora {
 namespace {
@@ -84,6 +85,17 @@ Tensor lora_grouped_linear_fwd_cpu(const Tensor& x_in, const Tensor& weight, con
                                    const Tensor& ranks, const Tensor& row_adapter) {
   constexpr const char* fn = "fastlora.lora_grouped_linear";
   check_lora_grouped_fwd_args(x_in, weight, bias, lora_A, lora_B, scalings, ranks, row_adapter);
+  const at::ScalarType dtype = x_in.scalar_type();
+  if (half_via_float32(dtype) && (dtype == at::kBFloat16 || x_in.size(0) >= kHalfViaFloatMinRows)) {
+    // As lora_linear: the float32 kernel on float32 copies (the weight's kept across calls),
+    // y rounded once, instead of ATen's emulated bfloat16 / slow float16 GEMMs (the base product
+    // alone took seconds at 512 x 2048^2).
+    const Tensor y = lora_grouped_linear_fwd_cpu(x_in.to(at::kFloat), float32_weight(weight),
+                                                 bias ? std::optional<Tensor>(bias->to(at::kFloat)) : std::nullopt,
+                                                 lora_A.to(at::kFloat), lora_B.to(at::kFloat), scalings, ranks,
+                                                 row_adapter);
+    return y.to(dtype);
+  }
   const Tensor x = row_major(x_in);
   const int64_t M = x.size(0), in = x.size(1), out = weight.size(0);
   const int64_t K = lora_A.size(0), r_max = lora_A.size(1);

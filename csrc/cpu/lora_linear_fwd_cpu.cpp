@@ -284,10 +284,7 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_cpu(const Tensor& x_in, const Tensor&
                                                const Tensor& seed, const std::optional<Tensor>& lora_B_bias) {
   check_lora_linear_fwd_args(x_in, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_B_bias);
   // Half precision forward through float32 (see to_float), except float16 batches so small
-  // that converting the weight costs more than the float16 GEMM: at in = out = 4096 the
-  // conversion took 20 ms, the float16 x @ W^T ~0.7 ms per row. Emulated bfloat16 GEMMs are
-  // slower still (a 4096^2 layer's fwd+bwd took 1 s at M = 8 on an AVX2 EPYC): always convert.
-  constexpr int64_t kHalfViaFloatMinRows = 32;
+  // that converting the weight costs more than the float16 GEMM (kHalfViaFloatMinRows).
   const at::ScalarType dtype = x_in.scalar_type(), adapter_dtype = lora_A.scalar_type();
   const bool mixed = adapter_dtype != dtype;
   if (half_decode(x_in, weight)) {

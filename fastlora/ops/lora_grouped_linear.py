@@ -7,8 +7,9 @@ Ops (schemas in csrc/lora_grouped_linear.cpp):
                                      (csrc/cpu/lora_grouped_linear_cpu.cpp), CUDA -> Triton
                                      (kernels/lora_grouped_linear.py), else -> fastlora.reference.
   fastlora::lora_grouped_linear_bwd  its gradients: fastlora.reference (index ops, small GEMMs
-                                     per adapter) on every device; on CPU, float16 is computed in
-                                     float32 (torch's float16 CPU GEMMs are slow).
+                                     per adapter) on every device; on CPU, float16, and bfloat16
+                                     without native bf16 GEMMs, are computed in float32 (torch's
+                                     GEMMs in those dtypes are slow there), as the forward.
 The forward is the fast part (mixed batches are an inference feature); the backward makes the
 op usable under autograd and torch.compile (an op, so that data-dependent code stays opaque).
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from fastlora import _library  # noqa: F401  (registers the C++ schemas and CPU kernels)
-from fastlora import reference
+from fastlora import cpu, reference
 from fastlora.ops._autocast import register_autocast
 from fastlora.ops.lora_linear import gradients_fake, use_triton
 
@@ -151,15 +152,15 @@ def _grouped_bwd_reference(grad_y, x, weight, lora_A, lora_B, scalings, ranks, r
 
 
 def _grouped_bwd_cpu(grad_y, x, weight, lora_A, lora_B, scalings, ranks, row_adapter, output_mask):
-    if x.dtype != torch.float16:
+    if not (x.dtype == torch.float16 or (x.dtype == torch.bfloat16 and not cpu.native_bf16_matmul())):
         return _grouped_bwd_reference(grad_y, x, weight, lora_A, lora_B, scalings, ranks, row_adapter, output_mask)
-    # torch's float16 CPU GEMMs have no fast kernel (grad_y @ weight: seconds at 512 x 2048^2,
-    # as for lora_linear, whose C++ backward goes through float32 the same way): compute in
-    # float32 and round the gradients once.
+    # torch's float16 CPU GEMMs have no fast kernel, nor its bfloat16 ones without AVX512-BF16 /
+    # AMX (grad_y @ weight: seconds at 512 x 2048^2, as for lora_linear, whose C++ backward goes
+    # through float32 the same way): compute in float32 and round the gradients once.
     torch.ops.fastlora._lora_grouped_linear_bwd_check(grad_y, x, weight, lora_A, lora_B, scalings, ranks, row_adapter)
     f = [t.float() for t in (grad_y, x, weight, lora_A, lora_B)]
     grads = reference.lora_grouped_linear_backward(*f, scalings, ranks, row_adapter, *output_mask)
-    return tuple(g.half() for g in grads)
+    return tuple(g.to(x.dtype) for g in grads)
 
 
 torch.library.register_kernel(_GFWD, "cuda", _grouped_cuda)
