@@ -41,9 +41,10 @@ std::unique_ptr<T[]> uninitialized(int64_t n) {
 inline bool half_via_float32(at::ScalarType dtype) {
   return dtype == at::kHalf || (dtype == at::kBFloat16 && !native_bf16_gemm());
 }
-// float16 forwards of fewer rows keep ATen's float16 GEMM when they must convert the weight
-// (the weight cache full or off, or an op without a row-streaming path): at in = out = 4096 the
-// conversion took 20 ms, the float16 x @ W^T ~0.7 ms per row. Emulated bfloat16 GEMMs are slower
+// Rows from which a float16 forward without a row-streaming path for its weight (lora_linear's
+// half_decode takes the smaller batches it can) goes through float32 too: below it ATen's
+// float16 GEMM stays cheaper than converting a weight whose copy is not kept (cache off or
+// full): 20 ms at in = out = 4096, against ~0.7 ms per row. Emulated bfloat16 GEMMs are slower
 // still (a 4096^2 layer's fwd+bwd took 1 s at M = 8 on an AVX2 EPYC): always converted.
 constexpr int64_t kHalfViaFloatMinRows = 32;
 

@@ -136,7 +136,7 @@ at::Tensor float32_weight(const at::Tensor& w) {
       if (!e.storage.expired() && e.version == version && e.fingerprint == print && e.sizes == w.sizes().vec()) {
         return e.copy;
       }
-      c.erase(it);  // stale: the weight changed (or was freed and its address reused)
+      c.erase(it);  // stale: the weight was written to (or resized) since
     }
   }
   at::Tensor copy = w.to(at::kFloat);

@@ -2,7 +2,7 @@
 //
 // Where a bfloat16 / float16 layer runs on float32 copies (half_via_float32, cpu_utils.h), its
 // weight is converted on every forward and backward: 2 x 19 ms per step at 4096^2 (a fresh
-// 64 MiB buffer's page faults, most of the cost), +40% over the float32 step at M = 256. A LoRA
+// 64 MiB buffer's page faults, most of the cost), 1.4-1.56x the float32 step at M = 256. A LoRA
 // base weight is frozen, so its copy is made once and reused while the weight is unchanged.
 //
 // A copy is reused only while its weight has the same storage (held weakly: a freed weight's
