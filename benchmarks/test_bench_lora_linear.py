@@ -101,9 +101,10 @@ def test_half_precision_weight_cache(record_property):
     each against fastlora's float32 step on the same values, timed interleaved with it.
 
     float16 runs the float32 kernels on float32 copies on every CPU (bfloat16 takes the same path
-    without native bf16 GEMMs): converting the 4096^2 weight, twice per step, cost ~40% of the
+    without native bf16 GEMMs): converting the 4096^2 weight, twice per step, cost 39-56% of the
     float32 step here. Targets: the cached step within 1.25x of the float32 one and at least 10%
-    faster than converting per call."""
+    faster than converting per call. The cached run sets a limit that fits the copy, so that a
+    FASTLORA_WEIGHT_CACHE_MB in the environment does not decide what is measured."""
     import fastlora
 
     cases = {dtype: LoraLinearCase(256, 4096, 4096, 16, 0.05, dtype=dtype) for dtype in (torch.float16, torch.float32)}
@@ -113,9 +114,10 @@ def test_half_precision_weight_cache(record_property):
     try:
         fastlora.cpu.set_weight_cache_limit(0)
         per_call = interleaved_medians({"float16": f16, "float32": f32})
+        fastlora.cpu.set_weight_cache_limit(max(limit, 4096 * 4096 * 4))
+        cached = interleaved_medians({"float16": f16, "float32": f32})
     finally:
         fastlora.cpu.set_weight_cache_limit(limit)
-    cached = interleaved_medians({"float16": f16, "float32": f32})
     ratios = {"cached_vs_float32": cached["float16"] / cached["float32"],
               "per_call_vs_float32": per_call["float16"] / per_call["float32"]}
     summary = {k: round(v, 3) for k, v in ratios.items()}
