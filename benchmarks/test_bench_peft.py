@@ -11,6 +11,10 @@ model with PEFT's default float32 adapters (``get_peft_model`` on a bf16 model),
 (``use_dora=True``, float32, the same dropout). Targets: >= 1.15x
 faster (DoRA: not slower) and >= 15% less LoRA activation memory; the measured ratios are
 recorded (extra_info / record_property), and only the ones measured to hold are asserted.
+
+test_bfloat16_model_default_targets: a bfloat16 model with PEFT's default targets (most of its
+GEMMs in plain nn.Linear layers), stock vs patched, against the patched float32 model (its
+docstring has the targets).
 """
 import copy
 import warnings
@@ -160,3 +164,66 @@ def test_targets(setup, record_property, benchmark):
     print(info)
     assert info["lora_saved_reduction"] >= MIN_MEMORY_SAVING, info
     assert info["speedup"] >= (MIN_SPEEDUP_DORA if setup.precision == "dora-float32" else MIN_SPEEDUP), info
+
+
+def test_bfloat16_model_default_targets(record_property):
+    """A bfloat16 Llama-style model with PEFT's default targets (q_proj, v_proj: most of its
+    GEMMs are in plain nn.Linear layers, lm_head included): a training step of stock PEFT, of
+    the model patched with ``patch(model, linears=False)`` (LoRA layers only) and with
+    ``patch(model)`` (the other linears on ``fastlora.linear`` too), against the patched float32
+    model's step on the same values. Shorter sequences than the other cases: without native bf16
+    GEMMs a stock step takes seconds.
+
+    Without native bf16 GEMMs (AVX2 CPUs, or FASTLORA_CPU_ISA below avx512 with the BLAS capped
+    to match: MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2) ATen emulates the plain
+    layers' products; targets: >= 10x PEFT and within 1.5x of the float32 step (the emulated
+    runs get one warm-up and one timed round). With them the plain layers run ATen's bf16
+    GEMMs as before; target: not slower than PEFT."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
+                      num_attention_heads=HEADS, num_key_value_heads=HEADS, vocab_size=VOCAB)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stock = get_peft_model(LlamaForCausalLM(cfg).to(torch.bfloat16), LoraConfig(r=R, lora_alpha=ALPHA,
+                                                                                    lora_dropout=DROPOUT))
+    models = {"peft": stock, "lora_layers_only": copy.deepcopy(stock), "fastlora": copy.deepcopy(stock)}
+    fp.patch(models["lora_layers_only"], linears=False)
+    fp.patch(models["fastlora"])
+    models["fastlora_float32"] = copy.deepcopy(models["fastlora"]).float()
+    ids = torch.randint(0, VOCAB, (2, 64))
+
+    def step(model):
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def run():
+            loss = model(ids, labels=ids).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return run
+
+    steps = {n: step(m) for n, m in models.items()}
+    native = fastlora.cpu.native_bf16_matmul()
+    if native:
+        t = interleaved_medians(steps, min_rounds=5, max_rounds=10, budget_s=20.0, warmup=1)
+    else:
+        t = interleaved_medians({n: steps[n] for n in ("peft", "lora_layers_only")}, min_rounds=1, max_rounds=1,
+                                warmup=1)
+        t.update(interleaved_medians({n: steps[n] for n in ("fastlora", "fastlora_float32")}, min_rounds=5,
+                                     max_rounds=10, budget_s=20.0, warmup=1))
+    info = {f"step_ms_{n}": round(v * 1e3, 1) for n, v in t.items()}
+    info.update(speedup=round(t["peft"] / t["fastlora"], 2), vs_float32=round(t["fastlora"] / t["fastlora_float32"], 3),
+                native_bf16=native, cpu_isa=fastlora.cpu_isa(), threads=torch.get_num_threads())
+    for k, v in info.items():
+        record_property(k, v)
+    print("bfloat16 model, default targets", info)
+    if native:
+        assert t["fastlora"] <= t["peft"], info
+    else:
+        assert t["peft"] >= 10 * t["fastlora"], info
+        assert t["fastlora"] <= 1.5 * t["fastlora_float32"], info

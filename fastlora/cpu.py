@@ -8,7 +8,8 @@ fastlora is imported, caps it, so that a machine with AVX-512 can run, test and 
 what AVX2 and older machines run; :func:`use_cpu_isa` switches at run time.
 
 :func:`native_bf16_matmul` says whether bfloat16 matrix products are fast here (AVX512-BF16 or
-AMX, and the kernels not capped below AVX-512): choices such as rsvd's sketch precision follow it.
+AMX, and the kernels not capped below AVX-512): choices such as rsvd's sketch precision follow it;
+:func:`native_fp16_matmul` says the same of float16 (``fastlora.linear`` follows both).
 
 Where the LoRA kernels run a bfloat16 / float16 layer on float32 copies (float16 always; bfloat16
 without native bf16 GEMMs), the base weight's float32 copy is kept across calls, up to a byte
@@ -22,6 +23,7 @@ through ``.data``, call :func:`clear_weight_cache`.
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -58,6 +60,23 @@ def native_bf16_matmul() -> bool:
     capped below AVX-512. Elsewhere ATen's bfloat16 GEMMs are emulated and 100x or more slower
     than float32 ones, so bfloat16 work is better done in float32."""
     return torch.ops.fastlora.native_bf16_gemm()  # the C++ kernels' own answer: one source of truth
+
+
+def native_fp16_matmul() -> bool:
+    """True where ATen's float16 GEMMs run natively (oneDNN with AVX512-FP16, as on Xeons since
+    Sapphire Rapids) and the kernels are not capped below AVX-512. Elsewhere they are emulated:
+    a 2048^2 layer's fwd+bwd took 242 ms at 8 rows against 4.3 ms in float32 (AVX2 build)."""
+    return torch.ops.fastlora.cpu_isa_level() >= ISA_LEVELS["avx512"] and _torch_fp16_gemm()
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_fp16_gemm() -> bool:
+    # torch's own test of oneDNN's float16 support (CPU features, ONEDNN_MAX_CPU_ISA); fixed per
+    # process. A torch without the op has no native float16 GEMMs on the CPU.
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def weight_cache_limit() -> int:

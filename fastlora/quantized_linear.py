@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from fastlora.ops.lora_quantized_linear import lora_quantized_linear
+from fastlora.float32_compute import Float32ComputeLinear
 from fastlora.quantize import FORMATS, QuantizedWeight, quantize
 
 __all__ = ["QuantizedLinear", "quantize_model"]
@@ -80,7 +81,7 @@ class QuantizedLinear(nn.Linear):
 
 def quantize_model(model: nn.Module, fmt: str = "nf4", *, modules: Optional[Iterable[str]] = None,
                    skip: Optional[Callable[[str, nn.Linear], bool]] = None, **kwargs) -> int:
-    """Replaces ``model``'s ``nn.Linear`` layers in place with :class:`QuantizedLinear` (the
+    """Replaces ``model``'s ``nn.Linear`` layers (and ``Float32ComputeLinear`` ones) in place with :class:`QuantizedLinear` (the
     frozen base of QLoRA; call it before ``get_peft_model``). ``modules``: names (or name
     suffixes, as PEFT's target_modules) to quantize, default every linear layer; ``skip(name,
     layer)`` excludes layers (e.g. a classification head that will be trained). Returns the
@@ -90,7 +91,7 @@ def quantize_model(model: nn.Module, fmt: str = "nf4", *, modules: Optional[Iter
     wanted = None if modules is None else list(modules)
     targets = []
     for name, module in model.named_modules():
-        if type(module) is not nn.Linear:
+        if type(module) not in (nn.Linear, Float32ComputeLinear):
             continue
         if wanted is not None and not any(name == w or name.endswith("." + w) for w in wanted):
             continue

@@ -441,7 +441,7 @@ def test_quantized_base_of_a_model_folder(models, files, tmp_path, dtype):
     exp = prepare(cfg)
     inner = exp.model.model
     assert isinstance(inner.model.layers[0].self_attn.q_proj.base_layer, fastlora.QuantizedLinear)
-    assert type(inner.lm_head) is torch.nn.Linear
+    assert type(inner.lm_head) is fastlora.Float32ComputeLinear  # not quantized; patched as a plain layer
     assert exp.split_info["base"]["format"] == "nf4"
     before = fastlora.peft.fast_path_calls(exp.model)
     exp.model(exp.input_ids[:2], exp.attention_mask[:2]).float().sum().backward()

@@ -1,6 +1,7 @@
 // See weight_cache.h.
 #include "weight_cache.h"
 
+#include <c10/core/InferenceMode.h>
 #include <c10/core/StorageImpl.h>
 #include <c10/util/intrusive_ptr.h>
 #include <torch/library.h>
@@ -139,7 +140,13 @@ at::Tensor float32_weight(const at::Tensor& w) {
       c.erase(it);  // stale: the weight was written to (or resized) since
     }
   }
-  at::Tensor copy = w.to(at::kFloat);
+  at::Tensor copy;
+  {
+    // A normal tensor even when made under torch.inference_mode(): fastlora.linear's autograd
+    // saves the copy for backward, which an inference tensor cannot be.
+    c10::InferenceMode normal_tensors(false);
+    copy = w.to(at::kFloat);
+  }
   const int64_t nbytes = static_cast<int64_t>(copy.nbytes());
   std::lock_guard<std::mutex> lock(c.mutex);
   if (c.bytes + nbytes <= c.limit && c.entries.count(key) == 0) {
@@ -191,6 +198,16 @@ int64_t set_limit_op(int64_t bytes) { return set_weight_cache_limit(bytes); }
 int64_t limit_op() { return weight_cache_limit(); }
 std::tuple<int64_t, int64_t> usage_op() { return {weight_cache_entries(), weight_cache_bytes()}; }
 void clear_op() { clear_weight_cache(); }
+
+// The op behind fastlora.linear's float32 route (fastlora/ops/linear.py): a half-precision
+// weight's kept float32 copy. Only half-precision weights: a float32 one would come back as
+// itself, an alias the schema does not declare. The result may be the cached tensor shared with
+// the LoRA ops, so it is never written to (F.linear only reads it).
+at::Tensor float32_weight_op(const at::Tensor& weight) {
+  TORCH_CHECK_TYPE(weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kHalf,
+                   "fastlora.float32_weight: weight must be bfloat16 or float16, got ", weight.scalar_type());
+  return float32_weight(weight);
+}
 }  // namespace
 
 // Ops without tensor arguments: registered as catch-all kernels (fastlora.cpu wraps them).
@@ -199,6 +216,9 @@ TORCH_LIBRARY_FRAGMENT(fastlora, m) {
   m.def("set_weight_cache_limit(int bytes) -> int", &set_limit_op);
   m.def("weight_cache_usage() -> (int, int)", &usage_op);
   m.def("clear_weight_cache() -> ()", &clear_op);
+  m.def("float32_weight(Tensor weight) -> Tensor");
 }
+
+TORCH_LIBRARY_IMPL(fastlora, CPU, m) { m.impl("float32_weight", &float32_weight_op); }
 
 }  // namespace fastlora

@@ -4,6 +4,9 @@
   ``fastlora.lora_linear`` / ``lora_grouped_linear``), and the ways in: ``patch`` /
   ``unpatch``, ``register``, ``from_pretrained``, ``fast_path_calls``, ``clear_stacked_cache``.
   Its docstring lists the fast path and the fallbacks.
+  ``patch`` also swaps the model's other ``nn.Linear`` layers to
+  ``fastlora.Float32ComputeLinear`` (bfloat16 / float16 in float32 where those GEMMs are
+  emulated).
 - ``bnb``: PEFT's bitsandbytes LoRA layers (4-bit NF4 / FP4, 8-bit: QLoRA) on
   ``fastlora.lora_quantized_linear``; ``patch`` swaps them in as well.
 - ``rank``: rank tools for whole models: ``squeeze_model`` (LoRA-Squeeze), ``RankAnnealing``,

@@ -466,12 +466,20 @@ def _swaps():
     return {PeftLinear: LoraLinear, **bnb.patch_classes()}
 
 
-def patch(model: nn.Module) -> int:
+def patch(model: nn.Module, linears: bool = True) -> int:
     """Swap every PEFT LoRA ``Linear`` (exact class) in ``model`` to ``LoraLinear``, and PEFT's
     bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` LoRA layers to ``fastlora.peft.bnb``'s, in
     place, by reassigning ``__class__``: same module objects, same Parameter objects, no copies.
-    Returns the number of layers swapped (already patched layers are not counted)."""
+    With ``linears`` (the default), also every other plain ``nn.Linear`` (not inside a LoRA
+    layer) to ``fastlora.Float32ComputeLinear`` (``fastlora.patch_linears``), whose bfloat16 /
+    float16 products run in float32 on CPUs that emulate them (``fastlora.linear``; elsewhere it
+    is ``F.linear``). Returns the
+    number of LoRA layers swapped (already patched layers are not counted)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     swaps = _swaps()
+    # A LoRA layer's own linears (base layer, lora_A / lora_B) stay: the fused ops compute them.
+    inside = {id(m) for layer in model.modules() if isinstance(layer, BaseTunerLayer) for m in layer.modules()}
     n = 0
     for module in model.modules():
         new_class = swaps.get(type(module))
@@ -479,12 +487,16 @@ def patch(model: nn.Module) -> int:
             module.__class__ = new_class
             module.fastlora_calls = 0
             n += 1
+    if linears:
+        fastlora.patch_linears(model, skip=lambda name, m: id(m) in inside)
     return n
 
 
 def unpatch(model: nn.Module) -> int:
     """Undo ``patch``: every fastlora layer in ``model`` becomes PEFT's class again (also
-    layers built through ``register``). Returns the number of layers swapped back."""
+    layers built through ``register``), and every ``fastlora.Float32ComputeLinear`` an
+    ``nn.Linear``. Returns the number of LoRA layers swapped back."""
+    fastlora.unpatch_linears(model)
     back = {new: old for old, new in _swaps().items()}
     n = 0
     for module in model.modules():
