@@ -261,6 +261,29 @@ def test_patch_swaps_the_other_linears(emulating_cpu):
     assert not any(type(m) is fastlora.Float32ComputeLinear for m in model.modules())
 
 
+def test_lora_layers_base_alone_takes_the_route(emulating_cpu):
+    # adapters disabled, merged, or none active: the base layer alone, as fastlora.linear
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(llama(torch.bfloat16), LoraConfig(r=4, target_modules=["q_proj"]))
+    fastlora.peft.patch(model)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    base = layer.base_layer
+    x = torch.randn(6, 32).bfloat16()
+    want = float32_route(x, base.weight, base.bias)
+    with model.disable_adapter():
+        assert torch.equal(layer(x), want)
+    layer.set_adapter([])
+    assert torch.equal(layer(x), want)
+    layer.set_adapter("default")
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    model.merge_adapter()
+    assert torch.equal(layer(x), float32_route(x, base.weight, base.bias))
+    model.unmerge_adapter()
+    assert fastlora.peft.fast_path_calls(model) == 0
+
+
 def test_patch_linears_false_leaves_them():
     from peft import LoraConfig, get_peft_model
 

@@ -63,7 +63,6 @@ reason naming the layer's class, adapter and reason):
 
 - LoRA variants: DoRA (``use_dora=True``) with lora_bias, over a quantized base or with other
   adapters active; PEFT's other variants (aLoRA, ...);
-- merged adapters (``merge_adapter()``: the base layer alone is the right computation);
 - mixed-adapter batches using DoRA / variants, ``lora_bias=True`` or active dropout (see
   above), and any other extra forward argument;
 - a base layer that is not exactly ``torch.nn.Linear``, or any module of the layer with hooks
@@ -75,8 +74,11 @@ reason naming the layer's class, adapter and reason):
 - several active adapters where at least one applies dropout.
 
 Without any warning, because there is nothing LoRA to compute: adapters disabled
-(``disable_adapter()`` context) and layers with no active adapter; they run PEFT's forward,
-i.e. the base layer alone.
+(``disable_adapter()`` context), merged adapters (``merge_adapter()``) and layers with no
+active adapter. The base layer alone is the computation: ``fastlora.linear`` on its weight
+(bfloat16 / float16 in float32 where the CPU emulates those GEMMs) when it is a plain
+``nn.Linear`` without hooks, else PEFT's forward (also for disabled adapters that are still
+merged: PEFT unmerges first). Not counted in ``fastlora_calls``.
 """
 from __future__ import annotations
 
@@ -171,7 +173,7 @@ class FastLoraLayerMixin:
         if args or any(v is not None for v in kwargs.values()):
             return f"extra forward arguments {sorted(kwargs)}" if kwargs else "extra positional forward arguments"
         if self.merged:
-            return "adapters are merged into the base weight (the base layer alone is computed)"
+            return None  # the base layer alone (on the merged weight) is the computation
         reason = self._fastlora_base_reason()
         if reason:
             return reason
@@ -277,6 +279,12 @@ class LoraLinear(FastLoraLayerMixin, PeftLinear):
         if kwargs.get("adapter_names") is not None:
             return self._fastlora_mixed_forward(x, args, kwargs)
         plan = self._fastlora_plan(x, args, kwargs)
+        if plan is None and self._fastlora_base_alone_ok(args, kwargs):
+            # Nothing LoRA to compute (adapters disabled, merged, none active): PEFT would call
+            # the base layer; fastlora.linear is that product, in float32 where the CPU
+            # emulates half-precision GEMMs.
+            base = self.base_layer
+            return fastlora.linear(x, base.weight, base.bias)
         if isinstance(plan, str) or plan is None:
             if plan is not None:
                 self._fastlora_warn(plan)
@@ -291,6 +299,14 @@ class LoraLinear(FastLoraLayerMixin, PeftLinear):
         lora_A, lora_B, scaling, p, training, lora_B_bias = self._fastlora_adapters(plan)
         return fastlora.lora_linear(x, base.weight, base.bias, lora_A, lora_B, scaling, p, training,
                                     lora_B_bias=lora_B_bias)
+
+    def _fastlora_base_alone_ok(self, args, kwargs) -> bool:
+        """Whether the base layer alone may run as fastlora.linear: a plain ``nn.Linear`` base
+        without hooks or extra arguments, and not PEFT's disabled-while-merged case (its forward
+        unmerges first)."""
+        return (not args and all(v is None for v in kwargs.values()) and type(self.base_layer) is nn.Linear
+                and not self.fan_in_fan_out and not (self.disable_adapters and self.merged)
+                and not _has_hooks(self.base_layer) and not _global_hooks())
 
     def _fastlora_dora_forward(self, x, name, dropout_p, training):
         """PEFT's DoRA on the fused op. With m the magnitude vector and the per-output-row norm
@@ -315,7 +331,7 @@ class LoraLinear(FastLoraLayerMixin, PeftLinear):
         ct = torch.float64 if y.dtype == torch.float64 else torch.float32
         out = y.to(ct) * (magnitude.to(ct) / norm.to(ct))
         if dropped:
-            out = out + torch.nn.functional.linear(x - x_d, base.weight, base.bias).to(ct)
+            out = out + fastlora.linear(x - x_d, base.weight, base.bias).to(ct)
         elif base.bias is not None:
             out = out + base.bias.to(ct)
         return out.to(y.dtype)
