@@ -59,7 +59,7 @@ test-python: $(STAMP)
 # the BLAS rounds as it does there).
 # ATen's ATEN_CPU_CAPABILITY is left alone: set below the host's level it breaks torch.compile's
 # inductor kernels on an AVX-512 host (torch 2.13), which no real AVX2 machine sees.
-ISA_TESTS := tests/test_environment.py tests/test_lora_linear.py tests/test_lora_grouped_linear.py tests/test_lowrank.py \
+ISA_TESTS := tests/test_environment.py tests/test_lora_linear.py tests/test_linear.py tests/test_lora_grouped_linear.py tests/test_lowrank.py \
 	tests/test_peft.py tests/test_peft_mixed.py tests/test_peft_squeeze.py tests/test_peft_trainer.py tests/test_fl.py \
 	tests/test_lora_quantized_linear.py tests/test_peft_bnb.py
 test-isa: $(STAMP)

@@ -81,8 +81,9 @@ class QuantizedLinear(nn.Linear):
 
 def quantize_model(model: nn.Module, fmt: str = "nf4", *, modules: Optional[Iterable[str]] = None,
                    skip: Optional[Callable[[str, nn.Linear], bool]] = None, **kwargs) -> int:
-    """Replaces ``model``'s ``nn.Linear`` layers (and ``Float32ComputeLinear`` ones) in place with :class:`QuantizedLinear` (the
-    frozen base of QLoRA; call it before ``get_peft_model``). ``modules``: names (or name
+    """Replaces ``model``'s ``nn.Linear`` layers (also those ``patch_linears`` swapped to
+    ``Float32ComputeLinear``) in place with :class:`QuantizedLinear` (the frozen base of QLoRA;
+    call it before ``get_peft_model``). ``modules``: names (or name
     suffixes, as PEFT's target_modules) to quantize, default every linear layer; ``skip(name,
     layer)`` excludes layers (e.g. a classification head that will be trained). Returns the
     number of layers replaced."""

@@ -185,6 +185,8 @@ def test_mismatched_dtypes_raise_as_f_linear(emulating_cpu):
         fastlora.linear(x.float(), w, b)
     with pytest.raises(RuntimeError):
         fastlora.linear(x, w[:, :-1], b)
+    with pytest.raises(RuntimeError):
+        fastlora.linear(x[0, 0], w, b)  # 0-d
 
 
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16], ids=str)
