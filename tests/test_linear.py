@@ -286,6 +286,28 @@ def test_lora_layers_base_alone_takes_the_route(emulating_cpu):
     assert fastlora.peft.fast_path_calls(model) == 0
 
 
+def test_adapter_added_after_patch_takes_the_fused_path(emulating_cpu):
+    # PEFT wraps the (already swapped) k_proj layers; patching again gives the LoRA layers a plain
+    # nn.Linear base, so they run the fused op without a fallback warning
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(llama(torch.bfloat16), LoraConfig(r=4, target_modules=["q_proj"]))
+    fastlora.peft.patch(model)
+    model.add_adapter("second", LoraConfig(r=4, target_modules=["k_proj"]))
+    layer = model.base_model.model.model.layers[0].self_attn.k_proj
+    assert type(layer.base_layer) is fastlora.Float32ComputeLinear
+    assert fastlora.peft.patch(model) == 2  # the two new k_proj LoRA layers
+    assert type(layer.base_layer) is torch.nn.Linear
+    model.set_adapter("second")
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(ids)
+    assert layer.fastlora_calls == 1
+
+
 def test_patch_linears_false_leaves_them():
     from peft import LoraConfig, get_peft_model
 

@@ -494,8 +494,13 @@ def patch(model: nn.Module, linears: bool = True) -> int:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     swaps = _swaps()
-    # A LoRA layer's own linears (base layer, lora_A / lora_B) stay: the fused ops compute them.
+    # A LoRA layer's own linears (base layer, lora_A / lora_B) stay plain nn.Linear: the fused ops
+    # compute them. One that a later add_adapter / load_adapter wrapped after an earlier patch
+    # swapped it (PEFT takes any nn.Linear subclass as a base) goes back.
     inside = {id(m) for layer in model.modules() if isinstance(layer, BaseTunerLayer) for m in layer.modules()}
+    for module in model.modules():
+        if id(module) in inside and type(module) is fastlora.Float32ComputeLinear:
+            module.__class__ = nn.Linear
     n = 0
     for module in model.modules():
         new_class = swaps.get(type(module))
