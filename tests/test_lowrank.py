@@ -215,6 +215,13 @@ def test_rsvd_sketch_rounds_as_torch(batch, shape):
     exp = torch.ops.fastlora.rsvd(A.bfloat16(), omega, 6, 1, torch.bfloat16)
     for x, y in zip(got, exp):
         assert torch.equal(x, y)
+    # subnormal through and through (the AVX512-BF16 conversion flushes them to zero, as the bf16
+    # products do with A.bfloat16()'s subnormals)
+    tiny = torch.randn(*batch, m, n, generator=g) * 1e-39
+    got = torch.ops.fastlora.rsvd(tiny, omega, 6, 1, torch.bfloat16)
+    exp = torch.ops.fastlora.rsvd(tiny.bfloat16(), omega, 6, 1, torch.bfloat16)
+    for x, y in zip(got, exp):
+        assert torch.equal(x, y)
     low_rank = torch.randn(*batch, m, 3, generator=g) @ torch.randn(*batch, 3, n, generator=g)
     got = torch.ops.fastlora.rsvd(low_rank, omega, 6, 1, torch.bfloat16)
     exp = torch.ops.fastlora.rsvd(low_rank, omega, 6, 1, None)  # the float32 computation
