@@ -2,9 +2,10 @@
 the CPU emulates those GEMMs.
 
 In a bfloat16 model on a CPU without native bf16 GEMMs (AVX2 laptops and VMs) ATen emulates
-every ``nn.Linear``'s products, and those are nearly all of a training step: 98% of one, 60x the
-float32 step, on a 4-layer Llama-style model with LoRA on q_proj / v_proj (PEFT's default
-targets; docs/cpu.md). ``patch_linears`` swaps a model's ``nn.Linear`` layers (exact class) to
+every ``nn.Linear``'s products, and those are nearly all of a training step: a 4-layer
+Llama-style model with LoRA on q_proj / v_proj (PEFT's default targets) took 1353 ms per step
+with only its LoRA layers on fastlora's ops and 76.7 ms with its other layers here too (65.9
+ms in float32; benchmarks/test_bench_peft.py -k default_targets, AVX2 caps; docs/cpu.md). ``patch_linears`` swaps a model's ``nn.Linear`` layers (exact class) to
 ``Float32ComputeLinear`` by ``__class__`` reassignment: same module, same Parameters, same
 ``state_dict`` and repr; its forward is ``fastlora.linear``, which is ``F.linear`` itself except
 for bfloat16 / float16 on CPUs that emulate those GEMMs. ``fastlora.peft.patch`` does this for

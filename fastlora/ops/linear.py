@@ -2,8 +2,8 @@
 
 A bfloat16 model's layers that no LoRA adapter targets (PEFT's default targets only some
 projections; ``lm_head`` never) are plain ``nn.Linear`` layers, and on a CPU without AVX512-BF16
-/ AMX ATen emulates their bfloat16 GEMMs: a Llama-style training step measured 98% in those
-products, 60x slower than the same step in float32 (AVX2 build; see docs/cpu.md). ``linear``
+/ AMX ATen emulates their bfloat16 GEMMs, and those were nearly all of a Llama-style training
+step (docs/cpu.md). ``linear``
 computes such a layer as the LoRA kernels compute their half-precision base products there: x
 converted to float32 (exact), the weight's float32 copy kept across calls (the weight cache of
 fastlora.cpu), the float32 GEMM, the result rounded once to x's dtype.

@@ -489,8 +489,8 @@ def patch(model: nn.Module, linears: bool = True) -> int:
     With ``linears`` (the default), also every other plain ``nn.Linear`` (not inside a LoRA
     layer) to ``fastlora.Float32ComputeLinear`` (``fastlora.patch_linears``), whose bfloat16 /
     float16 products run in float32 on CPUs that emulate them (``fastlora.linear``; elsewhere it
-    is ``F.linear``). Returns the
-    number of LoRA layers swapped (already patched layers are not counted)."""
+    is ``F.linear``). Returns the number of LoRA layers swapped (already patched layers are not
+    counted)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     swaps = _swaps()
