@@ -10,6 +10,7 @@ what AVX2 and older machines run; :func:`use_cpu_isa` switches at run time.
 :func:`native_bf16_matmul` says whether bfloat16 matrix products are fast here (AVX512-BF16 or
 AMX, and the kernels not capped below AVX-512): choices such as rsvd's sketch precision follow it;
 :func:`native_fp16_matmul` says the same of float16 (``fastlora.linear`` follows both).
+:func:`blas_avx512_sgemm` says whether ATen's float32 GEMMs run MKL's AVX-512 kernels here.
 
 Where the LoRA kernels run a bfloat16 / float16 layer on float32 copies (float16 always; bfloat16
 without native bf16 GEMMs), the base weight's float32 copy is kept across calls, up to a byte
@@ -60,6 +61,14 @@ def native_bf16_matmul() -> bool:
     capped below AVX-512. Elsewhere ATen's bfloat16 GEMMs are emulated and 100x or more slower
     than float32 ones, so bfloat16 work is better done in float32."""
     return torch.ops.fastlora.native_bf16_gemm()  # the C++ kernels' own answer: one source of truth
+
+
+def blas_avx512_sgemm() -> bool:
+    """True where ATen's float32 GEMMs run MKL's AVX-512 kernels: an Intel CPU with AVX-512 and
+    the kernels not capped below it (on AMD CPUs MKL runs its AVX2 kernels). There float32
+    products through the BLAS are as fast as fastlora's own, and beat AVX512-BF16's (not AMX's)
+    bfloat16 ones on rsvd's shapes."""
+    return torch.ops.fastlora.blas_avx512_sgemm()
 
 
 def native_fp16_matmul() -> bool:

@@ -251,30 +251,39 @@ def test_rsvd_sketch_errors():
 
 def test_rsvd_sketch_precision_follows_the_cpu():
     """A half-precision sketch runs only where its GEMMs are native; elsewhere rsvd computes the
-    products in float32 (bitwise the float32 call), and "auto" means bf16 exactly where native.
-    Checked under every CPU kernel build this machine can run (below AVX-512: never native)."""
+    products in float32 (bitwise the float32 call). "auto" means bf16 where native, except on a
+    CPU whose float32 GEMMs run MKL's AVX-512 kernels and whose bf16 ones are not AMX's. Checked
+    under every CPU kernel build this machine can run (below AVX-512: never native), with either
+    BLAS plan forced."""
     A = torch.randn(96, 80, generator=torch.Generator().manual_seed(3))
 
     def run(sketch):
         return fastlora.rsvd(A, 6, generator=torch.Generator().manual_seed(0), sketch_dtype=sketch)
+
+    def same(xs, ys):
+        return all(torch.equal(x, y) for x, y in zip(xs, ys))
     best = fastlora.use_cpu_isa("auto")
+    previous = torch.ops.fastlora._set_blas_avx512_plan(-1)
     try:
-        for isa in ("baseline", "avx2", "avx512"):
+        for isa in ("baseline", "avx2", "avx512", "amx"):
             if fastlora.use_cpu_isa(isa) != isa:
                 continue
-            native_bf16 = fastlora.cpu.native_bf16_matmul()
-            assert native_bf16 == (isa == "avx512" and (torch.cpu._is_avx512_bf16_supported()
-                                                        or torch.cpu._is_amx_tile_supported()))
-            fp32, bf16, auto, default = run(torch.float32), run(torch.bfloat16), run("auto"), run(None)
-            for x, y, z in zip(bf16, auto, default):
-                # The default is "auto": bf16 where native, float32 elsewhere, like a bf16 request.
-                assert torch.equal(x, y) and torch.equal(x, z)
-            assert all(torch.equal(x, y) for x, y in zip(bf16, fp32)) == (not native_bf16)
+            for blas_avx512 in (0, 1):
+                torch.ops.fastlora._set_blas_avx512_plan(blas_avx512)
+                assert fastlora.cpu.blas_avx512_sgemm() == (blas_avx512 == 1 and isa in ("avx512", "amx"))
+                native_bf16 = fastlora.cpu.native_bf16_matmul()
+                assert native_bf16 == (isa in ("avx512", "amx") and (torch.cpu._is_avx512_bf16_supported()
+                                                                     or torch.cpu._is_amx_tile_supported()))
+                fp32, bf16, auto, default = run(torch.float32), run(torch.bfloat16), run("auto"), run(None)
+                assert same(bf16, fp32) == (not native_bf16)
+                assert same(auto, default)  # the default is "auto"
+                assert same(auto, bf16 if native_bf16 and (isa == "amx" or blas_avx512 == 0) else fp32)
+            torch.ops.fastlora._set_blas_avx512_plan(-1)
             # float64 input keeps its precision by default.
             A64 = A.double()
             r64 = fastlora.rsvd(A64, 6, generator=torch.Generator().manual_seed(0))
             r64_full = fastlora.rsvd(A64, 6, generator=torch.Generator().manual_seed(0), sketch_dtype=torch.float32)
-            assert all(torch.equal(x, y) for x, y in zip(r64, r64_full))
+            assert same(r64, r64_full)
             if not torch.cpu._is_amx_fp16_supported():
                 # float16 GEMMs are emulated: float32 products, so 6e4 does not overflow either.
                 big = torch.full((8, 8), 6e4) + torch.eye(8)
@@ -282,6 +291,7 @@ def test_rsvd_sketch_precision_follows_the_cpu():
                 assert torch.isfinite(S).all() and S[0] > 4e5
     finally:
         fastlora.use_cpu_isa(best)
+        torch.ops.fastlora._set_blas_avx512_plan(previous)
 
 
 def test_rsvd_sketch_falls_back_where_its_rounding_dominates():

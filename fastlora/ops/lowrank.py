@@ -148,7 +148,8 @@ def rsvd(A, rank: int, *, oversample: Optional[int] = None, n_iter: Optional[int
     (slow decay included); more ``n_iter`` for very flat spectra.
 
     Precision (``sketch_dtype``, dense A): by default (None, or "auto") bfloat16 where its GEMMs
-    are native (CUDA; CPUs with AVX512-BF16 / AMX), the input's precision elsewhere and for
+    are native and beat float32 ones (CUDA; CPUs with AMX; CPUs with AVX512-BF16 whose float32
+    GEMMs do not run MKL's AVX-512 kernels, such as AMD's), the input's precision elsewhere and for
     float64 input; ``torch.float32`` asks for full precision everywhere; ``torch.bfloat16`` /
     ``torch.float16`` ask for that dtype, granted only where its GEMMs are native (AMX-FP16 for
     float16 on CPUs): elsewhere ATen emulates them 100x or more slower than float32, so the
@@ -225,8 +226,8 @@ def rsvd(A, rank: int, *, oversample: Optional[int] = None, n_iter: Optional[int
 
 def _sketch_dtype_for(sketch_dtype, input_dtype: torch.dtype, device: torch.device):
     """The sketch dtype rsvd really uses (None: the compute dtype). A half precision only where
-    its GEMMs are native (see rsvd's docstring); None / "auto" mean bfloat16 exactly there,
-    except for float64 input."""
+    its GEMMs are native (see rsvd's docstring); None / "auto" mean bfloat16 where it also beats
+    float32 (_bf16_sketch_pays), except for float64 input."""
     if sketch_dtype is torch.float32:
         return None
     if sketch_dtype is None or sketch_dtype == "auto":
@@ -239,7 +240,20 @@ def _sketch_dtype_for(sketch_dtype, input_dtype: torch.dtype, device: torch.devi
         return None if sketch_dtype == "auto" else sketch_dtype
     if sketch_dtype == torch.float16:
         return sketch_dtype if torch.cpu._is_amx_fp16_supported() else None
+    if sketch_dtype == "auto" and not _bf16_sketch_pays():
+        return None
     return torch.bfloat16 if fastlora_cpu.native_bf16_matmul() else None
+
+
+def _bf16_sketch_pays() -> bool:
+    """Whether "auto" takes a bfloat16 sketch on this CPU: its GEMMs are native and beat the
+    float32 ones. AMX tiles do everywhere; AVX512-BF16 alone (vdpbf16ps) does where MKL runs no
+    AVX-512 float32 kernels (AMD: 2.1-2.4x svd_lowrank at rank 32), but not against MKL's
+    AVX-512 sgemm on an Intel CPU (Xeon at the avx512 level, 4096^2, rank 32: bfloat16 0.87x
+    svd_lowrank's speed, float32 0.98-1.09x at a lower error)."""
+    if not fastlora_cpu.native_bf16_matmul():
+        return False
+    return fastlora_cpu.cpu_isa() == "amx" or not fastlora_cpu.blas_avx512_sgemm()
 
 
 def gaussian_test_matrix(batch, n, l, dtype, device, generator=None) -> torch.Tensor:
