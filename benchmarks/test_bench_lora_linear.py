@@ -73,13 +73,14 @@ def test_bfloat16_targets(record_property):
     cases = {dtype: LoraLinearCase(512, 2048, 2048, 16, 0.05, dtype=dtype) for dtype in (torch.bfloat16, torch.float32)}
     for c in cases.values():
         c.impls = c.build()
-    if native:
+    if native:  # all three timed interleaved, as fastlora bench does
         steps = interleaved_medians({n: s for n, (_, s) in cases[torch.bfloat16].impls.items()})
     else:
+        # The emulated peers take seconds per step: one round each, then fastlora's own rounds.
         steps = interleaved_medians({n: s for n, (_, s) in cases[torch.bfloat16].impls.items()},
                                     min_rounds=1, max_rounds=1, warmup=1)
+        steps["fastlora"] = interleaved_medians({"f": cases[torch.bfloat16].impls["fastlora"][1]})["f"]
     steps["fastlora_float32"] = interleaved_medians({"f": cases[torch.float32].impls["fastlora"][1]})["f"]
-    steps["fastlora"] = interleaved_medians({"f": cases[torch.bfloat16].impls["fastlora"][1]})["f"]
     summary = {f"step_{n}_ms": round(t * 1e3, 2) for n, t in steps.items()}
     summary.update(native_bf16=native, cpu_isa=fastlora.cpu_isa())
     for k, v in summary.items():
@@ -87,7 +88,9 @@ def test_bfloat16_targets(record_property):
     print("bfloat16 M=512 in=2048 out=2048 r=16 p=0.05", summary)
     if native:
         # The LoRA products in the AVX512-BF16 kernel: measured 1.35-1.45x PEFT and +7 to +12%
-        # over the bf16 base here; asserted with room for noise.
+        # over the bf16 base on Zen 4; asserted with room for noise. With AMX (Xeon) the base
+        # GEMMs are 3-4x faster and the passes around the LoRA products weigh more: +48%, 1.93x
+        # PEFT there, failing (docs/benchmarks.md, Xeon (AMX)).
         assert steps["peft"] >= 1.2 * steps["fastlora"], summary
         assert steps["fastlora"] <= 1.15 * steps["base"], summary
     else:
