@@ -128,6 +128,16 @@ void pair_rows_native(const float*, const float*, uint32_t*, int64_t) {}
 
 const uint16_t* bits(const at::BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); }
 
+// A row stride (in elements of `size` bytes) of at least `cols` whose byte length is not a
+// multiple of 4 KiB: a tile load reads 16 rows, and at 4 KiB strides (1024 pairs, 2048 bfloat16
+// values) all 16 fall in one L1 set, which holds 12 lines. Padded, the A^T Y pass took 4.3-4.6
+// ms at 4096^2, l = 48, against 5.2-5.4 (timed interleaved, Xeon); A X, whose tiles read the
+// converted rows at 8 KiB strides, changed within the noise.
+int64_t padded_stride(int64_t cols, int64_t size) {
+  const int64_t bytes = cols * size;
+  return bytes >= 4096 && bytes % 4096 == 0 ? cols + 64 / size : cols;
+}
+
 // The rows x l float32 matrix x (row-major) as small_gemm_bf16's B operand, its rows in pairs.
 std::vector<uint32_t> pack_operand(const float* x, int64_t rows, int64_t l) {
   std::vector<uint32_t> out(ceil_div(rows, 2) * l);
@@ -145,7 +155,7 @@ double product_rows(const T* a, int64_t m, int64_t n, const uint32_t* xp, int64_
   // A block of 16 rows of 4096 values: 256 KiB of float32 fetched into L2 while the previous
   // block's products run, 128 KiB converted.
   constexpr int64_t kRows = 16;
-  const int64_t n2 = ceil_div(n, 2), ld = 2 * n2;
+  const int64_t n2 = ceil_div(n, 2), ld = padded_stride(2 * n2, sizeof(uint16_t));
   constexpr bool in_place_ok = std::is_same_v<T, at::BFloat16>;
   const bool in_place = in_place_ok && n % 2 == 0;
   return at::parallel_reduce(
@@ -196,16 +206,18 @@ double product_rows(const T* a, int64_t m, int64_t n, const uint32_t* xp, int64_
 // operand (pair-major, a_col = 2 w) it would run in vdpbf16ps; the l x w result is transposed
 // into out once per strip.
 template <typename T>
-void product_cols(const T* a, int64_t m, int64_t n, const uint32_t* yp, const uint32_t* yt, int64_t l, float* out) {
+void product_cols(const T* a, int64_t m, int64_t n, const uint32_t* yp, const uint32_t* yt, int64_t ldyt, int64_t l,
+                  float* out) {
   constexpr int64_t kPairs = 32;  // a chunk: 64 rows of a strip (P: 128 KiB at 1024 columns)
   const int64_t m2 = ceil_div(m, 2);
   // Strips of up to 1024 columns, narrower for small n so that every thread gets some. Each
   // row's part of a strip is one run of memory that the prefetcher must find anew: at 256
   // columns (1 KiB) the conversion took as long as the products.
   const int64_t width = std::clamp<int64_t>(ceil_div(ceil_div(n, at::get_num_threads()), 16) * 16, 16, 1024);
+  const int64_t ldp = padded_stride(width, sizeof(uint32_t));  // P's and out_t's row stride
   at::parallel_for(0, ceil_div(n, width), 1, [&](int64_t s0, int64_t s1) {
-    std::vector<uint32_t> P(kPairs * width);
-    std::vector<float> out_t(yt != nullptr ? l * width : 0);
+    std::vector<uint32_t> P(kPairs * ldp);
+    std::vector<float> out_t(yt != nullptr ? l * ldp : 0);
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t c0 = s * width, w = std::min(width, n - c0);
       for (int64_t p0 = 0; p0 < m2; p0 += kPairs) {
@@ -215,11 +227,11 @@ void product_cols(const T* a, int64_t m, int64_t n, const uint32_t* yp, const ui
           const T* lo = a + row * n + c0;
           const T* hi = row + 1 < m ? lo + n : nullptr;
           if constexpr (std::is_same_v<T, float> && kNativeConvert) {
-            pair_rows_native(lo, hi, P.data() + p * w, w);
+            pair_rows_native(lo, hi, P.data() + p * ldp, w);
           } else if constexpr (std::is_same_v<T, float>) {
-            pair_rows(lo, hi, P.data() + p * w, w);
+            pair_rows(lo, hi, P.data() + p * ldp, w);
           } else {
-            pair_rows(bits(lo), hi ? bits(hi) : nullptr, P.data() + p * w, w);
+            pair_rows(bits(lo), hi ? bits(hi) : nullptr, P.data() + p * ldp, w);
           }
         }
         // The next chunk of this thread's strips, fetched while this one's products run.
@@ -233,17 +245,17 @@ void product_cols(const T* a, int64_t m, int64_t n, const uint32_t* yp, const ui
                   row_bytes};
         }
         if (yt != nullptr) {  // out^T += Y^T[:, chunk] @ P
-          small_gemm_bf16(l, w, kp, 1.0f, reinterpret_cast<const uint16_t*>(yt + p0), 2 * m2, 2, P.data(), w,
-                          /*accumulate=*/p0 > 0, out_t.data(), w, next);
-        } else {  // P as the A operand: output row j (column c0 + j of A), pair p at P[p * w + j]
-          small_gemm_bf16(w, l, kp, 1.0f, reinterpret_cast<const uint16_t*>(P.data()), 2, 2 * w, yp + p0 * l, l,
+          small_gemm_bf16(l, w, kp, 1.0f, reinterpret_cast<const uint16_t*>(yt + p0), 2 * ldyt, 2, P.data(), ldp,
+                          /*accumulate=*/p0 > 0, out_t.data(), ldp, next);
+        } else {  // P as the A operand: output row j (column c0 + j of A), pair p at P[p * ldp + j]
+          small_gemm_bf16(w, l, kp, 1.0f, reinterpret_cast<const uint16_t*>(P.data()), 2, 2 * ldp, yp + p0 * l, l,
                           /*accumulate=*/p0 > 0, out + c0 * l, l, next);
         }
       }
       if (m2 == 0) {
         std::fill(out + c0 * l, out + (c0 + w) * l, 0.0f);
       } else if (yt != nullptr) {
-        transpose_into(out_t.data(), l, w, w, out + c0 * l, l);
+        transpose_into(out_t.data(), l, w, ldp, out + c0 * l, l);
       }
     }
   });
@@ -273,15 +285,16 @@ at::Tensor bf16_sketch_product(const at::Tensor& A, const at::Tensor& X, bool tr
     const int64_t off = b * m * n;
     if (transpose) {
       std::vector<uint32_t> yt;  // Y^T in pairs along its rows, for AMX tiles (product_cols)
+      const int64_t ldyt = padded_stride(ceil_div(depth, 2), sizeof(uint32_t));
       if (small_gemm_bf16_amx()) {
-        yt.resize(l * ceil_div(depth, 2));
-        transpose_into(xp.data(), ceil_div(depth, 2), l, l, yt.data(), ceil_div(depth, 2));
+        yt.resize(l * ldyt);
+        transpose_into(xp.data(), ceil_div(depth, 2), l, l, yt.data(), ldyt);
       }
       const uint32_t* ytp = yt.empty() ? nullptr : yt.data();
       if (f32) {
-        product_cols(A.const_data_ptr<float>() + off, m, n, xp.data(), ytp, l, po);
+        product_cols(A.const_data_ptr<float>() + off, m, n, xp.data(), ytp, ldyt, l, po);
       } else {
-        product_cols(A.const_data_ptr<at::BFloat16>() + off, m, n, xp.data(), ytp, l, po);
+        product_cols(A.const_data_ptr<at::BFloat16>() + off, m, n, xp.data(), ytp, ldyt, l, po);
       }
     } else {
       const double s = f32 ? product_rows(A.const_data_ptr<float>() + off, m, n, xp.data(), l, po, norm2 != nullptr)

@@ -3,8 +3,9 @@
 // row tails of the 8/4/2/1-row tiles, masked column tails, k chunk boundaries, k = 0, A row-major
 // and pair-major, accumulate, padded leading dimensions; under the AMX-BF16 and AVX512-BF16 builds
 // where the machine has them (AMX's tiles, their row / column / pair remainders) and the portable
-// one. Tolerance: the float32 dot-product bound,
-// (2 k2 + 2) u sum |alpha a b| + 2 u |C|.
+// one, with alpha = 0.75 and alpha = 1 (AMX tiles then start from C and store to it directly).
+// Tolerance: the float32 dot-product bound, (2 k2 + 2) u sum |alpha a b| + 2 u |C|; with alpha = 1
+// C is a term of the running sum, (2 k2 + 2) u (sum |a b| + |C|).
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -43,7 +44,9 @@ void check(const char* build) {
   const int64_t ns[] = {0, 1, 15, 16, 17, 31, 32, 33, 48, 65};
   const int64_t ks[] = {0, 1, 2, 3, 127, 128, 129, 261};  // k in values; odd k packs a zero row
   for (bool pair_major : {false, true}) {
-    for (bool accumulate : {false, true}) {
+    for (int variant = 0; variant < 4; ++variant) {
+      const bool accumulate = variant % 2 == 1;
+      const float alpha = variant < 2 ? 0.75f : 1.0f;
       int64_t cases = 0, bad = 0;
       std::string first_bad;
       for (int64_t m : ms) {
@@ -76,7 +79,6 @@ void check(const char* build) {
             std::vector<float> c(m * ldc + 1);
             for (auto& v : c) v = static_cast<float>(normal(rng));
             const std::vector<float> c0 = c;
-            const float alpha = 0.75f;
             fastlora::small_gemm_bf16(m, n, k2, alpha, a.data(), a_row, a_col, bp.data(), ldb, accumulate, c.data(),
                                       ldc);
             ++cases;
@@ -97,7 +99,8 @@ void check(const char* build) {
                 }
                 const double prev = accumulate ? static_cast<double>(c0[i * ldc + j]) : 0.0;
                 const double want = alpha * exact + prev;
-                const double tol = (2 * k2 + 2) * u * alpha * mag + 2 * u * std::fabs(prev) + 1e-30;
+                const double tol = alpha == 1.0f ? (2 * k2 + 2) * u * (mag + std::fabs(prev)) + 1e-30
+                                                 : (2 * k2 + 2) * u * alpha * mag + 2 * u * std::fabs(prev) + 1e-30;
                 ok = std::fabs(static_cast<double>(c[i * ldc + j]) - want) <= tol;
               }
               for (int64_t j = n; j < ldc && ok; ++j) ok = c[i * ldc + j] == c0[i * ldc + j];  // padding untouched
@@ -112,7 +115,7 @@ void check(const char* build) {
         }
       }
       expect(bad == 0, std::string("small_gemm_bf16 (") + build + ") pair_major=" + (pair_major ? "1" : "0") +
-                           " accumulate=" + (accumulate ? "1" : "0") + ": " + std::to_string(cases - bad) + "/" +
+                           " accumulate=" + (accumulate ? "1" : "0") + " alpha=" + std::to_string(alpha) + ": " + std::to_string(cases - bad) + "/" +
                            std::to_string(cases) + " shapes within the dot-product error bound" + first_bad);
     }
   }
