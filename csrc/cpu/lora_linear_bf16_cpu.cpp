@@ -117,7 +117,8 @@ std::tuple<Tensor, Tensor> fwd_bf16_native(const Tensor& x, const Tensor& weight
   const float s = static_cast<float>(scaling);
   constexpr int64_t kCols = 512;  // expand columns per chunk (an L2-sized float32 block)
   run_blocks(ceil_div(M, bm), [&](int64_t b0, int64_t b1) {
-    const auto xd = uninitialized<uint16_t>(d.active ? bm * K : 0);
+    const int64_t ldxd = tile_row_stride(K, sizeof(uint16_t));  // dropout(x)'s rows, as AMX tiles' A
+    const auto xd = uninitialized<uint16_t>(d.active ? bm * ldxd : 0);
     std::vector<uint16_t> xab(bm * 2 * r2, 0);  // an odd rank's pad column stays zero
     std::vector<float> xa32(bm * r), mult;
     const auto ych = uninitialized<float>(onednn_expand ? 0 : bm * kCols);
@@ -129,10 +130,10 @@ std::tuple<Tensor, Tensor> fwd_bf16_native(const Tensor& x, const Tensor& weight
         mult.resize(K);
         for (int64_t i = 0; i < n; ++i) {
           row_mask(mult.data(), K, 0, r0 + i, d);
-          scale_row_bf16(xd.get() + i * K, a + i * ldx, mult.data(), K);
+          scale_row_bf16(xd.get() + i * ldxd, a + i * ldx, mult.data(), K);
         }
         a = xd.get();
-        lda = K;
+        lda = ldxd;
       }
       small_gemm_bf16(n, r, K / 2, 1.0f, a, lda, 2, at_pairs.get(), r, false, xa32.data(), r);
       for (int64_t i = 0; i < n; ++i) {  // xa rounded once: the output, and the expand's operand
@@ -161,9 +162,11 @@ std::tuple<Tensor, Tensor> bwd_bf16_native(const Tensor& dy, const Tensor& x, co
   const int64_t r2 = ceil_div(r, 2);
   const Tensor A = lora_A.contiguous(), B = lora_B.contiguous(), xa = xa_in.contiguous();
   // g = s dY @ B: B's rows in pairs (k = N); dX's LoRA term g @ A: A's rows in pairs (k = r)
-  const auto b_pairs = uninitialized<uint32_t>(N / 2 * r), a_pairs = uninitialized<uint32_t>(r2 * K);
+  // (the buffers that AMX tiles load get row strides off 4 KiB multiples: tile_row_stride)
+  const int64_t ldk = tile_row_stride(K, sizeof(uint32_t)), ldn = tile_row_stride(N, sizeof(uint32_t));
+  const auto b_pairs = uninitialized<uint32_t>(N / 2 * r), a_pairs = uninitialized<uint32_t>(r2 * ldk);
   pack_bf16_row_pairs(bits(B), N, r, r, b_pairs.get(), r);
-  pack_bf16_row_pairs(bits(A), r, K, K, a_pairs.get(), K);
+  pack_bf16_row_pairs(bits(A), r, K, K, a_pairs.get(), ldk);
   const uint16_t* dyp = bits(dy);
   const uint16_t* xp = bits(x);
   const uint16_t* xap = bits(xa);
@@ -179,9 +182,9 @@ std::tuple<Tensor, Tensor> bwd_bf16_native(const Tensor& dy, const Tensor& x, co
     bool first = false;
     std::vector<float> g32(bm * r), mult(K);
     std::vector<uint16_t> gb(bm * 2 * r2, 0), gbt(r * 2 * bm2), xat(r * 2 * bm2);  // gb: odd r's pad stays zero
-    const auto gx32 = uninitialized<float>(grad_x ? bm * K : 0);
+    const auto gx32 = uninitialized<float>(grad_x ? bm * ldk : 0);
     const auto xd = uninitialized<uint16_t>(d.active ? bm * K : 0);
-    const auto dy_pairs = uninitialized<uint32_t>(bm2 * N), xd_pairs = uninitialized<uint32_t>(bm2 * K);
+    const auto dy_pairs = uninitialized<uint32_t>(bm2 * ldn), xd_pairs = uninitialized<uint32_t>(bm2 * ldk);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t r0 = blk * bm, n = std::min(bm, M - r0), n2 = ceil_div(n, 2);
       const uint16_t* dy_b = dyp + r0 * ldy;
@@ -197,10 +200,10 @@ std::tuple<Tensor, Tensor> bwd_bf16_native(const Tensor& dy, const Tensor& x, co
       for (int64_t i = 0; i < n; ++i) round_row_bf16(gb.data() + i * 2 * r2, g32.data() + i * r, nullptr, nullptr, r);
       // d lora_B^T += s * xa_b^T @ dY_b (k = the block's rows, in pairs)
       transpose_padded(xap + r0 * r, n, r, r, xat.data(), 2 * n2);
-      pack_bf16_row_pairs(dy_b, n, N, ldy, dy_pairs.get(), N);
-      small_gemm_bf16(r, N, n2, s, xat.data(), 2 * n2, 2, dy_pairs.get(), N, /*accumulate=*/!first, pb, N);
+      pack_bf16_row_pairs(dy_b, n, N, ldy, dy_pairs.get(), ldn);
+      small_gemm_bf16(r, N, n2, s, xat.data(), 2 * n2, 2, dy_pairs.get(), ldn, /*accumulate=*/!first, pb, N);
       // dX_b = mask * (g @ A), and dropout(x_b) with the same multipliers
-      if (grad_x) small_gemm_bf16(n, K, r2, 1.0f, gb.data(), 2 * r2, 2, a_pairs.get(), K, false, gx32.get(), K);
+      if (grad_x) small_gemm_bf16(n, K, r2, 1.0f, gb.data(), 2 * r2, 2, a_pairs.get(), ldk, false, gx32.get(), ldk);
       const uint16_t* xd_b = x_b;
       int64_t ldxd = ldx;
       for (int64_t i = 0; i < n; ++i) {
@@ -209,7 +212,7 @@ std::tuple<Tensor, Tensor> bwd_bf16_native(const Tensor& dy, const Tensor& x, co
           scale_row_bf16(xd.get() + i * K, x_b + i * ldx, mult.data(), K);
         }
         if (grad_x) {
-          add_row_into_bf16(gxp + (r0 + i) * K, gx32.get() + i * K, d.active ? mult.data() : nullptr, nullptr, K);
+          add_row_into_bf16(gxp + (r0 + i) * K, gx32.get() + i * ldk, d.active ? mult.data() : nullptr, nullptr, K);
         }
       }
       if (d.active) {
@@ -218,8 +221,8 @@ std::tuple<Tensor, Tensor> bwd_bf16_native(const Tensor& dy, const Tensor& x, co
       }
       // d lora_A += g^T @ dropout(x_b)
       transpose_padded(gb.data(), n, r, 2 * r2, gbt.data(), 2 * n2);
-      pack_bf16_row_pairs(xd_b, n, K, ldxd, xd_pairs.get(), K);
-      small_gemm_bf16(r, K, n2, 1.0f, gbt.data(), 2 * n2, 2, xd_pairs.get(), K, /*accumulate=*/!first, pa, K);
+      pack_bf16_row_pairs(xd_b, n, K, ldxd, xd_pairs.get(), ldk);
+      small_gemm_bf16(r, K, n2, 1.0f, gbt.data(), 2 * n2, 2, xd_pairs.get(), ldk, /*accumulate=*/!first, pa, K);
     }
   });
   const Tensor acc = parts.sum();

@@ -128,15 +128,6 @@ void pair_rows_native(const float*, const float*, uint32_t*, int64_t) {}
 
 const uint16_t* bits(const at::BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); }
 
-// A row stride (in elements of `size` bytes) of at least `cols` whose byte length is not a
-// multiple of 4 KiB: a tile load reads 16 rows, and at 4 KiB strides (1024 pairs, 2048 bfloat16
-// values) all 16 fall in one L1 set, which holds 12 lines. Padded, the A^T Y pass took 4.3-4.6
-// ms at 4096^2, l = 48, against 5.2-5.4 (timed interleaved, Xeon); A X, whose tiles read the
-// converted rows at 8 KiB strides, changed within the noise.
-int64_t padded_stride(int64_t cols, int64_t size) {
-  const int64_t bytes = cols * size;
-  return bytes >= 4096 && bytes % 4096 == 0 ? cols + 64 / size : cols;
-}
 
 // The rows x l float32 matrix x (row-major) as small_gemm_bf16's B operand, its rows in pairs.
 std::vector<uint32_t> pack_operand(const float* x, int64_t rows, int64_t l) {
@@ -155,7 +146,7 @@ double product_rows(const T* a, int64_t m, int64_t n, const uint32_t* xp, int64_
   // A block of 16 rows of 4096 values: 256 KiB of float32 fetched into L2 while the previous
   // block's products run, 128 KiB converted.
   constexpr int64_t kRows = 16;
-  const int64_t n2 = ceil_div(n, 2), ld = padded_stride(2 * n2, sizeof(uint16_t));
+  const int64_t n2 = ceil_div(n, 2), ld = tile_row_stride(2 * n2, sizeof(uint16_t));
   constexpr bool in_place_ok = std::is_same_v<T, at::BFloat16>;
   const bool in_place = in_place_ok && n % 2 == 0;
   return at::parallel_reduce(
@@ -214,7 +205,7 @@ void product_cols(const T* a, int64_t m, int64_t n, const uint32_t* yp, const ui
   // row's part of a strip is one run of memory that the prefetcher must find anew: at 256
   // columns (1 KiB) the conversion took as long as the products.
   const int64_t width = std::clamp<int64_t>(ceil_div(ceil_div(n, at::get_num_threads()), 16) * 16, 16, 1024);
-  const int64_t ldp = padded_stride(width, sizeof(uint32_t));  // P's and out_t's row stride
+  const int64_t ldp = tile_row_stride(width, sizeof(uint32_t));  // P's and out_t's row stride
   at::parallel_for(0, ceil_div(n, width), 1, [&](int64_t s0, int64_t s1) {
     std::vector<uint32_t> P(kPairs * ldp);
     std::vector<float> out_t(yt != nullptr ? l * ldp : 0);
@@ -285,7 +276,7 @@ at::Tensor bf16_sketch_product(const at::Tensor& A, const at::Tensor& X, bool tr
     const int64_t off = b * m * n;
     if (transpose) {
       std::vector<uint32_t> yt;  // Y^T in pairs along its rows, for AMX tiles (product_cols)
-      const int64_t ldyt = padded_stride(ceil_div(depth, 2), sizeof(uint32_t));
+      const int64_t ldyt = tile_row_stride(ceil_div(depth, 2), sizeof(uint32_t));
       if (small_gemm_bf16_amx()) {
         yt.resize(l * ldyt);
         transpose_into(xp.data(), ceil_div(depth, 2), l, l, yt.data(), ldyt);
