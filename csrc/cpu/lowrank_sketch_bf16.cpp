@@ -128,7 +128,6 @@ void pair_rows_native(const float*, const float*, uint32_t*, int64_t) {}
 
 const uint16_t* bits(const at::BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); }
 
-
 // The rows x l float32 matrix x (row-major) as small_gemm_bf16's B operand, its rows in pairs.
 std::vector<uint32_t> pack_operand(const float* x, int64_t rows, int64_t l) {
   std::vector<uint32_t> out(ceil_div(rows, 2) * l);

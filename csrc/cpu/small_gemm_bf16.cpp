@@ -191,7 +191,7 @@ struct alignas(64) TileConfig {
 };
 
 // One block of C, MI x NJ tiles of tm x tn (tiles 0-3; A in tiles 4-5, B in 6-7) over `steps` k
-// steps of tk pairs, stored to out (row stride 32 floats). One prefetch step per k step: issued
+// steps of tk pairs, stored to out (row stride ld_out floats). One prefetch step per k step: issued
 // in bursts (one per block) the prefetches stalled the kernel once the line fill buffers filled,
 // most of its time in rsvd's passes.
 // With kOnto the tiles start from out's values (row stride ld_out floats) instead of zero.
@@ -294,8 +294,8 @@ FASTLORA_AMX_TARGET void gemm_bf16_amx(int64_t m, int64_t n, int64_t k2, float a
   // alpha = 1: the tiles load and store c themselves, no float32 block and epilogue pass (rsvd's
   // A^T Y chunks accumulate onto their output: that pass took 4.3-4.6 ms at 4096^2, l = 48,
   // against 4.6-5.0 ms through the block, timed interleaved on the Xeon). Not where c's rows are
-  // a multiple of 4 KiB apart: a tile's 16 rows would then share one L1 set (12 lines), while
-  // the epilogue walks them one at a time.
+  // a multiple of 4 KiB apart: a tile's 16 rows would then share one L1 set (12 lines, see
+  // tile_row_stride), while the epilogue walks them one at a time (not timed separately).
   const bool direct = alpha == 1.0f && (ldc * int64_t(sizeof(float))) % 4096 != 0;
   PrefetchCursor prefetch(region, ((mm + 2 * tm - 1) / (2 * tm)) * ((nm + 2 * tn - 1) / (2 * tn)) * steps);
   for (int64_t i0 = 0; i0 < mm; i0 += 2 * tm) {
