@@ -338,12 +338,24 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_cpu(const Tensor& x_in, const Tensor&
   // lora_B^T as a row-major r x N copy (r * N elements): the BLAS ran the expand on the
   // transposed view 4x slower at M = 8, in = out = 4096 (0.13 vs 0.03 ms). Not for float16
   // (only small batches get here): its GEMM is fast only on the transposed view (0.36 vs 0.95 ms).
-  const Tensor Bt = x.scalar_type() == at::kHalf ? lora_B.t() : transposed_copy(lora_B);
   Tensor y;
-  if (bias_eff.defined()) {
-    y = at::addmm(bias_eff, xa, Bt, 1.0, scaling);
+  if (x.scalar_type() == at::kHalf) {
+    y = bias_eff.defined() ? at::addmm(bias_eff, xa, lora_B.t(), 1.0, scaling) : at::mm(xa.mul(scaling), lora_B.t());
+  } else if (bias_eff.defined()) {
+    const int64_t N = weight.size(0), r = lora_A.size(0);
+    // The bias as one more term of the expand: [s xa | 1] @ [B^T ; bias], one GEMM of depth r + 1
+    // that writes y once, where addmm broadcast the bias into y first and then accumulated onto
+    // it (the expand alone 1.0-1.2 ms against 0.5-0.6 at M = 2048, N = 1024, r = 16, MKL under
+    // the AVX2 caps; the forward 21.7 vs 22.3 ms there, interleaved; 12.6 vs 12.8 natively).
+    Tensor xa1 = at::empty({M, r + 1}, xa.options());
+    xa1.narrow(1, 0, r).copy_(xa).mul_(scaling);
+    xa1.select(1, r).fill_(1);
+    Tensor bt1 = at::empty({r + 1, N}, xa.options());
+    bt1.narrow(0, 0, r).copy_(lora_B.t());
+    bt1.select(0, r).copy_(bias_eff);
+    y = at::mm(xa1, bt1);
   } else {
-    y = at::mm(xa.mul(scaling), Bt);
+    y = at::mm(xa.mul(scaling), transposed_copy(lora_B));
   }
   y.addmm_(x, weight.t());
   return {y, xa};
