@@ -141,6 +141,43 @@ def test_bfloat16_rows_at_odd_strides_match_contiguous():
         assert torch.equal(got, want)
 
 
+# Batches of at most 8 rows: where the CPU has AVX512-BF16 the bfloat16 backward runs its decode
+# kernels (broadcast FMAs on the operands in place): every row count from 1 to 8, odd ranks and
+# ranks over 16 with a tail, in / out features across the kernels' column chunks (256 / 512) with
+# tails, dropout, and a lora_B bias and trainable weight.
+@pytest.mark.parametrize("shape", [((1,), 40, 66, 3), ((2,), 522, 1030, 40), ((3,), 34, 520, 17),
+                                   ((2, 2), 64, 34, 16), ((5,), 258, 18, 1), ((2, 3), 44, 516, 33),
+                                   ((7,), 30, 40, 8), ((8,), 512, 256, 64)], ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_bfloat16_decode_sized_batches(shape, p):
+    check_against_reference(torch.bfloat16, *shape, p, lora_B_bias=True, train_weight=True)
+
+
+def test_bfloat16_decode_backward_same_bits_on_any_thread_count():
+    """The decode-sized bfloat16 backward splits its columns over the threads and adds g's
+    partial sums in a fixed order: the same bits on 1, 2 and 3 threads, and the same adapter
+    gradients whether or not dX is asked for."""
+    g = torch.Generator().manual_seed(4)
+    mk = lambda *s: torch.randn(*s, generator=g).bfloat16()  # noqa: E731
+    M, K, N, r = 6, 522, 1030, 17
+    x, dy, W, A, B = mk(M, K), mk(M, N), mk(N, K), mk(r, K), mk(N, r)
+    xa, seed = mk(M, r), torch.tensor(11)
+    ops = torch.ops.fastlora
+    prev = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for need_x in (True, False):
+                grads = ops.lora_linear_bwd(dy, x, W, A, B, xa, 0.5, 0.3, seed, [need_x, False, False])
+                outs.append((grads[0] if need_x else None, grads[3], grads[4]))
+    finally:
+        torch.set_num_threads(prev)
+    for got in outs[1:]:
+        for a, b in zip(got, outs[0]):
+            assert a is None or torch.equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_noncontiguous_x_trainable_weight_lora_bias(dtype):
     check_against_reference(dtype, (5, 7), 42, 123, 8, 0.1, noncontig=True, train_weight=True,

@@ -21,6 +21,9 @@
 // xa and g = s dY @ B are rounded to bfloat16 before the products that use them, each gradient
 // rounded once from float32, y and dX rounded from the rounded base product plus the float32
 // LoRA term (PEFT rounds that term once more before the sum).
+//
+// The backward of a decode-sized batch (at most 8 rows) runs lora_linear_bf16_decode.cpp's
+// kernels instead, on the operands in place.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -161,34 +164,25 @@ std::tuple<Tensor, Tensor> bwd_bf16_native(const Tensor& dy, const Tensor& x, co
   const int64_t M = x.size(0), K = x.size(1), N = dy.size(1), r = lora_A.size(0);
   const int64_t r2 = ceil_div(r, 2);
   const Tensor A = lora_A.contiguous(), B = lora_B.contiguous(), xa = xa_in.contiguous();
+  if (M <= kBf16DecodeRows && bf16_decode_kernels_available()) {
+    Tensor grad_A = at::empty({r, K}, x.options()), grad_B = at::empty({N, r}, x.options());
+    bwd_bf16_decode(bits(dy), dy.stride(0), bits(x), x.stride(0), bits(xa), bits(A), bits(B), M, K, N, r,
+                    static_cast<float>(scaling), d, grad_x ? bits_mut(*grad_x) : nullptr, bits_mut(grad_A),
+                    bits_mut(grad_B));
+    return {grad_A, grad_B};
+  }
   // g = s dY @ B: B's rows in pairs (k = N); dX's LoRA term g @ A: A's rows in pairs (k = r)
   // (the buffers that AMX tiles load get row strides off 4 KiB multiples: tile_row_stride)
   const int64_t ldk = tile_row_stride(K, sizeof(uint32_t)), ldn = tile_row_stride(N, sizeof(uint32_t));
   const auto b_pairs = uninitialized<uint32_t>(N / 2 * r), a_pairs = uninitialized<uint32_t>(r2 * ldk);
-  const int64_t bm = direct_block_rows(M, std::max(K, N), sizeof(float));
-  // A decode-sized batch is one block, which run_blocks runs on the calling thread alone: there
-  // the packing, the products and the rounding split their columns over the threads instead
-  // (disjoint columns of the same buffers and partial sums): at M = 8, 4096^2 the backward's own
-  // part took 0.064-0.073 ms against 0.082-0.085 on the calling thread alone (Xeon, AMX).
-  const bool split_cols = ceil_div(M, bm) == 1 && at::get_num_threads() > 1;
-  auto over_cols = [&](int64_t total, const auto& fn) {
-    constexpr int64_t kChunk = 64;
-    if (split_cols) {
-      at::parallel_for(0, ceil_div(total, kChunk), 1,
-                       [&](int64_t c0, int64_t c1) { fn(c0 * kChunk, std::min(total, c1 * kChunk)); });
-    } else {
-      fn(0, total);
-    }
-  };
   pack_bf16_row_pairs(bits(B), N, r, r, b_pairs.get(), r);
-  over_cols(K, [&](int64_t c0, int64_t c1) {
-    pack_bf16_row_pairs(bits(A) + c0, r, c1 - c0, K, a_pairs.get() + c0, ldk);
-  });
+  pack_bf16_row_pairs(bits(A), r, K, K, a_pairs.get(), ldk);
   const uint16_t* dyp = bits(dy);
   const uint16_t* xp = bits(x);
   const uint16_t* xap = bits(xa);
   uint16_t* gxp = grad_x ? bits_mut(*grad_x) : nullptr;
   const int64_t ldy = dy.stride(0), ldx = x.stride(0);
+  const int64_t bm = direct_block_rows(M, std::max(K, N), sizeof(float));
   const int64_t bm2 = ceil_div(bm, 2);
   const float s = static_cast<float>(scaling);
   ThreadPartials<float> parts(r * (K + N), x.options().dtype(at::kFloat));
@@ -216,35 +210,29 @@ std::tuple<Tensor, Tensor> bwd_bf16_native(const Tensor& dy, const Tensor& x, co
       for (int64_t i = 0; i < n; ++i) round_row_bf16(gb.data() + i * 2 * r2, g32.data() + i * r, nullptr, nullptr, r);
       // d lora_B^T += s * xa_b^T @ dY_b (k = the block's rows, in pairs)
       transpose_padded(xap + r0 * r, n, r, r, xat.data(), 2 * n2);
-      over_cols(N, [&](int64_t c0, int64_t c1) {
-        pack_bf16_row_pairs(dy_b + c0, n, c1 - c0, ldy, dy_pairs.get() + c0, ldn);
-        small_gemm_bf16(r, c1 - c0, n2, s, xat.data(), 2 * n2, 2, dy_pairs.get() + c0, ldn, /*accumulate=*/!first,
-                        pb + c0, N);
-      });
-      transpose_padded(gb.data(), n, r, 2 * r2, gbt.data(), 2 * n2);
-      const uint16_t* xd_b = d.active ? xd.get() : x_b;
-      const int64_t ldxd = d.active ? K : ldx;
-      over_cols(K, [&](int64_t c0, int64_t c1) {
-        const int64_t w = c1 - c0;
-        // dX_b = mask * (g @ A), and dropout(x_b) with the same multipliers
+      pack_bf16_row_pairs(dy_b, n, N, ldy, dy_pairs.get(), ldn);
+      small_gemm_bf16(r, N, n2, s, xat.data(), 2 * n2, 2, dy_pairs.get(), ldn, /*accumulate=*/!first, pb, N);
+      // dX_b = mask * (g @ A), and dropout(x_b) with the same multipliers
+      if (grad_x) small_gemm_bf16(n, K, r2, 1.0f, gb.data(), 2 * r2, 2, a_pairs.get(), ldk, false, gx32.get(), ldk);
+      const uint16_t* xd_b = x_b;
+      int64_t ldxd = ldx;
+      for (int64_t i = 0; i < n; ++i) {
+        if (d.active) {
+          row_mask(mult.data(), K, 0, r0 + i, d);
+          scale_row_bf16(xd.get() + i * K, x_b + i * ldx, mult.data(), K);
+        }
         if (grad_x) {
-          small_gemm_bf16(n, w, r2, 1.0f, gb.data(), 2 * r2, 2, a_pairs.get() + c0, ldk, false, gx32.get() + c0, ldk);
+          add_row_into_bf16(gxp + (r0 + i) * K, gx32.get() + i * ldk, d.active ? mult.data() : nullptr, nullptr, K);
         }
-        for (int64_t i = 0; i < n; ++i) {
-          if (d.active) {
-            row_mask(mult.data() + c0, w, c0, r0 + i, d);
-            scale_row_bf16(xd.get() + i * K + c0, x_b + i * ldx + c0, mult.data() + c0, w);
-          }
-          if (grad_x) {
-            add_row_into_bf16(gxp + (r0 + i) * K + c0, gx32.get() + i * ldk + c0, d.active ? mult.data() + c0 : nullptr,
-                              nullptr, w);
-          }
-        }
-        // d lora_A += g^T @ dropout(x_b)
-        pack_bf16_row_pairs(xd_b + c0, n, w, ldxd, xd_pairs.get() + c0, ldk);
-        small_gemm_bf16(r, w, n2, 1.0f, gbt.data(), 2 * n2, 2, xd_pairs.get() + c0, ldk, /*accumulate=*/!first,
-                        pa + c0, K);
-      });
+      }
+      if (d.active) {
+        xd_b = xd.get();
+        ldxd = K;
+      }
+      // d lora_A += g^T @ dropout(x_b)
+      transpose_padded(gb.data(), n, r, 2 * r2, gbt.data(), 2 * n2);
+      pack_bf16_row_pairs(xd_b, n, K, ldxd, xd_pairs.get(), ldk);
+      small_gemm_bf16(r, K, n2, 1.0f, gbt.data(), 2 * n2, 2, xd_pairs.get(), ldk, /*accumulate=*/!first, pa, K);
     }
   });
   const Tensor acc = parts.sum();
@@ -253,17 +241,9 @@ std::tuple<Tensor, Tensor> bwd_bf16_native(const Tensor& dy, const Tensor& x, co
   Tensor grad_A = at::empty({r, K}, x.options()), grad_B = at::empty({N, r}, x.options());
   const auto gbt16 = uninitialized<uint16_t>(r * N);
   const float* pacc = acc.const_data_ptr<float>();
-  uint16_t* pga = bits_mut(grad_A);
-  uint16_t* pgb = bits_mut(grad_B);
-  over_cols(K, [&](int64_t c0, int64_t c1) {
-    for (int64_t j = 0; j < r; ++j) round_row_bf16(pga + j * K + c0, pacc + j * K + c0, nullptr, nullptr, c1 - c0);
-  });
-  over_cols(N, [&](int64_t c0, int64_t c1) {
-    for (int64_t j = 0; j < r; ++j) {
-      round_row_bf16(gbt16.get() + j * N + c0, pacc + r * K + j * N + c0, nullptr, nullptr, c1 - c0);
-    }
-    transpose_into(gbt16.get() + c0, r, c1 - c0, N, pgb + c0 * r, r);
-  });
+  round_row_bf16(bits_mut(grad_A), pacc, nullptr, nullptr, r * K);
+  round_row_bf16(gbt16.get(), pacc + r * K, nullptr, nullptr, r * N);
+  transpose_into(gbt16.get(), r, N, N, bits_mut(grad_B), r);
   return {grad_A, grad_B};
 }
 

@@ -175,6 +175,17 @@ inline bool row_blocks_for_all_threads(int64_t M, int64_t cols, int64_t elem_siz
   return blocks_run_parallel(ceil_div(M, direct_block_rows(M, cols, elem_size)));
 }
 
+// The bfloat16 LoRA backward of a batch of at most kBf16DecodeRows rows on AVX-512
+// (lora_linear_bf16_decode.cpp): g = s dY @ B, d lora_A, d lora_B and, when gx is given, dX's
+// masked LoRA term added onto the rounded dY @ W it holds. Row-major bfloat16 bits: dY (M x N,
+// row stride ldy), x (M x K, ldx), xa (M x r), A (r x K), B (N x r), gx (M x K), grad_A (r x K),
+// grad_B (N x r). Only where bf16_decode_kernels_available() (the AVX-512 build in use).
+constexpr int64_t kBf16DecodeRows = 8;
+bool bf16_decode_kernels_available();
+void bwd_bf16_decode(const uint16_t* dy, int64_t ldy, const uint16_t* x, int64_t ldx, const uint16_t* xa,
+                     const uint16_t* A, const uint16_t* B, int64_t M, int64_t K, int64_t N, int64_t r, float s,
+                     const DropoutParams& d, uint16_t* gx, uint16_t* grad_A, uint16_t* grad_B);
+
 // Per-thread partial sums (the LoRA backward's d lora_A / d lora_B over row blocks): a thread's
 // row of buf is zeroed when it first asks for it (mine), or written in full by the caller
 // (claim); sum() adds the rows used in thread order, so
