@@ -153,24 +153,25 @@ def test_bfloat16_decode_sized_batches(shape, p):
     check_against_reference(torch.bfloat16, *shape, p, lora_B_bias=True, train_weight=True)
 
 
-def test_bfloat16_decode_backward_same_bits_on_any_thread_count():
-    """The decode-sized bfloat16 backward splits its columns over the threads and adds g's
-    partial sums in a fixed order: the same bits on 1, 2 and 3 threads, and the same adapter
-    gradients whether or not dX is asked for."""
+def test_bfloat16_decode_same_bits_on_any_thread_count():
+    """Decode-sized bfloat16 batches split their columns over the threads and add partial sums
+    in a fixed order: the same bits on 1, 2 and 3 threads, forward and backward, and the same
+    adapter gradients whether or not dX is asked for."""
     g = torch.Generator().manual_seed(4)
     mk = lambda *s: torch.randn(*s, generator=g).bfloat16()  # noqa: E731
     M, K, N, r = 6, 522, 1030, 17
-    x, dy, W, A, B = mk(M, K), mk(M, N), mk(N, K), mk(r, K), mk(N, r)
-    xa, seed = mk(M, r), torch.tensor(11)
+    x, dy, W, b, A, B = mk(M, K), mk(M, N), mk(N, K), mk(N), mk(r, K), mk(N, r)
+    seed = torch.tensor(11)
     ops = torch.ops.fastlora
     prev = torch.get_num_threads()
     outs = []
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
+            y, xa = ops.lora_linear_fwd(x, W, b, A, B, 0.5, 0.3, seed, None)
             for need_x in (True, False):
                 grads = ops.lora_linear_bwd(dy, x, W, A, B, xa, 0.5, 0.3, seed, [need_x, False, False])
-                outs.append((grads[0] if need_x else None, grads[3], grads[4]))
+                outs.append((y, xa, grads[0] if need_x else None, grads[3], grads[4]))
     finally:
         torch.set_num_threads(prev)
     for got in outs[1:]:

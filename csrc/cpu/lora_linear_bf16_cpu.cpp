@@ -22,8 +22,8 @@
 // rounded once from float32, y and dX rounded from the rounded base product plus the float32
 // LoRA term (PEFT rounds that term once more before the sum).
 //
-// The backward of a decode-sized batch (at most 8 rows) runs lora_linear_bf16_decode.cpp's
-// kernels instead, on the operands in place.
+// The LoRA part of a decode-sized batch (at most 8 rows), forward and backward, runs
+// lora_linear_bf16_decode.cpp's kernels instead, on the operands in place.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -82,14 +82,9 @@ std::tuple<Tensor, Tensor> fwd_bf16_native(const Tensor& x, const Tensor& weight
   const Tensor A = lora_A.contiguous(), B = lora_B.contiguous();
   const int64_t bm = direct_block_rows(M, std::max(K, N), sizeof(float));
   // With AMX the expand goes to oneDNN, accumulating onto the base product in its own pass (see
-  // the header); a decode-sized batch keeps it in the blocks (one oneDNN call more cost 0.07 ms
-  // there, at M = 8, 4096^2).
+  // the header); a batch with fewer blocks keeps it in the blocks (one oneDNN call more cost
+  // 0.07 ms at M = 8, 4096^2, before that size got its own kernels).
   const bool onednn_expand = small_gemm_bf16_amx() && blocks_run_parallel(ceil_div(M, bm));
-  // shrink's B operand: A^T in pairs along K; the expand's (in the blocks): B^T in pairs along r
-  const auto at_pairs = uninitialized<uint32_t>(K / 2 * r);
-  const auto bt_pairs = uninitialized<uint32_t>(onednn_expand ? 0 : r2 * N);
-  pack_column_pairs(bits(A), r, K, K, at_pairs.get());
-  if (!onednn_expand) pack_column_pairs(bits(B), N, r, r, bt_pairs.get());
   std::vector<float> bias_eff;
   if (bias || lora_B_bias) {
     bias_eff.assign(N, 0.0f);
@@ -102,6 +97,17 @@ std::tuple<Tensor, Tensor> fwd_bf16_native(const Tensor& x, const Tensor& weight
     }
   }
   Tensor xa = at::empty({M, r}, x.options());
+  if (M <= kBf16DecodeRows && bf16_decode_kernels_available()) {
+    Tensor y = at::mm(x, weight.t());
+    fwd_bf16_decode(bits(x), x.stride(0), bits(A), bits(B), bias_eff.empty() ? nullptr : bias_eff.data(), M, K, N, r,
+                    static_cast<float>(scaling), d, bits_mut(xa), bits_mut(y));
+    return {y, xa};
+  }
+  // shrink's B operand: A^T in pairs along K; the expand's (in the blocks): B^T in pairs along r
+  const auto at_pairs = uninitialized<uint32_t>(K / 2 * r);
+  const auto bt_pairs = uninitialized<uint32_t>(onednn_expand ? 0 : r2 * N);
+  pack_column_pairs(bits(A), r, K, K, at_pairs.get());
+  if (!onednn_expand) pack_column_pairs(bits(B), N, r, r, bt_pairs.get());
   Tensor y;
   if (onednn_expand) {
     Tensor be;

@@ -1,22 +1,25 @@
-// The bfloat16 LoRA backward of a decode-sized batch (at most kBf16DecodeRows rows) on AVX-512:
-// every rank-r product as broadcast-FMA loops over bfloat16 operands read in place, each
-// gradient rounded as it is stored.
+// The bfloat16 LoRA part of a decode-sized batch (at most kBf16DecodeRows rows) on AVX-512, forward
+// and backward: every rank-r product as broadcast-FMA loops over the bfloat16 operands read in
+// place (B's rows transposed 16 x 16 in registers for the expand), partial sums per column chunk
+// added in chunk order (the same bits on any thread count), each result rounded as it is stored.
 //
 // Why not the row-block kernels (lora_linear_bf16_cpu.cpp) at this size: with a handful of rows
 // the products are ~0.5 M multiply-adds each, less work than the passes around them. Those
-// kernels pack A and B in pairs (2 x 128 KiB at r = 16, 4096^2), accumulate d lora_A and d
-// lora_B^T in an r x (in + out) float32 buffer (512 KiB), then round it and transpose d lora_B
-// (another 2 x 128 KiB): most of their time after the base product dY @ W, which has just
-// evicted every operand from L2. Here A, B, x and dY are read once each and the gradients
-// written once. At M = 8, 4096^2, r = 16 (Xeon, 2 threads): the LoRA part alone 0.14 -> 0.03 ms;
-// after dY @ W, as in a training step, 0.16 -> 0.06 ms (AVX512-BF16 level); the training step
-// +11.4 to +12.6% -> +8.4 to +10.1% over the bf16 base with AMX, +12.4 to +14.3% -> +9.6 to +9.8%
-// at the AVX512-BF16 level (interleaved). r = 64 with dropout: 0.37 -> 0.15 ms alone.
+// kernels pack A and B in pairs (2 x 128 KiB at r = 16, 4096^2), and the backward accumulates d
+// lora_A and d lora_B^T in an r x (in + out) float32 buffer (512 KiB), then rounds it and
+// transposes d lora_B (another 2 x 128 KiB), after the base products have evicted every operand
+// from L2. Here A, B, x and dY are read once each and the outputs written once. At M = 8,
+// 4096^2, r = 16 (Xeon, 2 threads, interleaved):
+//   forward's LoRA part (after x @ W^T): 0.086-0.097 -> 0.013-0.035 ms;
+//   backward's LoRA part alone 0.14 -> 0.03 ms, after dY @ W 0.16 -> 0.06 ms (AVX512-BF16 level);
+//   the training step over the bf16 base: +11.4 to +12.6% -> +7.2 to +8.5% with AMX (forward
+//   and backward both), +12.4 to +14.3% -> +7.2 to +8.0% at the AVX512-BF16 level.
+// r = 64 with dropout p = 0.1: forward 0.32 -> 0.15 ms, backward alone 0.37 -> 0.15 ms.
 //
-// Rounding as in the row-block kernels (PEFT's points): g = s dY @ B rounded to bfloat16 before
-// its two products, dropout(x) rounded to bfloat16, each gradient summed in float32 and rounded
-// once, dX rounded once from the rounded base product (already in grad_x) plus the masked float32
-// LoRA term.
+// Rounding as in the row-block kernels (PEFT's points): xa rounded once (the output and the
+// expand's operand), g = s dY @ B rounded before its two products, dropout(x) rounded, each
+// gradient summed in float32 and rounded once, y and dX rounded once from the rounded base
+// product (already in y / grad_x) plus the float32 LoRA term.
 #include "lora_linear_blocks.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__)
@@ -137,6 +140,126 @@ FASTLORA_DECODE_TARGET void grad_A_and_x(const uint16_t* x, int64_t ldx, const u
   }
 }
 
+// Columns [c0, c1) of x and A: part (NR x r, float32) = dropout(x)[:, c0:c1] @ A[:, c0:c1]^T, with
+// dropout(x) rounded to bfloat16 as in the row-block kernels. Scratch: mult (c1 - c0 floats),
+// xd (NR x the columns rounded up to 16, floats).
+template <int NR>
+FASTLORA_DECODE_TARGET void shrink_part(const uint16_t* x, int64_t ldx, const uint16_t* A, int64_t K, int64_t r,
+                                        const DropoutParams& d, int64_t c0, int64_t c1, float* mult, float* xd,
+                                        float* part) {
+  const int64_t w = c1 - c0, wp = ceil_div(w, 16) * 16;
+  for (int i = 0; i < NR; ++i) {
+    if (d.active) row_mask(mult, w, c0, i, d);
+    for (int64_t c = 0; c < w; c += 16) {
+      const __mmask16 mc = lanes(w - c);
+      __m512 v = load_bf16(x + i * ldx + c0 + c, mc);
+      if (d.active) v = rounded(_mm512_mul_ps(v, _mm512_maskz_loadu_ps(mc, mult + c)));
+      _mm512_storeu_ps(xd + i * wp + c, v);  // zeros past the last column
+    }
+  }
+  for (int64_t k = 0; k < r; ++k) {
+    __m512 acc[NR];
+    for (int i = 0; i < NR; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < w; c += 16) {
+      const __m512 a = load_bf16(A + k * K + c0 + c, lanes(w - c));
+      for (int i = 0; i < NR; ++i) acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(xd + i * wp + c), a, acc[i]);
+    }
+    for (int i = 0; i < NR; ++i) part[i * r + k] = _mm512_reduce_add_ps(acc[i]);
+  }
+}
+
+FASTLORA_DECODE_TARGET inline __m512 lo64(__m512 a, __m512 b) {
+  return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+}
+FASTLORA_DECODE_TARGET inline __m512 hi64(__m512 a, __m512 b) {
+  return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+}
+
+// In place: v[k] (lane j) = the old v[j] (lane k), a 16 x 16 float32 transpose.
+FASTLORA_DECODE_TARGET inline void transpose16(__m512 v[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(v[i], v[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(v[i], v[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    v[i] = lo64(t[i], t[i + 2]);
+    v[i + 1] = hi64(t[i], t[i + 2]);
+    v[i + 2] = lo64(t[i + 1], t[i + 3]);
+    v[i + 3] = hi64(t[i + 1], t[i + 3]);
+  }
+  // v[4g + e], 128-bit lane L: column 4L + e of rows 4g .. 4g + 3. Gather the lanes: column 4L + e
+  // takes lane L of v[e], v[4 + e], v[8 + e], v[12 + e].
+  for (int e = 0; e < 4; ++e) {
+    for (int h = 0; h < 2; ++h) {
+      t[4 * h + e] = _mm512_shuffle_f32x4(v[e + 8 * h], v[e + 4 + 8 * h], 0x88);
+      t[8 + 4 * h + e] = _mm512_shuffle_f32x4(v[e + 8 * h], v[e + 4 + 8 * h], 0xDD);
+    }
+  }
+  for (int e = 0; e < 4; ++e) {
+    v[e] = _mm512_shuffle_f32x4(t[e], t[4 + e], 0x88);
+    v[8 + e] = _mm512_shuffle_f32x4(t[e], t[4 + e], 0xDD);
+    v[4 + e] = _mm512_shuffle_f32x4(t[8 + e], t[12 + e], 0x88);
+    v[12 + e] = _mm512_shuffle_f32x4(t[8 + e], t[12 + e], 0xDD);
+  }
+}
+
+// Columns [j0, j1) of y (rows of B): y = bfloat16(y + (s * xa @ B[j0:j1, :]^T + bias)), xa (NR x
+// r) as the float32 values of its rounding, bias (float32, optional). B's rows are read in
+// place, 16 x 16 blocks transposed in registers.
+template <int NR>
+FASTLORA_DECODE_TARGET void expand_part(const float* xa, const uint16_t* B, int64_t r, float s, const float* bias,
+                                        int64_t j0, int64_t j1, uint16_t* y, int64_t ldy) {
+  const __m512 sv = _mm512_set1_ps(s);
+  for (int64_t jb = j0; jb < j1; jb += 16) {
+    const int64_t nj = std::min<int64_t>(16, j1 - jb);
+    __m512 acc[NR];
+    for (int i = 0; i < NR; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t k0 = 0; k0 < r; k0 += 16) {
+      const __mmask16 mk = lanes(r - k0);
+      __m512 bt[16];
+      for (int jj = 0; jj < 16; ++jj) bt[jj] = jj < nj ? load_bf16(B + (jb + jj) * r + k0, mk) : _mm512_setzero_ps();
+      transpose16(bt);  // bt[k]: B[jb .. jb + 15, k0 + k]
+      const int64_t nk = std::min<int64_t>(16, r - k0);
+      for (int64_t k = 0; k < nk; ++k) {
+        for (int i = 0; i < NR; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(xa[i * r + k0 + k]), bt[k], acc[i]);
+      }
+    }
+    const __mmask16 mj = lanes(nj);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(mj, bias + jb) : _mm512_setzero_ps();
+    for (int i = 0; i < NR; ++i) {
+      uint16_t* out = y + i * ldy + jb;
+      store_bf16(out, _mm512_add_ps(load_bf16(out, mj), _mm512_fmadd_ps(acc[i], sv, b)), mj);
+    }
+  }
+}
+
+template <int NR>
+void fwd_decode_rows(const uint16_t* x, int64_t ldx, const uint16_t* A, const uint16_t* B, const float* bias,
+                     int64_t K, int64_t N, int64_t r, float s, const DropoutParams& d, uint16_t* xa, uint16_t* y) {
+  // The shrink's partial sums per chunk of K, added in chunk order (the same on any thread count).
+  const int64_t nk = ceil_div(K, kCChunk);
+  std::vector<float> parts(nk * NR * r);
+  at::parallel_for(0, nk, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> mult(kCChunk), xd(NR * kCChunk);
+    for (int64_t t = t0; t < t1; ++t) {
+      shrink_part<NR>(x, ldx, A, K, r, d, t * kCChunk, std::min(K, (t + 1) * kCChunk), mult.data(), xd.data(),
+                      parts.data() + t * NR * r);
+    }
+  });
+  std::vector<float> xa32(NR * r, 0.0f);
+  for (int64_t t = 0; t < nk; ++t) {
+    for (int64_t e = 0; e < NR * r; ++e) xa32[e] += parts[t * NR * r + e];
+  }
+  for (int64_t e = 0; e < NR * r; ++e) {  // xa rounded once: the output, and the expand's operand
+    xa[e] = float_to_bf16_bits(xa32[e]);
+    xa32[e] = bf16_bits_to_float(xa[e]);
+  }
+  at::parallel_for(0, ceil_div(N, kJChunk), 1, [&](int64_t t0, int64_t t1) {
+    expand_part<NR>(xa32.data(), B, r, s, bias, t0 * kJChunk, std::min(N, t1 * kJChunk), y, N);
+  });
+}
+
 template <int NR>
 void bwd_decode_rows(const uint16_t* dy, int64_t ldy, const uint16_t* x, int64_t ldx, const uint16_t* xa,
                      const uint16_t* A, const uint16_t* B, int64_t K, int64_t N, int64_t r, float s,
@@ -170,6 +293,24 @@ void bwd_decode_rows(const uint16_t* dy, int64_t ldy, const uint16_t* x, int64_t
 #endif
 
 bool bf16_decode_kernels_available() { return FASTLORA_DECODE_BUILT && small_gemm_isa() >= 4; }
+
+void fwd_bf16_decode(const uint16_t* x, int64_t ldx, const uint16_t* A, const uint16_t* B, const float* bias,
+                     int64_t M, int64_t K, int64_t N, int64_t r, float s, const DropoutParams& d, uint16_t* xa,
+                     uint16_t* y) {
+  TORCH_INTERNAL_ASSERT(bf16_decode_kernels_available() && M >= 1 && M <= kBf16DecodeRows);
+#if FASTLORA_DECODE_BUILT
+  switch (M) {
+    case 1: return fwd_decode_rows<1>(x, ldx, A, B, bias, K, N, r, s, d, xa, y);
+    case 2: return fwd_decode_rows<2>(x, ldx, A, B, bias, K, N, r, s, d, xa, y);
+    case 3: return fwd_decode_rows<3>(x, ldx, A, B, bias, K, N, r, s, d, xa, y);
+    case 4: return fwd_decode_rows<4>(x, ldx, A, B, bias, K, N, r, s, d, xa, y);
+    case 5: return fwd_decode_rows<5>(x, ldx, A, B, bias, K, N, r, s, d, xa, y);
+    case 6: return fwd_decode_rows<6>(x, ldx, A, B, bias, K, N, r, s, d, xa, y);
+    case 7: return fwd_decode_rows<7>(x, ldx, A, B, bias, K, N, r, s, d, xa, y);
+    default: return fwd_decode_rows<8>(x, ldx, A, B, bias, K, N, r, s, d, xa, y);
+  }
+#endif
+}
 
 void bwd_bf16_decode(const uint16_t* dy, int64_t ldy, const uint16_t* x, int64_t ldx, const uint16_t* xa,
                      const uint16_t* A, const uint16_t* B, int64_t M, int64_t K, int64_t N, int64_t r, float s,

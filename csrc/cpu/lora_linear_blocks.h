@@ -182,6 +182,11 @@ inline bool row_blocks_for_all_threads(int64_t M, int64_t cols, int64_t elem_siz
 // grad_B (N x r). Only where bf16_decode_kernels_available() (the AVX-512 build in use).
 constexpr int64_t kBf16DecodeRows = 8;
 bool bf16_decode_kernels_available();
+// The forward's LoRA part likewise: xa = dropout(x) @ A^T (M x r, rounded) and y = bfloat16(y + s *
+// xa @ B^T + bias) onto the rounded x @ W^T that y (M x N) holds; bias float32 (N) or null.
+void fwd_bf16_decode(const uint16_t* x, int64_t ldx, const uint16_t* A, const uint16_t* B, const float* bias,
+                     int64_t M, int64_t K, int64_t N, int64_t r, float s, const DropoutParams& d, uint16_t* xa,
+                     uint16_t* y);
 void bwd_bf16_decode(const uint16_t* dy, int64_t ldy, const uint16_t* x, int64_t ldx, const uint16_t* xa,
                      const uint16_t* A, const uint16_t* B, int64_t M, int64_t K, int64_t N, int64_t r, float s,
                      const DropoutParams& d, uint16_t* gx, uint16_t* grad_A, uint16_t* grad_B);
