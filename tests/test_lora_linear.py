@@ -141,26 +141,31 @@ def test_bfloat16_rows_at_odd_strides_match_contiguous():
         assert torch.equal(got, want)
 
 
-# Batches of at most 8 rows: where the CPU has AVX512-BF16 the bfloat16 backward runs its decode
-# kernels (broadcast FMAs on the operands in place): every row count from 1 to 8, odd ranks and
-# ranks over 16 with a tail, in / out features across the kernels' column chunks (256 / 512) with
-# tails, dropout, and a lora_B bias and trainable weight.
+# Batches of at most 8 rows: on AVX-512 CPUs with native bf16 GEMMs the bfloat16 LoRA part runs
+# its decode kernels (broadcast FMAs on the operands in place), for bfloat16 adapters and PEFT's
+# default float32 ones: every row count from 1 to 8, odd ranks and ranks over 16 with a tail, in /
+# out features across the kernels' column chunks (256 / 512) with tails, dropout, and a lora_B
+# bias and trainable weight.
 @pytest.mark.parametrize("shape", [((1,), 40, 66, 3), ((2,), 522, 1030, 40), ((3,), 34, 520, 17),
                                    ((2, 2), 64, 34, 16), ((5,), 258, 18, 1), ((2, 3), 44, 516, 33),
                                    ((7,), 30, 40, 8), ((8,), 512, 256, 64)], ids=str)
 @pytest.mark.parametrize("p", [0.0, 0.25])
-def test_bfloat16_decode_sized_batches(shape, p):
-    check_against_reference(torch.bfloat16, *shape, p, lora_B_bias=True, train_weight=True)
+@pytest.mark.parametrize("adapter_dtype", [None, torch.float32], ids=["bf16_adapters", "fp32_adapters"])
+def test_bfloat16_decode_sized_batches(shape, p, adapter_dtype):
+    check_against_reference(torch.bfloat16, *shape, p, adapter_dtype=adapter_dtype, lora_B_bias=True,
+                            train_weight=True)
 
 
-def test_bfloat16_decode_same_bits_on_any_thread_count():
+@pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_bfloat16_decode_same_bits_on_any_thread_count(adapter_dtype):
     """Decode-sized bfloat16 batches split their columns over the threads and add partial sums
     in a fixed order: the same bits on 1, 2 and 3 threads, forward and backward, and the same
     adapter gradients whether or not dX is asked for."""
     g = torch.Generator().manual_seed(4)
     mk = lambda *s: torch.randn(*s, generator=g).bfloat16()  # noqa: E731
     M, K, N, r = 6, 522, 1030, 17
-    x, dy, W, b, A, B = mk(M, K), mk(M, N), mk(N, K), mk(N), mk(r, K), mk(N, r)
+    x, dy, W, b = mk(M, K), mk(M, N), mk(N, K), mk(N)
+    A, B = mk(r, K).to(adapter_dtype), mk(N, r).to(adapter_dtype)
     seed = torch.tensor(11)
     ops = torch.ops.fastlora
     prev = torch.get_num_threads()

@@ -1,7 +1,8 @@
-// The bfloat16 LoRA part of a decode-sized batch (at most kBf16DecodeRows rows) on AVX-512, forward
-// and backward: every rank-r product as broadcast-FMA loops over the bfloat16 operands read in
-// place (B's rows transposed 16 x 16 in registers for the expand), partial sums per column chunk
-// added in chunk order (the same bits on any thread count), each result rounded as it is stored.
+// The LoRA part of a decode-sized bfloat16 batch (at most kBf16DecodeRows rows) on AVX-512, forward
+// and backward, with bfloat16 adapters or PEFT's default float32 ones: every rank-r product as
+// broadcast-FMA loops over the operands read in place (B's rows transposed 16 x 16 in registers
+// for the expand), partial sums per column chunk added in chunk order (the same bits on any
+// thread count), each result rounded as it is stored.
 //
 // Why not the row-block kernels (lora_linear_bf16_cpu.cpp) at this size: with a handful of rows
 // the products are ~0.5 M multiply-adds each, less work than the passes around them. Those
@@ -14,7 +15,9 @@
 //   backward's LoRA part alone 0.14 -> 0.03 ms, after dY @ W 0.16 -> 0.06 ms (AVX512-BF16 level);
 //   the training step over the bf16 base: +11.4 to +12.6% -> +7.2 to +8.5% with AMX (forward
 //   and backward both), +12.4 to +14.3% -> +7.2 to +8.0% at the AVX512-BF16 level.
-// r = 64 with dropout p = 0.1: forward 0.32 -> 0.15 ms, backward alone 0.37 -> 0.15 ms.
+// r = 64 with dropout p = 0.1: forward 0.32 -> 0.15 ms, backward alone 0.37 -> 0.15 ms. With
+// PEFT's default float32 adapters (whose branch ran in float32 small_gemm on float32 copies of x
+// and dY) the M = 8 step went from +13.0 to +16.0% over the base to +9.2 to +9.6% (AMX).
 //
 // Rounding as in the row-block kernels (PEFT's points): xa rounded once (the output and the
 // expand's operand), g = s dY @ B rounded before its two products, dropout(x) rounded, each
@@ -65,13 +68,41 @@ FASTLORA_DECODE_TARGET inline __m512 rounded(__m512 v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(round_bf16(v)), 16));
 }
 
+// The adapters' side (lora_A, lora_B, xa, their gradients): AT = uint16_t for bfloat16 adapters,
+// whose results are rounded (PEFT's points, above), or float for PEFT's default float32 adapters
+// on a bfloat16 model, whose branch runs in float32 on x's float32 values: nothing on that side
+// is rounded, only y and dX (once, from the rounded base product plus the float32 term).
+template <typename AT>
+constexpr bool kBf16Adapters = std::is_same_v<AT, uint16_t>;
+
+FASTLORA_DECODE_TARGET inline __m512 load_adapter(const uint16_t* p, __mmask16 m) { return load_bf16(p, m); }
+FASTLORA_DECODE_TARGET inline __m512 load_adapter(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+FASTLORA_DECODE_TARGET inline void store_adapter(uint16_t* p, __m512 v, __mmask16 m) { store_bf16(p, v, m); }
+FASTLORA_DECODE_TARGET inline void store_adapter(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+
+// dropout(x) as the adapters' dtype holds it: rounded to bfloat16 for bfloat16 adapters.
+template <typename AT>
+FASTLORA_DECODE_TARGET inline __m512 dropped(__m512 x, __m512 mult) {
+  const __m512 v = _mm512_mul_ps(x, mult);
+  if constexpr (kBf16Adapters<AT>) return rounded(v);
+  return v;
+}
+
+// A scalar result in the adapters' dtype (v itself for float32), and its value.
+inline void put_adapter(uint16_t* p, float v) { *p = float_to_bf16_bits(v); }
+inline void put_adapter(float* p, float v) { *p = v; }
+template <typename AT>
+inline float adapter_value(float v) {
+  if constexpr (kBf16Adapters<AT>) return bf16_bits_to_float(float_to_bf16_bits(v));
+  return v;
+}
+
 // Columns [j0, j1) of dY (rows of B and of d lora_B): g_part (NR x r, float32) = dY[:, j0:j1] @
 // B[j0:j1, :] and d lora_B[j0:j1, :] = s * dY[:, j0:j1]^T @ xa, rounded. dyf: scratch, NR x
 // (j1 - j0) floats.
-template <int NR>
-FASTLORA_DECODE_TARGET void g_and_grad_B(const uint16_t* dy, int64_t ldy, const uint16_t* xa, const uint16_t* B,
-                                         int64_t r, float s, int64_t j0, int64_t j1, float* dyf, float* g_part,
-                                         uint16_t* grad_B) {
+template <int NR, typename AT>
+FASTLORA_DECODE_TARGET void g_and_grad_B(const uint16_t* dy, int64_t ldy, const AT* xa, const AT* B, int64_t r,
+                                         float s, int64_t j0, int64_t j1, float* dyf, float* g_part, AT* grad_B) {
   const int64_t w = j1 - j0;
   for (int i = 0; i < NR; ++i) {
     for (int64_t j = 0; j < w; ++j) dyf[i * w + j] = bf16_bits_to_float(dy[i * ldy + j0 + j]);
@@ -81,18 +112,18 @@ FASTLORA_DECODE_TARGET void g_and_grad_B(const uint16_t* dy, int64_t ldy, const 
     const __mmask16 mk = lanes(r - k0);
     __m512 xv[NR], gacc[NR];
     for (int i = 0; i < NR; ++i) {
-      xv[i] = load_bf16(xa + i * r + k0, mk);
+      xv[i] = load_adapter(xa + i * r + k0, mk);
       gacc[i] = _mm512_setzero_ps();
     }
     for (int64_t j = 0; j < w; ++j) {
-      const __m512 bj = load_bf16(B + (j0 + j) * r + k0, mk);
+      const __m512 bj = load_adapter(B + (j0 + j) * r + k0, mk);
       __m512 db = _mm512_setzero_ps();
       for (int i = 0; i < NR; ++i) {
         const __m512 d = _mm512_set1_ps(dyf[i * w + j]);
         gacc[i] = _mm512_fmadd_ps(d, bj, gacc[i]);
         db = _mm512_fmadd_ps(d, xv[i], db);
       }
-      store_bf16(grad_B + (j0 + j) * r + k0, _mm512_mul_ps(db, sv), mk);
+      store_adapter(grad_B + (j0 + j) * r + k0, _mm512_mul_ps(db, sv), mk);
     }
     for (int i = 0; i < NR; ++i) _mm512_mask_storeu_ps(g_part + i * r + k0, mk, gacc[i]);
   }
@@ -101,10 +132,10 @@ FASTLORA_DECODE_TARGET void g_and_grad_B(const uint16_t* dy, int64_t ldy, const 
 // Columns [c0, c1) of x (and of A, d lora_A, dX): d lora_A[:, c0:c1] = g^T @ dropout(x)[:, c0:c1]
 // and dX[:, c0:c1] = bfloat16(dX + mask * (g @ A[:, c0:c1])), g (NR x r) as the float32 values
 // of its rounding. mult: scratch, NR x (c1 - c0) floats (the dropout multipliers when active).
-template <int NR>
-FASTLORA_DECODE_TARGET void grad_A_and_x(const uint16_t* x, int64_t ldx, const uint16_t* A, int64_t K, int64_t r,
+template <int NR, typename AT>
+FASTLORA_DECODE_TARGET void grad_A_and_x(const uint16_t* x, int64_t ldx, const AT* A, int64_t K, int64_t r,
                                          const float* g, const DropoutParams& d, int64_t c0, int64_t c1,
-                                         float* mult, uint16_t* grad_A, uint16_t* gx) {
+                                         float* mult, AT* grad_A, uint16_t* gx) {
   const int64_t w = c1 - c0;
   if (d.active) {
     for (int i = 0; i < NR; ++i) row_mask(mult + i * w, w, c0, i, d);
@@ -117,19 +148,19 @@ FASTLORA_DECODE_TARGET void grad_A_and_x(const uint16_t* x, int64_t ldx, const u
       mv[i] = _mm512_set1_ps(1.0f);
       if (d.active) {
         mv[i] = _mm512_maskz_loadu_ps(mc, mult + i * w + c);
-        xv[i] = rounded(_mm512_mul_ps(xv[i], mv[i]));  // dropout(x), rounded as PEFT's bf16 product is
+        xv[i] = dropped<AT>(xv[i], mv[i]);
       }
     }
     for (int64_t k = 0; k < r; ++k) {
       __m512 acc = _mm512_setzero_ps();
       for (int i = 0; i < NR; ++i) acc = _mm512_fmadd_ps(_mm512_set1_ps(g[i * r + k]), xv[i], acc);
-      store_bf16(grad_A + k * K + c0 + c, acc, mc);
+      store_adapter(grad_A + k * K + c0 + c, acc, mc);
     }
     if (gx == nullptr) continue;
     __m512 acc[NR];
     for (int i = 0; i < NR; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t k = 0; k < r; ++k) {
-      const __m512 ak = load_bf16(A + k * K + c0 + c, mc);
+      const __m512 ak = load_adapter(A + k * K + c0 + c, mc);
       for (int i = 0; i < NR; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(g[i * r + k]), ak, acc[i]);
     }
     for (int i = 0; i < NR; ++i) {
@@ -143,8 +174,8 @@ FASTLORA_DECODE_TARGET void grad_A_and_x(const uint16_t* x, int64_t ldx, const u
 // Columns [c0, c1) of x and A: part (NR x r, float32) = dropout(x)[:, c0:c1] @ A[:, c0:c1]^T, with
 // dropout(x) rounded to bfloat16 as in the row-block kernels. Scratch: mult (c1 - c0 floats),
 // xd (NR x the columns rounded up to 16, floats).
-template <int NR>
-FASTLORA_DECODE_TARGET void shrink_part(const uint16_t* x, int64_t ldx, const uint16_t* A, int64_t K, int64_t r,
+template <int NR, typename AT>
+FASTLORA_DECODE_TARGET void shrink_part(const uint16_t* x, int64_t ldx, const AT* A, int64_t K, int64_t r,
                                         const DropoutParams& d, int64_t c0, int64_t c1, float* mult, float* xd,
                                         float* part) {
   const int64_t w = c1 - c0, wp = ceil_div(w, 16) * 16;
@@ -153,7 +184,7 @@ FASTLORA_DECODE_TARGET void shrink_part(const uint16_t* x, int64_t ldx, const ui
     for (int64_t c = 0; c < w; c += 16) {
       const __mmask16 mc = lanes(w - c);
       __m512 v = load_bf16(x + i * ldx + c0 + c, mc);
-      if (d.active) v = rounded(_mm512_mul_ps(v, _mm512_maskz_loadu_ps(mc, mult + c)));
+      if (d.active) v = dropped<AT>(v, _mm512_maskz_loadu_ps(mc, mult + c));
       _mm512_storeu_ps(xd + i * wp + c, v);  // zeros past the last column
     }
   }
@@ -161,7 +192,7 @@ FASTLORA_DECODE_TARGET void shrink_part(const uint16_t* x, int64_t ldx, const ui
     __m512 acc[NR];
     for (int i = 0; i < NR; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t c = 0; c < w; c += 16) {
-      const __m512 a = load_bf16(A + k * K + c0 + c, lanes(w - c));
+      const __m512 a = load_adapter(A + k * K + c0 + c, lanes(w - c));
       for (int i = 0; i < NR; ++i) acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(xd + i * wp + c), a, acc[i]);
     }
     for (int i = 0; i < NR; ++i) part[i * r + k] = _mm512_reduce_add_ps(acc[i]);
@@ -207,8 +238,8 @@ FASTLORA_DECODE_TARGET inline void transpose16(__m512 v[16]) {
 // Columns [j0, j1) of y (rows of B): y = bfloat16(y + (s * xa @ B[j0:j1, :]^T + bias)), xa (NR x
 // r) as the float32 values of its rounding, bias (float32, optional). B's rows are read in
 // place, 16 x 16 blocks transposed in registers.
-template <int NR>
-FASTLORA_DECODE_TARGET void expand_part(const float* xa, const uint16_t* B, int64_t r, float s, const float* bias,
+template <int NR, typename AT>
+FASTLORA_DECODE_TARGET void expand_part(const float* xa, const AT* B, int64_t r, float s, const float* bias,
                                         int64_t j0, int64_t j1, uint16_t* y, int64_t ldy) {
   const __m512 sv = _mm512_set1_ps(s);
   for (int64_t jb = j0; jb < j1; jb += 16) {
@@ -218,7 +249,7 @@ FASTLORA_DECODE_TARGET void expand_part(const float* xa, const uint16_t* B, int6
     for (int64_t k0 = 0; k0 < r; k0 += 16) {
       const __mmask16 mk = lanes(r - k0);
       __m512 bt[16];
-      for (int jj = 0; jj < 16; ++jj) bt[jj] = jj < nj ? load_bf16(B + (jb + jj) * r + k0, mk) : _mm512_setzero_ps();
+      for (int jj = 0; jj < 16; ++jj) bt[jj] = jj < nj ? load_adapter(B + (jb + jj) * r + k0, mk) : _mm512_setzero_ps();
       transpose16(bt);  // bt[k]: B[jb .. jb + 15, k0 + k]
       const int64_t nk = std::min<int64_t>(16, r - k0);
       for (int64_t k = 0; k < nk; ++k) {
@@ -234,16 +265,16 @@ FASTLORA_DECODE_TARGET void expand_part(const float* xa, const uint16_t* B, int6
   }
 }
 
-template <int NR>
-void fwd_decode_rows(const uint16_t* x, int64_t ldx, const uint16_t* A, const uint16_t* B, const float* bias,
-                     int64_t K, int64_t N, int64_t r, float s, const DropoutParams& d, uint16_t* xa, uint16_t* y) {
+template <int NR, typename AT>
+void fwd_decode_rows(const uint16_t* x, int64_t ldx, const AT* A, const AT* B, const float* bias, int64_t K,
+                     int64_t N, int64_t r, float s, const DropoutParams& d, AT* xa, uint16_t* y) {
   // The shrink's partial sums per chunk of K, added in chunk order (the same on any thread count).
   const int64_t nk = ceil_div(K, kCChunk);
   std::vector<float> parts(nk * NR * r);
   at::parallel_for(0, nk, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> mult(kCChunk), xd(NR * kCChunk);
     for (int64_t t = t0; t < t1; ++t) {
-      shrink_part<NR>(x, ldx, A, K, r, d, t * kCChunk, std::min(K, (t + 1) * kCChunk), mult.data(), xd.data(),
+      shrink_part<NR, AT>(x, ldx, A, K, r, d, t * kCChunk, std::min(K, (t + 1) * kCChunk), mult.data(), xd.data(),
                       parts.data() + t * NR * r);
     }
   });
@@ -251,19 +282,19 @@ void fwd_decode_rows(const uint16_t* x, int64_t ldx, const uint16_t* A, const ui
   for (int64_t t = 0; t < nk; ++t) {
     for (int64_t e = 0; e < NR * r; ++e) xa32[e] += parts[t * NR * r + e];
   }
-  for (int64_t e = 0; e < NR * r; ++e) {  // xa rounded once: the output, and the expand's operand
-    xa[e] = float_to_bf16_bits(xa32[e]);
-    xa32[e] = bf16_bits_to_float(xa[e]);
+  for (int64_t e = 0; e < NR * r; ++e) {  // xa (rounded once): the output, and the expand's operand
+    put_adapter(xa + e, xa32[e]);
+    xa32[e] = adapter_value<AT>(xa32[e]);
   }
   at::parallel_for(0, ceil_div(N, kJChunk), 1, [&](int64_t t0, int64_t t1) {
-    expand_part<NR>(xa32.data(), B, r, s, bias, t0 * kJChunk, std::min(N, t1 * kJChunk), y, N);
+    expand_part<NR, AT>(xa32.data(), B, r, s, bias, t0 * kJChunk, std::min(N, t1 * kJChunk), y, N);
   });
 }
 
-template <int NR>
-void bwd_decode_rows(const uint16_t* dy, int64_t ldy, const uint16_t* x, int64_t ldx, const uint16_t* xa,
-                     const uint16_t* A, const uint16_t* B, int64_t K, int64_t N, int64_t r, float s,
-                     const DropoutParams& d, uint16_t* gx, uint16_t* grad_A, uint16_t* grad_B) {
+template <int NR, typename AT>
+void bwd_decode_rows(const uint16_t* dy, int64_t ldy, const uint16_t* x, int64_t ldx, const AT* xa, const AT* A,
+                     const AT* B, int64_t K, int64_t N, int64_t r, float s, const DropoutParams& d, uint16_t* gx,
+                     AT* grad_A, AT* grad_B) {
   // g's partial sums per chunk of dY's columns, added in chunk order: the same result on any
   // number of threads.
   const int64_t nj = ceil_div(N, kJChunk);
@@ -271,7 +302,7 @@ void bwd_decode_rows(const uint16_t* dy, int64_t ldy, const uint16_t* x, int64_t
   at::parallel_for(0, nj, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> dyf(NR * kJChunk);
     for (int64_t t = t0; t < t1; ++t) {
-      g_and_grad_B<NR>(dy, ldy, xa, B, r, s, t * kJChunk, std::min(N, (t + 1) * kJChunk), dyf.data(),
+      g_and_grad_B<NR, AT>(dy, ldy, xa, B, r, s, t * kJChunk, std::min(N, (t + 1) * kJChunk), dyf.data(),
                        g_parts.data() + t * NR * r, grad_B);
     }
   });
@@ -279,26 +310,19 @@ void bwd_decode_rows(const uint16_t* dy, int64_t ldy, const uint16_t* x, int64_t
   for (int64_t t = 0; t < nj; ++t) {
     for (int64_t e = 0; e < NR * r; ++e) g[e] += g_parts[t * NR * r + e];
   }
-  for (float& v : g) v = bf16_bits_to_float(float_to_bf16_bits(s * v));  // PEFT's bf16 gradient of xa
+  for (float& v : g) v = adapter_value<AT>(s * v);  // the gradient of xa, in the adapters' dtype
   at::parallel_for(0, ceil_div(K, kCChunk), 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> mult(d.active ? NR * kCChunk : 0);
     for (int64_t t = t0; t < t1; ++t) {
-      grad_A_and_x<NR>(x, ldx, A, K, r, g.data(), d, t * kCChunk, std::min(K, (t + 1) * kCChunk), mult.data(),
+      grad_A_and_x<NR, AT>(x, ldx, A, K, r, g.data(), d, t * kCChunk, std::min(K, (t + 1) * kCChunk), mult.data(),
                        grad_A, gx);
     }
   });
 }
 
-}  // namespace
-#endif
-
-bool bf16_decode_kernels_available() { return FASTLORA_DECODE_BUILT && small_gemm_isa() >= 4; }
-
-void fwd_bf16_decode(const uint16_t* x, int64_t ldx, const uint16_t* A, const uint16_t* B, const float* bias,
-                     int64_t M, int64_t K, int64_t N, int64_t r, float s, const DropoutParams& d, uint16_t* xa,
-                     uint16_t* y) {
-  TORCH_INTERNAL_ASSERT(bf16_decode_kernels_available() && M >= 1 && M <= kBf16DecodeRows);
-#if FASTLORA_DECODE_BUILT
+template <typename AT>
+void fwd_decode(const uint16_t* x, int64_t ldx, const AT* A, const AT* B, const float* bias, int64_t M, int64_t K,
+                int64_t N, int64_t r, float s, const DropoutParams& d, AT* xa, uint16_t* y) {
   switch (M) {
     case 1: return fwd_decode_rows<1>(x, ldx, A, B, bias, K, N, r, s, d, xa, y);
     case 2: return fwd_decode_rows<2>(x, ldx, A, B, bias, K, N, r, s, d, xa, y);
@@ -309,14 +333,12 @@ void fwd_bf16_decode(const uint16_t* x, int64_t ldx, const uint16_t* A, const ui
     case 7: return fwd_decode_rows<7>(x, ldx, A, B, bias, K, N, r, s, d, xa, y);
     default: return fwd_decode_rows<8>(x, ldx, A, B, bias, K, N, r, s, d, xa, y);
   }
-#endif
 }
 
-void bwd_bf16_decode(const uint16_t* dy, int64_t ldy, const uint16_t* x, int64_t ldx, const uint16_t* xa,
-                     const uint16_t* A, const uint16_t* B, int64_t M, int64_t K, int64_t N, int64_t r, float s,
-                     const DropoutParams& d, uint16_t* gx, uint16_t* grad_A, uint16_t* grad_B) {
-  TORCH_INTERNAL_ASSERT(bf16_decode_kernels_available() && M >= 1 && M <= kBf16DecodeRows);
-#if FASTLORA_DECODE_BUILT
+template <typename AT>
+void bwd_decode(const uint16_t* dy, int64_t ldy, const uint16_t* x, int64_t ldx, const AT* xa, const AT* A,
+                const AT* B, int64_t M, int64_t K, int64_t N, int64_t r, float s, const DropoutParams& d, uint16_t* gx,
+                AT* grad_A, AT* grad_B) {
   switch (M) {
     case 1: return bwd_decode_rows<1>(dy, ldy, x, ldx, xa, A, B, K, N, r, s, d, gx, grad_A, grad_B);
     case 2: return bwd_decode_rows<2>(dy, ldy, x, ldx, xa, A, B, K, N, r, s, d, gx, grad_A, grad_B);
@@ -327,7 +349,44 @@ void bwd_bf16_decode(const uint16_t* dy, int64_t ldy, const uint16_t* x, int64_t
     case 7: return bwd_decode_rows<7>(dy, ldy, x, ldx, xa, A, B, K, N, r, s, d, gx, grad_A, grad_B);
     default: return bwd_decode_rows<8>(dy, ldy, x, ldx, xa, A, B, K, N, r, s, d, gx, grad_A, grad_B);
   }
+}
+
+}  // namespace
 #endif
+
+bool bf16_decode_kernels_available() { return FASTLORA_DECODE_BUILT && small_gemm_isa() >= 4; }
+
+#if FASTLORA_DECODE_BUILT
+#define FASTLORA_DECODE_CALL(call) call
+#else
+#define FASTLORA_DECODE_CALL(call)
+#endif
+
+void fwd_bf16_decode(const uint16_t* x, int64_t ldx, const uint16_t* A, const uint16_t* B, const float* bias,
+                     int64_t M, int64_t K, int64_t N, int64_t r, float s, const DropoutParams& d, uint16_t* xa,
+                     uint16_t* y) {
+  TORCH_INTERNAL_ASSERT(bf16_decode_kernels_available() && M >= 1 && M <= kBf16DecodeRows);
+  FASTLORA_DECODE_CALL(fwd_decode(x, ldx, A, B, bias, M, K, N, r, s, d, xa, y));
+}
+
+void fwd_bf16_decode(const uint16_t* x, int64_t ldx, const float* A, const float* B, const float* bias, int64_t M,
+                     int64_t K, int64_t N, int64_t r, float s, const DropoutParams& d, float* xa, uint16_t* y) {
+  TORCH_INTERNAL_ASSERT(bf16_decode_kernels_available() && M >= 1 && M <= kBf16DecodeRows);
+  FASTLORA_DECODE_CALL(fwd_decode(x, ldx, A, B, bias, M, K, N, r, s, d, xa, y));
+}
+
+void bwd_bf16_decode(const uint16_t* dy, int64_t ldy, const uint16_t* x, int64_t ldx, const uint16_t* xa,
+                     const uint16_t* A, const uint16_t* B, int64_t M, int64_t K, int64_t N, int64_t r, float s,
+                     const DropoutParams& d, uint16_t* gx, uint16_t* grad_A, uint16_t* grad_B) {
+  TORCH_INTERNAL_ASSERT(bf16_decode_kernels_available() && M >= 1 && M <= kBf16DecodeRows);
+  FASTLORA_DECODE_CALL(bwd_decode(dy, ldy, x, ldx, xa, A, B, M, K, N, r, s, d, gx, grad_A, grad_B));
+}
+
+void bwd_bf16_decode(const uint16_t* dy, int64_t ldy, const uint16_t* x, int64_t ldx, const float* xa, const float* A,
+                     const float* B, int64_t M, int64_t K, int64_t N, int64_t r, float s, const DropoutParams& d,
+                     uint16_t* gx, float* grad_A, float* grad_B) {
+  TORCH_INTERNAL_ASSERT(bf16_decode_kernels_available() && M >= 1 && M <= kBf16DecodeRows);
+  FASTLORA_DECODE_CALL(bwd_decode(dy, ldy, x, ldx, xa, A, B, M, K, N, r, s, d, gx, grad_A, grad_B));
 }
 
 }  // namespace lora_cpu

@@ -184,12 +184,19 @@ constexpr int64_t kBf16DecodeRows = 8;
 bool bf16_decode_kernels_available();
 // The forward's LoRA part likewise: xa = dropout(x) @ A^T (M x r, rounded) and y = bfloat16(y + s *
 // xa @ B^T + bias) onto the rounded x @ W^T that y (M x N) holds; bias float32 (N) or null.
+// Both also for PEFT's default float32 adapters on a bfloat16 x (float32 A, B, xa and gradients:
+// the branch in float32 on x's float32 values, nothing on the adapters' side rounded).
 void fwd_bf16_decode(const uint16_t* x, int64_t ldx, const uint16_t* A, const uint16_t* B, const float* bias,
                      int64_t M, int64_t K, int64_t N, int64_t r, float s, const DropoutParams& d, uint16_t* xa,
                      uint16_t* y);
+void fwd_bf16_decode(const uint16_t* x, int64_t ldx, const float* A, const float* B, const float* bias, int64_t M,
+                     int64_t K, int64_t N, int64_t r, float s, const DropoutParams& d, float* xa, uint16_t* y);
 void bwd_bf16_decode(const uint16_t* dy, int64_t ldy, const uint16_t* x, int64_t ldx, const uint16_t* xa,
                      const uint16_t* A, const uint16_t* B, int64_t M, int64_t K, int64_t N, int64_t r, float s,
                      const DropoutParams& d, uint16_t* gx, uint16_t* grad_A, uint16_t* grad_B);
+void bwd_bf16_decode(const uint16_t* dy, int64_t ldy, const uint16_t* x, int64_t ldx, const float* xa, const float* A,
+                     const float* B, int64_t M, int64_t K, int64_t N, int64_t r, float s, const DropoutParams& d,
+                     uint16_t* gx, float* grad_A, float* grad_B);
 
 // Per-thread partial sums (the LoRA backward's d lora_A / d lora_B over row blocks): a thread's
 // row of buf is zeroed when it first asks for it (mine), or written in full by the caller

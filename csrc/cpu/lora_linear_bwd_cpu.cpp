@@ -510,6 +510,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_checked(
     // lora_linear_bf16_cpu.cpp for why not the other way round).
     if (need_x) base_term(/*accumulate=*/false);
     std::tie(grad_A, grad_B) = bwd_bf16_native(dy, x, lora_A, lora_B, xa, scaling, d, gx);
+  } else if (dtype == at::kBFloat16 && adapter_dtype == at::kFloat && M > 0 && M <= kBf16DecodeRows &&
+             lora_A.size(0) > 0 && bf16_decode_kernels_available()) {
+    // PEFT's default float32 adapters on a decode-sized bfloat16 batch: the base term first, then
+    // lora_linear_bf16_decode.cpp's kernels on the operands in place add the float32 LoRA term
+    // to it, rounding once, and write the float32 gradients.
+    if (need_x) base_term(/*accumulate=*/false);
+    const Tensor A = lora_A.contiguous(), B = lora_B.contiguous(), xac = xa.contiguous();
+    grad_A = at::empty(lora_A.sizes(), lora_A.options());
+    grad_B = at::empty(lora_B.sizes(), lora_B.options());
+    bwd_bf16_decode(reinterpret_cast<const uint16_t*>(dy.const_data_ptr<at::BFloat16>()), dy.stride(0),
+                    reinterpret_cast<const uint16_t*>(x.const_data_ptr<at::BFloat16>()), x.stride(0),
+                    xac.const_data_ptr<float>(), A.const_data_ptr<float>(), B.const_data_ptr<float>(), M, K,
+                    dy.size(1), lora_A.size(0), static_cast<float>(scaling), d,
+                    need_x ? reinterpret_cast<uint16_t*>(grad_x.mutable_data_ptr<at::BFloat16>()) : nullptr,
+                    grad_A.mutable_data_ptr<float>(), grad_B.mutable_data_ptr<float>());
   } else if (M == 0 && adapter_dtype != dtype) {
     grad_A = at::zeros(lora_A.sizes(), lora_A.options());
     grad_B = at::zeros(lora_B.sizes(), lora_B.options());
