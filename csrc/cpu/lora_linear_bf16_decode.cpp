@@ -25,10 +25,11 @@
 // product (already in y / grad_x) plus the float32 LoRA term.
 #include "lora_linear_blocks.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__)
-#include <immintrin.h>
+#include "bf16_avx512.h"
+
+#if FASTLORA_AVX512_ROWS
 #define FASTLORA_DECODE_BUILT 1
-#define FASTLORA_DECODE_TARGET __attribute__((target("arch=x86-64-v4")))
+#define FASTLORA_DECODE_TARGET FASTLORA_AVX512_TARGET
 #else
 #define FASTLORA_DECODE_BUILT 0
 #endif
@@ -42,31 +43,10 @@ namespace {
 constexpr int64_t kJChunk = 512;  // dY's columns per task of the first pass (g, d lora_B)
 constexpr int64_t kCChunk = 256;  // x's columns per task of the second pass (d lora_A, dX)
 
-FASTLORA_DECODE_TARGET inline __mmask16 lanes(int64_t w) {
-  return w >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << w) - 1u);
-}
-
-FASTLORA_DECODE_TARGET inline __m512 load_bf16(const uint16_t* p, __mmask16 m) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-
-// float_to_bf16_bits on 16 lanes: round to nearest even, NaN -> 0x7FC0.
-FASTLORA_DECODE_TARGET inline __m256i round_bf16(__m512 v) {
-  const __m512i b = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), lsb), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  return _mm512_cvtepi32_epi16(r);
-}
-
-FASTLORA_DECODE_TARGET inline void store_bf16(uint16_t* p, __m512 v, __mmask16 m) {
-  _mm256_mask_storeu_epi16(p, m, round_bf16(v));
-}
-
-// The value bfloat16 rounding gives, as float32.
-FASTLORA_DECODE_TARGET inline __m512 rounded(__m512 v) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(round_bf16(v)), 16));
-}
+using avx512::lanes;
+using avx512::load_bf16;
+using avx512::rounded;
+using avx512::store_bf16;
 
 // The adapters' side (lora_A, lora_B, xa, their gradients): AT = uint16_t for bfloat16 adapters,
 // whose results are rounded (PEFT's points, above), or float for PEFT's default float32 adapters
