@@ -89,10 +89,45 @@ def test_bfloat16_targets(record_property):
     if native:
         # The LoRA products in the AVX512-BF16 kernel: measured 1.35-1.45x PEFT and +7 to +12%
         # over the bf16 base on Zen 4; asserted with room for noise. With AMX (Xeon) the base
-        # GEMMs are 3-4x faster and the passes around the LoRA products weigh more: +48%, 1.93x
-        # PEFT there, failing (docs/benchmarks.md, Xeon (AMX)).
+        # GEMMs are 3-4x faster and the passes around the LoRA products weigh more: +35 to +45%,
+        # 2.1x PEFT there, failing (docs/benchmarks.md, Xeon (AMX)).
         assert steps["peft"] >= 1.2 * steps["fastlora"], summary
         assert steps["fastlora"] <= 1.15 * steps["base"], summary
+    else:
+        assert steps["peft"] >= 10 * steps["fastlora"], summary
+        assert steps["fastlora"] <= 1.5 * steps["fastlora_float32"], summary
+
+
+@pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float32], ids=["bf16_adapters", "fp32_adapters"])
+def test_bfloat16_decode_targets(adapter_dtype, record_property):
+    """Decode-sized bfloat16 training step (fwd+bwd) at M=8, in=out=4096, r=16 on CPU, with the
+    model's own bf16 adapters and with PEFT's default float32 ones, against PEFT and the base.
+
+    With native bf16 GEMMs the step is two reads of the weight in oneDNN's GEMMs, and the LoRA part
+    runs fastlora's decode kernels: targets <= +10% over the bf16 base layer and not slower than
+    PEFT (measured +7.9 to +9.6% and 1.05-1.08x on a Xeon with AMX). Without them the peers'
+    emulated bf16 GEMMs take ~1 s per step (one timed round each) while fastlora streams the bf16
+    weight into float32 kernels: >= 10x PEFT and within 1.5x of fastlora's float32 step."""
+    import fastlora
+
+    native = fastlora.cpu.native_bf16_matmul()
+    case = LoraLinearCase(8, 4096, 4096, 16, 0.0, dtype=torch.bfloat16, adapter_dtype=adapter_dtype)
+    impls = case.build()
+    float32_step = LoraLinearCase(8, 4096, 4096, 16, 0.0, dtype=torch.float32).build()["fastlora"][1]
+    if native:
+        steps = interleaved_medians({n: s for n, (_, s) in impls.items()})
+    else:
+        steps = interleaved_medians({n: s for n, (_, s) in impls.items()}, min_rounds=1, max_rounds=1, warmup=1)
+        steps["fastlora"] = interleaved_medians({"f": impls["fastlora"][1]})["f"]
+    steps["fastlora_float32"] = interleaved_medians({"f": float32_step})["f"]
+    summary = {f"step_{n}_ms": round(t * 1e3, 3) for n, t in steps.items()}
+    summary.update(native_bf16=native, cpu_isa=fastlora.cpu_isa(), adapters=str(adapter_dtype))
+    for k, v in summary.items():
+        record_property(k, v)
+    print("bfloat16 M=8 in=4096 out=4096 r=16 p=0", summary)
+    if native:
+        assert steps["fastlora"] <= MAX_OVERHEAD_CPU * steps["base"], summary
+        assert steps["fastlora"] <= steps["peft"], summary
     else:
         assert steps["peft"] >= 10 * steps["fastlora"], summary
         assert steps["fastlora"] <= 1.5 * steps["fastlora_float32"], summary
