@@ -19,10 +19,11 @@
 // PEFT's default float32 adapters (whose branch ran in float32 small_gemm on float32 copies of x
 // and dY) the M = 8 step went from +13.0 to +16.0% over the base to +9.2 to +9.6% (AMX).
 //
-// Rounding as in the row-block kernels (PEFT's points): xa rounded once (the output and the
-// expand's operand), g = s dY @ B rounded before its two products, dropout(x) rounded, each
-// gradient summed in float32 and rounded once, y and dX rounded once from the rounded base
-// product (already in y / grad_x) plus the float32 LoRA term.
+// With bfloat16 adapters, rounding as in the row-block kernels (PEFT's points): xa rounded once
+// (the output and the expand's operand), g = s dY @ B rounded before its two products,
+// dropout(x) rounded, each gradient summed in float32 and rounded once. y and dX are rounded once
+// from the rounded base product (already in y / grad_x) plus the float32 LoRA term, with either
+// adapter dtype.
 #include "lora_linear_blocks.h"
 
 #include "bf16_avx512.h"
