@@ -141,14 +141,16 @@ def test_bfloat16_rows_at_odd_strides_match_contiguous():
         assert torch.equal(got, want)
 
 
-# Batches of at most 8 rows: on AVX-512 CPUs with native bf16 GEMMs the bfloat16 LoRA part runs
-# its decode kernels (broadcast FMAs on the operands in place), for bfloat16 adapters and PEFT's
-# default float32 ones: every row count from 1 to 8, odd ranks and ranks over 16 with a tail, in /
-# out features across the kernels' column chunks (256 / 512) with tails, dropout, and a lora_B
-# bias and trainable weight.
+# Batches of at most 32 rows: on AVX-512 CPUs with native bf16 GEMMs the bfloat16 LoRA part runs
+# its decode kernels (broadcast FMAs on the operands in place, groups of up to 8 rows), for
+# bfloat16 adapters and PEFT's default float32 ones: every group size from 1 to 8, several groups
+# (d lora_A / d lora_B summed across them), odd ranks and ranks over 16 with a tail, in / out
+# features across the kernels' column chunks (256 / 512) with tails, dropout, and a lora_B bias
+# and trainable weight.
 @pytest.mark.parametrize("shape", [((1,), 40, 66, 3), ((2,), 522, 1030, 40), ((3,), 34, 520, 17),
                                    ((2, 2), 64, 34, 16), ((5,), 258, 18, 1), ((2, 3), 44, 516, 33),
-                                   ((7,), 30, 40, 8), ((8,), 512, 256, 64)], ids=str)
+                                   ((7,), 30, 40, 8), ((8,), 512, 256, 64), ((3, 4), 522, 1030, 17),
+                                   ((29,), 258, 66, 40), ((32,), 64, 34, 16)], ids=str)
 @pytest.mark.parametrize("p", [0.0, 0.25])
 @pytest.mark.parametrize("adapter_dtype", [None, torch.float32], ids=["bf16_adapters", "fp32_adapters"])
 def test_bfloat16_decode_sized_batches(shape, p, adapter_dtype):
@@ -163,7 +165,7 @@ def test_bfloat16_decode_same_bits_on_any_thread_count(adapter_dtype):
     adapter gradients whether or not dX is asked for."""
     g = torch.Generator().manual_seed(4)
     mk = lambda *s: torch.randn(*s, generator=g).bfloat16()  # noqa: E731
-    M, K, N, r = 6, 522, 1030, 17
+    M, K, N, r = 21, 522, 1030, 17  # three row groups
     x, dy, W, b = mk(M, K), mk(M, N), mk(N, K), mk(N)
     A, B = mk(r, K).to(adapter_dtype), mk(N, r).to(adapter_dtype)
     seed = torch.tensor(11)

@@ -22,7 +22,7 @@
 // rounded once from float32, y and dX rounded from the rounded base product plus the float32
 // LoRA term (PEFT rounds that term once more before the sum).
 //
-// The LoRA part of a decode-sized batch (at most 8 rows), forward and backward, runs
+// The LoRA part of a small batch (at most 32 rows), forward and backward, runs
 // lora_linear_bf16_decode.cpp's kernels instead, on the operands in place.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -1,8 +1,9 @@
-// The LoRA part of a decode-sized bfloat16 batch (at most kBf16DecodeRows rows) on AVX-512, forward
+// The LoRA part of a small bfloat16 batch (at most kBf16DecodeRows = 32 rows) on AVX-512, forward
 // and backward, with bfloat16 adapters or PEFT's default float32 ones: every rank-r product as
 // broadcast-FMA loops over the operands read in place (B's rows transposed 16 x 16 in registers
-// for the expand), partial sums per column chunk added in chunk order (the same bits on any
-// thread count), each result rounded as it is stored.
+// for the expand), in groups of up to 8 rows (one vector per row in registers), partial sums per
+// column chunk added in chunk order (the same bits on any thread count), each result rounded as
+// it is stored.
 //
 // Why not the row-block kernels (lora_linear_bf16_cpu.cpp) at this size: with a handful of rows
 // the products are ~0.5 M multiply-adds each, less work than the passes around them. Those
@@ -18,6 +19,11 @@
 // r = 64 with dropout p = 0.1: forward 0.32 -> 0.15 ms, backward alone 0.37 -> 0.15 ms. With
 // PEFT's default float32 adapters (whose branch ran in float32 small_gemm on float32 copies of x
 // and dY) the M = 8 step went from +13.0 to +16.0% over the base to +9.2 to +9.6% (AMX).
+// Up to 32 rows (where the row-block kernels run few blocks, single-threaded below 4), steps over
+// the base, row blocks -> these kernels, AMX: M = 16, 4096^2, r = 64, p = 0.1: +44.5-45.7% (slower
+// than PEFT) -> +28.2-29.3%; M = 32, 2048^2, r = 16, p = 0.05: +37.8-42.1% -> +28.3-28.7%; M = 32,
+// 4096^2, r = 64, p = 0.1: +42.9-46.8% -> +39.6-41.8%. At 64 rows and r = 64 the row blocks win
+// (+40-42% against +47-53%).
 //
 // With bfloat16 adapters, rounding as in the row-block kernels (PEFT's points): xa rounded once
 // (the output and the expand's operand), g = s dY @ B rounded before its two products,
@@ -78,12 +84,15 @@ inline float adapter_value(float v) {
   return v;
 }
 
-// Columns [j0, j1) of dY (rows of B and of d lora_B): g_part (NR x r, float32) = dY[:, j0:j1] @
-// B[j0:j1, :] and d lora_B[j0:j1, :] = s * dY[:, j0:j1]^T @ xa, rounded. dyf: scratch, NR x
-// (j1 - j0) floats.
+// Columns [j0, j1) of dY (rows of B and of d lora_B), for NR rows of dY and xa: g_part (NR x r,
+// float32) = dY[:, j0:j1] @ B[j0:j1, :], and these rows' share of d lora_B[j0:j1, :] = s *
+// dY[:, j0:j1]^T @ xa: added to the float32 sums of the earlier row groups in db_acc (N x r)
+// unless `first`, then stored rounded into grad_B, or back into db_acc while grad_B is null (row
+// groups still to come). dyf: scratch, NR x (j1 - j0) floats.
 template <int NR, typename AT>
 FASTLORA_DECODE_TARGET void g_and_grad_B(const uint16_t* dy, int64_t ldy, const AT* xa, const AT* B, int64_t r,
-                                         float s, int64_t j0, int64_t j1, float* dyf, float* g_part, AT* grad_B) {
+                                         float s, int64_t j0, int64_t j1, float* dyf, float* g_part, float* db_acc,
+                                         bool first, AT* grad_B) {
   const int64_t w = j1 - j0;
   for (int i = 0; i < NR; ++i) {
     for (int64_t j = 0; j < w; ++j) dyf[i * w + j] = bf16_bits_to_float(dy[i * ldy + j0 + j]);
@@ -98,28 +107,35 @@ FASTLORA_DECODE_TARGET void g_and_grad_B(const uint16_t* dy, int64_t ldy, const 
     }
     for (int64_t j = 0; j < w; ++j) {
       const __m512 bj = load_adapter(B + (j0 + j) * r + k0, mk);
-      __m512 db = _mm512_setzero_ps();
+      float* acc = db_acc == nullptr ? nullptr : db_acc + (j0 + j) * r + k0;
+      __m512 db = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mk, acc);
       for (int i = 0; i < NR; ++i) {
         const __m512 d = _mm512_set1_ps(dyf[i * w + j]);
         gacc[i] = _mm512_fmadd_ps(d, bj, gacc[i]);
         db = _mm512_fmadd_ps(d, xv[i], db);
       }
-      store_adapter(grad_B + (j0 + j) * r + k0, _mm512_mul_ps(db, sv), mk);
+      if (grad_B != nullptr) {
+        store_adapter(grad_B + (j0 + j) * r + k0, _mm512_mul_ps(db, sv), mk);
+      } else {
+        _mm512_mask_storeu_ps(acc, mk, db);
+      }
     }
     for (int i = 0; i < NR; ++i) _mm512_mask_storeu_ps(g_part + i * r + k0, mk, gacc[i]);
   }
 }
 
-// Columns [c0, c1) of x (and of A, d lora_A, dX): d lora_A[:, c0:c1] = g^T @ dropout(x)[:, c0:c1]
-// and dX[:, c0:c1] = bfloat16(dX + mask * (g @ A[:, c0:c1])), g (NR x r) as the float32 values
-// of its rounding. mult: scratch, NR x (c1 - c0) floats (the dropout multipliers when active).
+// Columns [c0, c1) of x (and of A, d lora_A, dX), for the NR rows from row0: these rows' share
+// of d lora_A[:, c0:c1] = g^T @ dropout(x)[:, c0:c1] (summed with da_acc (r x K) as d lora_B is
+// with db_acc above), and dX[:, c0:c1] = bfloat16(dX + mask * (g @ A[:, c0:c1])), g (NR x r) as
+// the float32 values of its rounding. mult: scratch, NR x (c1 - c0) floats.
 template <int NR, typename AT>
 FASTLORA_DECODE_TARGET void grad_A_and_x(const uint16_t* x, int64_t ldx, const AT* A, int64_t K, int64_t r,
-                                         const float* g, const DropoutParams& d, int64_t c0, int64_t c1,
-                                         float* mult, AT* grad_A, uint16_t* gx) {
+                                         const float* g, const DropoutParams& d, int64_t row0, int64_t c0,
+                                         int64_t c1, float* mult, float* da_acc, bool first, AT* grad_A,
+                                         uint16_t* gx) {
   const int64_t w = c1 - c0;
   if (d.active) {
-    for (int i = 0; i < NR; ++i) row_mask(mult + i * w, w, c0, i, d);
+    for (int i = 0; i < NR; ++i) row_mask(mult + i * w, w, c0, row0 + i, d);
   }
   for (int64_t c = 0; c < w; c += 16) {
     const __mmask16 mc = lanes(w - c);
@@ -133,9 +149,14 @@ FASTLORA_DECODE_TARGET void grad_A_and_x(const uint16_t* x, int64_t ldx, const A
       }
     }
     for (int64_t k = 0; k < r; ++k) {
-      __m512 acc = _mm512_setzero_ps();
+      float* sum = da_acc == nullptr ? nullptr : da_acc + k * K + c0 + c;
+      __m512 acc = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mc, sum);
       for (int i = 0; i < NR; ++i) acc = _mm512_fmadd_ps(_mm512_set1_ps(g[i * r + k]), xv[i], acc);
-      store_adapter(grad_A + k * K + c0 + c, acc, mc);
+      if (grad_A != nullptr) {
+        store_adapter(grad_A + k * K + c0 + c, acc, mc);
+      } else {
+        _mm512_mask_storeu_ps(sum, mc, acc);
+      }
     }
     if (gx == nullptr) continue;
     __m512 acc[NR];
@@ -152,16 +173,17 @@ FASTLORA_DECODE_TARGET void grad_A_and_x(const uint16_t* x, int64_t ldx, const A
   }
 }
 
-// Columns [c0, c1) of x and A: part (NR x r, float32) = dropout(x)[:, c0:c1] @ A[:, c0:c1]^T, with
+// Columns [c0, c1) of x and A, for the NR rows from row0: part (NR x r, float32) =
+// dropout(x)[:, c0:c1] @ A[:, c0:c1]^T, with
 // dropout(x) rounded to bfloat16 as in the row-block kernels. Scratch: mult (c1 - c0 floats),
 // xd (NR x the columns rounded up to 16, floats).
 template <int NR, typename AT>
 FASTLORA_DECODE_TARGET void shrink_part(const uint16_t* x, int64_t ldx, const AT* A, int64_t K, int64_t r,
-                                        const DropoutParams& d, int64_t c0, int64_t c1, float* mult, float* xd,
-                                        float* part) {
+                                        const DropoutParams& d, int64_t row0, int64_t c0, int64_t c1, float* mult,
+                                        float* xd, float* part) {
   const int64_t w = c1 - c0, wp = ceil_div(w, 16) * 16;
   for (int i = 0; i < NR; ++i) {
-    if (d.active) row_mask(mult, w, c0, i, d);
+    if (d.active) row_mask(mult, w, c0, row0 + i, d);
     for (int64_t c = 0; c < w; c += 16) {
       const __mmask16 mc = lanes(w - c);
       __m512 v = load_bf16(x + i * ldx + c0 + c, mc);
@@ -246,17 +268,35 @@ FASTLORA_DECODE_TARGET void expand_part(const float* xa, const AT* B, int64_t r,
   }
 }
 
+// Calls f(std::integral_constant<int, n>{}) for a row group of n = 1 .. kGroupRows rows.
+constexpr int64_t kGroupRows = 8;  // rows per group: the kernels keep one vector per row in registers
+
+template <typename F>
+void with_group_rows(int64_t n, const F& f) {
+  switch (n) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    default: return f(std::integral_constant<int, 8>{});
+  }
+}
+
+// The forward of one group of NR rows from row0 (x, xa and y already offset to them).
 template <int NR, typename AT>
-void fwd_decode_rows(const uint16_t* x, int64_t ldx, const AT* A, const AT* B, const float* bias, int64_t K,
-                     int64_t N, int64_t r, float s, const DropoutParams& d, AT* xa, uint16_t* y) {
+void fwd_group(const uint16_t* x, int64_t ldx, const AT* A, const AT* B, const float* bias, int64_t K, int64_t N,
+               int64_t r, float s, const DropoutParams& d, int64_t row0, AT* xa, uint16_t* y) {
   // The shrink's partial sums per chunk of K, added in chunk order (the same on any thread count).
   const int64_t nk = ceil_div(K, kCChunk);
   std::vector<float> parts(nk * NR * r);
   at::parallel_for(0, nk, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> mult(kCChunk), xd(NR * kCChunk);
     for (int64_t t = t0; t < t1; ++t) {
-      shrink_part<NR, AT>(x, ldx, A, K, r, d, t * kCChunk, std::min(K, (t + 1) * kCChunk), mult.data(), xd.data(),
-                      parts.data() + t * NR * r);
+      shrink_part<NR, AT>(x, ldx, A, K, r, d, row0, t * kCChunk, std::min(K, (t + 1) * kCChunk), mult.data(),
+                          xd.data(), parts.data() + t * NR * r);
     }
   });
   std::vector<float> xa32(NR * r, 0.0f);
@@ -272,64 +312,62 @@ void fwd_decode_rows(const uint16_t* x, int64_t ldx, const AT* A, const AT* B, c
   });
 }
 
-template <int NR, typename AT>
-void bwd_decode_rows(const uint16_t* dy, int64_t ldy, const uint16_t* x, int64_t ldx, const AT* xa, const AT* A,
-                     const AT* B, int64_t K, int64_t N, int64_t r, float s, const DropoutParams& d, uint16_t* gx,
-                     AT* grad_A, AT* grad_B) {
-  // g's partial sums per chunk of dY's columns, added in chunk order: the same result on any
-  // number of threads.
-  const int64_t nj = ceil_div(N, kJChunk);
-  std::vector<float> g_parts(nj * NR * r, 0.0f);
-  at::parallel_for(0, nj, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> dyf(NR * kJChunk);
-    for (int64_t t = t0; t < t1; ++t) {
-      g_and_grad_B<NR, AT>(dy, ldy, xa, B, r, s, t * kJChunk, std::min(N, (t + 1) * kJChunk), dyf.data(),
-                       g_parts.data() + t * NR * r, grad_B);
-    }
-  });
-  std::vector<float> g(NR * r, 0.0f);
-  for (int64_t t = 0; t < nj; ++t) {
-    for (int64_t e = 0; e < NR * r; ++e) g[e] += g_parts[t * NR * r + e];
-  }
-  for (float& v : g) v = adapter_value<AT>(s * v);  // the gradient of xa, in the adapters' dtype
-  at::parallel_for(0, ceil_div(K, kCChunk), 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> mult(d.active ? NR * kCChunk : 0);
-    for (int64_t t = t0; t < t1; ++t) {
-      grad_A_and_x<NR, AT>(x, ldx, A, K, r, g.data(), d, t * kCChunk, std::min(K, (t + 1) * kCChunk), mult.data(),
-                       grad_A, gx);
-    }
-  });
-}
-
+// The forward's rows are independent: one group of up to 8 rows after another.
 template <typename AT>
 void fwd_decode(const uint16_t* x, int64_t ldx, const AT* A, const AT* B, const float* bias, int64_t M, int64_t K,
                 int64_t N, int64_t r, float s, const DropoutParams& d, AT* xa, uint16_t* y) {
-  switch (M) {
-    case 1: return fwd_decode_rows<1>(x, ldx, A, B, bias, K, N, r, s, d, xa, y);
-    case 2: return fwd_decode_rows<2>(x, ldx, A, B, bias, K, N, r, s, d, xa, y);
-    case 3: return fwd_decode_rows<3>(x, ldx, A, B, bias, K, N, r, s, d, xa, y);
-    case 4: return fwd_decode_rows<4>(x, ldx, A, B, bias, K, N, r, s, d, xa, y);
-    case 5: return fwd_decode_rows<5>(x, ldx, A, B, bias, K, N, r, s, d, xa, y);
-    case 6: return fwd_decode_rows<6>(x, ldx, A, B, bias, K, N, r, s, d, xa, y);
-    case 7: return fwd_decode_rows<7>(x, ldx, A, B, bias, K, N, r, s, d, xa, y);
-    default: return fwd_decode_rows<8>(x, ldx, A, B, bias, K, N, r, s, d, xa, y);
+  for (int64_t g0 = 0; g0 < M; g0 += kGroupRows) {
+    with_group_rows(std::min(kGroupRows, M - g0), [&](auto nr) {
+      fwd_group<decltype(nr)::value, AT>(x + g0 * ldx, ldx, A, B, bias, K, N, r, s, d, g0, xa + g0 * r, y + g0 * N);
+    });
   }
 }
 
+// The backward: two passes over column chunks, each task taking the row groups in order, d lora_A
+// and d lora_B summed over the groups in float32 (db_acc, da_acc) and rounded by the last group.
 template <typename AT>
 void bwd_decode(const uint16_t* dy, int64_t ldy, const uint16_t* x, int64_t ldx, const AT* xa, const AT* A,
                 const AT* B, int64_t M, int64_t K, int64_t N, int64_t r, float s, const DropoutParams& d, uint16_t* gx,
                 AT* grad_A, AT* grad_B) {
-  switch (M) {
-    case 1: return bwd_decode_rows<1>(dy, ldy, x, ldx, xa, A, B, K, N, r, s, d, gx, grad_A, grad_B);
-    case 2: return bwd_decode_rows<2>(dy, ldy, x, ldx, xa, A, B, K, N, r, s, d, gx, grad_A, grad_B);
-    case 3: return bwd_decode_rows<3>(dy, ldy, x, ldx, xa, A, B, K, N, r, s, d, gx, grad_A, grad_B);
-    case 4: return bwd_decode_rows<4>(dy, ldy, x, ldx, xa, A, B, K, N, r, s, d, gx, grad_A, grad_B);
-    case 5: return bwd_decode_rows<5>(dy, ldy, x, ldx, xa, A, B, K, N, r, s, d, gx, grad_A, grad_B);
-    case 6: return bwd_decode_rows<6>(dy, ldy, x, ldx, xa, A, B, K, N, r, s, d, gx, grad_A, grad_B);
-    case 7: return bwd_decode_rows<7>(dy, ldy, x, ldx, xa, A, B, K, N, r, s, d, gx, grad_A, grad_B);
-    default: return bwd_decode_rows<8>(dy, ldy, x, ldx, xa, A, B, K, N, r, s, d, gx, grad_A, grad_B);
+  const bool one_group = M <= kGroupRows;
+  std::vector<float> db_acc(one_group ? 0 : N * r), da_acc(one_group ? 0 : r * K);
+  // g's partial sums per chunk of dY's columns, added in chunk order: the same result on any
+  // number of threads.
+  const int64_t nj = ceil_div(N, kJChunk);
+  std::vector<float> g_parts(nj * M * r, 0.0f);
+  at::parallel_for(0, nj, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> dyf(kGroupRows * kJChunk);
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t g0 = 0; g0 < M; g0 += kGroupRows) {
+        const int64_t nr = std::min(kGroupRows, M - g0);
+        with_group_rows(nr, [&](auto n) {
+          g_and_grad_B<decltype(n)::value, AT>(dy + g0 * ldy, ldy, xa + g0 * r, B, r, s, t * kJChunk,
+                                               std::min(N, (t + 1) * kJChunk), dyf.data(),
+                                               g_parts.data() + (t * M + g0) * r, one_group ? nullptr : db_acc.data(),
+                                               g0 == 0, g0 + nr == M ? grad_B : nullptr);
+        });
+      }
+    }
+  });
+  std::vector<float> g(M * r, 0.0f);
+  for (int64_t t = 0; t < nj; ++t) {
+    for (int64_t e = 0; e < M * r; ++e) g[e] += g_parts[t * M * r + e];
   }
+  for (float& v : g) v = adapter_value<AT>(s * v);  // the gradient of xa, in the adapters' dtype
+  at::parallel_for(0, ceil_div(K, kCChunk), 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> mult(d.active ? kGroupRows * kCChunk : 0);
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t g0 = 0; g0 < M; g0 += kGroupRows) {
+        const int64_t nr = std::min(kGroupRows, M - g0);
+        with_group_rows(nr, [&](auto n) {
+          grad_A_and_x<decltype(n)::value, AT>(x + g0 * ldx, ldx, A, K, r, g.data() + g0 * r, d, g0, t * kCChunk,
+                                               std::min(K, (t + 1) * kCChunk), mult.data(),
+                                               one_group ? nullptr : da_acc.data(), g0 == 0,
+                                               g0 + nr == M ? grad_A : nullptr, gx == nullptr ? nullptr : gx + g0 * K);
+        });
+      }
+    }
+  });
 }
 
 }  // namespace

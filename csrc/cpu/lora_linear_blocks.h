@@ -180,7 +180,7 @@ inline bool row_blocks_for_all_threads(int64_t M, int64_t cols, int64_t elem_siz
 // masked LoRA term added onto the rounded dY @ W it holds. Row-major bfloat16 bits: dY (M x N,
 // row stride ldy), x (M x K, ldx), xa (M x r), A (r x K), B (N x r), gx (M x K), grad_A (r x K),
 // grad_B (N x r). Only where bf16_decode_kernels_available() (the AVX-512 build in use).
-constexpr int64_t kBf16DecodeRows = 8;
+constexpr int64_t kBf16DecodeRows = 32;
 bool bf16_decode_kernels_available();
 // The forward's LoRA part likewise: xa = dropout(x) @ A^T (M x r, rounded) and y = bfloat16(y + s *
 // xa @ B^T + bias) onto the rounded x @ W^T that y (M x N) holds; bias float32 (N) or null.
