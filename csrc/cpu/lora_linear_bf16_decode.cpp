@@ -84,6 +84,23 @@ inline float adapter_value(float v) {
   return v;
 }
 
+// Calls f(std::integral_constant<int, n>{}) for a row group of n = 1 .. kGroupRows rows.
+constexpr int64_t kGroupRows = 8;  // rows per group: the kernels keep one vector per row in registers
+
+template <typename F>
+void with_group_rows(int64_t n, const F& f) {
+  switch (n) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    default: return f(std::integral_constant<int, 8>{});
+  }
+}
+
 // Columns [j0, j1) of dY (rows of B and of d lora_B), for NR rows of dY and xa: g_part (NR x r,
 // float32) = dY[:, j0:j1] @ B[j0:j1, :], and these rows' share of d lora_B[j0:j1, :] = s *
 // dY[:, j0:j1]^T @ xa: added to the float32 sums of the earlier row groups in db_acc (N x r)
@@ -238,89 +255,79 @@ FASTLORA_DECODE_TARGET inline void transpose16(__m512 v[16]) {
   }
 }
 
-// Columns [j0, j1) of y (rows of B): y = bfloat16(y + (s * xa @ B[j0:j1, :]^T + bias)), xa (NR x
-// r) as the float32 values of its rounding, bias (float32, optional). B's rows are read in
-// place, 16 x 16 blocks transposed in registers.
-template <int NR, typename AT>
-FASTLORA_DECODE_TARGET void expand_part(const float* xa, const AT* B, int64_t r, float s, const float* bias,
-                                        int64_t j0, int64_t j1, uint16_t* y, int64_t ldy) {
-  const __m512 sv = _mm512_set1_ps(s);
-  for (int64_t jb = j0; jb < j1; jb += 16) {
-    const int64_t nj = std::min<int64_t>(16, j1 - jb);
-    __m512 acc[NR];
-    for (int i = 0; i < NR; ++i) acc[i] = _mm512_setzero_ps();
-    for (int64_t k0 = 0; k0 < r; k0 += 16) {
-      const __mmask16 mk = lanes(r - k0);
-      __m512 bt[16];
-      for (int jj = 0; jj < 16; ++jj) bt[jj] = jj < nj ? load_adapter(B + (jb + jj) * r + k0, mk) : _mm512_setzero_ps();
-      transpose16(bt);  // bt[k]: B[jb .. jb + 15, k0 + k]
-      const int64_t nk = std::min<int64_t>(16, r - k0);
-      for (int64_t k = 0; k < nk; ++k) {
-        for (int i = 0; i < NR; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(xa[i * r + k0 + k]), bt[k], acc[i]);
-      }
-    }
-    const __mmask16 mj = lanes(nj);
-    const __m512 b = bias ? _mm512_maskz_loadu_ps(mj, bias + jb) : _mm512_setzero_ps();
-    for (int i = 0; i < NR; ++i) {
-      uint16_t* out = y + i * ldy + jb;
-      store_bf16(out, _mm512_add_ps(load_bf16(out, mj), _mm512_fmadd_ps(acc[i], sv, b)), mj);
-    }
+// One 16-column block of y (columns jb .. jb + nj - 1) for NR rows: y = bfloat16(y + (s * xa @
+// B_block^T + bias)), with bt holding B_block transposed (r rows of 16 floats) and xa (NR x r) the
+// float32 values of its rounding.
+template <int NR>
+FASTLORA_DECODE_TARGET void expand_block(const float* xa, const float* bt, int64_t r, float s, const float* bias,
+                                         int64_t jb, int64_t nj, uint16_t* y, int64_t ldy) {
+  __m512 acc[NR];
+  for (int i = 0; i < NR; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < r; ++k) {
+    const __m512 btk = _mm512_loadu_ps(bt + k * 16);
+    for (int i = 0; i < NR; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(xa[i * r + k]), btk, acc[i]);
+  }
+  const __mmask16 mj = lanes(nj);
+  const __m512 b = bias ? _mm512_maskz_loadu_ps(mj, bias + jb) : _mm512_setzero_ps();
+  for (int i = 0; i < NR; ++i) {
+    uint16_t* out = y + i * ldy + jb;
+    store_bf16(out, _mm512_add_ps(load_bf16(out, mj), _mm512_fmadd_ps(acc[i], _mm512_set1_ps(s), b)), mj);
   }
 }
 
-// Calls f(std::integral_constant<int, n>{}) for a row group of n = 1 .. kGroupRows rows.
-constexpr int64_t kGroupRows = 8;  // rows per group: the kernels keep one vector per row in registers
-
-template <typename F>
-void with_group_rows(int64_t n, const F& f) {
-  switch (n) {
-    case 1: return f(std::integral_constant<int, 1>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    case 3: return f(std::integral_constant<int, 3>{});
-    case 4: return f(std::integral_constant<int, 4>{});
-    case 5: return f(std::integral_constant<int, 5>{});
-    case 6: return f(std::integral_constant<int, 6>{});
-    case 7: return f(std::integral_constant<int, 7>{});
-    default: return f(std::integral_constant<int, 8>{});
+// B's rows jb .. jb + nj - 1 transposed into bt (r rows of 16 floats, zeros past nj), 16 x 16
+// blocks in registers: B is read in place.
+template <typename AT>
+FASTLORA_DECODE_TARGET void transpose_B_block(const AT* B, int64_t r, int64_t jb, int64_t nj, float* bt) {
+  for (int64_t k0 = 0; k0 < r; k0 += 16) {
+    const __mmask16 mk = lanes(r - k0);
+    __m512 v[16];
+    for (int jj = 0; jj < 16; ++jj) v[jj] = jj < nj ? load_adapter(B + (jb + jj) * r + k0, mk) : _mm512_setzero_ps();
+    transpose16(v);  // v[k]: B[jb .. jb + 15, k0 + k]
+    for (int64_t k = 0; k < std::min<int64_t>(16, r - k0); ++k) _mm512_storeu_ps(bt + (k0 + k) * 16, v[k]);
   }
 }
 
-// The forward of one group of NR rows from row0 (x, xa and y already offset to them).
-template <int NR, typename AT>
-void fwd_group(const uint16_t* x, int64_t ldx, const AT* A, const AT* B, const float* bias, int64_t K, int64_t N,
-               int64_t r, float s, const DropoutParams& d, int64_t row0, AT* xa, uint16_t* y) {
+// The forward: the shrink over chunks of K, then the expand over chunks of y's columns, each task
+// taking the row groups in order (each 16-column block of B transposed once for all of them).
+template <typename AT>
+void fwd_decode(const uint16_t* x, int64_t ldx, const AT* A, const AT* B, const float* bias, int64_t M, int64_t K,
+                int64_t N, int64_t r, float s, const DropoutParams& d, AT* xa, uint16_t* y) {
   // The shrink's partial sums per chunk of K, added in chunk order (the same on any thread count).
   const int64_t nk = ceil_div(K, kCChunk);
-  std::vector<float> parts(nk * NR * r);
+  std::vector<float> parts(nk * M * r);
   at::parallel_for(0, nk, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> mult(kCChunk), xd(NR * kCChunk);
+    std::vector<float> mult(kCChunk), xd(kGroupRows * kCChunk);
     for (int64_t t = t0; t < t1; ++t) {
-      shrink_part<NR, AT>(x, ldx, A, K, r, d, row0, t * kCChunk, std::min(K, (t + 1) * kCChunk), mult.data(),
-                          xd.data(), parts.data() + t * NR * r);
+      for (int64_t g0 = 0; g0 < M; g0 += kGroupRows) {
+        with_group_rows(std::min(kGroupRows, M - g0), [&](auto n) {
+          shrink_part<decltype(n)::value, AT>(x + g0 * ldx, ldx, A, K, r, d, g0, t * kCChunk,
+                                              std::min(K, (t + 1) * kCChunk), mult.data(), xd.data(),
+                                              parts.data() + (t * M + g0) * r);
+        });
+      }
     }
   });
-  std::vector<float> xa32(NR * r, 0.0f);
+  std::vector<float> xa32(M * r, 0.0f);
   for (int64_t t = 0; t < nk; ++t) {
-    for (int64_t e = 0; e < NR * r; ++e) xa32[e] += parts[t * NR * r + e];
+    for (int64_t e = 0; e < M * r; ++e) xa32[e] += parts[t * M * r + e];
   }
-  for (int64_t e = 0; e < NR * r; ++e) {  // xa (rounded once): the output, and the expand's operand
+  for (int64_t e = 0; e < M * r; ++e) {  // xa (rounded once): the output, and the expand's operand
     put_adapter(xa + e, xa32[e]);
     xa32[e] = adapter_value<AT>(xa32[e]);
   }
   at::parallel_for(0, ceil_div(N, kJChunk), 1, [&](int64_t t0, int64_t t1) {
-    expand_part<NR, AT>(xa32.data(), B, r, s, bias, t0 * kJChunk, std::min(N, t1 * kJChunk), y, N);
+    std::vector<float> bt(r * 16);
+    for (int64_t jb = t0 * kJChunk; jb < std::min(N, t1 * kJChunk); jb += 16) {
+      const int64_t nj = std::min<int64_t>(16, N - jb);
+      transpose_B_block(B, r, jb, nj, bt.data());
+      for (int64_t g0 = 0; g0 < M; g0 += kGroupRows) {
+        with_group_rows(std::min(kGroupRows, M - g0), [&](auto n) {
+          expand_block<decltype(n)::value>(xa32.data() + g0 * r, bt.data(), r, s, bias, jb, nj, y + g0 * N, N);
+        });
+      }
+    }
   });
-}
-
-// The forward's rows are independent: one group of up to 8 rows after another.
-template <typename AT>
-void fwd_decode(const uint16_t* x, int64_t ldx, const AT* A, const AT* B, const float* bias, int64_t M, int64_t K,
-                int64_t N, int64_t r, float s, const DropoutParams& d, AT* xa, uint16_t* y) {
-  for (int64_t g0 = 0; g0 < M; g0 += kGroupRows) {
-    with_group_rows(std::min(kGroupRows, M - g0), [&](auto nr) {
-      fwd_group<decltype(nr)::value, AT>(x + g0 * ldx, ldx, A, B, bias, K, N, r, s, d, g0, xa + g0 * r, y + g0 * N);
-    });
-  }
 }
 
 // The backward: two passes over column chunks, each task taking the row groups in order, d lora_A
