@@ -145,12 +145,13 @@ def test_bfloat16_rows_at_odd_strides_match_contiguous():
 # its decode kernels (broadcast FMAs on the operands in place, groups of up to 8 rows), for
 # bfloat16 adapters and PEFT's default float32 ones: every group size from 1 to 8, several groups
 # (d lora_A / d lora_B summed across them), odd ranks and ranks over 16 with a tail, in / out
-# features across the kernels' column chunks (256 / 512) with tails, dropout, and a lora_B bias
-# and trainable weight.
+# features across the kernels' column chunks (256 / 512) with tails, odd in / out features,
+# dropout, and a lora_B bias and trainable weight.
 @pytest.mark.parametrize("shape", [((1,), 40, 66, 3), ((2,), 522, 1030, 40), ((3,), 34, 520, 17),
                                    ((2, 2), 64, 34, 16), ((5,), 258, 18, 1), ((2, 3), 44, 516, 33),
                                    ((7,), 30, 40, 8), ((8,), 512, 256, 64), ((3, 4), 522, 1030, 17),
-                                   ((29,), 258, 66, 40), ((32,), 64, 34, 16)], ids=str)
+                                   ((29,), 258, 66, 40), ((32,), 64, 34, 16), ((3,), 41, 67, 5),
+                                   ((11,), 257, 515, 17)], ids=str)
 @pytest.mark.parametrize("p", [0.0, 0.25])
 @pytest.mark.parametrize("adapter_dtype", [None, torch.float32], ids=["bf16_adapters", "fp32_adapters"])
 def test_bfloat16_decode_sized_batches(shape, p, adapter_dtype):

@@ -70,8 +70,13 @@ void transpose_padded(const uint16_t* src, int64_t rows, int64_t cols, int64_t l
 }  // namespace
 
 bool bf16_native_lora(const Tensor& x, const Tensor& lora_A, int64_t out_features) {
-  return x.scalar_type() == at::kBFloat16 && lora_A.scalar_type() == at::kBFloat16 && small_gemm_bf16_native() &&
-         x.size(1) % 2 == 0 && out_features % 2 == 0 && x.size(0) > 0 && lora_A.size(0) > 0;
+  if (!(x.scalar_type() == at::kBFloat16 && lora_A.scalar_type() == at::kBFloat16 && small_gemm_bf16_native() &&
+        x.size(0) > 0 && lora_A.size(0) > 0)) {
+    return false;
+  }
+  // The decode kernels take any sizes; the row blocks pack in / out features in pairs
+  if (x.size(0) <= kBf16DecodeRows && bf16_decode_kernels_available()) return true;
+  return x.size(1) % 2 == 0 && out_features % 2 == 0;
 }
 
 std::tuple<Tensor, Tensor> fwd_bf16_native(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,

@@ -300,8 +300,9 @@ std::tuple<Tensor, Tensor> lora_bwd_products(const Tensor& dy, const Tensor& x, 
 
 // bfloat16 x, weight and adapters on a CPU with AVX512-BF16 (lora_linear_bf16_cpu.cpp): the
 // rank-r products in small_gemm_bf16, the base products in the BLAS. Taken when x has rows, the
-// rank is positive and in / out features are even (small_gemm_bf16 reads x's and dY's values in
-// pairs along their rows); x, dy row-major.
+// rank is positive and either the batch is decode-sized (the decode kernels take any sizes) or
+// in / out features are even (small_gemm_bf16 reads x's and dY's values in pairs along their
+// rows); x, dy row-major.
 bool bf16_native_lora(const Tensor& x, const Tensor& lora_A, int64_t out_features);
 // y = x @ W^T + bias + s * lora_B_bias + s * dropout(x) @ A^T @ B^T, and xa.
 std::tuple<Tensor, Tensor> fwd_bf16_native(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
