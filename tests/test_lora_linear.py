@@ -287,6 +287,21 @@ def test_decode_sized_batch(p):
         torch.set_num_threads(prev)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [((100,), 600, 530, 16), ((3, 11), 257, 70, 64), ((128,), 48, 300, 5)], ids=str)
+def test_backward_column_split_for_batches_of_up_to_128_rows(threads, shape):
+    # Batches of up to 128 rows split the backward's columns between the threads (tasks of 256
+    # columns, tails included) and compute g = s dY @ B in chunks of 16 rows (tails of 4 and 1);
+    # dY @ W comes from the split-k product or the BLAS depending on the rows and the build
+    # (33 rows: just past the AVX-512 split-k limit of 32).
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_against_reference(torch.float32, *shape, 0.3, lora_B_bias=True, noncontig_weight=True)
+    finally:
+        torch.set_num_threads(prev)
+
+
 def test_gradcheck_fp64_fused_base_product():
     # The same path in float64 (x needs a gradient and the row blocks are >= 16 rows on one
     # thread): fast-mode gradcheck keeps the 257-row input cheap.

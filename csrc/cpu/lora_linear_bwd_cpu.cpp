@@ -105,8 +105,31 @@ struct LoraBwdSmallGemm {
 
   std::tuple<Tensor, Tensor> run() {
     // bfloat16 operands: row blocks only (the caller converts decode-sized batches whole)
-    return dy_h != nullptr || row_blocks_for_all_threads(M, std::max(K, N), sizeof(T)) ? by_row_blocks()
-                                                                                      : by_columns();
+    if (dy_h != nullptr) return by_row_blocks();
+    const bool few_rows = M <= kColumnsMaxRows && !fused_base_pays();
+    return few_rows || !row_blocks_for_all_threads(M, std::max(K, N), sizeof(T)) ? by_columns() : by_row_blocks();
+  }
+
+  // Batches of up to this many rows split their columns between the threads (by_columns) even
+  // where they would have row blocks for every thread: short blocks (8 rows each at M = 32 on 2
+  // threads) make d lora_A / d lora_B products of depth 8 that read and write an r x (K + N)
+  // float32 partial per block. LoRA part of the backward (without dX), 4096^2, r = 64, p = 0.1,
+  // 2 threads of a Xeon: M = 32 0.93 -> 0.38 ms, M = 128 3.06 -> 1.57 ms; under the AVX2 caps
+  // M = 32 1.24 -> 0.62 ms. At M = 256 the row blocks win at r = 16 (1.27 against 1.79 ms).
+  // Not where the row blocks fuse dY @ W (fused_base_pays): that plan was measured there.
+  static constexpr int64_t kColumnsMaxRows = 128;
+
+  // Rows up to which by_columns computes dX's base term dY @ W itself (add_base_split_k, which
+  // streams W once) rather than leaving it to the BLAS. Measured at 4096^2 on 2 threads of a
+  // Xeon: with MKL's AVX-512 kernels the split-k product wins up to 32 rows (backward 4.53
+  // against 5.36 ms at M = 32) and loses at 128 (20.2 against 16.2 ms); under the AVX2 caps it
+  // wins at 8 rows (2.1-2.3 against 3.7-3.9 ms) and loses from 12 (5.1 against 4.8 ms). Where
+  // MKL runs no AVX-512 kernels on an AVX-512 CPU (fused_base_pays) every such batch keeps it,
+  // as before these measurements; the baseline build leaves it to the BLAS. A 16-bit W always
+  // goes through it: there is no float32 copy for the BLAS.
+  int64_t split_k_max_rows() const {
+    if (w_half != nullptr || fused_base_pays()) return std::numeric_limits<int64_t>::max();
+    return small_gemm_isa() >= 4 ? 32 : small_gemm_isa() == 3 ? 8 : 0;
   }
 
   // Blocks of rows, one thread per block. Per block: dY_b is copied once, transposed, into an
@@ -205,19 +228,24 @@ struct LoraBwdSmallGemm {
     return {grad_A, grad_B};
   }
 
-  // A batch with too few rows to give every thread row blocks (decode-sized): the rows stay
-  // one block and the threads split the columns instead, of dY for d lora_B and of x / dX for
-  // d lora_A and the dX term, written straight into the gradients (nothing to sum).
+  // A batch of few rows (decode-sized, or up to kColumnsMaxRows): the rows stay one block and
+  // the threads split the columns instead, of dY for d lora_B and of x / dX for d lora_A and
+  // the dX term, written straight into the gradients (nothing to sum).
   std::tuple<Tensor, Tensor> by_columns() {
-    // g = s * dY @ B: M x N x r, small next to the rest; one thread. dY^T (N x M, a few rows
-    // of dY) is also the left operand of dX's base term (add_base_split_k).
-    base_in_grad_x = gx != nullptr && (w != nullptr || w_half != nullptr);
+    // g = s * dY @ B: M x N x r, small next to the rest; chunks of 16 rows over the threads (one
+    // chunk, decode-sized, runs inline). dY^T (N x M) is also the left operand of dX's base term
+    // when add_base_split_k computes it.
+    base_in_grad_x = gx != nullptr && (w != nullptr || w_half != nullptr) && M <= split_k_max_rows();
     Tensor dyt_t = at::empty({base_in_grad_x ? N * M : 0}, A.options());
     T* dyt = dyt_t.mutable_data_ptr<T>();
     if (base_in_grad_x) transpose_into(dy, M, N, ldy, dyt, M);
     Tensor g = at::empty({M, rp}, A.options());
     T* gp = g.mutable_data_ptr<T>();
-    small_gemm(M, rp, N, s, dy, ldy, 1, b_p, rp, false, gp, rp);
+    constexpr int64_t kGRows = 16;
+    at::parallel_for(0, ceil_div(M, kGRows), 1, [&](int64_t c0, int64_t c1) {
+      const int64_t i0 = c0 * kGRows, i1 = std::min(M, c1 * kGRows);
+      small_gemm(i1 - i0, rp, N, s, dy + i0 * ldy, ldy, 1, b_p, rp, false, gp + i0 * rp, rp);
+    });
     Tensor grad_A = at::empty({r, K}, A.options());
     Tensor grad_Bt = at::empty({r == rp ? 0 : r, N}, A.options());
     Tensor grad_B = at::empty({N, r}, A.options());
