@@ -288,12 +288,14 @@ def test_decode_sized_batch(p):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("shape", [((100,), 600, 530, 16), ((3, 11), 257, 70, 64), ((128,), 48, 300, 5)], ids=str)
+@pytest.mark.parametrize("shape", [((100,), 600, 530, 16), ((3, 11), 257, 70, 64), ((128,), 48, 300, 5),
+                                   ((4, 8), 300, 70, 8)], ids=str)
 def test_backward_column_split_for_batches_of_up_to_128_rows(threads, shape):
     # Batches of up to 128 rows split the backward's columns between the threads (tasks of 256
     # columns, tails included) and compute g = s dY @ B in chunks of 16 rows (tails of 4 and 1);
     # dY @ W comes from the split-k product or the BLAS depending on the rows and the build
-    # (33 rows: just past the AVX-512 split-k limit of 32).
+    # (33 rows: just past the AVX-512 split-k limit of 32). 32 rows with row blocks for every
+    # thread: the AVX-512 forward streams W's rows (base_few_rows) there too.
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
