@@ -14,6 +14,23 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _bench_case(text: str):
+    """--case M,IN,OUT,R,P -> (M, in, out, r, p), with argparse's error for anything else."""
+    import argparse
+
+    parts = text.split(",")
+    try:
+        if len(parts) != 5:
+            raise ValueError
+        m, n_in, n_out, r = (int(v) for v in parts[:4])
+        p = float(parts[4])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected M,IN,OUT,R,P (four integers and a probability), got {text!r}")
+    if m < 1 or n_in < 1 or n_out < 1 or r < 1 or not 0.0 <= p < 1.0:
+        raise argparse.ArgumentTypeError(f"M, IN, OUT and R must be >= 1 and 0 <= P < 1, got {text!r}")
+    return (m, n_in, n_out, r, p)
+
+
 def _bench(args) -> int:
     from fastlora import bench
 
@@ -31,7 +48,9 @@ def _bench(args) -> int:
                   "MKL_ENABLE_INSTRUCTIONS and ONEDNN_MAX_CPU_ISA (e.g. AVX2 / AVX2) in the environment")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cases = bench.LORA_LINEAR_CASES
-    if args.quick:
+    if args.case:
+        cases = args.case
+    elif args.quick:
         cases = cases[:3]
     adapters = args.dtype if args.adapter_dtype == "same" else args.adapter_dtype
     print(f"# fastlora LoRA linear benchmark: {bench.environment_line(device)}, {args.dtype}"
@@ -167,6 +186,9 @@ def main(argv=None) -> int:
                         "(PEFT's default for half-precision models)")
     b.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     b.add_argument("--quick", action="store_true", help="skip the largest case")
+    b.add_argument("--case", action="append", type=_bench_case, metavar="M,IN,OUT,R,P",
+                   help="time this case instead of the default ones (rows, in / out features, rank, dropout "
+                        "probability; repeatable), e.g. --case 32,4096,4096,64,0.1")
     b.add_argument("--budget", type=float, default=3.0, help="seconds of timing per case and mode")
     b.add_argument("--isa", choices=["amx", "avx512", "avx2", "baseline", "auto"], default=None,
                    help="run fastlora's CPU kernels' build for this instruction set (capped at the CPU's; "

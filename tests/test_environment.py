@@ -134,6 +134,20 @@ def test_bench_isa_flag_runs_that_build(monkeypatch, capsys):
         fastlora.use_cpu_isa(best)
 
 
+def test_bench_case_flag_times_the_given_shapes(capsys):
+    from fastlora.cli import main
+
+    assert main(["bench", "--case", "3,20,12,2,0.25", "--case", "5,16,8,4,0", "--budget", "0"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| M=")]
+    assert [r.split(" |")[0] for r in rows] == ["| M=3 in=20 out=12 r=2 p=0.25", "| M=5 in=16 out=8 r=4 p=0.0"]
+    for bad, says in (("3,20,12,2", "expected M,IN,OUT,R,P"), ("3,20,12,2,x", "expected M,IN,OUT,R,P"),
+                      ("0,20,12,2,0.1", "must be >= 1"), ("3,20,12,2,1.0", "0 <= P < 1")):
+        with pytest.raises(SystemExit):
+            main(["bench", "--case", bad])
+        err = capsys.readouterr().err
+        assert "argument --case" in err and says in err and repr(bad) in err
+
+
 def test_bench_float32_adapters_on_a_bfloat16_base(monkeypatch, capsys):
     """--adapter-dtype float32 times PEFT's default for half-precision models: the PEFT layer's
     adapters and the ones fastlora gets are float32, x and the base layer bfloat16."""
