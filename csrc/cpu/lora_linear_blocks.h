@@ -169,6 +169,12 @@ inline int64_t direct_block_rows(int64_t M, int64_t cols, int64_t elem_size) {
   return std::max<int64_t>(1, std::min({M, cache_rows, std::max<int64_t>(8, per_thread)}));
 }
 
+// Rows up to which a float32 / float64 batch counts as small: the backward splits its columns
+// between the threads instead of its rows, and the forward runs its rank-r products through the
+// BLAS on the adapters as they are, with no transposed copies (lora_linear_fwd_cpu.cpp /
+// lora_linear_bwd_cpu.cpp, measured there).
+constexpr int64_t kSmallBatchRows = 128;
+
 // Whether the small_gemm paths get row blocks for every thread (they then run one thread per
 // block); otherwise the batch is decode-sized and the caller takes another path.
 inline bool row_blocks_for_all_threads(int64_t M, int64_t cols, int64_t elem_size) {

@@ -117,7 +117,7 @@ struct LoraBwdSmallGemm {
   // 2 threads of a Xeon: M = 32 0.93 -> 0.38 ms, M = 128 3.06 -> 1.57 ms; under the AVX2 caps
   // M = 32 1.24 -> 0.62 ms. At M = 256 the row blocks win at r = 16 (1.27 against 1.79 ms).
   // Not where the row blocks fuse dY @ W (fused_base_pays): that plan was measured there.
-  static constexpr int64_t kColumnsMaxRows = 128;
+  static constexpr int64_t kColumnsMaxRows = kSmallBatchRows;
 
   // Rows up to which by_columns computes dX's base term dY @ W itself (add_base_split_k, which
   // streams W once) rather than leaving it to the BLAS. Measured at 4096^2 on 2 threads of a

@@ -75,14 +75,17 @@ Tensor shrink_direct(const Tensor& x, const Tensor& lora_A, const DropoutParams&
 }
 
 // Whether the forward of a decode-sized batch goes through base_few_rows: float32 / float64 with
-// at most two small_gemm vectors of rows, and, below the AVX-512 build, too few rows to give
-// every thread row blocks. With AVX-512 base_few_rows beats the BLAS up to those 32 rows even
-// where there are row blocks (4096^2, r = 64, p = 0.1, Xeon, 2 threads: forward 6.2 against
-// 7.0 ms at M = 32, and 8.7 against 8.4 at M = 48; equal or better at 1024^2 and 2048^2); under
-// the AVX2 caps the row-block path was better from 16 rows (5.9 against 6.2 ms).
+// at most two small_gemm vectors of rows (with AVX-512; AVX2: 8 rows; baseline: too few rows to
+// give every thread row blocks). Measured at 4096^2, r = 64, p = 0.1 on 2 threads of a Xeon:
+// with AVX-512 base_few_rows beats the BLAS up to those 32 rows even where there are row blocks
+// (forward 6.2 against 7.0 ms at M = 32, 8.7 against 8.4 at M = 48; equal or better at 1024^2
+// and 2048^2); under the AVX2 caps it wins at 8 rows (3.6 against 4.0 ms) and loses from 12
+// (5.3 against 4.7 ms; 16 rows: 6.3 against 5.7).
 bool few_rows_forward(const Tensor& x, bool direct) {
   const int64_t M = x.size(0);
-  if (M == 0 || (direct && small_gemm_isa() < 4)) return false;
+  if (M == 0) return false;
+  if (small_gemm_isa() == 3) return M <= 8;
+  if (direct && small_gemm_isa() < 4) return false;
   if (x.scalar_type() == at::kFloat) return M <= 2 * small_gemm_lanes<float>();
   if (x.scalar_type() == at::kDouble) return M <= 2 * small_gemm_lanes<double>();
   return false;
@@ -190,15 +193,17 @@ Tensor base_few_rows(const Tensor& x, const Tensor& weight, const Tensor& bias_e
 // family (lora_quantized_linear_cpu.cpp).
 Tensor shrink(const Tensor& x, const Tensor& lora_A, const DropoutParams& d) {
   const int64_t M = x.size(0), K = x.size(1), r = lora_A.size(0);
-  // small_gemm when there are blocks for every thread; a decode-sized batch instead gets the
-  // BLAS's multi-threaded GEMM and no transposed copy of lora_A (measured faster at M = 8).
+  // small_gemm when there are blocks for every thread; a small batch instead gets the BLAS's
+  // GEMM and no transposed copy of lora_A (measured faster at M = 8, and up to 128 rows below).
   if (x.scalar_type() != lora_A.scalar_type()) {  // a half-precision x under float32 adapters
     if (x.scalar_type() == at::kBFloat16 && row_blocks_for_all_threads(M, K, sizeof(float))) {
       return shrink_direct<float, at::BFloat16>(x, lora_A, d);
     }
     return shrink(x.to(lora_A.scalar_type()), lora_A, d);
   }
-  const bool direct = row_blocks_for_all_threads(M, K, x.element_size());
+  // Small batches (up to kSmallBatchRows) too: shrink_direct's transposed copy of lora_A (0.2
+  // ms at r = 64, in = 4096 under the AVX2 caps) costs more than it saves there.
+  const bool direct = M > kSmallBatchRows && row_blocks_for_all_threads(M, K, x.element_size());
   if (direct && x.scalar_type() == at::kFloat) return shrink_direct<float>(x, lora_A, d);
   if (direct && x.scalar_type() == at::kDouble) return shrink_direct<double>(x, lora_A, d);
   if (!d.active || M == 0) return at::mm(x, lora_A.t());
@@ -356,11 +361,15 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_cpu(const Tensor& x_in, const Tensor&
                                              : base_few_rows<double>(x, weight, bias_eff, xa, lora_B, scaling);
     return {y, xa};
   }
-  // lora_B^T as a row-major r x N copy (r * N elements): the BLAS ran the expand on the
-  // transposed view 4x slower at M = 8, in = out = 4096 (0.13 vs 0.03 ms). Not for float16
-  // (only small batches get here): its GEMM is fast only on the transposed view (0.36 vs 0.95 ms).
+  // lora_B^T as a row-major r x N copy (r * N elements) for large batches: the BLAS ran the
+  // expand on the transposed view 4x slower at M = 8, in = out = 4096 (0.13 vs 0.03 ms), but
+  // the copy itself takes ~0.2 ms at r = 64, N = 4096, more than the view costs up to
+  // kSmallBatchRows rows (with the shrink above, forward at 4096^2, r = 64, p = 0.1 under the
+  // AVX2 caps: 9.2 -> 8.2 ms at M = 32, 24.3 -> 23.5 at M = 128; on the Xeon 9.8 -> 9.2 at M =
+  // 64; at M = 512, 2048^2, r = 16 the copy wins: 12.9 against 13.1 ms). Not for float16 (only
+  // small batches get here): its GEMM is fast only on the transposed view (0.36 vs 0.95 ms).
   Tensor y;
-  if (x.scalar_type() == at::kHalf) {
+  if (x.scalar_type() == at::kHalf || M <= kSmallBatchRows) {
     y = bias_eff.defined() ? at::addmm(bias_eff, xa, lora_B.t(), 1.0, scaling) : at::mm(xa.mul(scaling), lora_B.t());
   } else if (bias_eff.defined()) {
     const int64_t N = weight.size(0), r = lora_A.size(0);
