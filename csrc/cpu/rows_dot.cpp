@@ -40,6 +40,60 @@ inline int64_t permuted_lane(int64_t t, bool natural) {
   const int64_t quad = t / 4, within = t % 4;  // quads 0..3 of the group
   return (quad % 2) * 8 + (quad / 2) * 4 + within;
 }
+
+// The loops around a build's kernels, shared by the AVX2 and AVX-512 builds.
+// rows_dot_add: W's rows two at a time (two_rows; one_row for an odd last one), the last partial
+// group of each row read from a zero-padded copy, so no load passes the end of a row.
+template <typename WT>
+using RowsKernel = void (*)(const WT* w, int64_t ldw, int64_t K, const float* xp, int64_t m, const WT* tail,
+                            float* out, int64_t ldo);
+template <typename WT>
+void rows_dot_driver(RowsKernel<WT> two_rows, RowsKernel<WT> one_row, const WT* w, int64_t ldw, int64_t n, int64_t K,
+                     const float* xp, int64_t m, float* out, int64_t ldo) {
+  const int64_t full = K / kGroup * kGroup;
+  WT tail[2 * kGroup];  // the last partial group of two rows, zero-padded
+  auto fill_tail = [&](int64_t j, int rows_) {
+    std::memset(static_cast<void*>(tail), 0, sizeof(tail));
+    for (int jj = 0; jj < rows_; ++jj) {
+      std::memcpy(static_cast<void*>(tail + jj * kGroup), w + (j + jj) * ldw + full, sizeof(WT) * (K - full));
+    }
+  };
+  int64_t j = 0;
+  for (; j + 2 <= n; j += 2) {
+    if (full < K) fill_tail(j, 2);
+    two_rows(w + j * ldw, ldw, K, xp, m, tail, out + j * ldo, ldo);
+  }
+  if (j < n) {
+    if (full < K) fill_tail(j, 1);
+    one_row(w + j * ldw, ldw, K, xp, m, tail, out + j * ldo, ldo);
+  }
+}
+
+// rows_axpy_add: W's rows in chunks of 16 (the group loop reads them front to back side by side,
+// streams the hardware prefetchers follow: M = 8, in = out = 4096, bfloat16 W, 2 threads, AVX2:
+// 4 rows 3.3 ms, 16 rows 2.5 ms, 64 rows 3.8 ms; more rows are more strided streams at once),
+// each chunk's sums into buf (m x width, groups in the build's lane order), then added to out.
+template <typename WT>
+using AxpyChunkKernel = void (*)(const WT* w, int64_t ldw, int64_t nc, int64_t full, int64_t k0, int64_t k1,
+                                 const WT* tail, const float* dyt, int64_t m, float* buf, int64_t width);
+template <typename WT>
+void rows_axpy_driver(AxpyChunkKernel<WT> chunk, bool natural, const WT* w, int64_t ldw, int64_t n, int64_t K,
+                      int64_t k0, int64_t k1, const WT* tail, const float* dyt, int64_t m, float* out, int64_t ldo) {
+  const int64_t full = K / kGroup * kGroup;
+  const int64_t width = rows_dot_width(k1 - k0);
+  std::vector<float> buf(m * width, 0.0f);
+  constexpr int64_t kChunk = 16;
+  for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
+    chunk(w + j0 * ldw, ldw, std::min(kChunk, n - j0), full, k0, k1, tail ? tail + j0 * kGroup : tail, dyt + j0 * m,
+          m, buf.data(), width);
+  }
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t g = (k - k0) / kGroup * kGroup;
+      out[i * ldo + k] += buf[i * width + g + permuted_lane((k - k0) % kGroup, natural)];
+    }
+  }
+}
 }  // namespace
 
 int64_t rows_dot_width(int64_t K) { return (K + kGroup - 1) / kGroup * kGroup; }
@@ -151,23 +205,7 @@ FASTLORA_AVX2 void rows(const WT* w, int64_t ldw, int64_t K, const float* xp, in
 template <class Load, typename WT>
 void rows_dot_add_impl(const WT* w, int64_t ldw, int64_t n, int64_t K, const float* xp, int64_t m, float* out,
                        int64_t ldo) {
-  const int64_t full = K / kGroup * kGroup;
-  WT tail[2 * kGroup];  // the last partial group of two rows, zero-padded
-  auto fill_tail = [&](int64_t j, int rows_) {
-    std::memset(tail, 0, sizeof(tail));
-    for (int jj = 0; jj < rows_; ++jj) {
-      std::memcpy(tail + jj * kGroup, w + (j + jj) * ldw + full, sizeof(WT) * (K - full));
-    }
-  };
-  int64_t j = 0;
-  for (; j + 2 <= n; j += 2) {
-    if (full < K) fill_tail(j, 2);
-    rows<Load, WT, 2>(w + j * ldw, ldw, K, xp, m, tail, out + j * ldo, ldo);
-  }
-  if (j < n) {
-    if (full < K) fill_tail(j, 1);
-    rows<Load, WT, 1>(w + j * ldw, ldw, K, xp, m, tail, out + j * ldo, ldo);
-  }
+  rows_dot_driver<WT>(rows<Load, WT, 2>, rows<Load, WT, 1>, w, ldw, n, K, xp, m, out, ldo);
 }
 
 // buf (I rows of 16 permuted sums, row stride ldb) += dyt(:, :I)^T @ W rows (nc rows at wk,
@@ -220,23 +258,7 @@ FASTLORA_AVX2 void axpy_chunk(const WT* w, int64_t ldw, int64_t nc, int64_t full
 template <class Load, typename WT>
 void rows_axpy_add_impl(const WT* w, int64_t ldw, int64_t n, int64_t K, int64_t k0, int64_t k1, const WT* tail,
                         const float* dyt, int64_t m, float* out, int64_t ldo) {
-  const int64_t full = K / kGroup * kGroup;
-  const int64_t width = rows_dot_width(k1 - k0);
-  std::vector<float> buf(m * width, 0.0f);  // m x width sums, each group in permuted order
-  // Rows in chunks of 16: the group loop reads them front to back side by side, streams the
-  // hardware prefetchers follow. (M = 8, in = out = 4096, bfloat16 W, 2 threads: 4 rows 3.3 ms,
-  // 16 rows 2.5 ms, 64 rows 3.8 ms; more rows are more strided streams at once.)
-  constexpr int64_t kChunk = 16;
-  for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
-    axpy_chunk<Load, WT>(w + j0 * ldw, ldw, std::min(kChunk, n - j0), full, k0, k1, tail ? tail + j0 * kGroup : tail,
-                         dyt + j0 * m, m, buf.data(), width);
-  }
-  for (int64_t i = 0; i < m; ++i) {
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t g = (k - k0) / kGroup * kGroup;
-      out[i * ldo + k] += buf[i * width + g + permuted_lane((k - k0) % kGroup, /*natural=*/false)];
-    }
-  }
+  rows_axpy_driver<WT>(axpy_chunk<Load, WT>, /*natural=*/false, w, ldw, n, K, k0, k1, tail, dyt, m, out, ldo);
 }
 
 }  // namespace
@@ -317,23 +339,7 @@ FASTLORA_AVX512_TARGET void rows512(const WT* w, int64_t ldw, int64_t K, const f
 template <class Load, typename WT>
 void rows_dot_add_512(const WT* w, int64_t ldw, int64_t n, int64_t K, const float* xp, int64_t m, float* out,
                       int64_t ldo) {
-  const int64_t full = K / kGroup * kGroup;
-  WT tail[2 * kGroup];
-  auto fill_tail = [&](int64_t j, int rows_) {
-    std::memset(static_cast<void*>(tail), 0, sizeof(tail));
-    for (int jj = 0; jj < rows_; ++jj) {
-      std::memcpy(static_cast<void*>(tail + jj * kGroup), w + (j + jj) * ldw + full, sizeof(WT) * (K - full));
-    }
-  };
-  int64_t j = 0;
-  for (; j + 2 <= n; j += 2) {
-    if (full < K) fill_tail(j, 2);
-    rows512<Load, WT, 2>(w + j * ldw, ldw, K, xp, m, tail, out + j * ldo, ldo);
-  }
-  if (j < n) {
-    if (full < K) fill_tail(j, 1);
-    rows512<Load, WT, 1>(w + j * ldw, ldw, K, xp, m, tail, out + j * ldo, ldo);
-  }
+  rows_dot_driver<WT>(rows512<Load, WT, 2>, rows512<Load, WT, 1>, w, ldw, n, K, xp, m, out, ldo);
 }
 
 // buf (I rows of 16 sums, row stride ldb) += dyt(:, :I)^T @ W rows (nc rows at wk, row stride
@@ -378,17 +384,7 @@ FASTLORA_AVX512_TARGET void axpy_chunk512(const WT* w, int64_t ldw, int64_t nc, 
 template <class Load, typename WT>
 void rows_axpy_add_512(const WT* w, int64_t ldw, int64_t n, int64_t K, int64_t k0, int64_t k1, const WT* tail,
                        const float* dyt, int64_t m, float* out, int64_t ldo) {
-  const int64_t full = K / kGroup * kGroup;
-  const int64_t width = rows_dot_width(k1 - k0);
-  std::vector<float> buf(m * width, 0.0f);  // m x width sums, natural order
-  constexpr int64_t kChunk = 16;  // rows per chunk, as in the AVX2 build
-  for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
-    axpy_chunk512<Load, WT>(w + j0 * ldw, ldw, std::min(kChunk, n - j0), full, k0, k1,
-                            tail ? tail + j0 * kGroup : tail, dyt + j0 * m, m, buf.data(), width);
-  }
-  for (int64_t i = 0; i < m; ++i) {
-    for (int64_t k = k0; k < k1; ++k) out[i * ldo + k] += buf[i * width + (k - k0)];
-  }
+  rows_axpy_driver<WT>(axpy_chunk512<Load, WT>, /*natural=*/true, w, ldw, n, K, k0, k1, tail, dyt, m, out, ldo);
 }
 
 }  // namespace
