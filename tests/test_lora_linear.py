@@ -323,6 +323,26 @@ def test_gradcheck_fp64_fused_base_product():
         torch.set_num_threads(prev)
 
 
+@pytest.mark.parametrize("isa", ["auto", "avx512", "avx2", "baseline"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_zero_in_features(isa, dtype):
+    # in_features = 0 (an empty weight): y is the bias, on every build's small-batch plans (the
+    # float16 / bfloat16 ones must not take the float32-only paths that empty weights skip to).
+    best = fastlora.use_cpu_isa("auto")
+    try:
+        fastlora.use_cpu_isa(isa)
+        for rows in (3, 40):
+            x = torch.randn(rows, 0, dtype=dtype, requires_grad=True)
+            W, b = torch.randn(5, 0, dtype=dtype), torch.randn(5, dtype=dtype)
+            A, B = torch.randn(2, 0, dtype=dtype, requires_grad=True), torch.randn(5, 2, dtype=dtype, requires_grad=True)
+            y = fastlora.lora_linear(x, W, b, A, B, 0.5, 0.0)
+            assert y.dtype == dtype and torch.equal(y, b.expand(rows, 5))
+            y.sum().backward()
+            assert x.grad.shape == (rows, 0) and torch.equal(B.grad, torch.zeros_like(B))
+    finally:
+        fastlora.use_cpu_isa(best)
+
+
 def test_empty_input():
     t, _ = make_inputs((0,), 16, 8, 4, torch.float32)
     x = t["x"].float().requires_grad_()
