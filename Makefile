@@ -61,7 +61,7 @@ test-python: $(STAMP)
 # inductor kernels on an AVX-512 host (torch 2.13), which no real AVX2 machine sees.
 ISA_TESTS := tests/test_environment.py tests/test_lora_linear.py tests/test_linear.py tests/test_lora_grouped_linear.py tests/test_lowrank.py \
 	tests/test_peft.py tests/test_peft_mixed.py tests/test_peft_squeeze.py tests/test_peft_trainer.py tests/test_fl.py \
-	tests/test_lora_quantized_linear.py tests/test_peft_bnb.py
+	tests/test_lora_quantized_linear.py tests/test_peft_bnb.py tests/test_sparsify.py
 test-isa: $(STAMP)
 	# On a CPU with AMX-BF16 the default run took the amx build: run AVX512-BF16's too.
 	if [ "$$($(PY) -c 'import fastlora; print(fastlora.cpu_isa())')" = amx ]; then \

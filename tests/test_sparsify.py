@@ -204,6 +204,21 @@ def test_nonfinite_raises_and_loses_nothing(bad, where):
                     residual[n].nan_to_num(), before[n].nan_to_num())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_nonfinite_position_in_a_converted_delta(dtype, with_residual):
+    # Deltas that are not float32 are scanned a block of a few thousand values at a time: the
+    # first non-finite value is reported at its own position when it sits in the second work
+    # item, past its first blocks, with a later one that must not be the one reported.
+    delta = {"x": torch.randn(5), "y": torch.randn(70_000).to(dtype)}
+    delta["y"][46_149] = float("nan")
+    delta["y"][60_000] = float("inf")
+    residual = fastlora.new_residual(delta) if with_residual else None
+    for k in (0, 10, 70_005):
+        with pytest.raises(ValueError, match=r"non-finite value in delta\['y'\] at flat position 46149$"):
+            fastlora.topk_sparsify(delta, k=k, residual=residual)
+
+
 @pytest.mark.parametrize("value_dtype, big", [(torch.float16, 7e4), (torch.bfloat16, 3.4e38)])
 @pytest.mark.parametrize("kernel", ["cpu", "reference"])
 def test_value_overflowing_travel_dtype_raises_and_changes_nothing(value_dtype, big, kernel):

@@ -29,14 +29,18 @@
 #include <limits>
 #include <vector>
 
+#include "cpu_utils.h"
+#include "sparsify_scan.h"
+
 namespace fastlora {
 namespace {
 
 using at::Tensor;
 
 constexpr int64_t kChunk = 1 << 15;             // elements per work item
-constexpr uint32_t kNonFiniteKey = 0x7F800000u;  // keys >= this are inf or nan
+using sparsify_cpu::kNonFiniteKey;
 constexpr int64_t kSampleSize = 1 << 16;
+constexpr int64_t kConvertBlock = 2048;          // 16-bit / float64 deltas converted per scan
 
 inline uint32_t key_of(float v) {
   uint32_t bits;
@@ -132,28 +136,51 @@ class Sparsifier {
   }
 
   // Pass 1: read-only; candidates with key >= lo, count >= t, first non-finite per item.
+  // The scan itself is sparsify_scan's (vector builds); a float16 / bfloat16 / float64 delta
+  // is converted to float32 a block at a time first.
   std::vector<Candidates> collect(uint32_t lo, uint32_t t) const {
     std::vector<Candidates> out(items_.size());
-    parallel_items([&](int64_t it, const WorkItem& w) {
-      Candidates& c = out[it];
-      const int64_t offset = src_[w.src].offset;
-      const int64_t cap = (w.end - w.begin) / 4 + 64;  // beyond this the sample misled us
-      int64_t above_t = 0;
-      for_each_value(w, [&](int64_t i, float v, uint32_t key) {
-        if (key < lo) return;
-        if (key >= kNonFiniteKey) {
-          if (c.nonfinite < 0) c.nonfinite = i;
-          return;
-        }
-        above_t += key >= t;
-        if (static_cast<int64_t>(c.index.size()) < cap) {
-          c.index.push_back(offset + i);
-          c.value.push_back(v);
+    at::parallel_for(0, static_cast<int64_t>(items_.size()), 1, [&](int64_t ib, int64_t ie) {
+      // Scratch for one item's candidates (room for the scan's overrun), and converted deltas.
+      auto index = uninitialized<int32_t>(kChunk + sparsify_cpu::kScanSlack);
+      auto value = uninitialized<float>(kChunk + sparsify_cpu::kScanSlack);
+      std::unique_ptr<float[]> converted;
+      for (int64_t it = ib; it < ie; ++it) {
+        const WorkItem& w = items_[it];
+        const Source& s = src_[w.src];
+        Candidates& c = out[it];
+        const int64_t len = w.end - w.begin;
+        const float* r = s.residual ? s.residual + w.begin : nullptr;
+        int64_t count = 0;
+        if (s.dtype == at::kFloat) {
+          count = sparsify_cpu::scan_candidates(static_cast<const float*>(s.delta) + w.begin, r, len, lo, t,
+                                                index.get(), value.get(), &c.above_t, &c.nonfinite);
         } else {
-          c.overflow = true;
+          if (!converted) converted = uninitialized<float>(kConvertBlock);
+          for (int64_t b = 0; b < len; b += kConvertBlock) {
+            const int64_t n = std::min(kConvertBlock, len - b);
+            with_delta(s, [&](auto* d) {
+              for (int64_t j = 0; j < n; ++j) converted[j] = static_cast<float>(d[w.begin + b + j]);
+            });
+            int64_t nonfinite = -1;
+            const int64_t got = sparsify_cpu::scan_candidates(converted.get(), r ? r + b : nullptr, n, lo, t,
+                                                              index.get() + count, value.get() + count,
+                                                              &c.above_t, &nonfinite);
+            for (int64_t j = count; j < count + got; ++j) index[j] += static_cast<int32_t>(b);
+            if (nonfinite >= 0 && c.nonfinite < 0) c.nonfinite = b + nonfinite;
+            count += got;
+          }
         }
-      });
-      c.above_t = above_t;
+        if (c.nonfinite >= 0) c.nonfinite += w.begin;
+        // More candidates than this means the sample misled us (the fallback takes over).
+        const int64_t cap = len / 4 + 64;
+        c.overflow = count > cap;
+        count = std::min(count, cap);
+        c.index.resize(count);
+        c.value.assign(value.get(), value.get() + count);
+        const int64_t first = s.offset + w.begin;
+        for (int64_t j = 0; j < count; ++j) c.index[j] = first + index[j];
+      }
     });
     return out;
   }
