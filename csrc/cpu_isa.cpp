@@ -18,6 +18,8 @@ int64_t requested_cpu_isa_level() { return requested_level(); }
 
 bool native_bf16() { return native_bf16_gemm(); }
 
+bool native_fp16() { return native_fp16_gemm(); }
+
 bool blas_avx512_sgemm() { return blas_has_avx512_sgemm(); }
 
 // For tests: -1 lets the machine decide whether ATen's float32 BLAS has AVX-512 kernels (MKL on
@@ -35,6 +37,7 @@ TORCH_LIBRARY_FRAGMENT(fastlora, m) {
   m.def("use_cpu_isa_level(int level) -> int", &use_cpu_isa_level);
   m.def("requested_cpu_isa_level() -> int", &requested_cpu_isa_level);
   m.def("native_bf16_gemm() -> bool", &native_bf16);
+  m.def("native_fp16_gemm() -> bool", &native_fp16);
   m.def("blas_avx512_sgemm() -> bool", &blas_avx512_sgemm);
   m.def("_set_blas_avx512_plan(int mode) -> int", &set_blas_avx512_plan);
 }

@@ -163,6 +163,20 @@ def test_bfloat16_decode_sized_batches(shape, p, adapter_dtype):
 # depend on the thread count (and, under MKL's AVX2 code, on the buffers' alignment).
 @pytest.mark.skipif(not fastlora.cpu.native_bf16_matmul(),
                     reason="the bf16 decode kernels run only where bf16 GEMMs are native")
+# float16 batches of 9 to 128 rows: on CPUs with native float16 GEMMs (AVX512-FP16) their base
+# products run in ATen's float16 GEMMs and the LoRA products in float32 (fp16_native_plan in
+# csrc/cpu/lora_linear_blocks.h); 8 and 129 rows are the plans on either side. float16 and
+# PEFT's default float32 adapters, odd sizes, a trainable weight and lora_B's bias.
+@pytest.mark.parametrize("shape", [((9,), 40, 66, 3), ((16,), 123, 431, 8), ((33,), 64, 123, 64),
+                                   ((2, 32), 96, 40, 16), ((128,), 42, 100, 5), ((8,), 64, 77, 4),
+                                   ((129,), 48, 36, 4)], ids=str)
+@pytest.mark.parametrize("adapter_dtype", [None, torch.float32], ids=["float16_adapters", "float32_adapters"])
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_float16_batches_of_9_to_128_rows(shape, adapter_dtype, p):
+    check_against_reference(torch.float16, *shape, p, adapter_dtype=adapter_dtype, lora_B_bias=True,
+                            train_weight=True)
+
+
 @pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_bfloat16_decode_same_bits_on_any_thread_count(adapter_dtype):
     """Decode-sized bfloat16 batches split their columns over the threads and add partial sums

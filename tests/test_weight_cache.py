@@ -31,9 +31,10 @@ def fresh_cache():
     torch.set_num_threads(threads)
 
 
-def make(dtype=torch.float16, m=128, k=48, n=36, r=4, seed=0):
-    # float16 runs on float32 copies on every CPU from 32 rows up (bfloat16 only without native
-    # bf16 GEMMs), so these shapes take the cached path on any machine.
+def make(dtype=torch.float16, m=160, k=48, n=36, r=4, seed=0):
+    # float16 runs on float32 copies on every CPU above 128 rows (from 32 rows up where float16
+    # GEMMs are not native; bfloat16 only without native bf16 GEMMs), so these shapes take the
+    # cached path on any machine.
     g = torch.Generator().manual_seed(seed)
     mk = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
     return dict(x=mk(m, k), W=mk(n, k), b=mk(n), A=mk(r, k), B=mk(n, r), gy=mk(m, n))
@@ -159,6 +160,26 @@ def test_float32_and_decode_sized_steps_keep_no_copy():
     assert cpu.weight_cache_usage() == (0, 0)
 
 
+@pytest.mark.parametrize("m", [64, 128])
+def test_float16_batches_up_to_128_rows_use_the_cache_only_without_native_float16(m):
+    # With native float16 GEMMs (AVX512-FP16) such batches run their base products on the float16
+    # weight as it is: no float32 copy is made. Elsewhere they run on the cached float32 copy.
+    t = make(m=m)
+    want = uncached(t)
+    got = step(t)
+    if cpu.native_fp16_matmul():
+        assert cpu.weight_cache_usage() == (0, 0)
+        # Other roundings than the float32 plan: each base product is rounded to float16 before
+        # the LoRA term is added, and rounded again (2^-11 of the largest output each), with
+        # float32 sums in another order: within 2^-9 of the largest output.
+        for a, b in zip(got, want):
+            scale = b.abs().max().item() if b.numel() else 0.0
+            torch.testing.assert_close(a, b, rtol=2 ** -9, atol=2 ** -9 * scale)
+    else:
+        assert_same(got, want)
+        assert cpu.weight_cache_usage() == (1, t["W"].numel() * 4)
+
+
 def test_bfloat16_without_native_gemms_uses_the_cache():
     best = fastlora.use_cpu_isa("auto")
     try:
@@ -184,7 +205,7 @@ def test_peft_merge_and_unmerge_drop_the_copies():
     model = torch.nn.Sequential(torch.nn.Linear(48, 36)).half()
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["0"], init_lora_weights=False))
     fastlora.peft.patch(model)
-    x = torch.randn(128, 48).half()
+    x = torch.randn(160, 48).half()  # above 128 rows: float16 runs on the cached float32 copy
     model(x)
     assert cpu.weight_cache_usage()[0] == 1
     model.base_model.model[0].merge()

@@ -469,7 +469,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_checked(
     const Tensor& grad_y_in, const Tensor& x_in, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
     const Tensor& xa, double scaling, double dropout_p, const Tensor& seed, std::array<bool, 3> output_mask) {
   const at::ScalarType dtype = x_in.scalar_type(), adapter_dtype = lora_A.scalar_type();
-  if ((dtype == at::kBFloat16 || dtype == at::kHalf) && half_via_float32(dtype) && weight.defined() &&
+  const bool fp16_native = fp16_native_plan(x_in);
+  if ((dtype == at::kBFloat16 || dtype == at::kHalf) && half_via_float32(dtype) && !fp16_native && weight.defined() &&
       weight.scalar_type() == dtype && weight.numel() > 0 && x_in.size(0) > 0 &&
       !row_blocks_for_all_threads(x_in.size(0), std::max(x_in.size(1), grad_y_in.size(1)), sizeof(float))) {
     // A decode-sized float16 batch, or bfloat16 without native bf16 GEMMs (with them the BLAS's
@@ -482,7 +483,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_checked(
         to_float(xa), scaling, dropout_p, seed, output_mask);
     return {gx.to(dtype), gw.to(dtype), gb.to(dtype), gA.to(adapter_dtype), gB.to(adapter_dtype)};
   }
-  if (half_via_float32(dtype)) {  // see to_float; the weight only matters for grad_x
+  if (half_via_float32(dtype) && !fp16_native) {  // see to_float; the weight only matters for grad_x
     auto [gx, gw, gb, gA, gB] = lora_linear_bwd_checked(
         to_float(grad_y_in), to_float(x_in), output_mask[0] ? float32_weight(weight) : Tensor(), to_float(lora_A),
         to_float(lora_B), to_float(xa), scaling, dropout_p, seed, output_mask);
@@ -556,7 +557,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_checked(
   } else if (M == 0 && adapter_dtype != dtype) {
     grad_A = at::zeros(lora_A.sizes(), lora_A.options());
     grad_B = at::zeros(lora_B.sizes(), lora_B.options());
-  } else if (M > 0 && (adapter_dtype != dtype ||
+  } else if (M > 0 && (fp16_native || adapter_dtype != dtype ||
                        !row_blocks_for_all_threads(M, std::max(K, dy.size(1)), x.element_size()))) {
     // The LoRA products in float32 small_gemm (lora_bwd_products), the base term with the BLAS
     // on the half-precision weight. Taken by float32 adapters on a half-precision x (PEFT's
@@ -566,6 +567,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_checked(
     // = 4096, bf16). A bfloat16 dX gets the base term first and the float32 LoRA term added to
     // it, rounded once (as bwd_bf16_native); float16 gets the LoRA term rounded to float16 first
     // (as PEFT's cast of x to the adapters' dtype does in backward), the BLAS accumulating onto it.
+    // Also the native float16 plan's (fp16_native_plan) at every row count it takes.
     const bool onto = need_x && dtype == at::kBFloat16;
     if (onto) base_term(/*accumulate=*/false);
     std::tie(grad_A, grad_B) = lora_bwd_products(dy, x, lora_A.to(at::kFloat), lora_B.to(at::kFloat),

@@ -99,7 +99,7 @@ bool few_rows_forward(const Tensor& x, bool direct) {
 bool half_decode(const Tensor& x, const Tensor& weight) {
   const at::ScalarType dtype = x.scalar_type();
   if ((dtype != at::kBFloat16 && dtype != at::kHalf) || weight.scalar_type() != dtype || weight.numel() == 0 ||
-      !half_via_float32(dtype)) {
+      !half_via_float32(dtype) || fp16_native_plan(x)) {
     return false;
   }
   const int64_t M = x.size(0);
@@ -331,7 +331,8 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_cpu(const Tensor& x_in, const Tensor&
                          : base_few_rows<float, at::BFloat16>(x, weight, bias_eff, xa, to_float(lora_B), scaling);
     return {y.to(dtype), xa.to(adapter_dtype)};
   }
-  if (half_via_float32(dtype) && (dtype == at::kBFloat16 || x_in.size(0) >= kHalfViaFloatMinRows)) {
+  if (half_via_float32(dtype) && !fp16_native_plan(x_in) &&
+      (dtype == at::kBFloat16 || x_in.size(0) >= kHalfViaFloatMinRows)) {
     auto [y, xa] = lora_linear_fwd_cpu(to_float(x_in), float32_weight(weight), to_float(bias), to_float(lora_A),
                                        to_float(lora_B), scaling, dropout_p, seed, to_float(lora_B_bias));
     return {y.to(dtype), xa.to(adapter_dtype)};

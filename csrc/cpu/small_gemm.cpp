@@ -10,6 +10,8 @@
 // point.
 #include "small_gemm.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
@@ -380,6 +382,19 @@ int small_gemm_isa() { return level_in_use().load(); }
 bool native_bf16_gemm() {
   static const bool hardware = machine_has_native_bf16();
   return hardware && small_gemm_isa() >= 4;
+}
+
+bool native_fp16_gemm() {
+  // torch's own test (CPU features and oneDNN's ISA cap, ONEDNN_MAX_CPU_ISA), asked once.
+  static const bool torch_native = [] {
+    try {
+      auto op = c10::Dispatcher::singleton().findSchema({"mkldnn::_is_mkldnn_fp16_supported", ""});
+      return op.has_value() && op->typed<bool()>().call();
+    } catch (const c10::Error&) {
+      return false;
+    }
+  }();
+  return torch_native && small_gemm_isa() >= 4;
 }
 
 int small_gemm_use_isa(int level) {

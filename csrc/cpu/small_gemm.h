@@ -64,6 +64,10 @@ int small_gemm_use_isa(int level);
 // in use is 4 (a cap below AVX-512 stands for a machine without them). Without them ATen's
 // bfloat16 GEMMs are emulated, 100x or more slower than float32 ones.
 bool native_bf16_gemm();
+// Whether ATen's float16 GEMMs run natively here: torch says oneDNN has them (AVX512-FP16: Xeons
+// since Sapphire Rapids; they accumulate in float32, at least at the float32 rate on half the
+// bytes) and the level in use is at least 4 (a cap below AVX-512 stands for a CPU without them).
+bool native_fp16_gemm();
 
 // The cap that the environment variable FASTLORA_CPU_ISA (amx | avx512 | avx2 | baseline | auto)
 // puts on the level at load time: 5, 4, 3 or 1 (5 = no cap).
