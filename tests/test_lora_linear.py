@@ -159,10 +159,6 @@ def test_bfloat16_decode_sized_batches(shape, p, adapter_dtype):
                             train_weight=True)
 
 
-# Without native bf16 GEMMs the batch runs through MKL's float32 GEMMs instead, whose bits
-# depend on the thread count (and, under MKL's AVX2 code, on the buffers' alignment).
-@pytest.mark.skipif(not fastlora.cpu.native_bf16_matmul(),
-                    reason="the bf16 decode kernels run only where bf16 GEMMs are native")
 # float16 batches of 9 to 128 rows: on CPUs with native float16 GEMMs (AVX512-FP16) their base
 # products run in ATen's float16 GEMMs and the LoRA products in float32 (fp16_native_plan in
 # csrc/cpu/lora_linear_blocks.h); 8 and 129 rows are the plans on either side. float16 and
@@ -177,6 +173,10 @@ def test_float16_batches_of_9_to_128_rows(shape, adapter_dtype, p):
                             train_weight=True)
 
 
+# Without native bf16 GEMMs the batch runs through MKL's float32 GEMMs instead, whose bits
+# depend on the thread count (and, under MKL's AVX2 code, on the buffers' alignment).
+@pytest.mark.skipif(not fastlora.cpu.native_bf16_matmul(),
+                    reason="the bf16 decode kernels run only where bf16 GEMMs are native")
 @pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_bfloat16_decode_same_bits_on_any_thread_count(adapter_dtype):
     """Decode-sized bfloat16 batches split their columns over the threads and add partial sums
