@@ -42,11 +42,7 @@ using sparsify_cpu::kNonFiniteKey;
 constexpr int64_t kSampleSize = 1 << 16;
 constexpr int64_t kConvertBlock = 2048;          // 16-bit / float64 deltas converted per scan
 
-inline uint32_t key_of(float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof(bits));
-  return bits & 0x7FFFFFFFu;
-}
+using sparsify_cpu::key_of;
 
 struct Source {
   const void* delta;

@@ -8,8 +8,6 @@
 // with a table indexed by the 8-lane mask: a step per 16 or 8 values whatever the density.
 #include "sparsify_scan.h"
 
-#include <cstring>
-
 #include "small_gemm.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -20,12 +18,6 @@
 namespace fastlora {
 namespace sparsify_cpu {
 namespace {
-
-inline uint32_t key_of(float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof(bits));
-  return bits & 0x7FFFFFFFu;
-}
 
 // Baseline build, and the tails of the vector builds.
 int64_t scan_scalar(const float* d, const float* r, int64_t begin, int64_t n, uint32_t lo, uint32_t t,
