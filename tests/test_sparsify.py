@@ -219,6 +219,18 @@ def test_nonfinite_position_in_a_converted_delta(dtype, with_residual):
             fastlora.topk_sparsify(delta, k=k, residual=residual)
 
 
+def test_first_overflowing_value_in_flat_order_is_reported():
+    # The kept values are rounded to the travel dtype by the threads in parallel, in chunks of
+    # the selection: two overflowing values in different chunks, the first in flat order named.
+    d = torch.randn(200_000)
+    d[70_000], d[150_000] = 9e4, 8e4
+    r = torch.zeros(200_000)
+    for k in (2, 100_000):
+        with pytest.raises(ValueError, match=r"kept value 90000.* \(flat index 70000\) overflows torch.float16"):
+            fastlora.topk_sparsify(d, k=k, residual=r, value_dtype=torch.float16)
+        assert torch.equal(r, torch.zeros(200_000))
+
+
 @pytest.mark.parametrize("value_dtype, big", [(torch.float16, 7e4), (torch.bfloat16, 3.4e38)])
 @pytest.mark.parametrize("kernel", ["cpu", "reference"])
 def test_value_overflowing_travel_dtype_raises_and_changes_nothing(value_dtype, big, kernel):
