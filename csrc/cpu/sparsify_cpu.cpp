@@ -83,6 +83,21 @@ struct Candidates {
   bool overflow = false;
 };
 
+// Given each work item's count of keys above (gt) and at (eq) the threshold, the ties each one
+// keeps (the quota taken in flat order) and where its selection starts in the output (pos, one
+// more entry: the total).
+std::pair<std::vector<int64_t>, std::vector<int64_t>> split_ties(const std::vector<int64_t>& gt,
+                                                                 const std::vector<int64_t>& eq, int64_t quota) {
+  const size_t ni = gt.size();
+  std::vector<int64_t> pos(ni + 1, 0), take_eq(ni, 0);
+  for (size_t it = 0; it < ni; ++it) {
+    take_eq[it] = std::min(eq[it], quota);
+    quota -= take_eq[it];
+    pos[it + 1] = pos[it] + gt[it] + take_eq[it];
+  }
+  return {pos, take_eq};
+}
+
 class Sparsifier {
  public:
   explicit Sparsifier(const std::vector<Source>& sources) : src_(sources) {
@@ -240,12 +255,9 @@ class Sparsifier {
         eq[it] += key == T;
       });
     });
-    std::vector<int64_t> pos(ni + 1, 0), take_eq(ni, 0);
-    for (int64_t it = 0; it < ni; ++it) {
-      take_eq[it] = std::min(eq[it], quota);
-      quota -= take_eq[it];
-      pos[it + 1] = pos[it] + gt[it] + take_eq[it];
-    }
+    const auto split = split_ties(gt, eq, quota);
+    const std::vector<int64_t>& pos = split.first;
+    const std::vector<int64_t>& take_eq = split.second;
     idx.resize(pos[ni]);
     val.resize(pos[ni]);
     parallel_items([&](int64_t it, const WorkItem& w) {
@@ -307,12 +319,9 @@ void select_from_candidates(const std::vector<Candidates>& cands, int64_t k, boo
   if (!keep_all_ties) {
     for (int64_t it = 0; it < ni; ++it) quota -= gt[it];
   }
-  std::vector<int64_t> pos(ni + 1, 0), take_eq(ni, 0);
-  for (int64_t it = 0; it < ni; ++it) {
-    take_eq[it] = std::min(eq[it], quota);
-    quota -= take_eq[it];
-    pos[it + 1] = pos[it] + gt[it] + take_eq[it];
-  }
+  const auto split = split_ties(gt, eq, quota);
+  const std::vector<int64_t>& pos = split.first;
+  const std::vector<int64_t>& take_eq = split.second;
   idx.resize(pos[ni]);
   val.resize(pos[ni]);
   at::parallel_for(0, ni, 1, [&](int64_t b, int64_t e) {
