@@ -350,6 +350,16 @@ uint32_t kth_largest_candidate_key(const std::vector<Candidates>& cands, int64_t
   constexpr int kShift = 15;  // keys are below 2^31: 16 bits of bin
   constexpr int64_t kBins = int64_t{1} << 16;
   const int64_t ni = static_cast<int64_t>(cands.size());
+  int64_t total = 0;
+  for (const auto& c : cands) total += static_cast<int64_t>(c.value.size());
+  if (total < kBins) {  // fewer candidates than bins: zeroing the histograms would cost more
+    std::vector<uint32_t> keys;
+    keys.reserve(total);
+    for (const auto& c : cands)
+      for (float v : c.value) keys.push_back(key_of(v));
+    std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end(), std::greater<uint32_t>());
+    return keys[k - 1];
+  }
   const int nthreads = std::max(1, at::get_num_threads());
   std::vector<std::vector<int64_t>> hist(nthreads);
   at::parallel_for(0, ni, 1, [&](int64_t b, int64_t e) {
