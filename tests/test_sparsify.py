@@ -91,6 +91,20 @@ def test_adversarial_inputs(kind, density):
     assert_same_as_reference(sd, expected, None)
 
 
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_many_ties_among_many_candidates(with_residual):
+    # Over 65536 candidates the exact threshold comes from a histogram of their keys' top bits:
+    # normal values rounded to bfloat16 (8 bits of mantissa) put thousands of exact ties in the
+    # threshold's bin, of which the first in flat order are kept.
+    n = (1 << 20) + 5
+    d = torch.randn(n, generator=torch.Generator().manual_seed(5)).bfloat16().float()
+    r = torch.zeros(n) if with_residual else None
+    for k in (70_000, 100_003):
+        sd, expected, out_res = run_both(d, k, residuals=r)
+        assert sd.nnz == k
+        assert_same_as_reference(sd, expected, out_res)
+
+
 def test_exact_invariants_and_tie_break():
     d = torch.randint(-5, 6, (300_000,)).float()
     sd = fastlora.topk_sparsify(d, k=12_345)
