@@ -13,7 +13,7 @@ CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h')
 STAMP := $(VENV)/.fastlora-installed
 
 .PHONY: setup demo bench bench-lora test test-latest test-python test-isa test-cpp test-cpp-sanitize check-wheel \
-	check-entry-points gpu-check gpu-check-dry fuzz clean
+	check-entry-points gpu-check gpu-check-dry fuzz peft-suite clean
 
 setup: $(STAMP)
 
@@ -127,6 +127,19 @@ FUZZ_SEED ?= 0
 fuzz:
 	@test -x $(PY) || $(MAKE) setup
 	$(PY) tests/fuzz_codec.py --seconds $(FUZZ_SECONDS) --seed $(FUZZ_SEED) --crash-dir build/fuzz-crashes
+
+# PEFT's own LoRA tests (its tests/test_custom_models.py, every LoraConfig case) with fastlora's
+# layer in place of PEFT's LoRA Linear (tests/external/fastlora_in_peft.py, which also reports how
+# many forwards took the fast path and why the others fell back). PEFT_DIR: a checkout of PEFT's
+# repository, ideally at the installed peft's version; its test dependencies (diffusers besides
+# what `make setup` installs) must be importable. Not part of `make test`: it needs that checkout.
+peft-suite: $(STAMP)
+	@test -n "$(PEFT_DIR)" || { echo "usage: make peft-suite PEFT_DIR=/path/to/a/peft/checkout"; exit 2; }
+	mkdir -p build
+	cd "$(PEFT_DIR)" && $(abspath $(PY)) -m pytest tests/test_custom_models.py --collect-only -q -o addopts="" \
+		-p no:cacheprovider | grep -e '-LoraConfig-' > $(CURDIR)/build/peft-suite-ids.txt
+	cd "$(PEFT_DIR)" && PYTHONPATH=$(CURDIR)/tests/external$${PYTHONPATH:+:$$PYTHONPATH} $(abspath $(PY)) -m pytest \
+		@$(CURDIR)/build/peft-suite-ids.txt -q -o addopts="" -p no:cacheprovider -p fastlora_in_peft
 
 clean:
 	rm -rf build dist *.egg-info fastlora/_C*.so
