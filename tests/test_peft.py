@@ -315,6 +315,27 @@ def test_register_builds_lora_linear_layers():
     assert fp.unpatch(model) == N_LAYERS
 
 
+def test_register_leaves_target_parameters_to_peft():
+    # target_parameters wrap a parameter (PEFT's ParamWrapper), also on an nn.Linear; a second
+    # adapter on the same parameters then finds the wrapper it expects, as in stock PEFT.
+    from peft.tuners.lora.layer import ParamWrapper
+
+    def build(configure):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(12, 10), torch.nn.ReLU(), torch.nn.Linear(10, 6))
+        model = get_peft_model(model, configure(LoraConfig(target_modules=[], target_parameters=["0.weight"])))
+        model.add_adapter("other", configure(LoraConfig(target_modules=[], target_parameters=["0.weight"])))
+        randomize_lora_B(model)
+        return model
+
+    stock, registered = build(lambda c: c), build(fp.register)
+    wrappers = [m for m in registered.modules() if isinstance(m, ParamWrapper)]
+    assert wrappers and not any(isinstance(m, LoraLinear) for m in registered.modules())
+    assert registered.state_dict().keys() == stock.state_dict().keys()
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(registered(x), stock(x), rtol=0, atol=0)
+
+
 # --- save / load ----------------------------------------------------------------------------------
 
 def saved(path):

@@ -546,9 +546,21 @@ def clear_stacked_cache(model: nn.Module) -> None:
 def register(config):
     """Register ``LoraLinear`` as PEFT's custom LoRA module for ``torch.nn.Linear`` on a
     ``LoraConfig`` and return it, so ``get_peft_model(model, config)`` builds fastlora layers.
-    The mapping is not saved with the adapter: load with ``fastlora.peft.from_pretrained``."""
-    config._register_custom_module({nn.Linear: LoraLinear})
+    The mapping is not saved with the adapter: load with ``fastlora.peft.from_pretrained``.
+    Parameters named by ``target_parameters`` keep PEFT's own ``ParamWrapper``."""
+    config._register_custom_module({nn.Linear: _lora_linear_or_param_wrapper})
     return config
+
+
+def _lora_linear_or_param_wrapper(target, adapter_name, config, **kwargs):
+    # PEFT's custom-module dispatch runs for target_parameters too (kwargs then name the
+    # parameter): those stay PEFT's ParamWrapper, which wraps the parameter on its own (and
+    # nests one wrapper per targeted parameter), so a later adapter finds the wrapper it expects.
+    if kwargs.get("parameter_name") is not None:
+        from peft.tuners.lora.layer import dispatch_default
+
+        return dispatch_default(target, adapter_name, config=config, **kwargs)
+    return LoraLinear(target, adapter_name, config=config, **kwargs)
 
 
 def from_pretrained(model: nn.Module, model_id, **kwargs):
