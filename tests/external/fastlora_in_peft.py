@@ -7,7 +7,7 @@ PEFT's tests create on a linear layer is fastlora's, and it reports how many suc
 built, how many of their forwards took the fast path and why the others fell back. A run in
 which no fastlora layer was built fails: the plugin did not take effect.
 
-Not collected by this project's suite (no ``test_`` prefix, outside the default test paths).
+Not collected by this project's own suite: its name has no ``test_`` prefix.
 """
 import collections
 
