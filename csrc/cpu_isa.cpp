@@ -22,9 +22,11 @@ bool native_fp16() { return native_fp16_gemm(); }
 
 bool blas_avx512_sgemm() { return blas_has_avx512_sgemm(); }
 
-// For tests: -1 lets the machine decide whether ATen's float32 BLAS has AVX-512 kernels (MKL on
-// Intel), 0 / 1 force the plan taken without / with them (blas_has_avx512_sgemm); returns the
-// previous setting.
+bool blas_mkl_on_intel() { return blas_is_mkl_on_intel(); }
+
+// For tests: -1 lets the machine decide whether ATen's float32 BLAS is MKL on an Intel CPU (with
+// AVX-512 kernels from the avx512 level), 0 / 1 force the plan taken without / with it
+// (blas_is_mkl_on_intel, blas_has_avx512_sgemm); returns the previous setting.
 int64_t set_blas_avx512_plan(int64_t mode) {
   TORCH_CHECK(mode >= -1 && mode <= 1, "_set_blas_avx512_plan: mode must be -1, 0 or 1, got ", mode);
   return blas_plan_override().exchange(static_cast<int>(mode));
@@ -39,6 +41,7 @@ TORCH_LIBRARY_FRAGMENT(fastlora, m) {
   m.def("native_bf16_gemm() -> bool", &native_bf16);
   m.def("native_fp16_gemm() -> bool", &native_fp16);
   m.def("blas_avx512_sgemm() -> bool", &blas_avx512_sgemm);
+  m.def("blas_mkl_on_intel() -> bool", &blas_mkl_on_intel);
   m.def("_set_blas_avx512_plan(int mode) -> int", &set_blas_avx512_plan);
 }
 

@@ -10,7 +10,8 @@ what AVX2 and older machines run; :func:`use_cpu_isa` switches at run time.
 :func:`native_bf16_matmul` says whether bfloat16 matrix products are fast here (AVX512-BF16 or
 AMX, and the kernels not capped below AVX-512): choices such as rsvd's sketch precision follow it;
 :func:`native_fp16_matmul` says the same of float16 (``fastlora.linear`` follows both).
-:func:`blas_avx512_sgemm` says whether ATen's float32 GEMMs run MKL's AVX-512 kernels here.
+:func:`blas_avx512_sgemm` says whether ATen's float32 GEMMs run MKL's AVX-512 kernels here,
+:func:`blas_mkl_on_intel` whether they are MKL's on an Intel CPU (tuned for its vector level).
 
 Where the LoRA kernels run a bfloat16 / float16 layer on float32 copies (float16 always; bfloat16
 without native bf16 GEMMs), the base weight's float32 copy is kept across calls, up to a byte
@@ -68,6 +69,13 @@ def blas_avx512_sgemm() -> bool:
     products through the BLAS are as fast as fastlora's own, and beat AVX512-BF16's (not AMX's)
     bfloat16 ones on rsvd's shapes."""
     return torch.ops.fastlora.blas_avx512_sgemm()
+
+
+def blas_mkl_on_intel() -> bool:
+    """True where ATen's float32 GEMMs are MKL's on an Intel CPU, which picks kernels tuned for
+    the CPU's vector level (on AMD CPUs it runs slower code). There ``rsvd``'s float32 products
+    go through the BLAS rather than fastlora's own ``small_gemm``."""
+    return torch.ops.fastlora.blas_mkl_on_intel()
 
 
 def native_fp16_matmul() -> bool:

@@ -271,6 +271,7 @@ def test_rsvd_sketch_precision_follows_the_cpu():
             for blas_avx512 in (0, 1):
                 torch.ops.fastlora._set_blas_avx512_plan(blas_avx512)
                 assert fastlora.cpu.blas_avx512_sgemm() == (blas_avx512 == 1 and isa in ("avx512", "amx"))
+                assert fastlora.cpu.blas_mkl_on_intel() == (blas_avx512 == 1)
                 native_bf16 = fastlora.cpu.native_bf16_matmul()
                 assert native_bf16 == (isa in ("avx512", "amx") and (torch.cpu._is_avx512_bf16_supported()
                                                                      or torch.cpu._is_amx_tile_supported()))
@@ -362,9 +363,10 @@ def test_rsvd_default_plan():
 @pytest.mark.parametrize("blas_avx512", [0, 1], ids=["small_gemm_plan", "mkl_avx512_plan"])
 def test_rsvd_float32_products_match_the_blas(blas_avx512):
     """On the CPU the float32 products with a contiguous A run in small_gemm (A and A^T times a
-    sketch whose width is padded to whole vectors), except with the AVX-512 build where MKL
-    runs AVX-512 kernels (Intel; forced here both ways); a non-contiguous A takes the BLAS. All
-    give the same factorisation to float32 rounding, under every kernel build."""
+    sketch whose width is padded to whole vectors), except where the BLAS is MKL on an Intel CPU
+    (forced here both ways): there in MKL, A^T Y as (Y^T A)^T and, from the avx512 level, X
+    column-major; a non-contiguous A and the baseline build take the BLAS. All give the same
+    factorisation to float32 rounding, under every kernel build."""
     g = torch.Generator().manual_seed(8)
     A = known(300, 260, SPECTRA["slow"], g, torch.float32)
     strided = A.mT.contiguous().mT

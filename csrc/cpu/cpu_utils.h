@@ -48,18 +48,18 @@ inline bool half_via_float32(at::ScalarType dtype) {
 // still (a 4096^2 layer's fwd+bwd took 1 s at M = 8 on an AVX2 EPYC): always converted.
 constexpr int64_t kHalfViaFloatMinRows = 32;
 
-// Whether ATen's float32 BLAS runs AVX-512 kernels here: MKL picks them on Intel CPUs only (on
-// AMD it runs slower code), so there it beats small_gemm on the shapes where small_gemm wins
-// elsewhere (the fused dY @ W of lora_linear's backward, rsvd's float32 passes). The kernels'
-// level stands for the machine: capped below AVX-512 (FASTLORA_CPU_ISA, as make test-isa and
-// the AVX2 benchmarks run with MKL capped too), an AVX2 machine's plan is taken.
-// blas_plan_override(): -1 (the machine decides), 0 or 1 (as if the BLAS had those kernels or
-// not): set by tests (fastlora::_set_blas_avx512_plan) so that both plans run on any machine.
+// Whether ATen's float32 BLAS is MKL on an Intel CPU, where it picks kernels tuned for the
+// CPU's vector level (on AMD it runs slower code): there it beats small_gemm on some of the shapes
+// where small_gemm wins elsewhere (rsvd's passes from AVX2 up, lora_linear's fused dY @ W with
+// AVX-512). The kernels' level stands for the machine: capped (FASTLORA_CPU_ISA, as make test-isa
+// and the AVX2 benchmarks run with MKL capped too), the capped level's plan is taken.
+// blas_plan_override(): -1 (the machine decides), 0 or 1 (as if the BLAS were or were not so
+// tuned): set by tests (fastlora::_set_blas_avx512_plan) so that both plans run on any machine.
 inline std::atomic<int>& blas_plan_override() {
   static std::atomic<int> value{-1};
   return value;
 }
-inline bool blas_has_avx512_sgemm() {
+inline bool blas_is_mkl_on_intel() {
   const int forced = blas_plan_override().load(std::memory_order_relaxed);
 #if defined(__GNUC__) && defined(__x86_64__)
   static const bool intel = [] {
@@ -69,8 +69,11 @@ inline bool blas_has_avx512_sgemm() {
 #else
   const bool intel = false;
 #endif
-  return (forced >= 0 ? forced == 1 : intel) && small_gemm_isa() >= 4;
+  return forced >= 0 ? forced == 1 : intel;
 }
+// Whether ATen's float32 BLAS runs AVX-512 kernels here: MKL on an Intel CPU with the kernels
+// not capped below AVX-512.
+inline bool blas_has_avx512_sgemm() { return blas_is_mkl_on_intel() && small_gemm_isa() >= 4; }
 
 // A row stride of at least `cols` elements of `size` bytes whose byte length is not a multiple
 // of 4 KiB, for buffers that AMX tiles load: a tile load reads 16 rows, and at 4 KiB multiples

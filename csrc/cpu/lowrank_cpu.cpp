@@ -276,16 +276,17 @@ Triple hmt(const char* op, const Tensor& omega, int64_t rank, std::optional<int6
 
 // A X (transpose_a = false) or A^T X (true) for a contiguous float32 CPU matrix A (m x n) and
 // an l-column X, in small_gemm over blocks of output rows: rsvd's passes over A. These are
-// compute-bound (A is read once per pass, each element used l times) and MKL runs their
+// compute-bound (A is read once per pass, each element used l times) and MKL on AMD runs their
 // skinny shapes well below its square-GEMM rate: 4096 x 4096 times 4096 x 48 at 140 GFLOP/s
 // and the transposed product at 117 (2 threads, Zen 4 under the AVX2 build), against 180 and
-// 160 here. Only where small_gemm has a vector build (AVX2 or AVX-512) and MKL does not run its
-// AVX-512 kernels: on an Intel Xeon with AVX-512 MKL won (rsvd at equal work 0.93x
-// svd_lowrank's time through MKL, 0.73x through small_gemm); with the AVX2 caps there
-// small_gemm still won (1.07-1.11x against 0.94x). Baseline keeps the BLAS.
+// 160 here. Only where small_gemm has a vector build (AVX2 or AVX-512) and the BLAS is not MKL
+// on an Intel CPU: there MKL's tuned kernels, in the operand layouts of rsvd's BLAS plan, won
+// at every level (rsvd's default at rank 32 on a Xeon, against svd_lowrank: under the AVX2 caps
+// 1.09x / 1.38x on 1/sqrt(i) / 1/i through MKL against 0.93x / 1.20x through small_gemm; with
+// AVX-512, equal work, 0.73x through small_gemm). Baseline keeps the BLAS.
 bool use_sketch_product(const Tensor& a) {
   return a.device().is_cpu() && a.scalar_type() == at::kFloat && a.is_contiguous() && small_gemm_isa() >= 3 &&
-         !blas_has_avx512_sgemm();
+         !blas_is_mkl_on_intel();
 }
 
 Tensor sketch_product(const Tensor& a, const Tensor& x, bool transpose_a) {
@@ -404,14 +405,14 @@ Triple rsvd(const Tensor& A, const Tensor& omega, int64_t rank, std::optional<in
           "rsvd", omega.to(dt), rank, n_iter, [&](const Tensor& X) { return sketch_product(a, X, false); },
           [&](const Tensor& Y) { return sketch_product(a, Y, true); }, /*cheap_qr=*/true);
     }
-    // Through the BLAS (MKL's AVX-512 kernels on an Intel CPU without AMX; baseline x86-64;
-    // float64), in the operand layouts MKL runs fastest, measured with 4096^2 x 48 float32 on 2
-    // threads of a Xeon: A^T Y as (Y^T A)^T, reading A along its rows (6.5 against 9.3 ms with
-    // AVX-512, 11.7 against 14.5 under the AVX2 caps), and with AVX-512 A X with X handed over
-    // column-major (6.1 against 6.8 ms; 12.3 against 11.3 under the AVX2 caps, hence only
-    // there). With Cholesky-QR as above, rsvd's default at rank 32 went from 1.05x to 1.37-1.41x
-    // torch.svd_lowrank's speed on a 1/i spectrum and from 0.91x to 1.11-1.18x on 1/sqrt(i)
-    // (FASTLORA_CPU_ISA=avx512 on that Xeon), at the same errors.
+    // Through the BLAS (MKL on an Intel CPU without AMX, or with AMX when float32 is asked for;
+    // baseline x86-64; float64), in the operand layouts MKL runs fastest, measured with 4096^2 x
+    // 48 float32 on 2 threads of a Xeon: A^T Y as (Y^T A)^T, reading A along its rows (6.5
+    // against 9.3 ms with AVX-512, 11.7 against 14.5 under the AVX2 caps), and with AVX-512 A X
+    // with X handed over column-major (6.1 against 6.8 ms; 12.3 against 11.3 under the AVX2
+    // caps, hence only there). With Cholesky-QR as above, rsvd's default at rank 32 went from
+    // 1.05x to 1.37-1.41x torch.svd_lowrank's speed on a 1/i spectrum and from 0.91x to
+    // 1.11-1.18x on 1/sqrt(i) (FASTLORA_CPU_ISA=avx512 on that Xeon), at the same errors.
     const bool x_column_major = blas_has_avx512_sgemm();
     return hmt(
         "rsvd", omega.to(dt), rank, n_iter,
