@@ -132,6 +132,21 @@ struct LoraBwdSmallGemm {
     return small_gemm_isa() >= 4 ? 32 : small_gemm_isa() == 3 ? 8 : 0;
   }
 
+  // Rows per block of by_row_blocks: direct_block_rows (L2-sized, at least 64), except under the
+  // AVX2 build where the d lora_A / d lora_B partials (r x (in + out)) are small: 32 rows there,
+  // whose block operands (dY_b, x_b, its dropped copy, dX_b) stay in L2 with the partials.
+  // Measured under the AVX2 caps on a Xeon (backward, 2 threads, p = 0.05, interleaved): M =
+  // 2048, 1024^2, r = 16: 23.5-23.9 against 24.0-24.8 ms (p = 0: 23.4 against 24.9); M = 512,
+  // 2048^2: 22.1-23.8 against 22.5-23.9; M = 512, 4096^2, r = 16: 84.2 against 85.0; but r = 64
+  // (2 MiB of partials, read and written once per block): 93.4-93.8 against 92.1-92.4, hence
+  // the bound. With AVX-512 (MKL's dY @ W, or the fused one) 32 rows were no faster.
+  int64_t block_rows_of_pass() const {
+    const int64_t bm = direct_block_rows(M, std::max(K, N), sizeof(T));
+    constexpr int64_t kAvx2Rows = 32, kAvx2MaxPartialBytes = 512 << 10;
+    const bool small_partials = r * (K + N) * static_cast<int64_t>(sizeof(T)) <= kAvx2MaxPartialBytes;
+    return small_gemm_isa() == 3 && small_partials ? std::min(bm, kAvx2Rows) : bm;
+  }
+
   // Blocks of rows, one thread per block. Per block: dY_b is copied once, transposed, into an
   // L2-resident buffer (small_gemm's fast layout for a long-k left operand: a tile's values
   // adjacent in memory, ~90 GFLOP/s per thread against ~60 through the strided rows); from it
@@ -140,7 +155,7 @@ struct LoraBwdSmallGemm {
   // dX written once for the whole backward. d lora_B uses dY_b's rows, d lora_A the dropped x
   // block; both are per-thread partials summed in a fixed order.
   std::tuple<Tensor, Tensor> by_row_blocks() {
-    const int64_t bm = direct_block_rows(M, std::max(K, N), sizeof(T));
+    const int64_t bm = block_rows_of_pass();
     const int64_t nblocks = ceil_div(M, bm);
     base_in_grad_x = gx != nullptr && w != nullptr && bm >= kFusedBaseMinRows && fused_base_pays();
     const int nthreads = std::max(1, at::get_num_threads());  // thread ids are < this
