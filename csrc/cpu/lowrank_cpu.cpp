@@ -405,15 +405,15 @@ Triple rsvd(const Tensor& A, const Tensor& omega, int64_t rank, std::optional<in
           "rsvd", omega.to(dt), rank, n_iter, [&](const Tensor& X) { return sketch_product(a, X, false); },
           [&](const Tensor& Y) { return sketch_product(a, Y, true); }, /*cheap_qr=*/true);
     }
-    // Through the BLAS (MKL on an Intel CPU without AMX, or with AMX when float32 is asked for;
-    // baseline x86-64; float64), in the operand layouts MKL runs fastest, measured with 4096^2 x
+    // Through the BLAS (MKL on an Intel CPU, at every level; the baseline build; float64; CUDA,
+    // as its bfloat16 sketch below), in the operand layouts MKL runs fastest, measured with 4096^2 x
     // 48 float32 on 2 threads of a Xeon: A^T Y as (Y^T A)^T, reading A along its rows (6.5
     // against 9.3 ms with AVX-512, 11.7 against 14.5 under the AVX2 caps), and with AVX-512 A X
     // with X handed over column-major (6.1 against 6.8 ms; 12.3 against 11.3 under the AVX2
     // caps, hence only there). With Cholesky-QR as above, rsvd's default at rank 32 went from
     // 1.05x to 1.37-1.41x torch.svd_lowrank's speed on a 1/i spectrum and from 0.91x to
     // 1.11-1.18x on 1/sqrt(i) (FASTLORA_CPU_ISA=avx512 on that Xeon), at the same errors.
-    const bool x_column_major = blas_has_avx512_sgemm();
+    const bool x_column_major = a.is_cpu() && blas_has_avx512_sgemm();
     return hmt(
         "rsvd", omega.to(dt), rank, n_iter,
         [&](const Tensor& X) { return at::matmul(a, x_column_major ? X.mT().contiguous().mT() : X); },
