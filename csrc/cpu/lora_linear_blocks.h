@@ -295,6 +295,26 @@ inline Tensor padded_rows(const Tensor& src_in, bool transpose, int64_t cols_pad
 // calls (float32_weight, weight_cache.h) while it fits the cache's limit, else made per call.
 // bfloat16 with AVX512-BF16 / AMX keeps its own path: its GEMMs are fast there (oneDNN).
 inline Tensor to_float(const Tensor& t) { return t.defined() ? t.to(at::kFloat) : t; }
+
+// A float32 copy of t (a half-precision adapter, an operand the kernels only read) in a buffer
+// the calling thread keeps across calls, one per slot (two copies alive at once take different
+// slots). Made fresh on every call, multi-MiB temporaries cost page faults: glibc hands a freed
+// block at the top of its heap back to the kernel once more than its trim threshold is free, and
+// the next call faults the pages in again (the float16 backward at M = 16, 4096^2, r = 64, its
+// adapters' float32 copies 1 MiB each, faulted ~790 pages per call, ~1 ms of 4-5 ms, in some
+// processes and not others). The buffers grow to the largest size asked for and live as long
+// as the thread. The returned tensor views the buffer: it must not outlive the call (never an
+// output) and is overwritten by the thread's next copy into the same slot.
+inline Tensor float32_copy_in_thread_buffer(int slot, const Tensor& t) {
+  constexpr int kSlots = 2;
+  thread_local std::vector<float> buffers[kSlots];
+  TORCH_INTERNAL_ASSERT(slot >= 0 && slot < kSlots, "float32_copy_in_thread_buffer: slot ", slot);
+  std::vector<float>& buf = buffers[slot];
+  if (static_cast<int64_t>(buf.size()) < t.numel()) buf.resize(t.numel());
+  Tensor out = at::from_blob(buf.data(), t.sizes(), t.options().dtype(at::kFloat));
+  out.copy_(t);
+  return out;
+}
 inline std::optional<Tensor> to_float(const std::optional<Tensor>& t) {
   return t ? std::optional<Tensor>(t->to(at::kFloat)) : std::nullopt;
 }

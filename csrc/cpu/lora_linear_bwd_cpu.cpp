@@ -585,9 +585,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_checked(
     // Also the native float16 plan's (fp16_native_plan) at every row count it takes.
     const bool onto = need_x && dtype == at::kBFloat16;
     if (onto) base_term(/*accumulate=*/false);
-    std::tie(grad_A, grad_B) = lora_bwd_products(dy, x, lora_A.to(at::kFloat), lora_B.to(at::kFloat),
-                                                 xa.to(at::kFloat), scaling, d, need_x ? &grad_x : nullptr,
-                                                 /*onto_grad_x=*/onto);
+    // Half-precision adapters: their float32 copies in the thread's kept buffers (see
+    // float32_copy_in_thread_buffer); float32 ones are used as they are.
+    const bool half_adapters = adapter_dtype != at::kFloat;
+    std::tie(grad_A, grad_B) = lora_bwd_products(
+        dy, x, half_adapters ? float32_copy_in_thread_buffer(0, lora_A) : lora_A,
+        half_adapters ? float32_copy_in_thread_buffer(1, lora_B) : lora_B, xa.to(at::kFloat), scaling, d,
+        need_x ? &grad_x : nullptr, /*onto_grad_x=*/onto);
     grad_A = grad_A.to(adapter_dtype);
     grad_B = grad_B.to(adapter_dtype);
   } else {
