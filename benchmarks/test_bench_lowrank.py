@@ -131,8 +131,8 @@ def test_rsvd_default_vs_svd_lowrank(benchmark, slow_decay, rank):
     assert err <= err_peer
     # Float32 products: rank 32 measured 1.43-1.47x, rank 64 1.20-1.31x (its sketch of 96
     # columns: 4 x 96 multiply-adds per element of A against svd_lowrank's 6 x 64, the same,
-    # so the whole gain is small_gemm's rate against MKL's on these skinny shapes). Through
-    # MKL's AVX-512 kernels: see MIN_SPEEDUP.
+    # so the whole gain is small_gemm's rate against MKL's on these skinny shapes, AMD). Through
+    # MKL (Intel): see MIN_SPEEDUP.
     assert speedup >= (MIN_SPEEDUP[plan] if plan != "float32" else 1.3 if rank == 32 else 1.15)
 
 

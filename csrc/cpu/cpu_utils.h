@@ -69,7 +69,8 @@ inline bool blas_is_mkl_on_intel() {
 #else
   const bool intel = false;
 #endif
-  return forced >= 0 ? forced == 1 : intel;
+  static const bool mkl = at::hasMKL();  // a torch built on another BLAS (OpenBLAS) is not tuned so
+  return forced >= 0 ? forced == 1 : intel && mkl;
 }
 // Whether ATen's float32 BLAS runs AVX-512 kernels here: MKL on an Intel CPU with the kernels
 // not capped below AVX-512.

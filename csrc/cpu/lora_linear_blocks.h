@@ -295,6 +295,9 @@ inline Tensor padded_rows(const Tensor& src_in, bool transpose, int64_t cols_pad
 // calls (float32_weight, weight_cache.h) while it fits the cache's limit, else made per call.
 // bfloat16 with AVX512-BF16 / AMX keeps its own path: its GEMMs are fast there (oneDNN).
 inline Tensor to_float(const Tensor& t) { return t.defined() ? t.to(at::kFloat) : t; }
+inline std::optional<Tensor> to_float(const std::optional<Tensor>& t) {
+  return t ? std::optional<Tensor>(t->to(at::kFloat)) : std::nullopt;
+}
 
 // A float32 copy of t (a half-precision adapter, an operand the kernels only read) in a buffer
 // the calling thread keeps across calls, one per slot (two copies alive at once take different
@@ -314,9 +317,6 @@ inline Tensor float32_copy_in_thread_buffer(int slot, const Tensor& t) {
   Tensor out = at::from_blob(buf.data(), t.sizes(), t.options().dtype(at::kFloat));
   out.copy_(t);
   return out;
-}
-inline std::optional<Tensor> to_float(const std::optional<Tensor>& t) {
-  return t ? std::optional<Tensor>(t->to(at::kFloat)) : std::nullopt;
 }
 
 // xa = dropout(x) @ lora_A^T in lora_A's dtype (lora_linear_fwd_cpu.cpp): small_gemm on blocks of
