@@ -15,8 +15,10 @@ F = pytest.importorskip("bitsandbytes.functional")  # the test extra installs it
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FORMATS = ["nf4", "fp4", "int8"]
 # (leading dims, in, out, r): 1 row, odd sizes (flat blocks straddle rows, odd nibble starts),
-# leading batch dims, no rows, rows enough for several panels per thread.
-SHAPES = [((1,), 6, 42, 1), ((42,), 123, 431, 8), ((2, 3), 42, 6, 8), ((0,), 64, 16, 4), ((300,), 130, 70, 16)]
+# leading batch dims, no rows, rows enough for several panels per thread, x and dY over 1 MiB in
+# float32 (the wider panels, with a short last one).
+SHAPES = [((1,), 6, 42, 1), ((42,), 123, 431, 8), ((2, 3), 42, 6, 8), ((0,), 64, 16, 4), ((300,), 130, 70, 16),
+          ((1100,), 260, 600, 8)]
 
 
 # --- the formats, bit for bit against bitsandbytes ----------------------------------------------

@@ -2,9 +2,9 @@
 // semantics in csrc/lora_quantized_linear.cpp).
 //
 // The base weight is never materialised in full precision: the base products run on panels of
-// it, each dequantized into a per-thread buffer of ~2 MiB (codes -> code[q] * absmax, the float32
-// product bitsandbytes computes, then the compute type) right before the BLAS multiplies it,
-// one thread per panel:
+// it, each dequantized into a per-thread buffer of ~2 or ~8 MiB (panel_width: codes ->
+// code[q] * absmax, the float32 product bitsandbytes computes, then the compute type) right
+// before the BLAS multiplies it, one thread per panel:
 //   forward   y[:, n0:n1]  += x  @ dequant(W[n0:n1, :])^T   (panels of W's rows)
 //   backward  dX[:, k0:k1] += dY @ dequant(W[:, k0:k1])     (panels of W's columns)
 // so each output column block is written by one thread and nothing is accumulated across threads.
@@ -169,13 +169,18 @@ void dequant_rect(const QuantView& w, int64_t n0, int64_t n1, int64_t k0, int64_
   for (int64_t n = n0; n < n1; ++n) dequant_span(w, n * w.K + k0, k1 - k0, out + (n - n0) * ld);
 }
 
-// Panel width (rows or columns of W) for panels of `len`-long lines of T: ~2 MiB, so the BLAS
-// re-reads the other operand (x or dY) only N / width times (at 4096^2, 32x), and at least two
-// panels per thread so both cores stay busy; a multiple of 8.
-int64_t panel_width(int64_t lines, int64_t len, int64_t elem_size) {
-  constexpr int64_t kPanelBytes = int64_t{2} << 20;
+// Panel width (rows or columns of W) for panels of `len`-long lines of T, at least two panels
+// per thread so both cores stay busy; a multiple of 8. The BLAS reads the other operand (x or
+// dY, `other_bytes`) once per panel: ~2 MiB panels (L2-sized) where that operand is small, ~8
+// MiB where it is larger than 1 MiB, whose re-reads from L3 then cost more than a panel that
+// spills L2. Measured on an Ice Lake Xeon (2 threads, NF4, fwd + bwd): M=512, 4096^2, r=64
+// 141-164 ms with 8 MiB panels against 185-207 with 2 MiB (PEFT + bitsandbytes 177-205), 221
+// against 242 ms under the AVX2 caps; M=512, 2048^2 38.2 against 40.6 ms; M=8, 4096^2 stays at
+// 2 MiB (20.2 ms with 8 MiB against 16.3).
+int64_t panel_width(int64_t lines, int64_t len, int64_t elem_size, int64_t other_bytes) {
+  const int64_t panel_bytes = other_bytes > (int64_t{1} << 20) ? int64_t{8} << 20 : int64_t{2} << 20;
   const int64_t nthreads = std::max(1, at::get_num_threads());
-  const int64_t by_cache = std::max<int64_t>(8, kPanelBytes / std::max<int64_t>(1, len * elem_size) / 8 * 8);
+  const int64_t by_cache = std::max<int64_t>(8, panel_bytes / std::max<int64_t>(1, len * elem_size) / 8 * 8);
   const int64_t by_threads = std::max<int64_t>(8, ceil_div(ceil_div(lines, 2 * nthreads), 8) * 8);
   return std::max<int64_t>(1, std::min({lines, by_cache, by_threads}));
 }
@@ -190,7 +195,7 @@ void quantized_product(const Tensor& a, const QuantView& w, Tensor& out) {
   const int64_t cols = kForward ? w.N : w.K;  // out's columns, cut into panels
   const int64_t depth = kForward ? w.K : w.N; // the reduction
   if (a.size(0) == 0 || cols == 0 || depth == 0) return;
-  const int64_t pw = panel_width(cols, depth, sizeof(T));
+  const int64_t pw = panel_width(cols, depth, sizeof(T), a.numel() * a.element_size());
   at::parallel_for(0, ceil_div(cols, pw), 1, [&](int64_t p0, int64_t p1) {
     // Worker threads do not inherit the caller's dispatch state: we are below autograd.
     at::AutoDispatchBelowAutograd below_autograd;
