@@ -15,8 +15,9 @@ emulated (float32 products in small_gemm) and >= 1.7x where they are native (a b
 machine: 2.1-2.4x, and a shared 2-core VM moves single runs by ~10%). test_rsvd_between_other_work
 times rsvd as an FL round calls it, after other work instead of back to back. On a flat
 spectrum (1/sqrt(i)) the default takes one more product with A^T and projects on its row space
-(five passes over A to svd_lowrank's six): the error no higher and a speed-up of >= 1.5x native,
->= 1.0x without are asserted. "Equal work" (test_rsvd_vs_svd_lowrank): full precision, the
+(five passes over A to svd_lowrank's six, the last two on the sketch's leading directions): the
+error no higher and a speed-up of >= 1.5x with a bfloat16 sketch, >= 1.1x through MKL and >= 1.0x
+through small_gemm are asserted. "Equal work" (test_rsvd_vs_svd_lowrank): full precision, the
 same number of passes over A (n_iter=2) and the same sample width (svd_lowrank's q = rank +
 oversample): recorded, not asserted. svd_factored >= 50x faster than the full SVD at <= 1e-5
 relative error is asserted. sklearn is not a dependency.
@@ -178,10 +179,12 @@ def test_rsvd_default_flat_spectrum(benchmark, flat_decay):
     err, err_peer, speedup, plan = _default_vs_svd_lowrank(benchmark, A, s, 32, "1/sqrt(i) spectrum")
     assert err <= err_peer
     # Measured 1.75-1.93x with a bfloat16 sketch, 1.12-1.15x under AVX2 (two power iterations gave
-    # 0.93x there). Through MKL's AVX-512 kernels 1.20x (0.87-0.88x with A^T Y on the transposed
-    # operand and Householder QR): the fifth pass over A that this spectrum gets (svd_lowrank
-    # makes six of 32 columns, rsvd five of 48) buys the lower error.
-    assert speedup >= {"bf16": 1.5, "float32_mkl": 1.0, "float32": 1.0}[plan]
+    # 0.93x there). Through MKL's AVX-512 kernels 1.20x on a Sapphire Rapids Xeon (0.87-0.88x with
+    # A^T Y on the transposed operand and Householder QR), 1.35-1.39x on an Ice Lake Xeon and
+    # 1.24-1.26x there under the AVX2 caps with the last two passes on the sketch's leading 36 of
+    # 48 columns (1.08x at the full width): the fifth pass over A that this spectrum gets
+    # (svd_lowrank makes six) buys the lower error.
+    assert speedup >= {"bf16": 1.5, "float32_mkl": 1.1, "float32": 1.0}[plan]
 
 
 def test_svd_factored_vs_full_svd(benchmark):

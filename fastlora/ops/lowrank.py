@@ -143,6 +143,7 @@ def rsvd(A, rank: int, *, oversample: Optional[int] = None, n_iter: Optional[int
     niter=2)``. Above it (about 1/sqrt(i)) one more product with A^T, the result projected on
     the row space it spans: five passes over A to svd_lowrank's six, a lower error than its.
     Above 0.76 (about 1/i^0.25) a second power iteration: svd_lowrank's two with more columns.
+    The passes after that test run on the sketch's leading ``rank + (l - rank) // 4`` directions.
     The same for a ``FactoredSum``. Accuracy: within a factor
     1 + 0.05 of the optimal rank-``rank`` Frobenius error on the spectra in tests/test_lowrank.py
     (slow decay included); more ``n_iter`` for very flat spectra.

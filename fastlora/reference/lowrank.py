@@ -85,7 +85,8 @@ def rsvd_implicit(Bs, As, weights, sparse_indices, sparse_values, omega, m, rank
 # n_iter None (adaptive): one power iteration; when the sketch after it estimates
 # sigma_l / sigma_rank above FLAT_SKETCH (a flat spectrum; see the kernel's hmt and
 # sketch_flatness) one more product with A^T and the result projected on the row space that
-# product spans; above VERY_FLAT_SKETCH a second power iteration.
+# product spans; above VERY_FLAT_SKETCH a second power iteration; both on the sketch's leading
+# rank + (l - rank) // 4 directions (the kernel's leading_directions).
 FLAT_SKETCH = 0.62
 VERY_FLAT_SKETCH = 0.76
 
@@ -99,10 +100,14 @@ def _hmt(apply, apply_t, omega, rank, n_iter):
             worst = float("nan") if bool(ratio.isnan().any()) else float(ratio.max())
             if worst <= FLAT_SKETCH:
                 break
+            # The passes after the test run on Y's rank + (l - rank) // 4 leading directions.
+            basis = torch.linalg.svd(Y, full_matrices=False).U[..., :rank + (Y.shape[-1] - rank) // 4]
             if worst <= VERY_FLAT_SKETCH:
-                P = torch.linalg.qr(apply_t(torch.linalg.qr(Y).Q)).Q   # A ~ (A P) P^T
+                P = torch.linalg.qr(apply_t(basis)).Q   # A ~ (A P) P^T
                 U, S, Vh = torch.linalg.svd(apply(P), full_matrices=False)
                 return U[..., :rank], S[..., :rank], Vh[..., :rank, :] @ P.mT
+            Y = apply(torch.linalg.qr(apply_t(basis)).Q)
+            continue
         Y = apply(torch.linalg.qr(apply_t(torch.linalg.qr(Y).Q)).Q)
     Q = torch.linalg.qr(Y).Q
     Ub, S, Vh = torch.linalg.svd(apply_t(Q).mT, full_matrices=False)
