@@ -239,9 +239,9 @@ Tensor leading_directions(const QR& qr, int64_t w) {
 // after one power iteration decides): on a steep spectrum nothing more; on a flat one one more
 // product with Op^T, Z = Op^T Q, and the result projected on the row space Z spans,
 // Op ~ (Op P) P^T with P = orth(Z); on a very flat one a second power iteration; both on Q's
-// leading directions only (leading_directions). The
-// projection is five passes over Op where a second iteration takes six (svd_lowrank's count),
-// and its error lies between one iteration's and two's: P spans (Op^T Op)^2 Omega, which weighs
+// leading directions only (leading_directions). The projection is five passes over Op where a
+// second iteration takes six (svd_lowrank's count), and its error lies between one
+// iteration's and two's: P spans (Op^T Op)^2 Omega, which weighs
 // each singular direction by sigma^4, between sigma^3 (one iteration) and sigma^5 (two). On
 // 1/i^0.75 to 1/i^0.25 spectra, ranks 16-128, its excess error was 0.25-0.9x
 // torch.svd_lowrank's (two iterations, no oversampling).
