@@ -59,20 +59,24 @@ def test_targets(case, record_property):
     assert saved <= limit, f"saved {saved} bytes for backward, more than x + shrink = {limit}"
 
 
-def test_bfloat16_targets(record_property):
-    """bfloat16 training step (fwd+bwd) at M=512, in=out=2048, r=16, p=0.05 on CPU, against PEFT
-    and against fastlora's own float32 step on the same values.
+@pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float32], ids=["bf16_adapters", "fp32_adapters"])
+def test_bfloat16_targets(adapter_dtype, record_property):
+    """bfloat16 training step (fwd+bwd) at M=512, in=out=2048, r=16, p=0.05 on CPU, with the
+    model's own bf16 adapters and with PEFT's default float32 ones, against PEFT and against
+    fastlora's own float32 step on the same values.
 
     Without native bf16 GEMMs (AVX2, AVX-512 without AVX512-BF16, or FASTLORA_CPU_ISA below
     avx512) fastlora runs float32 kernels on float32 copies: within 1.5x of its float32 step and
     >= 10x PEFT where the peers' bf16 GEMMs are emulated slowly (AVX2: a step takes seconds),
     >= 2x where oneDNN converts in AVX-512 (bench_targets.assert_emulated_bf16_targets; the peers get
     one warm-up and one timed round each). With native bf16 GEMMs: >= 1.2x PEFT and <= +15% over
-    the bf16 base layer."""
+    the bf16 base layer (+20% with float32 adapters, whose branch runs at the float32 rate against
+    a base at the bf16 rate, as PEFT's does)."""
     import fastlora
 
     native = fastlora.cpu.native_bf16_matmul()
-    cases = {dtype: LoraLinearCase(512, 2048, 2048, 16, 0.05, dtype=dtype) for dtype in (torch.bfloat16, torch.float32)}
+    cases = {torch.bfloat16: LoraLinearCase(512, 2048, 2048, 16, 0.05, dtype=torch.bfloat16, adapter_dtype=adapter_dtype),
+             torch.float32: LoraLinearCase(512, 2048, 2048, 16, 0.05, dtype=torch.float32)}
     for c in cases.values():
         c.impls = c.build()
     if native:  # all three timed interleaved, as fastlora bench does
@@ -84,7 +88,7 @@ def test_bfloat16_targets(record_property):
         steps["fastlora"] = interleaved_medians({"f": cases[torch.bfloat16].impls["fastlora"][1]})["f"]
     steps["fastlora_float32"] = interleaved_medians({"f": cases[torch.float32].impls["fastlora"][1]})["f"]
     summary = {f"step_{n}_ms": round(t * 1e3, 2) for n, t in steps.items()}
-    summary.update(native_bf16=native, cpu_isa=fastlora.cpu_isa())
+    summary.update(native_bf16=native, cpu_isa=fastlora.cpu_isa(), adapters=str(adapter_dtype))
     for k, v in summary.items():
         record_property(k, v)
     print("bfloat16 M=512 in=2048 out=2048 r=16 p=0.05", summary)
@@ -93,10 +97,13 @@ def test_bfloat16_targets(record_property):
         # over the bf16 base on Zen 4; asserted with room for noise. With AMX (Xeon) the base
         # GEMMs are 3-4x faster and the passes around the LoRA products weigh more: +35 to +45%,
         # 2.1x PEFT there, failing (docs/benchmarks.md, Xeon (AMX)).
+        # Float32 adapters: +14.8%, 1.48x PEFT on Zen 4 (docs/benchmarks.md).
         assert steps["peft"] >= 1.2 * steps["fastlora"], summary
-        assert steps["fastlora"] <= 1.15 * steps["base"], summary
+        assert steps["fastlora"] <= (1.15 if adapter_dtype == torch.bfloat16 else 1.2) * steps["base"], summary
     else:
-        # Measured on an Ice Lake Xeon: 3.75x PEFT, 1.15x the float32 step.
+        # Measured on an Ice Lake Xeon: 3.75x PEFT, 1.15x the float32 step; float32 adapters
+        # 1.06x the float32 step natively and 0.98x under the AVX2 caps (interleaved with bf16
+        # adapters: 1.09x / 1.02x).
         assert_emulated_bf16_targets(steps["fastlora"], steps["peft"], steps["fastlora_float32"], summary, 2.0)
 
 
