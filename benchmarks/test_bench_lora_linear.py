@@ -97,13 +97,14 @@ def test_bfloat16_targets(adapter_dtype, record_property):
         # over the bf16 base on Zen 4; asserted with room for noise. With AMX (Xeon) the base
         # GEMMs are 3-4x faster and the passes around the LoRA products weigh more: +35 to +45%,
         # 2.1x PEFT there, failing (docs/benchmarks.md, Xeon (AMX)).
-        # Float32 adapters: +14.8%, 1.48x PEFT on Zen 4 (docs/benchmarks.md).
+        # Float32 adapters: +14.8%, 1.48x PEFT on Zen 4 (`fastlora bench --dtype bfloat16
+        # --adapter-dtype float32`, docs/benchmarks.md).
         assert steps["peft"] >= 1.2 * steps["fastlora"], summary
         assert steps["fastlora"] <= (1.15 if adapter_dtype == torch.bfloat16 else 1.2) * steps["base"], summary
     else:
-        # Measured on an Ice Lake Xeon: 3.75x PEFT, 1.15x the float32 step; float32 adapters
-        # 1.06x the float32 step natively and 0.98x under the AVX2 caps (interleaved with bf16
-        # adapters: 1.09x / 1.02x).
+        # Measured on an Ice Lake Xeon: 3.75x PEFT, 1.10-1.15x the float32 step (1.08x under the
+        # AVX2 caps); float32 adapters 4.65x PEFT, 0.90-1.06x the float32 step natively and 0.98x
+        # under the AVX2 caps.
         assert_emulated_bf16_targets(steps["fastlora"], steps["peft"], steps["fastlora_float32"], summary, 2.0)
 
 
