@@ -100,6 +100,26 @@ def _sync(device):
 def interleaved_medians(fns: dict, device="cpu", min_rounds=5, max_rounds=50, budget_s=3.0,
                         warmup=2) -> dict:
     """Median seconds per call of each fn, timed round-robin with a rotating start."""
+    times = interleaved_times(fns, device, min_rounds, max_rounds, budget_s, warmup)
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
+def paired_ratio_quartiles(num: list, den: list) -> tuple[float, float, float]:
+    """Quartiles (25%, 50%, 75%) of the per-round ratios num[i] / den[i] of two series from one
+    interleaved_times run. The calls of a round run back to back, so a machine whose speed drifts
+    between rounds (a shared VM) moves both alike: the spread of these ratios shows how far a
+    ratio of medians can be trusted."""
+    ratios = sorted(a / b for a, b in zip(num, den))
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    q1, q2, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def interleaved_times(fns: dict, device="cpu", min_rounds=5, max_rounds=50, budget_s=3.0,
+                      warmup=2) -> dict:
+    """Seconds per call of each fn in every round ({name: [round 0, round 1, ...]}), timed
+    round-robin with a rotating start."""
     names = list(fns)
     for _ in range(warmup):
         for n in names:
@@ -117,7 +137,7 @@ def interleaved_medians(fns: dict, device="cpu", min_rounds=5, max_rounds=50, bu
             _sync(device)
             times[n].append(time.perf_counter() - t0)
         rounds += 1
-    return {n: statistics.median(v) for n, v in times.items()}
+    return times
 
 
 def saved_activation_bytes(fn, exclude) -> int:
@@ -144,9 +164,12 @@ def run_lora_linear(cases=None, dtype=torch.float32, device="cpu", budget_s=3.0,
         case = LoraLinearCase(*shape, dtype=dtype, device=device, adapter_dtype=adapter_dtype)
         impls = case.build()
         fwd = interleaved_medians({n: f for n, (f, _) in impls.items()}, device, budget_s=budget_s)
-        step = interleaved_medians({n: s for n, (_, s) in impls.items()}, device, budget_s=budget_s)
+        step_times = interleaved_times({n: s for n, (_, s) in impls.items()}, device, budget_s=budget_s)
+        step = {n: statistics.median(v) for n, v in step_times.items()}
         saved = {n: saved_activation_bytes(f, case.params) for n, (f, _) in impls.items()}
         row = dict(case=case.label, fwd=fwd, step=step, saved=saved,
+                   overhead_quartiles=paired_ratio_quartiles(step_times["fastlora"], step_times["base"]),
+                   speedup_quartiles=paired_ratio_quartiles(step_times["peft"], step_times["fastlora"]),
                    shrink_bytes=case.m * case.r * case.x.element_size(),
                    x_bytes=case.x.numel() * case.x.element_size())
         rows.append(row)
@@ -163,10 +186,14 @@ TABLE_HEADER = (
 
 
 def format_row(row) -> str:
+    """One table row; the fwd+bwd ratios are followed by the quartiles of their per-round values
+    in brackets (paired_ratio_quartiles)."""
     s, f, sv = row["step"], row["fwd"], row["saved"]
     mib = 1 << 20
+    oq, sq = row["overhead_quartiles"], row["speedup_quartiles"]
     return (f"| {row['case']} | {s['base'] * 1e3:.1f} | {s['peft'] * 1e3:.1f} | {s['fastlora'] * 1e3:.1f} | "
-            f"{100 * (s['fastlora'] / s['base'] - 1):+.1f}% | {s['peft'] / s['fastlora']:.2f}x | "
+            f"{100 * (s['fastlora'] / s['base'] - 1):+.1f}% [{100 * (oq[0] - 1):+.1f}, {100 * (oq[2] - 1):+.1f}] | "
+            f"{s['peft'] / s['fastlora']:.2f}x [{sq[0]:.2f}, {sq[2]:.2f}] | "
             f"{f['peft'] / f['fastlora']:.2f}x | {sv['peft'] / mib:.1f} / {sv['fastlora'] / mib:.1f} |")
 
 

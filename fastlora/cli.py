@@ -55,7 +55,8 @@ def _bench(args) -> int:
     adapters = args.dtype if args.adapter_dtype == "same" else args.adapter_dtype
     print(f"# fastlora LoRA linear benchmark: {bench.environment_line(device)}, {args.dtype}"
           + ("" if adapters == args.dtype else f", {adapters} adapters"))
-    print("# medians of interleaved rounds; overhead = fastlora fwd+bwd / base fwd+bwd - 1")
+    print("# medians of interleaved rounds; overhead = fastlora fwd+bwd / base fwd+bwd - 1; [q1, q3] = the "
+          "quartiles of the same ratio taken round by round (its spread on this machine)")
     print(bench.TABLE_HEADER)
     bench.run_lora_linear(cases, dtype=DTYPES[args.dtype], device=device, budget_s=args.budget,
                           adapter_dtype=None if adapters == args.dtype else DTYPES[adapters])

@@ -148,6 +148,32 @@ def test_bench_case_flag_times_the_given_shapes(capsys):
         assert "argument --case" in err and says in err and repr(bad) in err
 
 
+def test_bench_reports_the_spread_of_per_round_ratios(monkeypatch, capsys):
+    """The fwd+bwd ratios come with the quartiles of their round-by-round values, which a drift of
+    the machine's speed between rounds does not move (both calls of a round run back to back)."""
+    from fastlora import bench
+    from fastlora.cli import main
+
+    # Rounds on a machine that slows 10x halfway through: fastlora is 1.2x base in every round.
+    base = [1.0, 1.0, 1.0, 10.0, 10.0, 10.0]
+    q1, q2, q3 = bench.paired_ratio_quartiles([1.2 * t for t in base], base)
+    assert q1 == pytest.approx(1.2) and q2 == pytest.approx(1.2) and q3 == pytest.approx(1.2)
+    assert bench.paired_ratio_quartiles([3.0, 1.0, 2.0, 4.0, 5.0], [1.0] * 5) == (2.0, 3.0, 4.0)
+    assert bench.paired_ratio_quartiles([3.0], [2.0]) == (1.5, 1.5, 1.5)
+    # Paired by round (4, 2 and 1 here), not the series' own quartiles or sorted values divided.
+    assert bench.paired_ratio_quartiles([4.0, 20.0, 3.0], [1.0, 10.0, 3.0]) == (1.5, 2.0, 3.0)
+
+    monkeypatch.setattr(bench, "LORA_LINEAR_CASES", [(8, 32, 24, 4, 0.1)])
+    assert main(["bench", "--budget", "0"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| M=8"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    overhead, speedup = cells[4], cells[5]
+    lo, hi = (float(v.rstrip("%")) for v in overhead.split("[")[1].rstrip("]").split(","))
+    assert overhead.split(" [")[0].endswith("%") and lo <= hi
+    slo, shi = (float(v) for v in speedup.split("[")[1].rstrip("]").split(","))
+    assert speedup.split(" [")[0].endswith("x") and 0 < slo <= shi
+
+
 def test_bench_float32_adapters_on_a_bfloat16_base(monkeypatch, capsys):
     """--adapter-dtype float32 times PEFT's default for half-precision models: the PEFT layer's
     adapters and the ones fastlora gets are float32, x and the base layer bfloat16."""
