@@ -54,6 +54,13 @@ inline void row_mask(acc_t* mult, int64_t cols, int64_t col0, int64_t row, const
   }
 }
 
+// One row of dropout_rows_raw on float32 with the multipliers never stored: dst[j] = src[j] *
+// m[j] (src may be dst) and, when also is not null, also[j] *= m[j], m the multipliers of
+// row_multipliers_f32 (the same bits). Returns false, doing nothing, where there is no such
+// kernel (small_gemm's baseline build, or a compiler without the intrinsics used).
+bool dropout_row_f32(float* dst, const float* src, float* also, int64_t cols, int64_t col0, uint32_t row_h,
+                     uint32_t seed_hi, uint32_t threshold, float scale);
+
 // dst[j] = src[j] * mult[j], a[j] *= mult[j], dst[j] = float(src[j]) for bfloat16 bits
 // (lora_linear_blocks.cpp, target clones).
 void mul_row_f32(float* __restrict dst, const float* __restrict src, const float* __restrict mult, int64_t n);
@@ -75,9 +82,15 @@ inline void dropout_rows_raw(const scalar_t* s, int64_t lds, scalar_t* o, int64_
   using acc_t = acc_type_t<scalar_t>;
   mult.resize(std::max<size_t>(mult.size(), static_cast<size_t>(cols)));
   for (int64_t i = 0; i < rows; ++i) {
-    row_mask(mult.data(), cols, col0, row0 + i, d);
     const scalar_t* si = s + i * lds;
     scalar_t* oi = o + i * ldd;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (dropout_row_f32(oi, si, kAlso ? a + i * lda : nullptr, cols, col0, d.row_hash(row0 + i), d.seed_hi,
+                          d.threshold, static_cast<float>(d.scale))) {
+        continue;
+      }
+    }
+    row_mask(mult.data(), cols, col0, row0 + i, d);
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (si == oi) {  // in place
         mul_row_inplace_f32(oi, mult.data(), cols);
