@@ -19,27 +19,37 @@ namespace {
 
 bool rows_avx512() { return small_gemm_isa() >= 4; }
 
+// The dropout mask (dropout_hash.h) 16 columns of a row at a time: the hash's inputs of columns
+// col0 .. col0 + 15, stepped by 16 * kGolden32 per 16 columns (no multiply), and which of them
+// the mask keeps.
+__attribute__((target("arch=x86-64-v4"), always_inline)) inline __m512i mask_inputs_avx512(uint32_t row_h,
+                                                                                            int64_t col0) {
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  return _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(row_h + static_cast<uint32_t>(col0) * kGolden32)),
+                          _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(kGolden32))));
+}
+constexpr uint32_t kMaskStep512 = 16u * kGolden32;
+
+__attribute__((target("arch=x86-64-v4"), always_inline)) inline __mmask16 mask_keep_avx512(__m512i in,
+                                                                                            uint32_t seed_hi,
+                                                                                            uint32_t threshold) {
+  __m512i h = _mm512_xor_si512(in, _mm512_set1_epi32(static_cast<int>(seed_hi)));
+  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+  h = _mm512_mullo_epi32(h, _mm512_set1_epi32(static_cast<int>(0x85EBCA6Bu)));
+  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 13));
+  h = _mm512_mullo_epi32(h, _mm512_set1_epi32(static_cast<int>(0xC2B2AE35u)));
+  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+  return _mm512_cmpge_epu32_mask(_mm512_srli_epi32(h, 8), _mm512_set1_epi32(static_cast<int>(threshold)));
+}
+
 FASTLORA_AVX512_TARGET void row_multipliers_f32_avx512(float* __restrict out, int64_t cols, int64_t col0,
                                                        uint32_t row_h, uint32_t seed_hi, uint32_t threshold,
                                                        float scale) {
-  // The hash's input for column col0 + j + lane, stepped 16 columns at a time (no multiply).
-  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  __m512i in = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(row_h + static_cast<uint32_t>(col0) * kGolden32)),
-                                _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(kGolden32))));
-  const __m512i step = _mm512_set1_epi32(static_cast<int>(16u * kGolden32));
-  const __m512i seed = _mm512_set1_epi32(static_cast<int>(seed_hi));
-  const __m512i c1 = _mm512_set1_epi32(static_cast<int>(0x85EBCA6Bu)), c2 = _mm512_set1_epi32(static_cast<int>(0xC2B2AE35u));
-  const __m512i thr = _mm512_set1_epi32(static_cast<int>(threshold));
+  __m512i in = mask_inputs_avx512(row_h, col0);
+  const __m512i step = _mm512_set1_epi32(static_cast<int>(kMaskStep512));
   const __m512 sv = _mm512_set1_ps(scale);
   for (int64_t j = 0; j < cols; j += 16) {
-    __m512i h = _mm512_xor_si512(in, seed);
-    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
-    h = _mm512_mullo_epi32(h, c1);
-    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 13));
-    h = _mm512_mullo_epi32(h, c2);
-    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
-    const __mmask16 keep = _mm512_cmpge_epu32_mask(_mm512_srli_epi32(h, 8), thr);
-    _mm512_mask_storeu_ps(out + j, avx512::lanes(cols - j), _mm512_maskz_mov_ps(keep, sv));
+    _mm512_mask_storeu_ps(out + j, avx512::lanes(cols - j), _mm512_maskz_mov_ps(mask_keep_avx512(in, seed_hi, threshold), sv));
     in = _mm512_add_epi32(in, step);
   }
 }
@@ -91,39 +101,42 @@ FASTLORA_AVX512_TARGET void scale_row_bf16_avx512(uint16_t* __restrict dst, cons
 // column index afresh from 64-bit lanes (three multiplies, four shuffles per 8 values): the mask
 // of 2048 rows of 1024 columns took 1.0 ms against 0.46 ms so (one thread of a Xeon, both built
 // for AVX2 alone), twice per training step of a layer with dropout (forward and backward).
-// scale where 8 consecutive inputs of the hash are kept, 0 where dropped: keep iff (h >> 8) >=
-// threshold, i.e. not threshold > (h >> 8), both < 2^31 (a signed compare).
-__attribute__((target("avx2"), always_inline)) inline __m256 multipliers_avx2(__m256i in, __m256i seed, __m256i c1,
-                                                                              __m256i c2, __m256i thr, __m256 sv) {
-  __m256i h = _mm256_xor_si256(in, seed);
+// The same 8 columns at a time with AVX2: the inputs, and scale where the mask keeps a column, 0
+// where it drops it (keep iff (h >> 8) >= threshold, i.e. not threshold > (h >> 8): both < 2^31,
+// a signed compare).
+__attribute__((target("avx2"), always_inline)) inline __m256i mask_inputs_avx2(uint32_t row_h, int64_t col0) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(row_h + static_cast<uint32_t>(col0) * kGolden32)),
+                          _mm256_mullo_epi32(lane, _mm256_set1_epi32(static_cast<int>(kGolden32))));
+}
+constexpr uint32_t kMaskStep256 = 8u * kGolden32;
+
+__attribute__((target("avx2"), always_inline)) inline __m256 mask_multipliers_avx2(__m256i in, uint32_t seed_hi,
+                                                                                   uint32_t threshold, __m256 sv) {
+  __m256i h = _mm256_xor_si256(in, _mm256_set1_epi32(static_cast<int>(seed_hi)));
   h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
-  h = _mm256_mullo_epi32(h, c1);
+  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(0x85EBCA6Bu)));
   h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
-  h = _mm256_mullo_epi32(h, c2);
+  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(0xC2B2AE35u)));
   h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
-  const __m256i drop = _mm256_cmpgt_epi32(thr, _mm256_srli_epi32(h, 8));
+  const __m256i drop = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(threshold)), _mm256_srli_epi32(h, 8));
   return _mm256_andnot_ps(_mm256_castsi256_ps(drop), sv);
 }
 
 __attribute__((target("avx2"))) void row_multipliers_f32_avx2(float* __restrict out, int64_t cols, int64_t col0,
                                                               uint32_t row_h, uint32_t seed_hi, uint32_t threshold,
                                                               float scale) {
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  __m256i in = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(row_h + static_cast<uint32_t>(col0) * kGolden32)),
-                                _mm256_mullo_epi32(lane, _mm256_set1_epi32(static_cast<int>(kGolden32))));
-  const __m256i step = _mm256_set1_epi32(static_cast<int>(8u * kGolden32));
-  const __m256i seed = _mm256_set1_epi32(static_cast<int>(seed_hi));
-  const __m256i c1 = _mm256_set1_epi32(static_cast<int>(0x85EBCA6Bu)), c2 = _mm256_set1_epi32(static_cast<int>(0xC2B2AE35u));
-  const __m256i thr = _mm256_set1_epi32(static_cast<int>(threshold));
+  __m256i in = mask_inputs_avx2(row_h, col0);
+  const __m256i step = _mm256_set1_epi32(static_cast<int>(kMaskStep256));
   const __m256 sv = _mm256_set1_ps(scale);
   int64_t j = 0;
   for (; j + 8 <= cols; j += 8) {
-    _mm256_storeu_ps(out + j, multipliers_avx2(in, seed, c1, c2, thr, sv));
+    _mm256_storeu_ps(out + j, mask_multipliers_avx2(in, seed_hi, threshold, sv));
     in = _mm256_add_epi32(in, step);
   }
   if (j < cols) {
     alignas(32) float tail[8];
-    _mm256_store_ps(tail, multipliers_avx2(in, seed, c1, c2, thr, sv));
+    _mm256_store_ps(tail, mask_multipliers_avx2(in, seed_hi, threshold, sv));
     for (int64_t t = 0; j + t < cols; ++t) out[j + t] = tail[t];
   }
 }
@@ -137,23 +150,11 @@ __attribute__((target("avx2"))) void row_multipliers_f32_avx2(float* __restrict 
 FASTLORA_AVX512_TARGET void dropout_row_f32_avx512(float* dst, const float* src, float* also, int64_t cols,
                                                    int64_t col0, uint32_t row_h, uint32_t seed_hi, uint32_t threshold,
                                                    float scale) {
-  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  __m512i in = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(row_h + static_cast<uint32_t>(col0) * kGolden32)),
-                                _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(kGolden32))));
-  const __m512i step = _mm512_set1_epi32(static_cast<int>(16u * kGolden32));
-  const __m512i seed = _mm512_set1_epi32(static_cast<int>(seed_hi));
-  const __m512i c1 = _mm512_set1_epi32(static_cast<int>(0x85EBCA6Bu)), c2 = _mm512_set1_epi32(static_cast<int>(0xC2B2AE35u));
-  const __m512i thr = _mm512_set1_epi32(static_cast<int>(threshold));
+  __m512i in = mask_inputs_avx512(row_h, col0);
+  const __m512i step = _mm512_set1_epi32(static_cast<int>(kMaskStep512));
   const __m512 sv = _mm512_set1_ps(scale);
   for (int64_t j = 0; j < cols; j += 16) {
-    __m512i h = _mm512_xor_si512(in, seed);
-    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
-    h = _mm512_mullo_epi32(h, c1);
-    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 13));
-    h = _mm512_mullo_epi32(h, c2);
-    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
-    const __mmask16 keep = _mm512_cmpge_epu32_mask(_mm512_srli_epi32(h, 8), thr);
-    const __m512 m = _mm512_maskz_mov_ps(keep, sv);
+    const __m512 m = _mm512_maskz_mov_ps(mask_keep_avx512(in, seed_hi, threshold), sv);
     const __mmask16 valid = avx512::lanes(cols - j);
     _mm512_mask_storeu_ps(dst + j, valid, _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, src + j), m));
     if (also != nullptr) {
@@ -166,24 +167,19 @@ FASTLORA_AVX512_TARGET void dropout_row_f32_avx512(float* dst, const float* src,
 __attribute__((target("avx2"))) void dropout_row_f32_avx2(float* dst, const float* src, float* also, int64_t cols,
                                                           int64_t col0, uint32_t row_h, uint32_t seed_hi,
                                                           uint32_t threshold, float scale) {
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  __m256i in = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(row_h + static_cast<uint32_t>(col0) * kGolden32)),
-                                _mm256_mullo_epi32(lane, _mm256_set1_epi32(static_cast<int>(kGolden32))));
-  const __m256i step = _mm256_set1_epi32(static_cast<int>(8u * kGolden32));
-  const __m256i seed = _mm256_set1_epi32(static_cast<int>(seed_hi));
-  const __m256i c1 = _mm256_set1_epi32(static_cast<int>(0x85EBCA6Bu)), c2 = _mm256_set1_epi32(static_cast<int>(0xC2B2AE35u));
-  const __m256i thr = _mm256_set1_epi32(static_cast<int>(threshold));
+  __m256i in = mask_inputs_avx2(row_h, col0);
+  const __m256i step = _mm256_set1_epi32(static_cast<int>(kMaskStep256));
   const __m256 sv = _mm256_set1_ps(scale);
   int64_t j = 0;
   for (; j + 8 <= cols; j += 8) {
-    const __m256 m = multipliers_avx2(in, seed, c1, c2, thr, sv);
+    const __m256 m = mask_multipliers_avx2(in, seed_hi, threshold, sv);
     _mm256_storeu_ps(dst + j, _mm256_mul_ps(_mm256_loadu_ps(src + j), m));
     if (also != nullptr) _mm256_storeu_ps(also + j, _mm256_mul_ps(_mm256_loadu_ps(also + j), m));
     in = _mm256_add_epi32(in, step);
   }
   if (j < cols) {
     alignas(32) float m[8];
-    _mm256_store_ps(m, multipliers_avx2(in, seed, c1, c2, thr, sv));
+    _mm256_store_ps(m, mask_multipliers_avx2(in, seed_hi, threshold, sv));
     for (int64_t t = 0; j + t < cols; ++t) {
       dst[j + t] = src[j + t] * m[t];
       if (also != nullptr) also[j + t] *= m[t];
