@@ -49,7 +49,8 @@ FASTLORA_AVX512_TARGET void row_multipliers_f32_avx512(float* __restrict out, in
   const __m512i step = _mm512_set1_epi32(static_cast<int>(kMaskStep512));
   const __m512 sv = _mm512_set1_ps(scale);
   for (int64_t j = 0; j < cols; j += 16) {
-    _mm512_mask_storeu_ps(out + j, avx512::lanes(cols - j), _mm512_maskz_mov_ps(mask_keep_avx512(in, seed_hi, threshold), sv));
+    const __mmask16 keep = mask_keep_avx512(in, seed_hi, threshold);
+    _mm512_mask_storeu_ps(out + j, avx512::lanes(cols - j), _mm512_maskz_mov_ps(keep, sv));
     in = _mm512_add_epi32(in, step);
   }
 }
@@ -95,13 +96,7 @@ FASTLORA_AVX512_TARGET void scale_row_bf16_avx512(uint16_t* __restrict dst, cons
   }
 }
 
-// The multipliers with AVX2 intrinsics, taken where small_gemm runs its AVX2 build (the same bits
-// as the cloned loop below): the hash's input stepped by 8 * kGolden32 per vector, as in the
-// AVX-512 version, two multiplies per 8 values. GCC 12's avx2 clone of that loop multiplied each
-// column index afresh from 64-bit lanes (three multiplies, four shuffles per 8 values): the mask
-// of 2048 rows of 1024 columns took 1.0 ms against 0.46 ms so (one thread of a Xeon, both built
-// for AVX2 alone), twice per training step of a layer with dropout (forward and backward).
-// The same 8 columns at a time with AVX2: the inputs, and scale where the mask keeps a column, 0
+// The mask 8 columns at a time with AVX2: the hash's inputs, and scale where it keeps a column, 0
 // where it drops it (keep iff (h >> 8) >= threshold, i.e. not threshold > (h >> 8): both < 2^31,
 // a signed compare).
 __attribute__((target("avx2"), always_inline)) inline __m256i mask_inputs_avx2(uint32_t row_h, int64_t col0) {
@@ -123,6 +118,12 @@ __attribute__((target("avx2"), always_inline)) inline __m256 mask_multipliers_av
   return _mm256_andnot_ps(_mm256_castsi256_ps(drop), sv);
 }
 
+// The multipliers with AVX2 intrinsics, taken where small_gemm runs its AVX2 build (the same bits
+// as the cloned loop below): the hash's input stepped by 8 * kGolden32 per vector, as in the
+// AVX-512 version, two multiplies per 8 values. GCC 12's avx2 clone of that loop multiplied each
+// column index afresh from 64-bit lanes (three multiplies, four shuffles per 8 values): the mask
+// of 2048 rows of 1024 columns took 1.0 ms against 0.46 ms so (one thread of a Xeon, both built
+// for AVX2 alone), twice per training step of a layer with dropout (forward and backward).
 __attribute__((target("avx2"))) void row_multipliers_f32_avx2(float* __restrict out, int64_t cols, int64_t col0,
                                                               uint32_t row_h, uint32_t seed_hi, uint32_t threshold,
                                                               float scale) {
