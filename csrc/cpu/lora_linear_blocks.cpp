@@ -147,7 +147,8 @@ __attribute__((target("avx2"))) void row_multipliers_f32_avx2(float* __restrict 
 // rather than stored into a row of multipliers that two more loops read back. At M = 2048, in =
 // out = 1024, r = 16, p = 0.05 (2 threads of a Xeon, ops interleaved against the stored
 // multipliers, two runs): under the AVX2 caps forward -0.45 to -0.85 ms, backward -0.5 to -1.0
-// ms (d lora_A and dX's term), on a ~50 ms layer step; natively -0.07 to -0.2 ms each.
+// ms (d lora_A and dX's term), on a ~50 ms layer step; natively within noise (-0.2 to +0.5 ms
+// on ~20 ms ops; the backward's products alone -0.13 ms).
 FASTLORA_AVX512_TARGET void dropout_row_f32_avx512(float* dst, const float* src, float* also, int64_t cols,
                                                    int64_t col0, uint32_t row_h, uint32_t seed_hi, uint32_t threshold,
                                                    float scale) {
