@@ -189,6 +189,17 @@ inline int64_t direct_block_rows(int64_t M, int64_t cols, int64_t elem_size) {
 // lora_linear_bwd_cpu.cpp, measured there).
 constexpr int64_t kSmallBatchRows = 128;
 
+// The highest rank whose float32 LoRA products run in small_gemm (its register tiles hold one to
+// four vectors of r) for batches of more than kSmallBatchRows rows with row blocks for every
+// thread; above it the forward's shrink and the backward's rank-r products are whole-batch BLAS
+// GEMMs (multithreaded), dropout(x) materialised once. Measured (Ice Lake Xeon, 2 threads, the
+// ops interleaved, p = 0.05; op time through the BLAS / through small_gemm, forward / backward):
+// natively 0.96 / 0.88 at r = 128 (M = 512, 2048^2: the backward's LoRA part 7.4 against 11.3
+// ms) and 0.97 / 0.89 (M = 2048, 1024^2), 0.92 / 0.77 at r = 256, 1.00 / 0.95 at r = 96, but
+// 1.00-1.04 at r = 64 (M = 2048, 4096^2: 1.04 / 1.04); under the AVX2 caps 0.99-1.01 / 0.92-0.95
+// at r = 128, 0.95 / 0.80 at r = 256, 1.00 / 0.94 at r = 96, 1.02-1.06 / 0.97-1.00 at r = 64.
+constexpr int64_t kSmallGemmMaxRank = 64;
+
 // Whether a float16 batch takes the native float16 plan: on a CPU with native float16 GEMMs
 // (native_fp16_gemm: AVX512-FP16), batches of more than 8 and up to kSmallBatchRows rows run
 // both base products (x @ W^T, dY @ W) in ATen's float16 GEMMs on the weight as it is, and the

@@ -192,8 +192,9 @@ Tensor base_few_rows(const Tensor& x, const Tensor& weight, const Tensor& bias_e
 // family (lora_quantized_linear_cpu.cpp).
 Tensor shrink(const Tensor& x, const Tensor& lora_A, const DropoutParams& d) {
   const int64_t M = x.size(0), K = x.size(1), r = lora_A.size(0);
-  // small_gemm when there are blocks for every thread; a small batch instead gets the BLAS's
-  // GEMM and no transposed copy of lora_A (measured faster at M = 8, and up to 128 rows below).
+  // small_gemm when there are blocks for every thread (up to kSmallGemmMaxRank on float32; the
+  // BLAS above it); a small batch instead gets the BLAS's GEMM and no transposed copy of lora_A
+  // (measured faster at M = 8, and up to 128 rows below).
   if (x.scalar_type() != lora_A.scalar_type()) {  // a half-precision x under float32 adapters
     if (x.scalar_type() == at::kBFloat16 && row_blocks_for_all_threads(M, K, sizeof(float))) {
       return shrink_direct<float, at::BFloat16>(x, lora_A, d);
@@ -203,6 +204,12 @@ Tensor shrink(const Tensor& x, const Tensor& lora_A, const DropoutParams& d) {
   // Small batches (up to kSmallBatchRows) too: shrink_direct's transposed copy of lora_A (0.2
   // ms at r = 64, in = 4096 under the AVX2 caps) costs more than it saves there.
   const bool direct = M > kSmallBatchRows && row_blocks_for_all_threads(M, K, x.element_size());
+  if (direct && x.scalar_type() == at::kFloat && r > kSmallGemmMaxRank) {
+    if (!d.active) return at::mm(x, lora_A.t());
+    Tensor xd = at::empty({M, K}, x.options());
+    dropout_rows_(x, xd, 0, d);
+    return at::mm(xd, lora_A.t());
+  }
   if (direct && x.scalar_type() == at::kFloat) return shrink_direct<float>(x, lora_A, d);
   if (direct && x.scalar_type() == at::kDouble) return shrink_direct<double>(x, lora_A, d);
   if (!d.active || M == 0) return at::mm(x, lora_A.t());
