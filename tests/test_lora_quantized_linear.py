@@ -233,6 +233,15 @@ def test_matches_reference(fmt, dtype, shape):
     check_against_reference(dtype, *shape, 0.25 if shape[1] % 2 else 0.0, fmt)
 
 
+# Ranks above 64 on more than 128 rows: the float32 LoRA products as whole-batch BLAS GEMMs (as
+# lora_linear there); bfloat16 / float16 inputs reach them through their float32 values on a CPU
+# without native half-precision GEMMs.
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ranks_above_small_gemm(dtype, p):
+    check_against_reference(dtype, (3, 70), 150, 130, 80, p, "nf4", noncontig=True, lora_B_bias=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_float32_adapters_on_half_input(dtype):
     """PEFT's default on a half-precision (QLoRA) model: float32 adapters."""

@@ -221,6 +221,12 @@ inline bool row_blocks_for_all_threads(int64_t M, int64_t cols, int64_t elem_siz
   return blocks_run_parallel(ceil_div(M, direct_block_rows(M, cols, elem_size)));
 }
 
+// Whether a float32 batch of M rows (cols: its widest operand's row length) at rank r runs its
+// rank-r products as whole-batch BLAS GEMMs rather than in small_gemm (kSmallGemmMaxRank).
+inline bool rank_products_in_blas(int64_t M, int64_t cols, int64_t r) {
+  return r > kSmallGemmMaxRank && M > kSmallBatchRows && row_blocks_for_all_threads(M, cols, sizeof(float));
+}
+
 // The bfloat16 LoRA backward of a batch of at most kBf16DecodeRows rows on AVX-512
 // (lora_linear_bf16_decode.cpp): g = s dY @ B, d lora_A, d lora_B and, when gx is given, dX's
 // masked LoRA term added onto the rounded dY @ W it holds. Row-major bfloat16 bits: dY (M x N,
@@ -354,7 +360,8 @@ Tensor shrink(const Tensor& x, const Tensor& lora_A, const DropoutParams& d);
 // bfloat16 base output and rounded once, as PEFT adds a float32 branch to a bf16 model's output.
 void add_expand_into_bf16(Tensor& y, const Tensor& xa, const Tensor& lora_B, const Tensor& add, double scaling);
 
-// The backward's LoRA part in small_gemm (lora_linear_bwd_cpu.cpp): returns (d lora_A, d lora_B)
+// The backward's LoRA part in small_gemm, or in the BLAS at float32 ranks above small_gemm's
+// (rank_products_in_blas) (lora_linear_bwd_cpu.cpp): returns (d lora_A, d lora_B)
 // in lora_A's dtype and writes dX's masked LoRA term into grad_x (when given), for a base term
 // the caller adds. dy / x either in lora_A's dtype (float32 / float64), or half precision with
 // float32 adapters: then the products run on float32 values (bfloat16 rows converted a block at

@@ -379,6 +379,25 @@ struct LoraBwdSmallGemm {
   }
 };
 
+// The backward's LoRA part on float32 above small_gemm's ranks (kSmallGemmMaxRank, measured
+// there): whole-batch BLAS GEMMs, each multithreaded: g = s * dY @ B, d lora_B = s * dY^T @ xa,
+// the LoRA term g @ A written into dX and masked there as dropout(x) is materialised (one mask
+// evaluation for both), d lora_A = g^T @ dropout(x). The caller accumulates dY @ W onto dX.
+std::tuple<Tensor, Tensor> lora_bwd_blas(const Tensor& dy, const Tensor& x, const Tensor& lora_A,
+                                         const Tensor& lora_B, const Tensor& xa, double scaling,
+                                         const DropoutParams& d, Tensor* grad_x) {
+  const Tensor g = at::mm(dy, lora_B).mul_(scaling);
+  Tensor grad_B = at::mm(dy.t(), xa).mul_(scaling);
+  Tensor xd = d.active ? at::empty(x.sizes(), x.options()) : x;
+  if (grad_x) {
+    at::mm_out(*grad_x, g, lora_A);
+    if (d.active) dropout_rows_pair_(x, xd, *grad_x, 0, d);
+  } else if (d.active) {
+    dropout_rows_(x, xd, 0, d);
+  }
+  return {at::mm(g.t(), xd), grad_B};
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor> lora_bwd_products(const Tensor& dy, const Tensor& x, const Tensor& lora_A,
@@ -388,6 +407,9 @@ std::tuple<Tensor, Tensor> lora_bwd_products(const Tensor& dy, const Tensor& x, 
   if (dy.scalar_type() == ct) {
     TORCH_INTERNAL_ASSERT(!onto_grad_x, "lora_bwd_products: onto_grad_x is for a half-precision dX");
     if (ct == at::kDouble) return LoraBwdSmallGemm<double>(dy, x, Tensor(), lora_A, lora_B, xa, scaling, d, grad_x).run();
+    if (rank_products_in_blas(x.size(0), std::max(x.size(1), dy.size(1)), lora_A.size(0))) {
+      return lora_bwd_blas(dy, x, lora_A, lora_B, xa, scaling, d, grad_x);
+    }
     return LoraBwdSmallGemm<float>(dy, x, Tensor(), lora_A, lora_B, xa, scaling, d, grad_x).run();
   }
   TORCH_INTERNAL_ASSERT(ct == at::kFloat && (!onto_grad_x || dy.scalar_type() == at::kBFloat16),
@@ -414,25 +436,6 @@ std::tuple<Tensor, Tensor> lora_bwd_products(const Tensor& dy, const Tensor& x, 
 }
 
 namespace {
-
-// The backward's LoRA part on float32 above small_gemm's ranks (kSmallGemmMaxRank, measured
-// there): whole-batch BLAS GEMMs, each multithreaded: g = s * dY @ B, d lora_B = s * dY^T @ xa,
-// the LoRA term g @ A written into dX and masked there as dropout(x) is materialised (one mask
-// evaluation for both), d lora_A = g^T @ dropout(x). The caller accumulates dY @ W onto dX.
-std::tuple<Tensor, Tensor> lora_bwd_blas(const Tensor& dy, const Tensor& x, const Tensor& lora_A,
-                                         const Tensor& lora_B, const Tensor& xa, double scaling,
-                                         const DropoutParams& d, Tensor* grad_x) {
-  const Tensor g = at::mm(dy, lora_B).mul_(scaling);
-  Tensor grad_B = at::mm(dy.t(), xa).mul_(scaling);
-  Tensor xd = d.active ? at::empty(x.sizes(), x.options()) : x;
-  if (grad_x) {
-    at::mm_out(*grad_x, g, lora_A);
-    if (d.active) dropout_rows_pair_(x, xd, *grad_x, 0, d);
-  } else if (d.active) {
-    dropout_rows_(x, xd, 0, d);
-  }
-  return {at::mm(g.t(), xd), grad_B};
-}
 
 // The backward's LoRA part on bfloat16 with rows for every thread where bwd_bf16_native does not
 // apply (odd in / out features, or no AVX512-BF16 kernel under a native-bf16 BLAS: AMX without
@@ -560,8 +563,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_checked(
     }
     base_done = true;
   };
-  if (x.scalar_type() == at::kFloat && lora_A.size(0) > kSmallGemmMaxRank && M > kSmallBatchRows &&
-      row_blocks_for_all_threads(M, std::max(K, dy.size(1)), x.element_size())) {
+  if (x.scalar_type() == at::kFloat && rank_products_in_blas(M, std::max(K, dy.size(1)), lora_A.size(0))) {
     std::tie(grad_A, grad_B) = lora_bwd_blas(dy, x, lora_A, lora_B, xa, scaling, d, gx);
   } else if (x.scalar_type() == at::kFloat) {
     LoraBwdSmallGemm<float> bwd(dy, x, weight, lora_A, lora_B, xa, scaling, d, gx);
