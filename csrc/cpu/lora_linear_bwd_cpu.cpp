@@ -1,7 +1,8 @@
 // CPU kernel of fastlora::lora_linear_bwd, and the overview of both directions (the forward is in
 // lora_linear_fwd_cpu.cpp, the shared dropout / blocking helpers in lora_linear_blocks.h).
 //
-// On float32 / float64 the thin rank-r products and the backward's base product dY @ W run in
+// On float32 / float64 the thin rank-r products (float32 ranks above 64: whole-batch BLAS GEMMs,
+// lora_bwd_blas and the forward's shrink) and the backward's base product dY @ W run in
 // small_gemm (small_gemm.h), and so does the forward's x @ W^T for decode-sized batches (<= 2
 // vectors of rows; base_few_rows); the rest goes to ATen's BLAS (MKL/oneDNN). bfloat16 with
 // AVX512-BF16 runs its rank-r products in small_gemm_bf16 (lora_linear_bf16_cpu.cpp) and its
@@ -9,7 +10,8 @@
 // float16 runs the float32 kernels on float32 copies (to_float). What this file adds is the
 // fusion around them:
 //  * dropout is applied on the fly, one block of rows at a time, from the counter-based hash
-//    (dropout_hash.h): no M x K mask or dropped copy of x is ever materialised or stored;
+//    (dropout_hash.h): no M x K mask or dropped copy of x is ever stored (the BLAS plan above
+//    rank 64 materialises dropout(x) for the duration of one product);
 //  * the LoRA expand and the bias are written into the output first and the base GEMM then
 //    accumulates on top of them (beta = 1), so the LoRA branch costs no extra pass over the
 //    M x N output;
