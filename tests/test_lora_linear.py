@@ -205,21 +205,22 @@ def test_bfloat16_decode_same_bits_on_any_thread_count(adapter_dtype):
             assert a is None or torch.equal(a, b)
 
 
-# Ranks above 64 on batches of more than 128 rows with row blocks for every thread: the float32
-# shrink and the backward's rank-r products go to whole-batch BLAS GEMMs (dropout(x) materialised,
-# the mask applied to dX's LoRA term in the same pass); bfloat16 without native bf16 GEMMs and
-# float16 reach them through their float32 copies. Rank 80 (not a multiple of the vector width),
-# strided x and weight rows, a trainable weight and a lora_B bias; 64 (the last small_gemm rank)
-# and 1 and 2 threads.
+# Ranks above 64 on batches of at least 64 rows: the float32 shrink and the backward's rank-r
+# products go to whole-batch BLAS GEMMs (dropout(x) materialised, the mask applied to dX's LoRA
+# term in the same pass); bfloat16 without native bf16 GEMMs and float16 reach them through
+# their float32 copies. Rank 80 (not a multiple of the vector width) and 64 (the last small_gemm
+# rank); 210 rows, 64 (the first BLAS row count) and 63; strided x and weight rows, a trainable
+# weight and a lora_B bias; 1 and 2 threads.
 @pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("lead", [(3, 70), (64,), (63,)], ids=str)
 @pytest.mark.parametrize("r", [64, 80])
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_ranks_above_small_gemm_through_the_blas(threads, r, p, dtype):
+def test_ranks_above_small_gemm_through_the_blas(threads, lead, r, p, dtype):
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        check_against_reference(dtype, (3, 70), 150, 130, r, p, lora_B_bias=True, noncontig=True,
+        check_against_reference(dtype, lead, 150, 130, r, p, lora_B_bias=True, noncontig=True,
                                 noncontig_weight=True, train_weight=True)
     finally:
         torch.set_num_threads(prev)

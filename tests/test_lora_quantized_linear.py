@@ -233,7 +233,7 @@ def test_matches_reference(fmt, dtype, shape):
     check_against_reference(dtype, *shape, 0.25 if shape[1] % 2 else 0.0, fmt)
 
 
-# Ranks above 64 on more than 128 rows: the float32 LoRA products as whole-batch BLAS GEMMs (as
+# Ranks above 64 on at least 64 rows: the float32 LoRA products as whole-batch BLAS GEMMs (as
 # lora_linear there); bfloat16 / float16 inputs reach them through their float32 values on a CPU
 # without native half-precision GEMMs.
 @pytest.mark.parametrize("p", [0.0, 0.3])

@@ -190,15 +190,20 @@ inline int64_t direct_block_rows(int64_t M, int64_t cols, int64_t elem_size) {
 constexpr int64_t kSmallBatchRows = 128;
 
 // The highest rank whose float32 LoRA products run in small_gemm (its register tiles hold one to
-// four vectors of r) for batches of more than kSmallBatchRows rows with row blocks for every
-// thread; above it the forward's shrink and the backward's rank-r products are whole-batch BLAS
-// GEMMs (multithreaded), dropout(x) materialised once. Measured (Ice Lake Xeon, 2 threads, the
-// ops interleaved, p = 0.05; op time through the BLAS / through small_gemm, forward / backward):
-// natively 0.96 / 0.88 at r = 128 (M = 512, 2048^2: the backward's LoRA part 7.4 against 11.3
-// ms) and 0.97 / 0.89 (M = 2048, 1024^2), 0.92 / 0.77 at r = 256, 1.00 / 0.95 at r = 96, but
-// 1.00-1.04 at r = 64 (M = 2048, 4096^2: 1.04 / 1.04); under the AVX2 caps 0.99-1.01 / 0.92-0.95
-// at r = 128, 0.95 / 0.80 at r = 256, 1.00 / 0.94 at r = 96, 1.02-1.06 / 0.97-1.00 at r = 64.
+// four vectors of r) for batches of at least kBlasRankMinRows rows; above it the forward's shrink
+// and the backward's rank-r products are whole-batch BLAS GEMMs (multithreaded), dropout(x)
+// materialised once. Measured (Ice Lake Xeon, 2 threads, the ops interleaved, p = 0.05; op time
+// through the BLAS / through small_gemm, forward / backward): natively 0.96 / 0.88 at r = 128
+// (M = 512, 2048^2: the backward's LoRA part 7.4 against 11.3 ms) and 0.97 / 0.89 (M = 2048,
+// 1024^2), 0.92 / 0.77 at r = 256, 1.00 / 0.95 at r = 96, but 1.00-1.04 at r = 64 (M = 2048,
+// 4096^2: 1.04 / 1.04); under the AVX2 caps 0.99-1.01 / 0.92-0.95 at r = 128, 0.95 / 0.80 at
+// r = 256, 1.00 / 0.94 at r = 96, 1.02-1.06 / 0.97-1.00 at r = 64.
 constexpr int64_t kSmallGemmMaxRank = 64;
+// Fewer rows keep small_gemm's plans at every rank (the decode-sized ones read W once for both
+// products of a direction): at M = 64 the BLAS backward measured 0.84-0.96 natively and
+// 0.81-0.96 capped (2048^2 r = 256, 4096^2 r = 128 and 256; M = 128: 0.80-1.00), at M = 32 up
+// to 1.12 (4096^2, r = 128), at M = 16 up to 1.14, at M = 8 1.37-1.45.
+constexpr int64_t kBlasRankMinRows = 64;
 
 // Whether a float16 batch takes the native float16 plan: on a CPU with native float16 GEMMs
 // (native_fp16_gemm: AVX512-FP16), batches of more than 8 and up to kSmallBatchRows rows run
@@ -221,11 +226,9 @@ inline bool row_blocks_for_all_threads(int64_t M, int64_t cols, int64_t elem_siz
   return blocks_run_parallel(ceil_div(M, direct_block_rows(M, cols, elem_size)));
 }
 
-// Whether a float32 batch of M rows (cols: its widest operand's row length) at rank r runs its
-// rank-r products as whole-batch BLAS GEMMs rather than in small_gemm (kSmallGemmMaxRank).
-inline bool rank_products_in_blas(int64_t M, int64_t cols, int64_t r) {
-  return r > kSmallGemmMaxRank && M > kSmallBatchRows && row_blocks_for_all_threads(M, cols, sizeof(float));
-}
+// Whether a float32 batch of M rows at rank r runs its rank-r products as whole-batch BLAS GEMMs
+// rather than in small_gemm (kSmallGemmMaxRank, kBlasRankMinRows).
+inline bool rank_products_in_blas(int64_t M, int64_t r) { return r > kSmallGemmMaxRank && M >= kBlasRankMinRows; }
 
 // The bfloat16 LoRA backward of a batch of at most kBf16DecodeRows rows on AVX-512
 // (lora_linear_bf16_decode.cpp): g = s dY @ B, d lora_A, d lora_B and, when gx is given, dX's

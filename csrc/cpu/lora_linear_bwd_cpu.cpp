@@ -409,7 +409,7 @@ std::tuple<Tensor, Tensor> lora_bwd_products(const Tensor& dy, const Tensor& x, 
   if (dy.scalar_type() == ct) {
     TORCH_INTERNAL_ASSERT(!onto_grad_x, "lora_bwd_products: onto_grad_x is for a half-precision dX");
     if (ct == at::kDouble) return LoraBwdSmallGemm<double>(dy, x, Tensor(), lora_A, lora_B, xa, scaling, d, grad_x).run();
-    if (rank_products_in_blas(x.size(0), std::max(x.size(1), dy.size(1)), lora_A.size(0))) {
+    if (rank_products_in_blas(x.size(0), lora_A.size(0))) {
       return lora_bwd_blas(dy, x, lora_A, lora_B, xa, scaling, d, grad_x);
     }
     return LoraBwdSmallGemm<float>(dy, x, Tensor(), lora_A, lora_B, xa, scaling, d, grad_x).run();
@@ -565,7 +565,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_linear_bwd_checked(
     }
     base_done = true;
   };
-  if (x.scalar_type() == at::kFloat && rank_products_in_blas(M, std::max(K, dy.size(1)), lora_A.size(0))) {
+  if (x.scalar_type() == at::kFloat && rank_products_in_blas(M, lora_A.size(0))) {
     std::tie(grad_A, grad_B) = lora_bwd_blas(dy, x, lora_A, lora_B, xa, scaling, d, gx);
   } else if (x.scalar_type() == at::kFloat) {
     LoraBwdSmallGemm<float> bwd(dy, x, weight, lora_A, lora_B, xa, scaling, d, gx);

@@ -204,7 +204,7 @@ Tensor shrink(const Tensor& x, const Tensor& lora_A, const DropoutParams& d) {
   // Small batches (up to kSmallBatchRows) too: shrink_direct's transposed copy of lora_A (0.2
   // ms at r = 64, in = 4096 under the AVX2 caps) costs more than it saves there.
   const bool direct = M > kSmallBatchRows && row_blocks_for_all_threads(M, K, x.element_size());
-  if (x.scalar_type() == at::kFloat && rank_products_in_blas(M, K, r)) {
+  if (x.scalar_type() == at::kFloat && rank_products_in_blas(M, r)) {
     if (!d.active) return at::mm(x, lora_A.t());
     Tensor xd = at::empty({M, K}, x.options());
     dropout_rows_(x, xd, 0, d);
