@@ -69,7 +69,7 @@ def test_high_rank_targets(m, in_features, out_features, r, p, device, record_pr
     """fwd+bwd at ranks 128 and 256, timed interleaved with PEFT and the base layer: never
     slower than PEFT, and on the CPU a LoRA overhead over the base at most 0.8x PEFT's (measured
     0.40-0.71x on the Ice Lake Xeon, natively and under the AVX2 caps; with the rank-r products
-    in small_gemm, 0.92x at r = 256 natively and 1.04-1.15x under the caps)."""
+    in small_gemm, r = 256 gave 0.92-0.96x natively and 1.15-1.16x under the caps)."""
     case = LoraLinearCase(m, in_features, out_features, r, p, device=device)
     steps = interleaved_medians({n: s for n, (_, s) in case.build().items()}, case.device)
     summary = {f"step_{n}_ms": round(t * 1e3, 3) for n, t in steps.items()}
