@@ -1,5 +1,5 @@
 // The AVX2 and AVX-512 kernels of the decode-sized LoRA base products (forward x @ W^T, 16-bit
-// backward dY @ W); see rows_dot.h.
+// backward dY @ W) and of the float32 shrink at small ranks; see rows_dot.h.
 #include "rows_dot.h"
 
 #include <c10/util/Exception.h>
@@ -42,16 +42,17 @@ inline int64_t permuted_lane(int64_t t, bool natural) {
 }
 
 // The loops around a build's kernels, shared by the AVX2 and AVX-512 builds.
-// rows_dot_add: W's rows two at a time (two_rows; one_row for an odd last one), the last partial
-// group of each row read from a zero-padded copy, so no load passes the end of a row.
+// rows_dot_add: W's rows four at a time (four_rows, where the build has such a kernel and the
+// caller asks for it), then two (two_rows; one_row for an odd last one), the last partial group
+// of each row read from a zero-padded copy, so no load passes the end of a row.
 template <typename WT>
 using RowsKernel = void (*)(const WT* w, int64_t ldw, int64_t K, const float* xp, int64_t m, const WT* tail,
                             float* out, int64_t ldo);
 template <typename WT>
-void rows_dot_driver(RowsKernel<WT> two_rows, RowsKernel<WT> one_row, const WT* w, int64_t ldw, int64_t n, int64_t K,
-                     const float* xp, int64_t m, float* out, int64_t ldo) {
+void rows_dot_driver(RowsKernel<WT> four_rows, RowsKernel<WT> two_rows, RowsKernel<WT> one_row, const WT* w,
+                     int64_t ldw, int64_t n, int64_t K, const float* xp, int64_t m, float* out, int64_t ldo) {
   const int64_t full = K / kGroup * kGroup;
-  WT tail[2 * kGroup];  // the last partial group of two rows, zero-padded
+  WT tail[4 * kGroup];  // the last partial group of up to four rows, zero-padded
   auto fill_tail = [&](int64_t j, int rows_) {
     std::memset(static_cast<void*>(tail), 0, sizeof(tail));
     for (int jj = 0; jj < rows_; ++jj) {
@@ -59,6 +60,12 @@ void rows_dot_driver(RowsKernel<WT> two_rows, RowsKernel<WT> one_row, const WT* 
     }
   };
   int64_t j = 0;
+  if (four_rows != nullptr) {
+    for (; j + 4 <= n; j += 4) {
+      if (full < K) fill_tail(j, 4);
+      four_rows(w + j * ldw, ldw, K, xp, m, tail, out + j * ldo, ldo);
+    }
+  }
   for (; j + 2 <= n; j += 2) {
     if (full < K) fill_tail(j, 2);
     two_rows(w + j * ldw, ldw, K, xp, m, tail, out + j * ldo, ldo);
@@ -205,7 +212,7 @@ FASTLORA_AVX2 void rows(const WT* w, int64_t ldw, int64_t K, const float* xp, in
 template <class Load, typename WT>
 void rows_dot_add_impl(const WT* w, int64_t ldw, int64_t n, int64_t K, const float* xp, int64_t m, float* out,
                        int64_t ldo) {
-  rows_dot_driver<WT>(rows<Load, WT, 2>, rows<Load, WT, 1>, w, ldw, n, K, xp, m, out, ldo);
+  rows_dot_driver<WT>(nullptr, rows<Load, WT, 2>, rows<Load, WT, 1>, w, ldw, n, K, xp, m, out, ldo);
 }
 
 // buf (I rows of 16 permuted sums, row stride ldb) += dyt(:, :I)^T @ W rows (nc rows at wk,
@@ -300,8 +307,8 @@ FASTLORA_AVX512_TARGET inline __attribute__((always_inline)) void group512(const
   }
 }
 
-// J rows of W (J <= 2) against I rows of x (I <= 4); the tail group from the zero-padded copy,
-// as in the AVX2 build.
+// J rows of W (J <= 4: up to 16 accumulators of the 32 registers) against I rows of x (I <= 4);
+// the tail group from the zero-padded copy, as in the AVX2 build.
 template <class Load, typename WT, int J, int I>
 FASTLORA_AVX512_TARGET void block512(const WT* w, int64_t ldw, int64_t K, const float* xp, int64_t Kp,
                                      const WT* tail, float* out, int64_t ldo) {
@@ -338,8 +345,9 @@ FASTLORA_AVX512_TARGET void rows512(const WT* w, int64_t ldw, int64_t K, const f
 
 template <class Load, typename WT>
 void rows_dot_add_512(const WT* w, int64_t ldw, int64_t n, int64_t K, const float* xp, int64_t m, float* out,
-                      int64_t ldo) {
-  rows_dot_driver<WT>(rows512<Load, WT, 2>, rows512<Load, WT, 1>, w, ldw, n, K, xp, m, out, ldo);
+                      int64_t ldo, bool tall = false) {
+  rows_dot_driver<WT>(tall ? rows512<Load, WT, 4> : nullptr, rows512<Load, WT, 2>, rows512<Load, WT, 1>, w, ldw, n,
+                      K, xp, m, out, ldo);
 }
 
 // buf (I rows of 16 sums, row stride ldb) += dyt(:, :I)^T @ W rows (nc rows at wk, row stride
@@ -421,6 +429,12 @@ void rows_dot_add(const float* w, int64_t ldw, int64_t n, int64_t K, const float
   rows_dot_add_impl<LoadF32, float>(w, ldw, n, K, xp, m, out, ldo);
 }
 
+void rows_dot_add_tall(const float* w, int64_t ldw, int64_t n, int64_t K, const float* xp, int64_t m, float* out,
+                       int64_t ldo) {
+  FASTLORA_WIDE(rows_dot_add_512<Load512F32, float>(w, ldw, n, K, xp, m, out, ldo, /*tall=*/true));
+  rows_dot_add_impl<LoadF32, float>(w, ldw, n, K, xp, m, out, ldo);
+}
+
 void rows_dot_add(const c10::BFloat16* w, int64_t ldw, int64_t n, int64_t K, const float* xp, int64_t m, float* out,
                   int64_t ldo) {
   FASTLORA_WIDE(rows_dot_add_512<Load512Bf16, uint16_t>(reinterpret_cast<const uint16_t*>(w), ldw, n, K, xp, m,
@@ -441,6 +455,10 @@ bool rows_dot_available() { return false; }
 
 void rows_dot_add(const float*, int64_t, int64_t, int64_t, const float*, int64_t, float*, int64_t) {
   TORCH_CHECK(false, "rows_dot_add: no AVX2 build on this platform");
+}
+
+void rows_dot_add_tall(const float*, int64_t, int64_t, int64_t, const float*, int64_t, float*, int64_t) {
+  TORCH_CHECK(false, "rows_dot_add_tall: no AVX2 build on this platform");
 }
 
 void rows_dot_add(const c10::BFloat16*, int64_t, int64_t, int64_t, const float*, int64_t, float*, int64_t) {

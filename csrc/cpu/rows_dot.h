@@ -1,9 +1,10 @@
 #pragma once
 // Dot products of a few float32 rows x against the rows of a weight W stored in float32 or
-// bfloat16: out(j, i) += sum_k W(j, k) * x(i, k). The decode-sized LoRA forward's base product
-// (base_few_rows) on AVX2 CPUs, where it is bound by arithmetic rather than by reading W:
-// small_gemm's broadcast tiles ran it at ~40% of the FMA peak, and a bfloat16 W paid one more
-// pass to convert each row to float32 first. Forward at M = 8, in = out = 4096, r = 16, 2
+// bfloat16: out(j, i) += sum_k W(j, k) * x(i, k). Also the float32 shrink at ranks of up to
+// half a vector (rows_dot_add_tall: a block of the input's rows as W, lora_A's r rows as x).
+// The decode-sized LoRA forward's base product (base_few_rows) on AVX2 CPUs, where it is bound
+// by arithmetic rather than by reading W: small_gemm's broadcast tiles ran it at ~40% of the
+// FMA peak, and a bfloat16 W paid one more pass to convert each row to float32 first. Forward at M = 8, in = out = 4096, r = 16, 2
 // threads of a Xeon capped at AVX2: bfloat16 6.3 -> 2.6 ms (6.7 -> 3.7 ms with W out of
 // cache), float32 4.5 -> 3.3-3.8 ms (unchanged out of cache, where reading W bounds it).
 //
@@ -47,6 +48,11 @@ void rows_dot_add(const c10::BFloat16* w, int64_t ldw, int64_t n, int64_t K, con
                   int64_t ldo);
 void rows_dot_add(const c10::Half* w, int64_t ldw, int64_t n, int64_t K, const float* xp, int64_t m, float* out,
                   int64_t ldo);
+// rows_dot_add on a float32 w of many rows against few x rows (the LoRA shrink: a block of the
+// input's rows against lora_A's r rows): the AVX-512 build takes w four rows at a time (4 x 4
+// accumulators; the decode product keeps two), the AVX2 build is rows_dot_add's.
+void rows_dot_add_tall(const float* w, int64_t ldw, int64_t n, int64_t K, const float* xp, int64_t m, float* out,
+                       int64_t ldo);
 
 // out[i * ldo + k] += sum_{j < n} dyt[j * m + i] * w[j * ldw + k] for i < m and k0 <= k < k1
 // (the decode-sized backward's dX += dY @ W, with dyt = dY^T, n x m) for a bfloat16 or float16

@@ -1,9 +1,10 @@
 // The decode-sized kernels of csrc/cpu/rows_dot.h, their AVX2 build and (where the machine has
 // AVX-512) their 16-lane one, against a float64 loop: rows_dot_add (float32, bfloat16 and
-// float16 weights, which must agree bitwise, the 16-bit ones on their float32 copies) and
+// float16 weights, which must agree bitwise, the 16-bit ones on their float32 copies; and
+// rows_dot_add_tall, the shrink's four-row tiles, bitwise equal to float32 rows_dot_add) and
 // rows_axpy_add (bfloat16 and float16, bitwise alike on the same values; a column range split at
 // any group boundary must give the same bits), over row counts that hit every register block
-// (4 x-rows and 2 W-rows, 4 or 8 dY-rows, and their tails), K around the 16-column groups (the
+// (4 x-rows and 2 or 4 W-rows, 4 or 8 dY-rows, and their tails), K around the 16-column groups (the
 // zero-padded tail group) and padded leading dimensions. The kernels run from level 3 (AVX2 +
 // FMA + F16C) up; on a machine without it there is nothing to test.
 #include <cmath>
@@ -62,14 +63,14 @@ int main() {
   const double u = std::numeric_limits<float>::epsilon() / 2;
   std::mt19937 rng(1);
   std::normal_distribution<float> normal;
-  int64_t cases = 0, bad_dot = 0, bad_bits = 0, bad_axpy = 0, bad_split = 0;
+  int64_t cases = 0, bad_dot = 0, bad_bits = 0, bad_tall = 0, bad_axpy = 0, bad_split = 0;
   std::string first;
   // Every build the machine runs: AVX2 (level 3) and, where it has AVX-512, the 16-lane one.
   for (int level : {3, 4}) {
     if (fastlora::small_gemm_use_isa(level) != level) continue;
     std::printf("level %d\n", level);
     for (int64_t m : {1, 2, 3, 4, 5, 7, 8, 13, 16, 22, 32}) {
-      for (int64_t n : {1, 2, 3, 8, 17}) {
+      for (int64_t n : {1, 2, 3, 6, 7, 8, 17}) {
         for (int64_t K : {1, 15, 16, 17, 33, 300}) {
           ++cases;
           const int64_t ldw = K + 3, ldx = K + 5, ldo = m + 2;
@@ -94,6 +95,12 @@ int main() {
           lc::rows_dot_add(wh.data(), ldw, n, K, xp.data(), m, out_h.data(), ldo);
           lc::rows_dot_add(w16.data(), ldw, n, K, xp.data(), m, out_16.data(), ldo);
           lc::rows_dot_add(wf.data(), ldw, n, K, xp.data(), m, out_f.data(), ldo);
+          std::vector<float> out_tall(n * ldo, 0.5f);
+          lc::rows_dot_add_tall(wf.data(), ldw, n, K, xp.data(), m, out_tall.data(), ldo);
+          if (!same_bits(out_tall, out_f)) {
+            ++bad_tall;
+            if (first.empty()) first = "rows_dot_add_tall != rows_dot_add at " + shape;
+          }
           if (!same_bits(out_h, out_f) || !same_bits(out_16, out_f)) {
             ++bad_bits;
             if (first.empty()) first = "rows_dot_add 16-bit != float32 at " + shape;
@@ -166,6 +173,7 @@ int main() {
   expect(bad_dot == 0, "rows_dot_add within (K + 3) u sum|w x| of float64 (" + std::to_string(cases) + " shapes)");
   expect(bad_bits == 0, "rows_dot_add: a bfloat16 or float16 W gives the float32 result bitwise; rows_axpy_add "
                         "the same bits for both formats");
+  expect(bad_tall == 0, "rows_dot_add_tall: the same bits as rows_dot_add on a float32 W");
   expect(bad_axpy == 0, "rows_axpy_add within (n + 3) u sum|dy w| of float64, columns past K untouched");
   expect(bad_split == 0, "rows_axpy_add: split column ranges give the same bits");
   if (!first.empty()) std::printf("first failure: %s\n", first.c_str());
