@@ -83,6 +83,30 @@ def test_high_rank_targets(m, in_features, out_features, r, p, device, record_pr
         assert overhead["fastlora"] <= 0.8 * overhead["peft"], f"overhead not below 0.8x PEFT's: {summary}"
 
 
+# PEFT's default rank (r = 8) on a small encoder's layers (hidden 384, MLP 1536: MiniLM-sized),
+# 1024 rows: below half a vector of r the float32 shrink runs as dot products (rows_dot).
+DEFAULT_RANK_CASES = [(1024, 384, 1536, 8, 0.1), (1024, 1536, 384, 8, 0.1)]
+
+
+@pytest.mark.parametrize("m, in_features, out_features, r, p", DEFAULT_RANK_CASES,
+                         ids=[f"M{m}-in{i}-out{o}-r{r}-p{p}" for m, i, o, r, p in DEFAULT_RANK_CASES])
+def test_default_rank_targets(m, in_features, out_features, r, p, device, record_property):
+    """fwd+bwd at PEFT's default rank on small layers, timed interleaved with PEFT and the base
+    layer: never slower than PEFT, and on the CPU a LoRA overhead over the base at most half of
+    PEFT's (the fixed costs of a small layer weigh more here than at the 10% target's shapes)."""
+    case = LoraLinearCase(m, in_features, out_features, r, p, device=device)
+    steps = interleaved_medians({n: s for n, (_, s) in case.build().items()}, case.device)
+    summary = {f"step_{n}_ms": round(t * 1e3, 3) for n, t in steps.items()}
+    overhead = {n: steps[n] / steps["base"] - 1 for n in ("peft", "fastlora")}
+    summary.update({f"overhead_{n}": round(v, 3) for n, v in overhead.items()})
+    for k, v in summary.items():
+        record_property(k, v)
+    print(case.label, summary)
+    assert steps["fastlora"] <= NOISE * steps["peft"], f"fwd+bwd slower than PEFT: {summary}"
+    if case.device == "cpu":
+        assert overhead["fastlora"] <= 0.5 * overhead["peft"], f"overhead not below 0.5x PEFT's: {summary}"
+
+
 @pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float32], ids=["bf16_adapters", "fp32_adapters"])
 def test_bfloat16_targets(adapter_dtype, record_property):
     """bfloat16 training step (fwd+bwd) at M=512, in=out=2048, r=16, p=0.05 on CPU, with the

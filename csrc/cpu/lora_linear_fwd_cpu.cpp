@@ -17,7 +17,8 @@ namespace {
 
 // xa = dropout(x) @ lora_A^T on float32 / float64 when row_blocks_for_all_threads(M, K): per
 // block of rows (one thread each), the dropped block goes to an L2-resident buffer and
-// small_gemm shrinks it, so x is read once. A bfloat16 x (XT) under float32 adapters (T = float,
+// small_gemm (or, at float32 ranks of up to half a vector, rows_dot_add_tall) shrinks it, so x
+// is read once. A bfloat16 x (XT) under float32 adapters (T = float,
 // PEFT's default on a bfloat16 model) is converted block by block into that buffer, exactly,
 // and dropped there in float32, as PEFT's dropout(x.to(float32)) does; xa is in T.
 template <typename T, typename XT = T>
@@ -25,17 +26,28 @@ Tensor shrink_direct(const Tensor& x, const Tensor& lora_A, const DropoutParams&
   constexpr bool kConvert = !std::is_same_v<T, XT>;
   const int64_t M = x.size(0), K = x.size(1), r = lora_A.size(0);
   const int64_t rp = padded_rank<T>(r);
-  const Tensor At = padded_rows<T>(lora_A, /*transpose=*/true, rp);  // K x rp
   Tensor xa = at::empty({M, r}, lora_A.options());
   const int64_t bm = direct_block_rows(M, K, sizeof(T));
   const int64_t nblocks = ceil_div(M, bm);
   const int64_t nthreads = std::max(1, at::get_num_threads());
-  // Per thread: the dropped (or converted) block and the padded xa block (when r < rp).
+  // The products' right operand: lora_A's rows in rows_dot's layout (r x rows_dot_width(K)) for
+  // the dot-product plan (rank_products_by_rows_dot), otherwise lora_A^T padded for small_gemm
+  // (K x rp).
+  Tensor Ap, At;
+  if (std::is_same_v<T, float> && rank_products_by_rows_dot(r)) {
+    const Tensor Ac = lora_A.contiguous();
+    Ap = at::empty({r, rows_dot_width(K)}, lora_A.options());
+    permute_rows_for_dot(Ac.const_data_ptr<float>(), r, K, K, Ap.mutable_data_ptr<float>());
+  } else {
+    At = padded_rows<T>(lora_A, /*transpose=*/true, rp);
+  }
+  const T* Atp = At.defined() ? At.const_data_ptr<T>() : nullptr;
+  // Per thread: the dropped (or converted) block and small_gemm's padded xa block (r < rp).
   const bool staged = d.active || kConvert;
-  const int64_t scratch_len = (staged ? bm * K : 0) + (rp != r ? bm * rp : 0);
+  const bool padded_out = At.defined() && rp != r;
+  const int64_t scratch_len = (staged ? bm * K : 0) + (padded_out ? bm * rp : 0);
   Tensor scratch = at::empty({nthreads, scratch_len}, lora_A.options());
   const XT* xp = x.const_data_ptr<XT>();
-  const T* Atp = At.const_data_ptr<T>();
   T* xap = xa.mutable_data_ptr<T>();
   const int64_t ldx = x.stride(0);
   auto body = [&](int64_t b0, int64_t b1) {
@@ -62,7 +74,14 @@ Tensor shrink_direct(const Tensor& x, const Tensor& lora_A, const DropoutParams&
           lda = K;
         }
       }
-      if (rp == r) {
+      if constexpr (std::is_same_v<T, float>) {
+        if (Ap.defined()) {  // rows_dot adds into its output
+          std::fill(xap + r0 * r, xap + (r0 + n) * r, 0.0f);
+          rows_dot_add_tall(a, lda, n, K, Ap.const_data_ptr<float>(), r, xap + r0 * r, r);
+          continue;
+        }
+      }
+      if (!padded_out) {
         small_gemm(n, rp, K, T(1), a, lda, 1, Atp, rp, false, xap + r0 * r, r);
       } else {
         small_gemm(n, rp, K, T(1), a, lda, 1, Atp, rp, false, out_pad, rp);
@@ -203,7 +222,9 @@ Tensor shrink(const Tensor& x, const Tensor& lora_A, const DropoutParams& d) {
   }
   // Small batches (up to kSmallBatchRows) too: shrink_direct's transposed copy of lora_A (0.2
   // ms at r = 64, in = 4096 under the AVX2 caps) costs more than it saves there.
-  const bool direct = M > kSmallBatchRows && row_blocks_for_all_threads(M, K, x.element_size());
+  // The dot-product plan (rank_products_by_rows_dot) wins there too, its copy of lora_A included.
+  const bool direct = (M > kSmallBatchRows || (x.scalar_type() == at::kFloat && rank_products_by_rows_dot(r))) &&
+                      row_blocks_for_all_threads(M, K, x.element_size());
   if (x.scalar_type() == at::kFloat && rank_products_in_blas(M, r)) {
     if (!d.active) return at::mm(x, lora_A.t());
     Tensor xd = at::empty({M, K}, x.options());
