@@ -293,6 +293,20 @@ def test_large_rows_span_several_blocks():
     check_against_reference(torch.float32, (1100,), 300, 40, 8, 0.3)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_row_blocks_rebalanced_between_threads(threads):
+    # 1024 rows of 390 features make 7 L2-sized row blocks; the blocks are made smaller so that
+    # they split evenly between the threads (8 of 128 rows on 2 threads, 9 of 120 on 3, the
+    # last one short), in the forward's shrink and in the backward's pass.
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_against_reference(torch.float32, (1024,), 390, 390, 8, 0.1)
+        check_against_reference(torch.float32, (1000,), 390, 200, 16, 0.0, bias=False)
+    finally:
+        torch.set_num_threads(prev)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_backward_with_fused_base_product(threads):
     # Row blocks of >= 16 rows: the CPU backward then computes dY @ W itself, on top of the

@@ -146,7 +146,7 @@ struct LoraBwdSmallGemm {
     const int64_t bm = direct_block_rows(M, std::max(K, N), sizeof(T));
     constexpr int64_t kAvx2Rows = 32, kAvx2MaxPartialBytes = 512 << 10;
     const bool small_partials = r * (K + N) * static_cast<int64_t>(sizeof(T)) <= kAvx2MaxPartialBytes;
-    return small_gemm_isa() == 3 && small_partials ? std::min(bm, kAvx2Rows) : bm;
+    return small_gemm_isa() == 3 && small_partials ? balanced_block_rows(M, std::min(bm, kAvx2Rows)) : bm;
   }
 
   // Blocks of rows, one thread per block. Per block: dY_b is copied once, transposed, into an
