@@ -59,6 +59,22 @@ def test_targets(case, record_property):
     assert saved <= limit, f"saved {saved} bytes for backward, more than x + shrink = {limit}"
 
 
+def _overheads_against_peft(m, in_features, out_features, r, p, device, record_property):
+    """fwd+bwd of fastlora, PEFT and the base layer timed interleaved; records the step times
+    and each LoRA's overhead over the base, asserts fastlora is never slower than PEFT, and
+    returns (case, overheads, summary)."""
+    case = LoraLinearCase(m, in_features, out_features, r, p, device=device)
+    steps = interleaved_medians({n: s for n, (_, s) in case.build().items()}, case.device)
+    summary = {f"step_{n}_ms": round(t * 1e3, 3) for n, t in steps.items()}
+    overhead = {n: steps[n] / steps["base"] - 1 for n in ("peft", "fastlora")}
+    summary.update({f"overhead_{n}": round(v, 3) for n, v in overhead.items()})
+    for k, v in summary.items():
+        record_property(k, v)
+    print(case.label, summary)
+    assert steps["fastlora"] <= NOISE * steps["peft"], f"fwd+bwd slower than PEFT: {summary}"
+    return case, overhead, summary
+
+
 # Ranks above small_gemm's (64): float32 LoRA products in the BLAS on the CPU.
 HIGH_RANK_CASES = [(512, 2048, 2048, 128, 0.05), (512, 2048, 2048, 256, 0.05)]
 
@@ -70,15 +86,7 @@ def test_high_rank_targets(m, in_features, out_features, r, p, device, record_pr
     slower than PEFT, and on the CPU a LoRA overhead over the base at most 0.8x PEFT's (measured
     0.40-0.71x on the Ice Lake Xeon, natively and under the AVX2 caps; with the rank-r products
     in small_gemm, r = 256 gave 0.92-0.96x natively and 1.15-1.16x under the caps)."""
-    case = LoraLinearCase(m, in_features, out_features, r, p, device=device)
-    steps = interleaved_medians({n: s for n, (_, s) in case.build().items()}, case.device)
-    summary = {f"step_{n}_ms": round(t * 1e3, 3) for n, t in steps.items()}
-    overhead = {n: steps[n] / steps["base"] - 1 for n in ("peft", "fastlora")}
-    summary.update({f"overhead_{n}": round(v, 3) for n, v in overhead.items()})
-    for k, v in summary.items():
-        record_property(k, v)
-    print(case.label, summary)
-    assert steps["fastlora"] <= NOISE * steps["peft"], f"fwd+bwd slower than PEFT: {summary}"
+    case, overhead, summary = _overheads_against_peft(m, in_features, out_features, r, p, device, record_property)
     if case.device == "cpu":
         assert overhead["fastlora"] <= 0.8 * overhead["peft"], f"overhead not below 0.8x PEFT's: {summary}"
 
@@ -94,15 +102,7 @@ def test_default_rank_targets(m, in_features, out_features, r, p, device, record
     """fwd+bwd at PEFT's default rank on small layers, timed interleaved with PEFT and the base
     layer: never slower than PEFT, and on the CPU a LoRA overhead over the base at most half of
     PEFT's (the fixed costs of a small layer weigh more here than at the 10% target's shapes)."""
-    case = LoraLinearCase(m, in_features, out_features, r, p, device=device)
-    steps = interleaved_medians({n: s for n, (_, s) in case.build().items()}, case.device)
-    summary = {f"step_{n}_ms": round(t * 1e3, 3) for n, t in steps.items()}
-    overhead = {n: steps[n] / steps["base"] - 1 for n in ("peft", "fastlora")}
-    summary.update({f"overhead_{n}": round(v, 3) for n, v in overhead.items()})
-    for k, v in summary.items():
-        record_property(k, v)
-    print(case.label, summary)
-    assert steps["fastlora"] <= NOISE * steps["peft"], f"fwd+bwd slower than PEFT: {summary}"
+    case, overhead, summary = _overheads_against_peft(m, in_features, out_features, r, p, device, record_property)
     if case.device == "cpu":
         assert overhead["fastlora"] <= 0.5 * overhead["peft"], f"overhead not below 0.5x PEFT's: {summary}"
 
