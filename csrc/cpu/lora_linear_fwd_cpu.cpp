@@ -17,10 +17,10 @@ namespace {
 
 // xa = dropout(x) @ lora_A^T on float32 / float64 when row_blocks_for_all_threads(M, K): per
 // block of rows (one thread each), the dropped block goes to an L2-resident buffer and
-// small_gemm (or, at float32 ranks of up to half a vector, rows_dot_add_tall) shrinks it, so x
-// is read once. A bfloat16 x (XT) under float32 adapters (T = float,
-// PEFT's default on a bfloat16 model) is converted block by block into that buffer, exactly,
-// and dropped there in float32, as PEFT's dropout(x.to(float32)) does; xa is in T.
+// small_gemm (or, at the small float32 ranks of rank_products_by_rows_dot, rows_dot_add_tall)
+// shrinks it, so x is read once. A bfloat16 x (XT) under float32 adapters (T = float, PEFT's
+// default on a bfloat16 model) is converted block by block into that buffer, exactly, and
+// dropped there in float32, as PEFT's dropout(x.to(float32)) does; xa is in T.
 template <typename T, typename XT = T>
 Tensor shrink_direct(const Tensor& x, const Tensor& lora_A, const DropoutParams& d) {
   constexpr bool kConvert = !std::is_same_v<T, XT>;
