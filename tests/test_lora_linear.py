@@ -295,9 +295,9 @@ def test_large_rows_span_several_blocks():
 
 @pytest.mark.parametrize("threads", [2, 3])
 def test_row_blocks_rebalanced_between_threads(threads):
-    # 1024 rows of 390 features make 7 L2-sized row blocks; the blocks are made smaller so that
-    # they split evenly between the threads (8 of 128 rows on 2 threads, 9 of 120 on 3, the
-    # last one short), in the forward's shrink and in the backward's pass.
+    # 1000-1024 rows of 390 features make 7 L2-sized row blocks; the blocks are made smaller so
+    # that they split evenly between the threads (1024 rows: 8 of 128 on 2 threads, 9 of 120 on
+    # 3 with a short last one), in the forward's shrink and in the backward's pass.
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

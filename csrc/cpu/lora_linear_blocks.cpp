@@ -3,7 +3,6 @@
 #include "lora_linear_blocks.h"
 
 #include "bf16_avx512.h"
-#include "rows_dot.h"
 
 namespace fastlora {
 namespace lora_cpu {
@@ -319,10 +318,6 @@ void bf16_row_to_float(const uint16_t* __restrict src, float* __restrict dst, in
 FASTLORA_VECTOR_CLONES
 void fp16_row_to_float(const uint16_t* __restrict src, float* __restrict dst, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(c10::Half(src[j], c10::Half::from_bits()));
-}
-
-bool rank_products_by_rows_dot(int64_t r) {
-  return r > 0 && rows_dot_available() && r <= (small_gemm_isa() >= 4 ? 8 : 4);
 }
 
 }  // namespace lora_cpu

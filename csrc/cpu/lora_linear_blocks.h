@@ -245,21 +245,6 @@ inline bool row_blocks_for_all_threads(int64_t M, int64_t cols, int64_t elem_siz
 // rather than in small_gemm (kSmallGemmMaxRank, kBlasRankMinRows).
 inline bool rank_products_in_blas(int64_t M, int64_t r) { return r > kSmallGemmMaxRank && M >= kBlasRankMinRows; }
 
-// Whether the forward's float32 shrink (shrink_direct: dropout(x_b) @ lora_A^T per block of rows)
-// runs as dot products along in_features (rows_dot_add_tall: each row of the block against
-// lora_A's r rows) rather than in small_gemm, whose register tiles span whole 16-float vectors
-// of r: at r <= 8 half of each tile or more is padding. Measured on 2 threads of an Ice Lake
-// Xeon, forward op interleaved, p = 0.05 (dot / small_gemm, whole forward): AVX-512 r = 8
-// 0.967 at M = 1024, 1536 -> 384, 0.977 at M = 2048, 1024^2, 0.968 at M = 1024, 384^2; r = 4
-// 0.975 (M = 1024, 768^2); the shrink alone (out_features = 1, p = 0) 0.31 against 0.48 ms at
-// M = 1024, in = 1536, r = 8. At r = 16 no padding is left and small_gemm held its own (shrink
-// alone 0.94, but the forward at M = 2048, 1024^2 1.03); r = 32: 1.015. Under the AVX2 caps
-// (FASTLORA_CPU_ISA=avx2, 8-float vectors, rows_dot's two-row tiles) r = 4: 0.970 / 0.984 /
-// 0.979 (M = 1024 1536 -> 384, 768^2; M = 2048, 1024^2), r = 8 only 0.993-0.995, so the bound
-// is 4 there. Batches of up to kSmallBatchRows rows, which otherwise take the BLAS's GEMM, gain
-// too (r = 8: 0.94-0.98 at M = 64 / 128 with dropout, 0.97-1.00 without; r = 4 capped 0.977-0.998).
-bool rank_products_by_rows_dot(int64_t r);
-
 // The bfloat16 LoRA backward of a batch of at most kBf16DecodeRows rows on AVX-512
 // (lora_linear_bf16_decode.cpp): g = s dY @ B, d lora_A, d lora_B and, when gx is given, dX's
 // masked LoRA term added onto the rounded dY @ W it holds. Row-major bfloat16 bits: dY (M x N,

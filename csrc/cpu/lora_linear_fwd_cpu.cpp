@@ -15,9 +15,26 @@ namespace fastlora {
 namespace lora_cpu {
 namespace {
 
+// Whether the forward's float32 shrink (shrink_direct: dropout(x_b) @ lora_A^T per block of rows)
+// runs as dot products along in_features (rows_dot_add_tall: each row of the block against
+// lora_A's r rows) rather than in small_gemm, whose register tiles span whole 16-float vectors
+// of r: at r <= 8 half of each tile or more is padding. Measured on 2 threads of an Ice Lake
+// Xeon, forward op interleaved, p = 0.05 (dot / small_gemm, whole forward): AVX-512 r = 8
+// 0.967 at M = 1024, 1536 -> 384, 0.977 at M = 2048, 1024^2, 0.968 at M = 1024, 384^2; r = 4
+// 0.975 (M = 1024, 768^2); the shrink alone (out_features = 1, p = 0) 0.31 against 0.48 ms at
+// M = 1024, in = 1536, r = 8. At r = 16 no padding is left and small_gemm held its own (shrink
+// alone 0.94, but the forward at M = 2048, 1024^2 1.03); r = 32: 1.015. Under the AVX2 caps
+// (FASTLORA_CPU_ISA=avx2, 8-float vectors, rows_dot's two-row tiles) r = 4: 0.970 / 0.984 /
+// 0.979 (M = 1024 1536 -> 384, 768^2; M = 2048, 1024^2), r = 8 only 0.993-0.995, so the bound
+// is 4 there. Batches of up to kSmallBatchRows rows, which otherwise take the BLAS's GEMM, gain
+// too (r = 8: 0.94-0.98 at M = 64 / 128 with dropout, 0.97-1.00 without; r = 4 capped 0.977-0.998).
+bool shrink_by_rows_dot(int64_t r) {
+  return r > 0 && rows_dot_available() && r <= (small_gemm_isa() >= 4 ? 8 : 4);
+}
+
 // xa = dropout(x) @ lora_A^T on float32 / float64 when row_blocks_for_all_threads(M, K): per
 // block of rows (one thread each), the dropped block goes to an L2-resident buffer and
-// small_gemm (or, at the small float32 ranks of rank_products_by_rows_dot, rows_dot_add_tall)
+// small_gemm (or, at the small float32 ranks of shrink_by_rows_dot, rows_dot_add_tall)
 // shrinks it, so x is read once. A bfloat16 x (XT) under float32 adapters (T = float, PEFT's
 // default on a bfloat16 model) is converted block by block into that buffer, exactly, and
 // dropped there in float32, as PEFT's dropout(x.to(float32)) does; xa is in T.
@@ -31,10 +48,10 @@ Tensor shrink_direct(const Tensor& x, const Tensor& lora_A, const DropoutParams&
   const int64_t nblocks = ceil_div(M, bm);
   const int64_t nthreads = std::max(1, at::get_num_threads());
   // The products' right operand: lora_A's rows in rows_dot's layout (r x rows_dot_width(K)) for
-  // the dot-product plan (rank_products_by_rows_dot), otherwise lora_A^T padded for small_gemm
+  // the dot-product plan (shrink_by_rows_dot), otherwise lora_A^T padded for small_gemm
   // (K x rp).
   Tensor Ap, At;
-  if (std::is_same_v<T, float> && rank_products_by_rows_dot(r)) {
+  if (std::is_same_v<T, float> && shrink_by_rows_dot(r)) {
     const Tensor Ac = lora_A.contiguous();
     Ap = at::empty({r, rows_dot_width(K)}, lora_A.options());
     permute_rows_for_dot(Ac.const_data_ptr<float>(), r, K, K, Ap.mutable_data_ptr<float>());
@@ -245,8 +262,8 @@ Tensor shrink(const Tensor& x, const Tensor& lora_A, const DropoutParams& d) {
   }
   // Small batches (up to kSmallBatchRows) too: shrink_direct's transposed copy of lora_A (0.2
   // ms at r = 64, in = 4096 under the AVX2 caps) costs more than it saves there.
-  // The dot-product plan (rank_products_by_rows_dot) wins there too, its copy of lora_A included.
-  const bool direct = (M > kSmallBatchRows || (x.scalar_type() == at::kFloat && rank_products_by_rows_dot(r))) &&
+  // The dot-product plan (shrink_by_rows_dot) wins there too, its copy of lora_A included.
+  const bool direct = (M > kSmallBatchRows || (x.scalar_type() == at::kFloat && shrink_by_rows_dot(r))) &&
                       row_blocks_for_all_threads(M, K, x.element_size());
   if (x.scalar_type() == at::kFloat && rank_products_in_blas(M, r)) {
     if (!d.active) return at::mm(x, lora_A.t());
