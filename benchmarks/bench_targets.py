@@ -1,4 +1,11 @@
 """Targets shared by several benchmark files."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
 
 
 def assert_emulated_bf16_targets(t_fastlora, t_peft, t_fastlora_float32, info, min_speedup_converting):
@@ -15,3 +22,33 @@ def assert_emulated_bf16_targets(t_fastlora, t_peft, t_fastlora_float32, info, m
         assert t_peft >= 10 * t_fastlora, info
     else:
         assert t_peft >= min_speedup_converting * t_fastlora, info
+
+
+# Run by interleaved_medians_in_fresh_process: the benchmarks folder on sys.path, the caller's
+# thread count, then the setup (which must define `fns`, name -> callable) and the timing.
+_FRESH_PROCESS_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch
+    sys.path.insert(0, {bench_dir!r})
+    torch.set_num_threads({threads})
+    from fastlora.bench import interleaved_medians
+    {setup}
+    t = interleaved_medians({{k: fns[k] for k in {names!r}}}, min_rounds=5, budget_s={budget_s!r})
+    print(json.dumps(t))
+""")
+
+
+def interleaved_medians_in_fresh_process(setup: str, names, budget_s=10.0) -> dict:
+    """interleaved_medians of fns[name] for each name, measured in a fresh Python process whose
+    ``setup`` code (one line, or several joined by "; ") defines ``fns``.
+
+    For targets stated against clone() of a large tensor: clone() pays for fresh memory (64 MiB
+    at 16M float32: page faults, 10-24 ms on an Ice Lake Xeon) only while the allocator has no
+    freed block that size to recycle (~5 ms then, a plain copy), and that depends on what the
+    process ran before. Measured in one pytest process after the other benchmark files, clone()
+    flipped between the two from one case to the next, which moved every ratio to it 3x."""
+    script = _FRESH_PROCESS_SCRIPT.format(bench_dir=os.path.dirname(os.path.abspath(__file__)),
+                                          threads=torch.get_num_threads(), setup=setup, names=tuple(names),
+                                          budget_s=budget_s)
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])

@@ -8,18 +8,14 @@ float32 output that is zeroed (or, for fastlora, added into) every call. Target 
 threads), asserted as a ratio to clone() measured interleaved in the same fresh process:
 64 clients x 160k entries into 16M <= 2x clone.
 """
-import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
 import fastlora
-from fastlora.bench import interleaved_medians
 from fastlora.sparse_delta import Layout, SparseDelta
+from bench_targets import interleaved_medians_in_fresh_process
 
 SIZES = {"1M": 1 << 20, "16M": 1 << 24}
 CLIENTS = [8, 64, 256]
@@ -85,35 +81,15 @@ def test_time(benchmark, case, impl):
     benchmark.pedantic(fns[impl], rounds=3, warmup_rounds=1, iterations=1)
 
 
-# The target's timings, in a fresh process: clone() allocates 64 MiB, and whether those pages
-# are fresh (page faults: 18-24 ms on an Ice Lake Xeon) or recycled by the allocator (~6 ms)
-# depends on what the process ran before (after this file's other cases it measured the latter,
-# which moved every ratio 3x). copy_into (a copy into a buffer that exists, no faults) is
-# recorded as well.
-_TARGET_SCRIPT = textwrap.dedent("""
-    import json, sys
-    import torch
-    sys.path.insert(0, {bench_dir!r})
-    torch.set_num_threads({threads})
-    from fastlora.bench import interleaved_medians
-    from test_bench_aggregate import contenders, make_clients
-    n = 1 << 24
-    _, deltas = make_clients(n, 64)
-    fns = contenders(n, deltas)
-    src, dst = torch.zeros(n), torch.empty(n)
-    fns["copy_into"] = lambda: dst.copy_(src)
-    t = interleaved_medians({{k: fns[k] for k in ("clone", "copy_into", "fastlora", "index_add_")}},
-                            min_rounds=5, budget_s=10)
-    print(json.dumps(t))
-""")
-
-
 def test_target_64_clients_16M(record_property):
-    # CPU target, so this runs on CPU tensors on any machine.
-    script = _TARGET_SCRIPT.format(bench_dir=os.path.dirname(os.path.abspath(__file__)),
-                                   threads=torch.get_num_threads())
-    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout
-    t = json.loads(out.strip().splitlines()[-1])
+    # CPU target, so this runs on CPU tensors on any machine; in a fresh process, for clone()'s
+    # sake (see interleaved_medians_in_fresh_process). copy_into (a copy into a buffer that
+    # exists, no page faults) is recorded as well.
+    t = interleaved_medians_in_fresh_process(
+        "from test_bench_aggregate import contenders, make_clients; n = 1 << 24; "
+        "_, deltas = make_clients(n, 64); fns = contenders(n, deltas); src, dst = torch.zeros(n), torch.empty(n); "
+        "fns['copy_into'] = lambda: dst.copy_(src)",
+        ("clone", "copy_into", "fastlora", "index_add_"))
     ratios = {k: v / t["clone"] for k, v in t.items()}
     for k, r in ratios.items():
         record_property(f"{k}_over_clone", round(r, 3))
