@@ -190,7 +190,8 @@ inline int64_t balanced_block_rows(int64_t M, int64_t bm) {
 // partials, r x in and r x out, are read and written once per block: with 16-row blocks at
 // in = out = 4096, r = 64 that traffic ran those products at half speed), and small enough (down
 // to 8 rows) that every thread gets two blocks: small_gemm is single-threaded, so a batch of one
-// or two blocks would leave cores idle; then balanced_block_rows.
+// or two blocks would leave cores idle. Then balanced_block_rows, which may take a block below
+// those 64 rows (641 rows of 4096 features on 2 threads: 12 blocks of 56 instead of 11 of 64).
 inline int64_t direct_block_rows(int64_t M, int64_t cols, int64_t elem_size) {
   const int64_t nthreads = std::max(1, at::get_num_threads());
   const int64_t per_thread = ceil_div(ceil_div(M, 2 * nthreads), 8) * 8;
