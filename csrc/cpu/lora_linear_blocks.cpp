@@ -3,6 +3,7 @@
 #include "lora_linear_blocks.h"
 
 #include "bf16_avx512.h"
+#include "dropout_mask_simd.h"
 
 namespace fastlora {
 namespace lora_cpu {
@@ -18,29 +19,6 @@ namespace lora_cpu {
 namespace {
 
 bool rows_avx512() { return small_gemm_isa() >= 4; }
-
-// The dropout mask (dropout_hash.h) 16 columns of a row at a time: the hash's inputs of columns
-// col0 .. col0 + 15, stepped by 16 * kGolden32 per 16 columns (no multiply), and which of them
-// the mask keeps.
-__attribute__((target("arch=x86-64-v4"), always_inline)) inline __m512i mask_inputs_avx512(uint32_t row_h,
-                                                                                            int64_t col0) {
-  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  return _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(row_h + static_cast<uint32_t>(col0) * kGolden32)),
-                          _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(kGolden32))));
-}
-constexpr uint32_t kMaskStep512 = 16u * kGolden32;
-
-__attribute__((target("arch=x86-64-v4"), always_inline)) inline __mmask16 mask_keep_avx512(__m512i in,
-                                                                                            uint32_t seed_hi,
-                                                                                            uint32_t threshold) {
-  __m512i h = _mm512_xor_si512(in, _mm512_set1_epi32(static_cast<int>(seed_hi)));
-  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
-  h = _mm512_mullo_epi32(h, _mm512_set1_epi32(static_cast<int>(0x85EBCA6Bu)));
-  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 13));
-  h = _mm512_mullo_epi32(h, _mm512_set1_epi32(static_cast<int>(0xC2B2AE35u)));
-  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
-  return _mm512_cmpge_epu32_mask(_mm512_srli_epi32(h, 8), _mm512_set1_epi32(static_cast<int>(threshold)));
-}
 
 FASTLORA_AVX512_TARGET void row_multipliers_f32_avx512(float* __restrict out, int64_t cols, int64_t col0,
                                                        uint32_t row_h, uint32_t seed_hi, uint32_t threshold,
@@ -94,28 +72,6 @@ FASTLORA_AVX512_TARGET void scale_row_bf16_avx512(uint16_t* __restrict dst, cons
     const __mmask16 m = avx512::lanes(n - j);
     avx512::store_bf16(dst + j, _mm512_mul_ps(avx512::load_bf16(src + j, m), _mm512_maskz_loadu_ps(m, mult + j)), m);
   }
-}
-
-// The mask 8 columns at a time with AVX2: the hash's inputs, and scale where it keeps a column, 0
-// where it drops it (keep iff (h >> 8) >= threshold, i.e. not threshold > (h >> 8): both < 2^31,
-// a signed compare).
-__attribute__((target("avx2"), always_inline)) inline __m256i mask_inputs_avx2(uint32_t row_h, int64_t col0) {
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  return _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(row_h + static_cast<uint32_t>(col0) * kGolden32)),
-                          _mm256_mullo_epi32(lane, _mm256_set1_epi32(static_cast<int>(kGolden32))));
-}
-constexpr uint32_t kMaskStep256 = 8u * kGolden32;
-
-__attribute__((target("avx2"), always_inline)) inline __m256 mask_multipliers_avx2(__m256i in, uint32_t seed_hi,
-                                                                                   uint32_t threshold, __m256 sv) {
-  __m256i h = _mm256_xor_si256(in, _mm256_set1_epi32(static_cast<int>(seed_hi)));
-  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
-  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(0x85EBCA6Bu)));
-  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
-  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(0xC2B2AE35u)));
-  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
-  const __m256i drop = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(threshold)), _mm256_srli_epi32(h, 8));
-  return _mm256_andnot_ps(_mm256_castsi256_ps(drop), sv);
 }
 
 // The multipliers with AVX2 intrinsics, taken where small_gemm runs its AVX2 build (the same bits

@@ -17,11 +17,13 @@
 //    M x N output;
 //  * backward is one pass over L2-sized blocks of rows, one thread per block: g = s * dY @ B
 //    once per block, reused for d lora_A and for the LoRA term of dX (masked as it is
-//    written), onto which the block's dY_b @ W is accumulated while it is hot, so dY is read
-//    and dX written once (float32 / float64, blocks of >= 16 rows; otherwise the BLAS adds
-//    dY @ W afterwards at full size, beta = 1); d lora_A / d lora_B are per-thread partials
-//    summed in a fixed order. A batch with too few rows for every thread (decode-sized) is
-//    one block whose columns the threads split instead, and dY @ W splits W's rows;
+//    written; on float32 up to rank 16 with AVX-512, 8 with AVX2, both products and the mask
+//    in one kernel, lora_bwd_x_side.cpp), onto which the block's dY_b @ W is accumulated while
+//    it is hot, so dY is read and dX written once (float32 / float64, blocks of >= 16 rows;
+//    otherwise the BLAS adds dY @ W afterwards at full size, beta = 1); d lora_A / d lora_B
+//    are per-thread partials summed in a fixed order. A batch with too few rows for every
+//    thread (decode-sized) is one block whose columns the threads split instead, and dY @ W
+//    splits W's rows;
 //  * decode-sized batches are bound by reading W once: their base products read W's rows
 //    front to back, split across threads (~2.5x the BLAS's rate at M = 8 on this machine).
 #include <ATen/ATen.h>
@@ -206,19 +208,27 @@ struct LoraBwdSmallGemm {
         }
         // d lora_B^T += s * xa_b^T @ dY_b  (vectorised along N: reads dY rows, not columns)
         small_gemm(r, N, n, s, xa_p + r0 * r, 1, r, dy_b, ldy_b, true, pb, N);
-        // dX_b = g @ A, masked below with the same multipliers as dropout(x_b)
+        // dX_b = mask * (g @ A) and d lora_A += g^T @ dropout(x_b): in one kernel where there is
+        // one (float32, small ranks), else small_gemm's products around a dropout pass that
+        // evaluates the mask once for both
         T* gx_b = gx ? gx + r0 * K : gx_h ? gxf : nullptr;
-        if (gx_b) small_gemm(n, K, r, T(1), g, rp, 1, a, K, false, gx_b, K);
+        bool x_side_done = false;
+        if constexpr (std::is_same_v<T, float>) {
+          x_side_done = lora_bwd_x_side_f32(x_b, ldx_b, g, rp, a, r, K, n, r0, d, gx_b, K, pa);
+        }
         const T* xd_b = x_b;
         int64_t ldxd = ldx_b;
-        if (d.active) {
-          if (gx_b) {
-            dropout_rows_raw<T, true>(x_b, ldx_b, xd, K, gx_b, K, n, K, r0, d, mult);
-          } else {
-            dropout_rows_raw<T, false>(x_b, ldx_b, xd, K, nullptr, 0, n, K, r0, d, mult);
+        if (!x_side_done) {
+          if (gx_b) small_gemm(n, K, r, T(1), g, rp, 1, a, K, false, gx_b, K);
+          if (d.active) {
+            if (gx_b) {
+              dropout_rows_raw<T, true>(x_b, ldx_b, xd, K, gx_b, K, n, K, r0, d, mult);
+            } else {
+              dropout_rows_raw<T, false>(x_b, ldx_b, xd, K, nullptr, 0, n, K, r0, d, mult);
+            }
+            xd_b = xd;
+            ldxd = K;
           }
-          xd_b = xd;
-          ldxd = K;
         }
         if constexpr (std::is_same_v<T, float>) {
           if (gx_h) {  // the float32 LoRA term of dX rounded once into the bfloat16 dX
@@ -235,7 +245,7 @@ struct LoraBwdSmallGemm {
         // dX_b += dY_b @ W
         if (base_in_grad_x) small_gemm(n, K, N, T(1), dyt, 1, bm, w, ldw, true, gx_b, K);
         // d lora_A += g^T @ dropout(x_b)
-        small_gemm(r, K, n, T(1), g, 1, rp, xd_b, ldxd, true, pa, K);
+        if (!x_side_done) small_gemm(r, K, n, T(1), g, 1, rp, xd_b, ldxd, true, pa, K);
       }
     });
     const Tensor acc = parts.sum();
