@@ -1,5 +1,5 @@
-// The float32 backward's two products on the x side of a block of rows, fused with dropout's
-// mask (lora_bwd_x_side_f32, declared in lora_linear_blocks.h):
+// The float32 backward's two products on the x side of a block of rows under dropout, fused with
+// its mask (lora_bwd_x_side_f32, declared in lora_linear_blocks.h):
 //   d lora_A partial  pa[j, :] += g[i, j] * dropout(x)[i, :]      (j < r, i < n)
 //   dX's LoRA term    gx[i, :]  = mask(i, :) * (g[i, :r] @ A)
 // Otherwise these are two small_gemm products around a dropout pass that writes dropout(x) and
@@ -10,11 +10,14 @@
 // so ranks up to 16 with AVX-512 and up to 8 with AVX2 (x_side_max_rank); higher ranks stay with
 // small_gemm (see there).
 // Measured (backward op, 2 threads of a Xeon, both plans in one process in random order per
-// round, ~500 rounds, median of the per-round differences): natively M = 2048, 1024^2, r = 16, p
-// = 0.05 -0.22 ms of 16.2 (float32) and -0.20 ms of 18.1 (bfloat16 x, float32 adapters); 512 x
-// 2048^2 -0.12 ms; 2048 x 768^2, r = 8 -0.04 ms; under the AVX2 caps 2048 x 1024^2, r = 8 -0.10
-// ms (float32), -0.04 ms (bfloat16). The kernel runs at about small_gemm's rate on these thin
-// shapes (~20 flop / cycle / core): what it saves is the passes over memory.
+// round, ~500-750 rounds, median of the per-round differences): natively M = 2048, 1024^2, r =
+// 16 -0.22 / -0.28 ms of 16.2 at p = 0.05 (float32), -0.17 ms at p = 0.1, -0.20 ms of 18.1 at p
+// = 0.05 with bfloat16 x and float32 adapters; 512 x 2048^2, p = 0.05 -0.12 ms; 2048 x 768^2, r
+// = 8, p = 0.1 -0.04 ms; under the AVX2 caps 2048 x 1024^2, r = 8, p = 0.05 -0.10 ms (float32),
+// -0.04 ms (bfloat16). The kernel runs at about small_gemm's rate on these thin shapes (~20 flop
+// / cycle / core): what it saves is the dropout pass over memory. Without dropout there is no
+// such pass and small_gemm's products on x itself were faster (+0.20 / +0.15 / +0.12 ms through
+// this kernel at p = 0: 1024^2, 512 x 2048^2, capped r = 8), so it runs only under dropout.
 #include "lora_linear_blocks.h"
 
 #include "dropout_mask_simd.h"
@@ -32,7 +35,7 @@ struct XSideArgs {
   int64_t ldg;
   const float* a;  // lora_A, r x K, rows contiguous
   int64_t r, K, n;
-  const uint32_t* row_in;  // per row: its row hash (the mask's input at column 0); null without dropout
+  const uint32_t* row_in;  // per row: its row hash (the mask's input at column 0)
   const DropoutParams* d;
   float* gx;  // null: no dX term
   int64_t ldgx;
@@ -49,7 +52,7 @@ constexpr int64_t kSubRows = 16;
 // The vector of columns k0 .. k0 + kLanes - 1 of the rows of p, at rank RC = p.r.
 struct Avx512 {
   static constexpr int kLanes = 16;
-  template <int RC, bool kDrop, bool kGx>
+  template <int RC, bool kGx>
   FASTLORA_AVX512_TARGET static void columns(const XSideArgs& p, int64_t k0) {
     const __mmask16 valid = avx512::lanes(p.K - k0);
     alignas(64) float at[RC][16];
@@ -62,12 +65,9 @@ struct Avx512 {
     const uint32_t col_in = static_cast<uint32_t>(k0) * kGolden32;
     const __m512 sv = _mm512_set1_ps(static_cast<float>(p.d->scale));
     for (int64_t i = 0; i < p.n; ++i) {
-      __m512 xd = _mm512_maskz_loadu_ps(valid, p.x + i * p.ldx + k0), m = sv;
-      if constexpr (kDrop) {
-        const __m512i in = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(p.row_in[i] + col_in)), lane_in);
-        m = _mm512_maskz_mov_ps(mask_keep_avx512(in, p.d->seed_hi, p.d->threshold), sv);
-        xd = _mm512_mul_ps(xd, m);
-      }
+      const __m512i in = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(p.row_in[i] + col_in)), lane_in);
+      const __m512 m = _mm512_maskz_mov_ps(mask_keep_avx512(in, p.d->seed_hi, p.d->threshold), sv);
+      const __m512 xd = _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, p.x + i * p.ldx + k0), m);
       __m512 dx0 = _mm512_setzero_ps(), dx1 = _mm512_setzero_ps();  // two sums: half the dependent chain
       const float* gi = p.g + i * p.ldg;
       // The A tile is read from L1 in every row: the empty asm hides that its address is
@@ -88,7 +88,7 @@ struct Avx512 {
       }
       if constexpr (kGx) {
         const __m512 dx = _mm512_add_ps(dx0, dx1);
-        _mm512_mask_storeu_ps(p.gx + i * p.ldgx + k0, valid, kDrop ? _mm512_mul_ps(dx, m) : dx);
+        _mm512_mask_storeu_ps(p.gx + i * p.ldgx + k0, valid, _mm512_mul_ps(dx, m));
       }
     }
 #pragma GCC unroll 16
@@ -98,7 +98,7 @@ struct Avx512 {
 
 struct Avx2 {
   static constexpr int kLanes = 8;
-  template <int RC, bool kDrop, bool kGx>
+  template <int RC, bool kGx>
   __attribute__((target("avx2,fma"))) static void columns(const XSideArgs& p, int64_t k0) {
     const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(p.K - k0, 8))),
                                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -112,12 +112,9 @@ struct Avx2 {
     const uint32_t col_in = static_cast<uint32_t>(k0) * kGolden32;
     const __m256 sv = _mm256_set1_ps(static_cast<float>(p.d->scale));
     for (int64_t i = 0; i < p.n; ++i) {
-      __m256 xd = _mm256_maskload_ps(p.x + i * p.ldx + k0, valid), m = sv;
-      if constexpr (kDrop) {
-        const __m256i in = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(p.row_in[i] + col_in)), lane_in);
-        m = mask_multipliers_avx2(in, p.d->seed_hi, p.d->threshold, sv);
-        xd = _mm256_mul_ps(xd, m);
-      }
+      const __m256i in = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(p.row_in[i] + col_in)), lane_in);
+      const __m256 m = mask_multipliers_avx2(in, p.d->seed_hi, p.d->threshold, sv);
+      const __m256 xd = _mm256_mul_ps(_mm256_maskload_ps(p.x + i * p.ldx + k0, valid), m);
       __m256 dx0 = _mm256_setzero_ps(), dx1 = _mm256_setzero_ps();
       const float* gi = p.g + i * p.ldg;
       const float* atp = &at[0][0];
@@ -136,7 +133,7 @@ struct Avx2 {
       }
       if constexpr (kGx) {
         const __m256 dx = _mm256_add_ps(dx0, dx1);
-        _mm256_maskstore_ps(p.gx + i * p.ldgx + k0, valid, kDrop ? _mm256_mul_ps(dx, m) : dx);
+        _mm256_maskstore_ps(p.gx + i * p.ldgx + k0, valid, _mm256_mul_ps(dx, m));
       }
     }
 #pragma GCC unroll 16
@@ -146,11 +143,8 @@ struct Avx2 {
 
 template <class Isa, int RC>
 void columns_of(const XSideArgs& p, int64_t k0) {
-  const bool drop = p.d->active, with_gx = p.gx != nullptr;
-  if (drop && with_gx) return Isa::template columns<RC, true, true>(p, k0);
-  if (drop) return Isa::template columns<RC, true, false>(p, k0);
-  if (with_gx) return Isa::template columns<RC, false, true>(p, k0);
-  return Isa::template columns<RC, false, false>(p, k0);
+  if (p.gx != nullptr) return Isa::template columns<RC, true>(p, k0);
+  return Isa::template columns<RC, false>(p, k0);
 }
 
 // columns_of<Isa, r> for 1 <= r <= sizeof...(RC).
@@ -167,7 +161,7 @@ void x_side(const XSideArgs& p) {
     q.x += i0 * p.ldx;
     q.g += i0 * p.ldg;
     if (q.gx != nullptr) q.gx += i0 * p.ldgx;
-    if (q.row_in != nullptr) q.row_in += i0;
+    q.row_in += i0;
     for (int64_t k0 = 0; k0 < p.K; k0 += Isa::kLanes) {
       columns_of_rank<Isa>(static_cast<int>(p.r), q, k0, std::make_integer_sequence<int, kMaxRank>());
     }
@@ -195,10 +189,10 @@ bool lora_bwd_x_side_f32(const float* x, int64_t ldx, const float* g, int64_t ld
                          int64_t K, int64_t n, int64_t row0, const DropoutParams& d, float* gx, int64_t ldgx,
                          float* pa) {
 #if FASTLORA_AVX512_ROWS
-  if (r < 1 || r > x_side_max_rank()) return false;
-  std::vector<uint32_t> row_in(d.active ? n : 0);
-  for (int64_t i = 0; i < static_cast<int64_t>(row_in.size()); ++i) row_in[i] = d.row_hash(row0 + i);
-  const XSideArgs p{x, ldx, g, ldg, a, r, K, n, d.active ? row_in.data() : nullptr, &d, gx, ldgx, pa};
+  if (!d.active || r < 1 || r > x_side_max_rank()) return false;
+  std::vector<uint32_t> row_in(n);
+  for (int64_t i = 0; i < n; ++i) row_in[i] = d.row_hash(row0 + i);
+  const XSideArgs p{x, ldx, g, ldg, a, r, K, n, row_in.data(), &d, gx, ldgx, pa};
   if (small_gemm_isa() >= 4) {
     x_side<Avx512, kAvx512MaxRank>(p);
   } else {

@@ -61,11 +61,12 @@ inline void row_mask(acc_t* mult, int64_t cols, int64_t col0, int64_t row, const
 bool dropout_row_f32(float* dst, const float* src, float* also, int64_t cols, int64_t col0, uint32_t row_h,
                      uint32_t seed_hi, uint32_t threshold, float scale);
 
-// The float32 backward's x-side products of a block of n rows (lora_bwd_x_side.cpp), dropout's
-// mask (rows row0 .. row0 + n - 1) applied in registers: pa (r x K, row stride K) += g^T @
-// dropout(x) and, when gx is not null, gx = mask * (g[:, :r] @ a), a = lora_A (r x K,
-// contiguous), g n x r with row stride ldg. Returns false, doing nothing, where there is no such
-// kernel (small_gemm's baseline build, or a compiler without the intrinsics used).
+// The float32 backward's x-side products of a block of n rows under dropout
+// (lora_bwd_x_side.cpp), the mask (rows row0 .. row0 + n - 1) applied in registers: pa (r x K,
+// row stride K) += g^T @ dropout(x) and, when gx is not null, gx = mask * (g[:, :r] @ a), a =
+// lora_A (r x K, contiguous), g n x r with row stride ldg. Returns false, doing nothing, where
+// it does not apply: no dropout (d.active false; small_gemm is faster there), a rank above 16
+// (AVX-512) / 8 (AVX2), small_gemm's baseline build, or a compiler without the intrinsics used.
 bool lora_bwd_x_side_f32(const float* x, int64_t ldx, const float* g, int64_t ldg, const float* a, int64_t r,
                          int64_t K, int64_t n, int64_t row0, const DropoutParams& d, float* gx, int64_t ldgx,
                          float* pa);

@@ -17,8 +17,8 @@
 //    M x N output;
 //  * backward is one pass over L2-sized blocks of rows, one thread per block: g = s * dY @ B
 //    once per block, reused for d lora_A and for the LoRA term of dX (masked as it is
-//    written; on float32 up to rank 16 with AVX-512, 8 with AVX2, both products and the mask
-//    in one kernel, lora_bwd_x_side.cpp), onto which the block's dY_b @ W is accumulated while
+//    written; on float32 under dropout up to rank 16 with AVX-512, 8 with AVX2, both products
+//    and the mask in one kernel, lora_bwd_x_side.cpp), onto which the block's dY_b @ W is accumulated while
 //    it is hot, so dY is read and dX written once (float32 / float64, blocks of >= 16 rows;
 //    otherwise the BLAS adds dY @ W afterwards at full size, beta = 1); d lora_A / d lora_B
 //    are per-thread partials summed in a fixed order. A batch with too few rows for every
@@ -209,8 +209,8 @@ struct LoraBwdSmallGemm {
         // d lora_B^T += s * xa_b^T @ dY_b  (vectorised along N: reads dY rows, not columns)
         small_gemm(r, N, n, s, xa_p + r0 * r, 1, r, dy_b, ldy_b, true, pb, N);
         // dX_b = mask * (g @ A) and d lora_A += g^T @ dropout(x_b): in one kernel where there is
-        // one (float32, small ranks), else small_gemm's products around a dropout pass that
-        // evaluates the mask once for both
+        // one (float32 under dropout, small ranks), else small_gemm's products around a dropout
+        // pass that evaluates the mask once for both
         T* gx_b = gx ? gx + r0 * K : gx_h ? gxf : nullptr;
         bool x_side_done = false;
         if constexpr (std::is_same_v<T, float>) {
