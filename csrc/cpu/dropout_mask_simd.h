@@ -10,7 +10,7 @@
 namespace fastlora {
 namespace lora_cpu {
 
-// The dropout mask (dropout_hash.h) 16 columns of a row at a time: the hash's inputs of columns
+// 16 columns of a row at a time: the hash's inputs of columns
 // col0 .. col0 + 15, stepped by 16 * kGolden32 per 16 columns (no multiply), and which of them
 // the mask keeps.
 __attribute__((target("arch=x86-64-v4"), always_inline)) inline __m512i mask_inputs_avx512(uint32_t row_h,

@@ -68,8 +68,9 @@ int main() {
   }
 
   // float32 with dropout on batches with a block of rows for every thread (the fused d lora_A /
-  // dX kernel of lora_bwd_x_side.cpp at ranks up to 16, small_gemm above, a column tail
-  // everywhere) against the same op in float64: same seed, same mask.
+  // dX kernel of lora_bwd_x_side.cpp up to rank 16 with AVX-512, 8 with AVX2, small_gemm above
+  // and on the baseline build; a column tail everywhere) against the same op in float64: same
+  // seed, same mask.
   for (const int64_t rank : {5, 16, 17}) {
     const int64_t Mf = 300, Kf = 37, Nf = 45;
     const Tensor xd = at::randn({Mf, Kf}, opts), wd = at::randn({Nf, Kf}, opts) / 6;
