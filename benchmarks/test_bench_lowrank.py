@@ -132,8 +132,8 @@ def test_rsvd_default_vs_svd_lowrank(benchmark, slow_decay, rank):
     assert err <= err_peer
     # Float32 products: rank 32 measured 1.43-1.47x, rank 64 1.20-1.31x (its sketch of 96
     # columns: 4 x 96 multiply-adds per element of A against svd_lowrank's 6 x 64, the same,
-    # so the whole gain is small_gemm's rate against MKL's on these skinny shapes, AMD). Through
-    # MKL (Intel): see MIN_SPEEDUP.
+    # so the whole gain is small_gemm's rate against MKL's on these skinny shapes, AMD; on a real
+    # AVX2-only EPYC, Zen 3: 1.41x / 1.18x). Through MKL (Intel): see MIN_SPEEDUP.
     assert speedup >= (MIN_SPEEDUP[plan] if plan != "float32" else 1.3 if rank == 32 else 1.15)
 
 
@@ -178,12 +178,13 @@ def test_rsvd_default_flat_spectrum(benchmark, flat_decay):
     A, s = flat_decay
     err, err_peer, speedup, plan = _default_vs_svd_lowrank(benchmark, A, s, 32, "1/sqrt(i) spectrum")
     assert err <= err_peer
-    # Measured 1.75-1.93x with a bfloat16 sketch, 1.12-1.15x under AVX2 (two power iterations gave
-    # 0.93x there). Through MKL's AVX-512 kernels 1.20x on a Sapphire Rapids Xeon (0.87-0.88x with
-    # A^T Y on the transposed operand and Householder QR), 1.35-1.39x on an Ice Lake Xeon and
-    # 1.24-1.26x there under the AVX2 caps with the last two passes on the sketch's leading 36 of
-    # 48 columns (1.08x at the full width): the fifth pass over A that this spectrum gets
-    # (svd_lowrank makes six) buys the lower error.
+    # Measured 1.75-1.93x with a bfloat16 sketch, 1.12-1.15x under AVX2 (1.17x on a real
+    # AVX2-only EPYC, Zen 3; two power iterations gave 0.93x under AVX2). Through MKL's AVX-512
+    # kernels 1.20x on a Sapphire Rapids Xeon (0.87-0.88x with A^T Y on the transposed operand
+    # and Householder QR), 1.35-1.39x on an Ice Lake Xeon and 1.24-1.26x there under the AVX2
+    # caps with the last two passes on the sketch's leading 36 of 48 columns (1.08x at the full
+    # width): the fifth pass over A that this spectrum gets (svd_lowrank makes six) buys the
+    # lower error.
     assert speedup >= {"bf16": 1.5, "float32_mkl": 1.1, "float32": 1.0}[plan]
 
 
