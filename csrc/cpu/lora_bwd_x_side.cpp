@@ -6,18 +6,21 @@
 // masks dX in place. Here one vector of columns at a time, walking down the rows: the vector's d
 // lora_A partials stay in registers (one load and one store per kSubRows rows), each g[i, j] is
 // broadcast once for both products, the mask is computed once per element and applied in
-// registers, x is read once and dX written once. The partials take half the vector registers,
-// so ranks up to 16 with AVX-512 and up to 8 with AVX2 (x_side_max_rank); higher ranks stay with
-// small_gemm (see there).
+// registers, x is read once and dX written once. The partials take half the vector registers:
+// ranks up to 16 (x_side_max_rank); higher ranks stay with small_gemm (see there).
 // Measured (backward op, 2 threads of a Xeon, both plans in one process in random order per
-// round, ~500-750 rounds, median of the per-round differences): natively M = 2048, 1024^2, r =
-// 16 -0.22 / -0.28 ms of 16.2 at p = 0.05 (float32), -0.17 ms at p = 0.1, -0.20 ms of 18.1 at p
-// = 0.05 with bfloat16 x and float32 adapters; 512 x 2048^2, p = 0.05 -0.12 ms; 2048 x 768^2, r
-// = 8, p = 0.1 -0.04 ms; under the AVX2 caps 2048 x 1024^2, r = 8, p = 0.05 -0.10 ms (float32),
-// -0.04 ms (bfloat16). The kernel runs at about small_gemm's rate on these thin shapes (~20 flop
-// / cycle / core): what it saves is the dropout pass over memory. Without dropout there is no
-// such pass and small_gemm's products on x itself were faster (+0.20 / +0.15 / +0.12 ms through
-// this kernel at p = 0: 1024^2, 512 x 2048^2, capped r = 8), so it runs only under dropout.
+// round, ~500-750 rounds, median of the per-round differences): M = 2048, 1024^2, r = 16 -0.22 /
+// -0.28 ms of 16.2 at p = 0.05 (float32), -0.17 ms at p = 0.1, -0.20 ms of 18.1 at p = 0.05 with
+// bfloat16 x and float32 adapters; 512 x 2048^2, p = 0.05 -0.12 ms; 2048 x 768^2, r = 8, p = 0.1
+// -0.04 ms. The kernel runs at about small_gemm's rate on these thin shapes (~20 flop / cycle /
+// core): what it saves is the dropout pass over memory. Without dropout there is no such pass
+// and small_gemm's products on x itself were faster (+0.20 / +0.15 ms through this kernel at p =
+// 0: 1024^2, 512 x 2048^2), so it runs only under dropout.
+// AVX-512 only. An AVX2 build (8-float vectors in 16 registers: ranks up to 8) gained 0.10 ms
+// at M = 2048, 1024^2, r = 8, p = 0.05 on a Xeon capped at AVX2, but lost to small_gemm's
+// products and the dropout pass on a real AVX2 CPU, a Zen 3 EPYC (same method): +0.49 ms of ~32
+// there, +0.13 ms at r = 4, +0.21 ms at 512 x 2048^2, r = 8, +0.09 ms at 2048 x 768^2, r = 8, p =
+// 0.1 (and +1.2 to +1.5 ms with its vmaskmov loads and stores, which AMD CPUs microcode).
 #include "lora_linear_blocks.h"
 
 #include "dropout_mask_simd.h"
@@ -96,51 +99,6 @@ struct Avx512 {
   }
 };
 
-struct Avx2 {
-  static constexpr int kLanes = 8;
-  template <int RC, bool kGx>
-  __attribute__((target("avx2,fma"))) static void columns(const XSideArgs& p, int64_t k0) {
-    const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(p.K - k0, 8))),
-                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    alignas(32) float at[RC][8];
-    for (int j = 0; j < RC; ++j) _mm256_store_ps(at[j], _mm256_maskload_ps(p.a + j * p.K + k0, valid));
-    __m256 acc[RC];
-#pragma GCC unroll 16
-    for (int j = 0; j < RC; ++j) acc[j] = _mm256_maskload_ps(p.pa + j * p.K + k0, valid);
-    const __m256i lane_in = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                                               _mm256_set1_epi32(static_cast<int>(kGolden32)));
-    const uint32_t col_in = static_cast<uint32_t>(k0) * kGolden32;
-    const __m256 sv = _mm256_set1_ps(static_cast<float>(p.d->scale));
-    for (int64_t i = 0; i < p.n; ++i) {
-      const __m256i in = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(p.row_in[i] + col_in)), lane_in);
-      const __m256 m = mask_multipliers_avx2(in, p.d->seed_hi, p.d->threshold, sv);
-      const __m256 xd = _mm256_mul_ps(_mm256_maskload_ps(p.x + i * p.ldx + k0, valid), m);
-      __m256 dx0 = _mm256_setzero_ps(), dx1 = _mm256_setzero_ps();
-      const float* gi = p.g + i * p.ldg;
-      const float* atp = &at[0][0];
-      asm("" : "+r"(atp));
-#pragma GCC unroll 16
-      for (int j = 0; j < RC; ++j) {
-        const __m256 gb = _mm256_broadcast_ss(gi + j);
-        acc[j] = _mm256_fmadd_ps(gb, xd, acc[j]);
-        if constexpr (kGx) {
-          if (j % 2 == 0) {
-            dx0 = _mm256_fmadd_ps(gb, _mm256_load_ps(atp + 8 * j), dx0);
-          } else {
-            dx1 = _mm256_fmadd_ps(gb, _mm256_load_ps(atp + 8 * j), dx1);
-          }
-        }
-      }
-      if constexpr (kGx) {
-        const __m256 dx = _mm256_add_ps(dx0, dx1);
-        _mm256_maskstore_ps(p.gx + i * p.ldgx + k0, valid, _mm256_mul_ps(dx, m));
-      }
-    }
-#pragma GCC unroll 16
-    for (int j = 0; j < RC; ++j) _mm256_maskstore_ps(p.pa + j * p.K + k0, valid, acc[j]);
-  }
-};
-
 template <class Isa, int RC>
 void columns_of(const XSideArgs& p, int64_t k0) {
   if (p.gx != nullptr) return Isa::template columns<RC, true>(p, k0);
@@ -171,16 +129,16 @@ void x_side(const XSideArgs& p) {
 }  // namespace
 #endif
 
-// Ranks above these (which would need the partials of two passes over the ranks, a row's dropped x,
-// multipliers and partial dX kept in L1 between them) measured slower than small_gemm: AVX-512
-// at r = 32 (M = 2048, 1024^2, p = 0.05, LoRA part of the backward 4.1 against 4.6 ms), AVX2 at
-// r = 16 under the AVX2 caps (3.09 against 3.34 ms; 512 x 2048^2: 1.67 against 1.81 ms).
-constexpr int64_t kAvx512MaxRank = 16, kAvx2MaxRank = 8;
+// Ranks above this (which would need the partials of two passes over the ranks, a row's dropped
+// x, multipliers and partial dX kept in L1 between them) measured slower than small_gemm: r = 32
+// at M = 2048, 1024^2, p = 0.05 (LoRA part of the backward 4.1 against 4.6 ms; the same two-pass
+// plan at r = 16 in 8-float vectors, under the AVX2 caps: 3.09 against 3.34 ms).
+constexpr int64_t kXSideMaxRank = 16;
 
+// 0 where the kernel does not run: below AVX-512 (see the header comment).
 static int64_t x_side_max_rank() {
 #if FASTLORA_AVX512_ROWS
-  if (small_gemm_isa() >= 4) return kAvx512MaxRank;
-  if (small_gemm_isa() == 3) return kAvx2MaxRank;
+  if (small_gemm_isa() >= 4) return kXSideMaxRank;
 #endif
   return 0;
 }
@@ -193,11 +151,7 @@ bool lora_bwd_x_side_f32(const float* x, int64_t ldx, const float* g, int64_t ld
   std::vector<uint32_t> row_in(n);
   for (int64_t i = 0; i < n; ++i) row_in[i] = d.row_hash(row0 + i);
   const XSideArgs p{x, ldx, g, ldg, a, r, K, n, row_in.data(), &d, gx, ldgx, pa};
-  if (small_gemm_isa() >= 4) {
-    x_side<Avx512, kAvx512MaxRank>(p);
-  } else {
-    x_side<Avx2, kAvx2MaxRank>(p);
-  }
+  x_side<Avx512, kXSideMaxRank>(p);
   return true;
 #else
   return false;

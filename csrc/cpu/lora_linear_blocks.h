@@ -65,8 +65,8 @@ bool dropout_row_f32(float* dst, const float* src, float* also, int64_t cols, in
 // (lora_bwd_x_side.cpp), the mask (rows row0 .. row0 + n - 1) applied in registers: pa (r x K,
 // row stride K) += g^T @ dropout(x) and, when gx is not null, gx = mask * (g[:, :r] @ a), a =
 // lora_A (r x K, contiguous), g n x r with row stride ldg. Returns false, doing nothing, where
-// it does not apply: no dropout (d.active false; small_gemm is faster there), a rank above 16
-// (AVX-512) / 8 (AVX2), small_gemm's baseline build, or a compiler without the intrinsics used.
+// it does not apply: no dropout (d.active false; small_gemm is faster there), a rank above 16,
+// small_gemm's builds below AVX-512, or a compiler without the intrinsics used.
 bool lora_bwd_x_side_f32(const float* x, int64_t ldx, const float* g, int64_t ldg, const float* a, int64_t r,
                          int64_t K, int64_t n, int64_t row0, const DropoutParams& d, float* gx, int64_t ldgx,
                          float* pa);

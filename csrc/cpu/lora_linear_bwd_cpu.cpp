@@ -17,8 +17,8 @@
 //    M x N output;
 //  * backward is one pass over L2-sized blocks of rows, one thread per block: g = s * dY @ B
 //    once per block, reused for d lora_A and for the LoRA term of dX (masked as it is
-//    written; on float32 under dropout up to rank 16 with AVX-512, 8 with AVX2, both products
-//    and the mask in one kernel, lora_bwd_x_side.cpp), onto which the block's dY_b @ W is
+//    written; on float32 under dropout up to rank 16 with AVX-512, both products and the mask
+//    in one kernel, lora_bwd_x_side.cpp), onto which the block's dY_b @ W is
 //    accumulated while it is hot, so dY is read and dX written once (float32 / float64, blocks
 //    of >= 16 rows; otherwise the BLAS adds dY @ W afterwards at full size, beta = 1); d lora_A
 //    / d lora_B are per-thread partials summed in a fixed order. A batch with too few rows for every

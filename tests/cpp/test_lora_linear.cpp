@@ -68,8 +68,8 @@ int main() {
   }
 
   // float32 with dropout on batches with a block of rows for every thread (the fused d lora_A /
-  // dX kernel of lora_bwd_x_side.cpp up to rank 16 with AVX-512, 8 with AVX2, small_gemm above
-  // and on the baseline build; a column tail everywhere) against the same op in float64: same
+  // dX kernel of lora_bwd_x_side.cpp up to rank 16 with AVX-512, small_gemm above and below
+  // AVX-512; a column tail everywhere) against the same op in float64: same
   // seed, same mask.
   for (const int64_t rank : {5, 16, 17}) {
     const int64_t Mf = 300, Kf = 37, Nf = 45;
