@@ -288,6 +288,29 @@ def test_no_bias(p):
     check_against_reference(torch.float32, (33,), 42, 17, 4, p, bias=False, lora_B_bias=True)
 
 
+# in_features whose rows are a multiple of 1 KiB (256 / 512 float32, 128 float64): the backward's
+# row blocks read lora_A and the dropped x block at a padded row stride; with dropout and
+# without, and bfloat16 x under float32 adapters (x converted into the padded block).
+@pytest.mark.parametrize("case", [(torch.float32, None, (300,), 256, 40, 8), (torch.float32, None, (160,), 512, 24, 16),
+                                  (torch.bfloat16, torch.float32, (300,), 256, 40, 8)], ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_backward_blocks_at_1kib_row_multiples(case, p):
+    dtype, adapter_dtype, lead, k, n, r = case
+    check_against_reference(dtype, lead, k, n, r, p, adapter_dtype=adapter_dtype)
+
+
+def test_gradcheck_fp64_blocks_at_1kib_row_multiples():
+    # The same padded stride in float64 (128 features: 1 KiB rows), row blocks, dropout.
+    t, grads = make_inputs((300,), 128, 10, 5, torch.float64)
+    t = cast(t, torch.float64, grads)
+    seed = torch.tensor(11)
+
+    def f(x, lora_A, lora_B):
+        return fastlora.lora_linear(x, t["weight"], t["bias"], lora_A, lora_B, 0.7, 0.25, seed=seed)
+
+    assert torch.autograd.gradcheck(f, tuple(t[k] for k in ("x", "lora_A", "lora_B")), fast_mode=True)
+
+
 def test_large_rows_span_several_blocks():
     # More rows than one CPU row block, so block boundaries and the mask's row offsets matter.
     check_against_reference(torch.float32, (1100,), 300, 40, 8, 0.3)

@@ -168,7 +168,17 @@ struct LoraBwdSmallGemm {
     ThreadPartials<T> parts(r * (K + N), A.options());
     // bfloat16 operands add float32 blocks of dY (bm x N) and dX (bm x K), and always stage x.
     const bool half = dy_h != nullptr;
-    const int64_t scratch_len = (base_in_grad_x ? N * bm : 0) + bm * rp + (d.active || half ? bm * K : 0) +
+    // small_gemm's B operands with K columns, lora_A (for the dX term) and the dropped x block
+    // (for d lora_A), at a row stride off multiples of 1 KiB (panel_row_stride).
+    const int64_t ldk = panel_row_stride(K, sizeof(T));
+    Tensor A_panel = A;
+    if (ldk != K && (gx != nullptr || gx_h != nullptr)) {
+      A_panel = at::empty({r, ldk}, A.options());
+      A_panel.narrow(1, 0, K).copy_(A);
+    }
+    const T* a_mm = A_panel.const_data_ptr<T>();
+    const int64_t lda_mm = A_panel.stride(0);
+    const int64_t scratch_len = (base_in_grad_x ? N * bm : 0) + bm * rp + (d.active || half ? bm * ldk : 0) +
                                 (half ? bm * N + (gx_h ? bm * K : 0) : 0);
     Tensor scratch = at::empty({nthreads, scratch_len}, A.options());
     at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
@@ -178,7 +188,7 @@ struct LoraBwdSmallGemm {
       T* dyt = scratch.mutable_data_ptr<T>() + tid * scratch_len;
       T* g = dyt + (base_in_grad_x ? N * bm : 0);
       T* xd = g + bm * rp;
-      T* dyf = xd + (d.active || half ? bm * K : 0);  // half: float32 dY_b, then dX_b
+      T* dyf = xd + (d.active || half ? bm * ldk : 0);  // half: float32 dY_b, then dX_b
       T* gxf = dyf + (half ? bm * N : 0);
       std::vector<T> mult;
       for (int64_t blk = b0; blk < b1; ++blk) {
@@ -190,12 +200,12 @@ struct LoraBwdSmallGemm {
           if (half) {  // exact conversions; dropout then runs on xd in place
             for (int64_t i = 0; i < n; ++i) {
               bf16_row_to_float(reinterpret_cast<const uint16_t*>(dy_h + (r0 + i) * ldy), dyf + i * N, N);
-              bf16_row_to_float(reinterpret_cast<const uint16_t*>(x_h + (r0 + i) * ldx), xd + i * K, K);
+              bf16_row_to_float(reinterpret_cast<const uint16_t*>(x_h + (r0 + i) * ldx), xd + i * ldk, K);
             }
             dy_b = dyf;
             x_b = xd;
             ldy_b = N;
-            ldx_b = K;
+            ldx_b = ldk;
           }
         }
         // g = s * dY_b @ B, through dY_b^T (dyt[p * bm + i] = dY[r0 + i, p]) when the base
@@ -219,15 +229,15 @@ struct LoraBwdSmallGemm {
         const T* xd_b = x_b;
         int64_t ldxd = ldx_b;
         if (!x_side_done) {
-          if (gx_b) small_gemm(n, K, r, T(1), g, rp, 1, a, K, false, gx_b, K);
+          if (gx_b) small_gemm(n, K, r, T(1), g, rp, 1, a_mm, lda_mm, false, gx_b, K);
           if (d.active) {
             if (gx_b) {
-              dropout_rows_raw<T, true>(x_b, ldx_b, xd, K, gx_b, K, n, K, r0, d, mult);
+              dropout_rows_raw<T, true>(x_b, ldx_b, xd, ldk, gx_b, K, n, K, r0, d, mult);
             } else {
-              dropout_rows_raw<T, false>(x_b, ldx_b, xd, K, nullptr, 0, n, K, r0, d, mult);
+              dropout_rows_raw<T, false>(x_b, ldx_b, xd, ldk, nullptr, 0, n, K, r0, d, mult);
             }
             xd_b = xd;
-            ldxd = K;
+            ldxd = ldk;
           }
         }
         if constexpr (std::is_same_v<T, float>) {
