@@ -288,11 +288,15 @@ def test_no_bias(p):
     check_against_reference(torch.float32, (33,), 42, 17, 4, p, bias=False, lora_B_bias=True)
 
 
-# in_features whose rows are a multiple of 1 KiB (256 / 512 float32, 128 float64): the backward's
-# row blocks read lora_A and the dropped x block at a padded row stride; with dropout and
-# without, and bfloat16 x under float32 adapters (x converted into the padded block).
+# in / out features whose rows are a multiple of 1 KiB (256 / 512 float32, 128 float64): the
+# backward's row blocks read lora_A and the dropped x block at a padded row stride, and the dY
+# block too (float32 dY copied into it from rank 32 with AVX2; bfloat16 dY converted into it
+# where bf16 GEMMs are native, elsewhere bfloat16 runs the float32 path on float32 copies); with
+# dropout and without, and bfloat16 x under float32 adapters.
 @pytest.mark.parametrize("case", [(torch.float32, None, (300,), 256, 40, 8), (torch.float32, None, (160,), 512, 24, 16),
-                                  (torch.bfloat16, torch.float32, (300,), 256, 40, 8)], ids=str)
+                                  (torch.float32, None, (200,), 40, 256, 32), (torch.float32, None, (130,), 256, 512, 33),
+                                  (torch.bfloat16, torch.float32, (300,), 256, 40, 8),
+                                  (torch.bfloat16, torch.float32, (300,), 40, 256, 8)], ids=str)
 @pytest.mark.parametrize("p", [0.0, 0.25])
 def test_backward_blocks_at_1kib_row_multiples(case, p):
     dtype, adapter_dtype, lead, k, n, r = case

@@ -123,6 +123,9 @@ struct LoraBwdSmallGemm {
   // Not where the row blocks fuse dY @ W (fused_base_pays): that plan was measured there.
   static constexpr int64_t kColumnsMaxRows = kSmallBatchRows;
 
+  // Rank from which by_row_blocks copies a float32 dY block to a padded row stride (see there).
+  static constexpr int64_t kCopyDyMinRank = 32;
+
   // Rows up to which by_columns computes dX's base term dY @ W itself (add_base_split_k, which
   // streams W once) rather than leaving it to the BLAS. Measured at 4096^2 on 2 threads of a
   // Xeon: with MKL's AVX-512 kernels the split-k product wins up to 32 rows (backward 4.53
@@ -164,7 +167,7 @@ struct LoraBwdSmallGemm {
     base_in_grad_x = gx != nullptr && w != nullptr && bm >= kFusedBaseMinRows && fused_base_pays();
     const int nthreads = std::max(1, at::get_num_threads());  // thread ids are < this
     // Per thread: partial d lora_A (r x K) and d lora_B^T (r x N); scratch dY_b^T (N x bm),
-    // g (bm x rp) and dropped x block (bm x K).
+    // g (bm x rp), the dropped x block (bm x ldk) and a staged dY block (bm x ldn).
     ThreadPartials<T> parts(r * (K + N), A.options());
     // bfloat16 operands add float32 blocks of dY (bm x N) and dX (bm x K), and always stage x.
     const bool half = dy_h != nullptr;
@@ -178,8 +181,21 @@ struct LoraBwdSmallGemm {
     }
     const T* a_mm = A_panel.const_data_ptr<T>();
     const int64_t lda_mm = A_panel.stride(0);
-    const int64_t scratch_len = (base_in_grad_x ? N * bm : 0) + bm * rp + (d.active || half ? bm * ldk : 0) +
-                                (half ? bm * N + (gx_h ? bm * K : 0) : 0);
+    // d lora_B's B operand, the dY block, likewise: bfloat16 dY is converted into such a block
+    // anyway; a float32 dY at multiples of 1 KiB is copied into one from rank kCopyDyMinRank up,
+    // where the product has enough row tiles to repay the copy, by the AVX2 build (where it was
+    // measured; AVX-512 runs the products faster, so the copy weighs more). On the Zen 3 EPYC
+    // (backward op's LoRA part, random order per round, median of per-round differences): r = 64,
+    // M = 2048, 4096^2 -1.47 ms of ~28 (p = 0.1), -0.84 (p = 0); r = 32, M = 1024, 4096^2 -0.19
+    // ms; r = 32 at 1024^2 +0.03 (noise) and r = 16 +0.02 / +0.05 ms (512 x 2048^2 / 2048 x
+    // 1024^2). The same copy of a float32 x block without dropout (p = 0, r = 64) gained nothing
+    // (-0.05 ms, spread +-1).
+    const int64_t ldn = panel_row_stride(N, sizeof(T));
+    const bool copy_dy =
+        std::is_same_v<T, float> && !half && r >= kCopyDyMinRank && ldn != N && small_gemm_isa() == 3;
+    const bool stage_x = d.active || half, stage_dy = half || copy_dy;
+    const int64_t scratch_len = (base_in_grad_x ? N * bm : 0) + bm * rp + (stage_x ? bm * ldk : 0) +
+                                (stage_dy ? bm * ldn : 0) + (gx_h ? bm * K : 0);
     Tensor scratch = at::empty({nthreads, scratch_len}, A.options());
     at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
       const int tid = at::get_thread_num();
@@ -188,8 +204,8 @@ struct LoraBwdSmallGemm {
       T* dyt = scratch.mutable_data_ptr<T>() + tid * scratch_len;
       T* g = dyt + (base_in_grad_x ? N * bm : 0);
       T* xd = g + bm * rp;
-      T* dyf = xd + (d.active || half ? bm * ldk : 0);  // half: float32 dY_b, then dX_b
-      T* gxf = dyf + (half ? bm * N : 0);
+      T* dyf = xd + (stage_x ? bm * ldk : 0);  // the staged dY_b (half: then float32 dX_b)
+      T* gxf = dyf + (stage_dy ? bm * ldn : 0);
       std::vector<T> mult;
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t r0 = blk * bm, n = std::min(bm, M - r0);
@@ -199,14 +215,19 @@ struct LoraBwdSmallGemm {
         if constexpr (std::is_same_v<T, float>) {
           if (half) {  // exact conversions; dropout then runs on xd in place
             for (int64_t i = 0; i < n; ++i) {
-              bf16_row_to_float(reinterpret_cast<const uint16_t*>(dy_h + (r0 + i) * ldy), dyf + i * N, N);
+              bf16_row_to_float(reinterpret_cast<const uint16_t*>(dy_h + (r0 + i) * ldy), dyf + i * ldn, N);
               bf16_row_to_float(reinterpret_cast<const uint16_t*>(x_h + (r0 + i) * ldx), xd + i * ldk, K);
             }
             dy_b = dyf;
             x_b = xd;
-            ldy_b = N;
+            ldy_b = ldn;
             ldx_b = ldk;
           }
+        }
+        if (copy_dy) {
+          for (int64_t i = 0; i < n; ++i) std::copy(dy_b + i * ldy, dy_b + i * ldy + N, dyf + i * ldn);
+          dy_b = dyf;
+          ldy_b = ldn;
         }
         // g = s * dY_b @ B, through dY_b^T (dyt[p * bm + i] = dY[r0 + i, p]) when the base
         // term needs it anyway
