@@ -171,7 +171,7 @@ struct LoraBwdSmallGemm {
     // Per thread: partial d lora_A (r x K) and d lora_B^T (r x N); scratch dY_b^T (N x bm),
     // g (bm x rp), the dropped x block (bm x ldk) and a staged dY block (bm x ldn).
     ThreadPartials<T> parts(r * (K + N), A.options());
-    // bfloat16 operands add float32 blocks of dY (bm x N) and dX (bm x K), and always stage x.
+    // bfloat16 operands add float32 blocks of dY (bm x ldn) and dX (bm x K), and always stage x.
     const bool half = dy_h != nullptr;
     // small_gemm's B operands with K columns, lora_A (for the dX term) and the dropped x block
     // (for d lora_A), at a row stride off multiples of 1 KiB (panel_row_stride).
