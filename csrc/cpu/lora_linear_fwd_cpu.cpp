@@ -241,8 +241,9 @@ void expand_operands_with_bias(const Tensor& xa, const Tensor& lora_B, const Ten
     x1[i * (r + 1) + r] = T(1);
   }
   T* b1 = bt1.mutable_data_ptr<T>();
-  transpose_into(Bc.const_data_ptr<T>(), N, r, r, b1, N);
-  std::copy(bc.const_data_ptr<T>(), bc.const_data_ptr<T>() + N, b1 + r * N);
+  const int64_t ldb1 = bt1.stride(0);
+  transpose_into(Bc.const_data_ptr<T>(), N, r, r, b1, ldb1);
+  std::copy(bc.const_data_ptr<T>(), bc.const_data_ptr<T>() + N, b1 + r * ldb1);
 }
 
 }  // namespace
@@ -445,12 +446,34 @@ std::tuple<Tensor, Tensor> lora_linear_fwd_cpu(const Tensor& x_in, const Tensor&
     // that writes y once, where addmm broadcast the bias into y first and then accumulated onto
     // it (the expand alone 1.0-1.2 ms against 0.5-0.6 at M = 2048, N = 1024, r = 16, MKL under
     // the AVX2 caps; the forward 21.7 vs 22.3 ms there, interleaved; 12.6 vs 12.8 natively).
+    // With small_gemm's AVX2 build the float32 expand runs there, over blocks of rows, its B
+    // operand [B^T ; bias] at a padded row stride (panel_row_stride): on a Zen 3 EPYC (forward
+    // op, 2 threads, both in random order per round, median of per-round differences) -0.18 ms
+    // of 27 at M = 2048, 1024^2, r = 16 and -0.42 ms at M = 512, 2048^2 against MKL's GEMM of
+    // depth r + 1 (one thread in isolation: 1.16-1.2 against ~0.92 ms at 1024^2; 14.2 against
+    // 12.7 ms at 4096^2, r = 64; unpadded, small_gemm was no faster than MKL). Not measured
+    // with AVX-512, where MKL (on Intel) runs its own AVX-512 kernels: the BLAS keeps it there.
+    const bool sg = x.scalar_type() == at::kFloat && small_gemm_isa() == 3;
+    const int64_t ldn = sg ? panel_row_stride(N, sizeof(float)) : N;
     Tensor xa1 = at::empty({M, r + 1}, xa.options());
-    Tensor bt1 = at::empty({r + 1, N}, xa.options());
+    Tensor bt1_buf = at::empty({r + 1, ldn}, xa.options());
+    Tensor bt1 = bt1_buf.narrow(1, 0, N);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xa.scalar_type(), "fastlora_expand_operands", [&] {
       expand_operands_with_bias<scalar_t>(xa, lora_B, bias_eff, scaling, xa1, bt1);
     });
-    y = at::mm(xa1, bt1);
+    if (sg) {
+      y = at::empty({M, N}, x.options());
+      const float* a1 = xa1.const_data_ptr<float>();
+      const float* b1 = bt1_buf.const_data_ptr<float>();
+      float* yp = y.mutable_data_ptr<float>();
+      constexpr int64_t kRows = 64;  // per task: 64 rows of y (256 KiB at 1024 columns)
+      at::parallel_for(0, ceil_div(M, kRows), 1, [&](int64_t c0, int64_t c1) {
+        const int64_t i0 = c0 * kRows, i1 = std::min(M, c1 * kRows);
+        small_gemm(i1 - i0, N, r + 1, 1.0f, a1 + i0 * (r + 1), r + 1, 1, b1, ldn, false, yp + i0 * N, N);
+      });
+    } else {
+      y = at::mm(xa1, bt1);
+    }
   } else {
     y = at::mm(xa.mul(scaling), transposed_copy(lora_B));
   }
